@@ -1,0 +1,18 @@
+"""merging_kernels: GPU/CPU kernels for model merging under a thin PyTorch API."""
+
+from ._dispatch import BACKENDS, available_backends
+from ._native import build_info, native_error
+from .errors import BackendUnavailableError
+from .ops.task_vectors import magnitude_thresholds, merge_task_vectors
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "build_info",
+    "magnitude_thresholds",
+    "merge_task_vectors",
+    "native_error",
+]

@@ -1,0 +1,7 @@
+// Each op family binds its kernels in its own file and is registered from module.cpp.
+#pragma once
+#include <pybind11/pybind11.h>
+
+namespace merging_kernels {
+void register_task_vectors(pybind11::module_& m);
+}  // namespace merging_kernels
