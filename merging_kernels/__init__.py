@@ -3,7 +3,8 @@
 from ._dispatch import BACKENDS, available_backends
 from ._native import build_info, native_error
 from .errors import BackendUnavailableError
-from .ops.task_vectors import magnitude_thresholds, merge_task_vectors
+from .methods import dare_merging, task_arithmetic, ties_merging
+from .ops.task_vectors import magnitude_thresholds, merge_task_vectors, streamed_magnitude_thresholds
 
 __version__ = "0.1.0"
 
@@ -12,7 +13,11 @@ __all__ = [
     "BackendUnavailableError",
     "available_backends",
     "build_info",
+    "dare_merging",
     "magnitude_thresholds",
     "merge_task_vectors",
     "native_error",
+    "streamed_magnitude_thresholds",
+    "task_arithmetic",
+    "ties_merging",
 ]

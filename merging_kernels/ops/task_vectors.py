@@ -516,3 +516,39 @@ def _raise_on_nonfinite(nonfinite: torch.Tensor, names: Sequence[str]) -> None:
         listed = ", ".join(repr(names[t]) for t in bad[:5]) + (" ..." if len(bad) > 5 else "")
         raise ValueError(f"non-finite task vectors (NaN or inf in θk − θ0) in tensor(s) {listed}; "
                          "pass check_finite=False to merge them anyway")
+
+
+def streamed_magnitude_thresholds(
+    chunks,
+    *,
+    num_tasks: int,
+    total_numel: int,
+    density: float,
+    drop_rate: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Model-scope trim thresholds (1, K) for a model too large to hold at once.
+
+    ``chunks()`` must return a fresh iterable of ``(bases, experts, tensor_keys)``
+    covering the model's tensors (``experts[k][t]``); it is called once per radix
+    pass (three times). Equals :func:`magnitude_thresholds` with
+    ``trim_scope="model"`` on the whole model.
+    """
+    spec = make_spec(density=density, trim_scope="model", drop_rate=drop_rate, seed=seed)
+    device = torch.device(device)
+    chosen = resolve_backend(TASK_VECTORS, backend, device)
+    keep = torch.tensor([keep_count(spec.density, total_numel)], dtype=torch.int64, device=device)
+
+    def histogram(shift, bits, prefix):
+        counts = torch.zeros((1, num_tasks, 1 << bits), dtype=torch.int64, device=device)
+        for bases, experts, keys in chunks():
+            _check_inputs(bases, experts, None)
+            bases_c = [b.contiguous() for b in bases]
+            experts_c = [[e.contiguous() for e in task] for task in experts]
+            counts += _HISTOGRAM[chosen](bases_c, experts_c, spec, list(keys), [0] * len(bases), 1, shift, bits,
+                                         prefix)
+        return counts
+
+    return select_thresholds(histogram, keep, num_tasks)
