@@ -64,6 +64,10 @@ def flatten_inputs(base, experts) -> FlatInputs:
         extra = [n for n in expert if n not in base]
         if missing or extra:
             raise ValueError(f"experts[{k}] does not match base: missing {missing[:5]}, unexpected {extra[:5]}")
+        for n in passthrough:
+            if expert[n].dtype != base[n].dtype or expert[n].shape != base[n].shape:
+                raise TypeError(f"experts[{k}][{n!r}] has dtype {expert[n].dtype} and shape {tuple(expert[n].shape)}, "
+                                f"base has {base[n].dtype} and {tuple(base[n].shape)}")
         expert_lists.append([expert[n] for n in names])
     return FlatInputs(names, bases, expert_lists, passthrough, list(base.keys()))
 

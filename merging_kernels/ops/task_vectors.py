@@ -498,10 +498,9 @@ def _choose_backend(backend, device, bases, out_dtypes) -> str:
     wide = any(b.dtype == torch.float64 for b in bases) or torch.float64 in out_dtypes
     if wide and backend is None:
         return "torch"  # the fast kernels compute in float32; float64 stays on the reference
-    chosen = resolve_backend(TASK_VECTORS, backend, device)
-    if wide and chosen != "torch":
-        raise TypeError(f"backend {chosen!r} supports float32/float16/bfloat16; float64 needs backend='torch'")
-    return chosen
+    if wide and backend != "torch":
+        raise TypeError(f"backend {backend!r} supports float32/float16/bfloat16; float64 needs backend='torch'")
+    return resolve_backend(TASK_VECTORS, backend, device)
 
 
 def _check_thresholds(thresholds, num_segments, num_tasks, device) -> torch.Tensor:

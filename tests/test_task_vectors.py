@@ -1,0 +1,316 @@
+"""Task arithmetic, TIES and DARE: every backend against the torch reference and hand-worked rules."""
+
+import pytest
+import torch
+
+import merging_kernels as mk
+from merging_kernels.ops.philox import dare_keep_mask_torch, tensor_key
+from merging_kernels.ops.task_vectors import TASK_VECTORS, keep_count
+
+from helpers import fast_backend_params
+
+FAST = fast_backend_params(TASK_VECTORS)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(0,), (1,), (7,), (33, 5), (3, 1, 4), (2049,)]
+
+
+def make_case(shapes, num_tasks, dtype=torch.float32, device="cpu", spread=0.1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bases = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    experts = [[(b.float() + spread * torch.randn(s, generator=g)).to(dtype) for b, s in zip(bases, shapes)]
+               for _ in range(num_tasks)]
+    move = lambda t: t.to(device)  # noqa: E731
+    return [move(b) for b in bases], [[move(e) for e in task] for task in experts]
+
+
+def assert_outputs_close(actual, expected, dtype):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        # fp32 accumulation in another order: a few fp32 ulps, then one rounding to the output dtype.
+        tol = 4 * torch.finfo(torch.float32).eps if dtype == torch.float32 else torch.finfo(dtype).eps
+        torch.testing.assert_close(a.cpu().float(), e.cpu().float(), rtol=tol, atol=tol)
+
+
+def clone_all(bases, experts):
+    return [b.clone() for b in bases], [[e.clone() for e in task] for task in experts]
+
+
+# --------------------------------------------------------------------------- the reference against hand-worked rules
+
+TAU = torch.tensor([[4.0, -1.0, 2.0, 0.0], [-3.0, -2.0, 1.0, 5.0], [1.0, 3.0, -6.0, -1.0]])
+
+
+@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
+def test_ties_hand_worked_example(backend):
+    # density 0.5 on 4 entries keeps 2 per task: τ1 → [4,0,2,0], τ2 → [-3,0,0,5], τ3 → [0,3,-6,0];
+    # signs of the sum [1,3,-4,5] → [+,+,-,+]; disjoint means → [4,3,-6,5]; × λ = 0.5.
+    base = torch.zeros(4)
+    merged = mk.ties_merging(base, list(TAU), density=0.5, scale=0.5, backend=backend)
+    assert torch.equal(merged, torch.tensor([2.0, 1.5, -3.0, 2.5]))
+
+
+@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
+def test_task_arithmetic_hand_worked_example(backend):
+    base = torch.full((4,), 10.0)
+    merged = mk.task_arithmetic(base, list(base + TAU), [0.5, 0.25, 1.0], backend=backend)
+    assert torch.equal(merged, base + torch.tensor([2.25, 2.0, -4.75, 0.25]))
+
+
+def test_ties_trim_scopes_differ_as_stated():
+    # one task; model scope keeps the 2 largest of [6,-5,4,3] (both in a), tensor scope the largest of each tensor
+    base = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    expert = {"a": torch.tensor([6.0, -5.0]), "b": torch.tensor([4.0, 3.0])}
+    model = mk.ties_merging(base, [expert], density=0.5, trim_scope="model", backend="torch")
+    tensor = mk.ties_merging(base, [expert], density=0.5, trim_scope="tensor", backend="torch")
+    assert torch.equal(model["a"], torch.tensor([6.0, -5.0])) and torch.equal(model["b"], torch.zeros(2))
+    assert torch.equal(tensor["a"], torch.tensor([6.0, 0.0])) and torch.equal(tensor["b"], torch.tensor([4.0, 0.0]))
+
+
+def test_ties_weighted_sign_and_disjoint_mean_follow_mergekit_rule():
+    # weights multiply deltas before the sign vote; the mean divides by the weights that agree
+    base = torch.zeros(2)
+    experts = [torch.tensor([1.0, -1.0]), torch.tensor([-1.0, 1.0])]
+    merged = mk.ties_merging(base, experts, density=1.0, weights=[3.0, 1.0], backend="torch")
+    assert torch.equal(merged, torch.tensor([1.0, -1.0]))
+    summed = mk.ties_merging(base, experts, density=1.0, weights=[3.0, 1.0], normalize=False, backend="torch")
+    assert torch.equal(summed, torch.tensor([3.0, -3.0]))
+    # a zero vote counts as +: equal and opposite deltas keep the positive one
+    tie = mk.ties_merging(base, [torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.0])], density=1.0, backend="torch")
+    assert torch.equal(tie, torch.tensor([2.0, 0.0]))
+
+
+def test_reference_threshold_keeps_ties_and_at_least_one():
+    # magnitudes [3,3,3,1]: density 0.25 keeps m = 1 → threshold 3 → all three ties kept
+    base = torch.zeros(4)
+    merged = mk.ties_merging(base, [torch.tensor([3.0, -3.0, 3.0, 1.0])], density=0.25, backend="torch")
+    assert torch.equal(merged, torch.tensor([3.0, -3.0, 3.0, 0.0]))
+    assert keep_count(0.01, 10) == 1 and keep_count(0.5, 0) == 0 and keep_count(0.3, 10) == 3
+
+
+# --------------------------------------------------------------------------- fast backends against the reference
+
+
+@pytest.mark.parametrize("backend,device", FAST)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_task_arithmetic_matches_reference(backend, device, dtype):
+    bases, experts = make_case(SHAPES, 3, dtype, device)
+    weights = [0.3, -0.7, 1.1]
+    ref = mk.merge_task_vectors(bases, experts, weights, scale=0.9, backend="torch")
+    out = mk.merge_task_vectors(bases, experts, weights, scale=0.9, backend=backend)
+    assert_outputs_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("backend,device", FAST)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_out_dtype_differs_from_input(backend, device, out_dtype):
+    bases, experts = make_case([(5, 9), (130,)], 2, torch.bfloat16, device)
+    ref = mk.merge_task_vectors(bases, experts, [0.5, 0.5], out_dtype=out_dtype, backend="torch")
+    out = mk.merge_task_vectors(bases, experts, [0.5, 0.5], out_dtype=out_dtype, backend=backend)
+    assert all(o.dtype == out_dtype for o in out)
+    assert_outputs_close(out, ref, out_dtype)
+
+
+@pytest.mark.parametrize("backend,device", FAST)
+@pytest.mark.parametrize("scope", ["tensor", "model"])
+@pytest.mark.parametrize("density", [0.01, 0.3, 1.0])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_matches_reference(backend, device, scope, density, dtype):
+    bases, experts = make_case(SHAPES, 3, dtype, device)
+    kwargs = dict(scale=0.7, density=density, trim_scope=scope, elect_sign=True)
+    ref = mk.merge_task_vectors(bases, experts, [1.0, 0.5, 2.0], backend="torch", **kwargs)
+    out = mk.merge_task_vectors(bases, experts, [1.0, 0.5, 2.0], backend=backend, **kwargs)
+    assert_outputs_close(out, ref, dtype)
+    if density < 1:
+        fast_thresholds = mk.magnitude_thresholds(bases, experts, density=density, trim_scope=scope, backend=backend)
+        ref_thresholds = mk.magnitude_thresholds(bases, experts, density=density, trim_scope=scope, backend="torch")
+        assert torch.equal(fast_thresholds.cpu(), ref_thresholds)
+
+
+@pytest.mark.parametrize("backend,device", FAST)
+@pytest.mark.parametrize("scope", ["tensor", "model"])
+def test_ties_with_many_magnitude_ties_is_exact(backend, device, scope):
+    # integer-valued task vectors: many equal magnitudes at every threshold, all arithmetic exact
+    g = torch.Generator().manual_seed(1)
+    shapes = [(300,), (17, 3), (1,)]
+    bases = [torch.randint(-4, 5, s, generator=g).float().to(device) for s in shapes]
+    experts = [[b + torch.randint(-3, 4, b.shape, generator=g).float().to(device) for b in bases] for _ in range(4)]
+    for density in (0.1, 0.25, 0.5):
+        kwargs = dict(density=density, trim_scope=scope, elect_sign=True, normalize=False)
+        ref = mk.merge_task_vectors(bases, experts, [1.0] * 4, backend="torch", **kwargs)
+        out = mk.merge_task_vectors(bases, experts, [1.0] * 4, backend=backend, **kwargs)
+        for o, r in zip(out, ref):
+            assert torch.equal(o.cpu(), r)
+
+
+@pytest.mark.parametrize("backend,device", FAST)
+@pytest.mark.parametrize("elect_sign", [False, True])
+def test_dare_matches_reference_bit_for_bit_masks(backend, device, elect_sign):
+    bases, experts = make_case([(257,), (3, 11), (1,)], 2, torch.float32, device)
+    for seed in (0, 7, 2**40 + 3):
+        kwargs = dict(drop_rate=0.6, seed=seed, elect_sign=elect_sign, tensor_keys=[11, 2**32 - 1, 0])
+        ref = mk.merge_task_vectors(bases, experts, [1.0, 1.0], backend="torch", **kwargs)
+        out = mk.merge_task_vectors(bases, experts, [1.0, 1.0], backend=backend, **kwargs)
+        assert_outputs_close(out, ref, torch.float32)
+    # masks: with one expert and weight 1, out − base is the rescaled task vector where kept, 0 where dropped
+    base = torch.zeros(4096, device=device)
+    expert = torch.ones(4096, device=device)
+    out = mk.merge_task_vectors([base], [[expert]], [1.0], drop_rate=0.25, seed=5, tensor_keys=[123], backend=backend)
+    keep = dare_keep_mask_torch(4096, seed=5, tensor_key=123, task=0, p=0.25)
+    assert torch.equal(out[0].cpu() != 0, keep)
+    torch.testing.assert_close(out[0].cpu()[keep], torch.full((int(keep.sum()),), 1 / 0.75))
+
+
+@pytest.mark.parametrize("backend,device", FAST)
+def test_dare_then_ties_matches_reference(backend, device):
+    bases, experts = make_case([(400,), (9, 9)], 3, torch.float32, device)
+    kwargs = dict(drop_rate=0.3, seed=9, density=0.4, elect_sign=True, scale=0.5)
+    ref = mk.merge_task_vectors(bases, experts, [1.0, 1.0, 1.0], backend="torch", **kwargs)
+    out = mk.merge_task_vectors(bases, experts, [1.0, 1.0, 1.0], backend=backend, **kwargs)
+    assert_outputs_close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", FAST)
+def test_per_tensor_weights_and_non_contiguous_inputs(backend, device):
+    bases, experts = make_case([(6, 10), (10, 6)], 2, torch.float32, device)
+    bases = [bases[0].t(), bases[1]]  # a transposed view: not contiguous
+    experts = [[task[0].t(), task[1][:, ::1]] for task in experts]
+    weights = torch.tensor([[0.1, 0.2], [3.0, -1.0]])
+    ref = mk.merge_task_vectors(bases, experts, weights, backend="torch")
+    out = mk.merge_task_vectors(bases, experts, weights, backend=backend)
+    assert_outputs_close(out, ref, torch.float32)
+    assert out[0].shape == (10, 6)
+
+
+@pytest.mark.parametrize("backend,device", FAST)
+def test_many_tensors_in_one_call_equal_one_at_a_time(backend, device):
+    shapes = [(i % 7 + 1, 3) for i in range(40)] + [(0, 4)]
+    bases, experts = make_case(shapes, 2, torch.float32, device)
+    keys = list(range(100, 100 + len(shapes)))
+    kwargs = dict(drop_rate=0.5, seed=3, density=0.5, elect_sign=True)
+    together = mk.merge_task_vectors(bases, experts, [1.0, 1.0], tensor_keys=keys, backend=backend, **kwargs)
+    for t in range(len(shapes)):
+        alone = mk.merge_task_vectors([bases[t]], [[experts[0][t]], [experts[1][t]]], [1.0, 1.0],
+                                      tensor_keys=[keys[t]], backend=backend, **kwargs)
+        assert torch.equal(together[t], alone[0])
+
+
+@pytest.mark.parametrize("backend,device", FAST)
+def test_inputs_untouched_and_out_written(backend, device):
+    bases, experts = make_case([(50,), (4, 4)], 2, torch.float32, device)
+    saved = clone_all(bases, experts)
+    out = [torch.full_like(b, 99.0) for b in bases]
+    result = mk.merge_task_vectors(bases, experts, [0.5, 0.5], density=0.5, elect_sign=True, out=out, backend=backend)
+    assert result[0] is out[0] and not torch.equal(out[0], torch.full_like(out[0], 99.0))
+    for b, s in zip(bases, saved[0]):
+        assert torch.equal(b, s)
+    for task, saved_task in zip(experts, saved[1]):
+        for e, s in zip(task, saved_task):
+            assert torch.equal(e, s)
+
+
+@pytest.mark.parametrize("backend,device", FAST)
+def test_huge_and_tiny_magnitudes(backend, device):
+    base = torch.tensor([0.0, 1e30, -1e30, 1e-30, 0.0, 3e38], device=device)
+    expert = torch.tensor([1e-38, 2e30, -3e30, -1e-30, 1e-45, 3e38], device=device)
+    for kwargs in ({}, dict(density=0.5, elect_sign=True)):
+        ref = mk.merge_task_vectors([base], [[expert]], [1.0], backend="torch", **kwargs)
+        out = mk.merge_task_vectors([base], [[expert]], [1.0], backend=backend, **kwargs)
+        assert torch.equal(out[0].cpu(), ref[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_task_vectors_are_refused_with_the_name(backend, bad):
+    base = {"ok": torch.zeros(3), "layer.bad": torch.zeros(5)}
+    expert = {"ok": torch.ones(3), "layer.bad": torch.tensor([0.0, 1.0, bad, 0.0, 0.0])}
+    with pytest.raises(ValueError, match="layer.bad"):
+        mk.task_arithmetic(base, [expert], backend=backend)
+    with pytest.raises(ValueError, match="layer.bad"):
+        mk.ties_merging(base, [expert], density=0.5, backend=backend)
+    merged = mk.task_arithmetic(base, [expert], check_finite=False, backend=backend)
+    assert not torch.isfinite(merged["layer.bad"]).all()
+
+
+# --------------------------------------------------------------------------- DARE statistics and reproducibility
+
+
+@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
+def test_dare_keep_rate_and_unbiased_mean(backend):
+    n, p = 40_000, 0.7
+    base = torch.zeros(n)
+    g = torch.Generator().manual_seed(4)
+    expert = 1.0 + torch.rand(n, generator=g)
+    out = mk.dare_merging(base, [expert], drop_rate=p, seed=11, backend=backend)
+    kept = (out != 0).float().mean().item()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(kept - (1 - p)) < 5 * sigma
+    # E[out] = E[τ]: the rescaling keeps the expected task vector
+    rel = abs(out.mean().item() - expert.mean().item()) / expert.mean().item()
+    assert rel < 5 * (((1 - p) / p) / n) ** 0.5 * 1.2
+    again = mk.dare_merging(base, [expert], drop_rate=p, seed=11, backend=backend)
+    other = mk.dare_merging(base, [expert], drop_rate=p, seed=12, backend=backend)
+    assert torch.equal(out, again) and not torch.equal(out, other)
+
+
+def test_dare_mask_depends_on_name_not_on_batching():
+    base = {"a": torch.zeros(100), "b": torch.zeros(100)}
+    expert = {"a": torch.ones(100), "b": torch.ones(100)}
+    both = mk.dare_merging(base, [expert], drop_rate=0.5, seed=1, backend="torch")
+    alone = mk.dare_merging({"b": base["b"]}, [{"b": expert["b"]}], drop_rate=0.5, seed=1, backend="torch")
+    assert torch.equal(both["b"], alone["b"]) and not torch.equal(both["a"], both["b"])
+    keep_b = dare_keep_mask_torch(100, seed=1, tensor_key=tensor_key("b"), task=0, p=0.5)
+    assert torch.equal(both["b"] != 0, keep_b)
+
+
+# --------------------------------------------------------------------------- state dicts and errors
+
+
+def test_state_dict_round_trip_keeps_order_and_integer_buffers():
+    base = {"w": torch.randn(3, 3), "steps": torch.tensor(7), "b": torch.randn(3).half()}
+    experts = [{k: (v + 1 if v.is_floating_point() else v + 5) for k, v in base.items()} for _ in range(2)]
+    merged = mk.task_arithmetic(base, experts, 0.5, backend="torch")
+    assert list(merged) == ["w", "steps", "b"]
+    assert torch.equal(merged["steps"], base["steps"]) and merged["steps"] is not base["steps"]
+    torch.testing.assert_close(merged["w"], base["w"] + 1)
+    assert merged["b"].dtype == torch.float16
+    per_tensor = mk.task_arithmetic(base, experts, {"w": [1.0, 1.0], "b": 0.0}, backend="torch")
+    torch.testing.assert_close(per_tensor["w"], base["w"] + 2)
+    assert torch.equal(per_tensor["b"], base["b"])
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda b, e: mk.task_arithmetic(b, [{"w": torch.zeros(2, 2)}]), ValueError, "shape"),
+        (lambda b, e: mk.task_arithmetic(b, [{"w": torch.zeros(3, 2).half()}]), TypeError, "dtype"),
+        (lambda b, e: mk.task_arithmetic(b, [{"v": torch.zeros(3, 2)}]), ValueError, "missing"),
+        (lambda b, e: mk.task_arithmetic(b, e, [1.0, 2.0]), ValueError, "weights"),
+        (lambda b, e: mk.task_arithmetic(b, e, {"x": 1.0}), ValueError, "weights"),
+        (lambda b, e: mk.ties_merging(b, e, density=0.0), ValueError, "density"),
+        (lambda b, e: mk.ties_merging(b, e, density=1.5), ValueError, "density"),
+        (lambda b, e: mk.dare_merging(b, e, drop_rate=1.0), ValueError, "drop_rate"),
+        (lambda b, e: mk.dare_merging(b, e, drop_rate=-0.1), ValueError, "drop_rate"),
+        (lambda b, e: mk.dare_merging(b, e, drop_rate=0.5, seed=-1), ValueError, "seed"),
+        (lambda b, e: mk.ties_merging(b, e, trim_scope="layer"), ValueError, "trim_scope"),
+        (lambda b, e: mk.task_arithmetic(b, e, backend="cuda"), ValueError, "backend"),
+        (lambda b, e: mk.task_arithmetic(b, []), ValueError, "experts"),
+        (lambda b, e: mk.task_arithmetic(b, e[0]), TypeError, "experts"),
+        (lambda b, e: mk.task_arithmetic([1, 2], e), TypeError, "base"),
+        (lambda b, e: mk.task_arithmetic(b, e, float("nan")), ValueError, "weights|finite"),
+        (lambda b, e: mk.task_arithmetic({"w": torch.zeros(3, 2, dtype=torch.int32)}, [{"w": torch.zeros(3, 2)}]),
+         TypeError, "dtype|float"),
+    ],
+)
+def test_bad_input_is_refused_with_a_named_error(call, error, match):
+    base = {"w": torch.zeros(3, 2)}
+    experts = [{"w": torch.ones(3, 2)}]
+    with pytest.raises(error, match=match):
+        call(base, experts)
+
+
+def test_float64_runs_on_the_reference_and_fast_backends_refuse_it():
+    base, expert = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    assert mk.task_arithmetic(base, [expert], 0.5).dtype == torch.float64
+    with pytest.raises(TypeError, match="float64"):
+        mk.task_arithmetic(base, [expert], 0.5, backend="native")
