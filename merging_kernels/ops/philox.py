@@ -90,3 +90,40 @@ def dare_keep_mask_torch(numel: int, *, seed: int, tensor_key: int, task: int, p
         (seed >> 32) & _MASK32,
     )[0]
     return (word >> (32 - UNIFORM_BITS)) >= threshold
+
+
+# --------------------------------------------------------------------------- triton
+# The same generator as a @triton.jit function, used inside the Triton kernels.
+# Triton is optional, so everything here is defined only when it imports.
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch reference above works without triton
+    triton = None
+
+if triton is not None:
+    _TL_M0 = tl.constexpr(PHILOX_M0)
+    _TL_M1 = tl.constexpr(PHILOX_M1)
+    _TL_W0 = tl.constexpr(PHILOX_W0)
+    _TL_W1 = tl.constexpr(PHILOX_W1)
+    _TL_ROUNDS = tl.constexpr(PHILOX_ROUNDS)
+
+    @triton.jit
+    def philox4x32_10_triton(c0, c1, c2, c3, k0, k1):
+        """Philox4x32-10 on tl.uint32 counters (blocks or scalars, broadcast) and key.
+
+        Bit-identical to :func:`philox4x32_10`. Written out rather than calling
+        tl.randint, whose internals (and so its streams) may change between
+        Triton versions. Products wrap mod 2**32 (tl.mul without the overflow
+        check of debug mode); tl.umulhi gives the high word.
+        """
+        for _ in tl.static_range(_TL_ROUNDS):
+            hi0 = tl.umulhi(c0, _TL_M0)
+            lo0 = tl.mul(c0, _TL_M0, sanitize_overflow=False)
+            hi1 = tl.umulhi(c2, _TL_M1)
+            lo1 = tl.mul(c2, _TL_M1, sanitize_overflow=False)
+            c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+            k0 = tl.add(k0, _TL_W0, sanitize_overflow=False)
+            k1 = tl.add(k1, _TL_W1, sanitize_overflow=False)
+        return c0, c1, c2, c3

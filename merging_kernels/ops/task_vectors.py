@@ -230,14 +230,298 @@ def select_thresholds(histogram, keep: torch.Tensor, num_tasks: int) -> torch.Te
 #       writes outs; returns (T,) int64 counts of (element, task) pairs with non-finite θk − θ0
 # Inputs are contiguous, of FAST_DTYPES, on one device; weights (T, K) float32 on the device;
 # thresholds (S, K) float32 on the device or None (no trim).
+#
+# Multi-tensor design: each pass is ONE launch per group of tensors sharing (input dtype, output
+# dtype, 16-byte alignment) - pointer element types are compile-time, so a group is the unit -
+# never a launch per tensor. The host packs, per group, one int64 device table: a row per tensor
+# (_ROW_* fields: data pointers, numel, segment, RNG key, index in the call, first block) followed
+# by the K expert pointers of every row ([row * K + k]). A program -> row map (repeat_interleave on
+# the device, no host sync) lets program `pid` find its tensor in O(1). An apply program does one
+# BLOCK of one tensor, a histogram program CHUNK blocks (to amortise its atomics); both loop over
+# the K experts at run time (K is not specialised: no recompile per K). Element indices are int64
+# (a state dict can exceed 2**31 elements).
+
+try:  # triton is optional: `import merging_kernels` must work without it
+    import triton
+    import triton.language as tl
+
+    from .philox import philox4x32_10_triton
+except ImportError:
+    triton = None
+
+_APPLY_BLOCK, _APPLY_WARPS = 1024, 4  # 8 elements per thread: 16-byte vector loads, modest registers
+_HIST_BLOCK, _HIST_WARPS, _HIST_CHUNK = 1024, 4, 16  # a program: 16 blocks of one tensor
+_ROW_WIDTH = 8  # int64 fields per table row, in this order:
+_ROW_BASE, _ROW_OUT, _ROW_NUMEL, _ROW_SEGMENT, _ROW_KEY, _ROW_TENSOR, _ROW_FIRST_BLOCK, _ROW_NUM_BLOCKS = range(8)
+
+if triton is not None:
+    _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+    # jit functions may only read constexpr globals
+    _K_WIDTH, _K_BASE, _K_OUT, _K_NUMEL = (tl.constexpr(v) for v in (_ROW_WIDTH, _ROW_BASE, _ROW_OUT, _ROW_NUMEL))
+    _K_SEGMENT, _K_KEY, _K_TENSOR, _K_FIRST = (tl.constexpr(v) for v in (_ROW_SEGMENT, _ROW_KEY, _ROW_TENSOR,
+                                                                         _ROW_FIRST_BLOCK))
+    _K_INF = tl.constexpr(float("inf"))
+
+    @triton.jit
+    def _tv_locate(block_row_ptr, table_ptr, BLOCK: tl.constexpr):
+        """This program's table row, that row's address, the tensor's numel and the block's first element."""
+        pid = tl.program_id(0)
+        row = tl.load(block_row_ptr + pid).to(tl.int64)
+        meta = table_ptr + row * _K_WIDTH
+        start = (pid - tl.load(meta + _K_FIRST)) * BLOCK  # int64
+        return row, meta, tl.load(meta + _K_NUMEL), start
+
+    @triton.jit
+    def _tv_load(address, start, idx, inb, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, EVEN: tl.constexpr,
+                 EVICT: tl.constexpr):
+        """Load DTYPE elements [start + idx] of the tensor at int64 ``address`` as float32.
+
+        A pointer loaded from a table has unknown alignment; the hint (checked on the host) is what
+        lets the compiler emit 16-byte vector loads. Full blocks (EVEN) load without a mask, since a
+        mask against a run-time numel would also block vectorisation.
+        """
+        ptr = address.to(tl.pointer_type(DTYPE))
+        if ALIGNED:
+            ptr = tl.multiple_of(ptr, 16)
+        ptr += start  # the int64 block offset once, then int32 per element (cheaper addresses)
+        if EVEN:
+            x = tl.load(ptr + idx, eviction_policy=EVICT)
+        else:
+            x = tl.load(ptr + idx, mask=inb, other=0.0, eviction_policy=EVICT)
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _tv_delta(expert_address, b, start, idx, inb, key, k, drop_threshold, drop_scale, seed_lo, seed_hi,
+                  DTYPE: tl.constexpr, ALIGNED: tl.constexpr, EVEN: tl.constexpr, HAS_DARE: tl.constexpr):
+        """Task vector k of a block after DARE, and the expert values (for the finiteness count)."""
+        e = _tv_load(expert_address, start, idx, inb, DTYPE, ALIGNED, EVEN, "evict_first")  # read once
+        d = e - b
+        if HAS_DARE:  # tl.cast, not .to: the interpreter passes the loop index k as a Python int
+            # counter = (element lo, element hi, tensor key, task), key = seed: see philox.py. Blocks
+            # start at multiples of BLOCK, which divides 2**32, so the high word is one per block.
+            element_lo = tl.cast(start, tl.uint32) + idx.to(tl.uint32)
+            word, _w1, _w2, _w3 = philox4x32_10_triton(element_lo, tl.cast(start >> 32, tl.uint32), key,
+                                                       tl.cast(k, tl.uint32), tl.cast(seed_lo, tl.uint32),
+                                                       tl.cast(seed_hi, tl.uint32))
+            d = tl.where((word >> 8) < tl.cast(drop_threshold, tl.uint32), 0.0, d * drop_scale)
+        return d, e
+
+    @triton.jit
+    def _tv_histogram_block(base_address, expert_address, numel, start, key, k, prefix, drop_threshold, drop_scale,
+                            seed_lo, seed_hi, IN_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, HAS_DARE: tl.constexpr,
+                            SHIFT: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+        """Histogram of the digits of task vector k over one block's entries that match the prefix."""
+        idx = tl.arange(0, BLOCK)
+        inb = idx < numel - start
+        b = _tv_load(base_address, start, idx, inb, IN_DTYPE, ALIGNED, EVEN, "")  # read again per task: keep
+        d, _e = _tv_delta(expert_address, b, start, idx, inb, key, k, drop_threshold, drop_scale, seed_lo, seed_hi,
+                          IN_DTYPE, ALIGNED, EVEN, HAS_DARE)
+        # float32 bits of |d|: non-negative, so int32 and its shifts order like the magnitudes
+        mag = tl.abs(d).to(tl.int32, bitcast=True)
+        match = inb
+        if SHIFT + BITS < 32:  # only entries whose higher digits equal the prefix found so far
+            match = match & ((mag >> (SHIFT + BITS)) == (prefix >> (SHIFT + BITS)))
+        digit = (mag >> SHIFT) & ((1 << BITS) - 1)
+        # the last pass matches few entries: skip the block histogram (its cost grows with the bins) if none do
+        if tl.max(match.to(tl.int32), axis=0) > 0:
+            hist = tl.histogram(digit, 1 << BITS, mask=match)
+        else:
+            hist = tl.zeros([1 << BITS], dtype=tl.int32)
+        return hist
+
+    @triton.jit(do_not_specialize=["num_tasks", "drop_threshold", "seed_lo", "seed_hi"])
+    def _tv_histogram_kernel(block_row_ptr, table_ptr, expert_table_ptr, prefix_ptr, counts_ptr, num_tasks,
+                             drop_threshold, drop_scale, seed_lo, seed_hi, IN_DTYPE: tl.constexpr,
+                             ALIGNED: tl.constexpr, HAS_DARE: tl.constexpr, SHIFT: tl.constexpr,
+                             BITS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+        """counts[segment, k, digit] += entries with that digit in this program's CHUNK blocks of one tensor
+        (see magnitude_histogram_torch)."""
+        row, meta, numel, start = _tv_locate(block_row_ptr, table_ptr, BLOCK * CHUNK)
+        base_address = tl.load(meta + _K_BASE)
+        segment = tl.load(meta + _K_SEGMENT)
+        key = tl.load(meta + _K_KEY).to(tl.uint32)
+        bins = tl.arange(0, 1 << BITS)
+        # Tasks outermost: one register histogram per task, flushed once per chunk, since the global
+        # atomics are what a chunk amortises; the chunk's base, re-read per task, is small enough to
+        # come from L2.
+        for k in range(num_tasks):
+            expert_address = tl.load(expert_table_ptr + row * num_tasks + k)
+            prefix = tl.load(prefix_ptr + segment * num_tasks + k).to(tl.int32)
+            hist = tl.zeros([1 << BITS], dtype=tl.int32)
+            for j in range(CHUNK):
+                sub = start + j * BLOCK
+                if sub + BLOCK <= numel:
+                    hist += _tv_histogram_block(base_address, expert_address, numel, sub, key, k, prefix,
+                                                drop_threshold, drop_scale, seed_lo, seed_hi, IN_DTYPE, ALIGNED,
+                                                HAS_DARE, SHIFT, BITS, BLOCK, True)
+                elif sub < numel:
+                    hist += _tv_histogram_block(base_address, expert_address, numel, sub, key, k, prefix,
+                                                drop_threshold, drop_scale, seed_lo, seed_hi, IN_DTYPE, ALIGNED,
+                                                HAS_DARE, SHIFT, BITS, BLOCK, False)
+            # only the occupied bins go to global memory (task vectors fill few exponent bins)
+            tl.atomic_add(counts_ptr + (segment * num_tasks + k) * (1 << BITS) + bins, hist.to(tl.int64),
+                          mask=hist > 0, sem="relaxed")
+
+    @triton.jit
+    def _tv_to_bfloat16(x):
+        """float32 -> bfloat16 rounded to nearest even, as torch does, written out because the
+        interpreter's cast truncates (on a GPU this equals the cvt.rn it replaces)."""
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays NaN (the carry could make it inf)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _tv_apply_block(meta, row, numel, start, expert_table_ptr, weights_ptr, thresholds_ptr, nonfinite_ptr,
+                        num_tasks, scale, drop_threshold, drop_scale, seed_lo, seed_hi, IN_DTYPE: tl.constexpr,
+                        OUT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, HAS_DARE: tl.constexpr,
+                        HAS_TRIM: tl.constexpr, ELECT_SIGN: tl.constexpr, NORMALIZE: tl.constexpr,
+                        BLOCK: tl.constexpr, EVEN: tl.constexpr):
+        idx = tl.arange(0, BLOCK)
+        inb = idx < numel - start
+        b = _tv_load(tl.load(meta + _K_BASE), start, idx, inb, IN_DTYPE, ALIGNED, EVEN, "evict_first")
+        b_finite = tl.abs(b) < _K_INF
+        segment = tl.load(meta + _K_SEGMENT)
+        tensor = tl.load(meta + _K_TENSOR)
+        key = tl.load(meta + _K_KEY).to(tl.uint32)
+        bad = tl.zeros([BLOCK], dtype=tl.int32)
+        # one pass over the experts: the sign election needs Σ over all k before choosing, so the
+        # agreeing sums are kept for both signs and picked afterwards (unused ones are eliminated)
+        total = tl.zeros([BLOCK], dtype=tl.float32)  # Σ w d [kept], in task order like the reference
+        pos_num = tl.zeros([BLOCK], dtype=tl.float32)
+        pos_den = tl.zeros([BLOCK], dtype=tl.float32)
+        neg_num = tl.zeros([BLOCK], dtype=tl.float32)
+        neg_den = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in range(num_tasks):
+            d, e = _tv_delta(tl.load(expert_table_ptr + row * num_tasks + k), b, start, idx, inb, key, k,
+                             drop_threshold, drop_scale, seed_lo, seed_hi, IN_DTYPE, ALIGNED, EVEN, HAS_DARE)
+            # θk − θ0 is non-finite (in exact arithmetic) iff an operand is; masked lanes load 0
+            bad += (~(b_finite & (tl.abs(e) < _K_INF))).to(tl.int32)
+            kept = d != 0.0
+            if HAS_TRIM:
+                kept = kept & (tl.abs(d) >= tl.load(thresholds_ptr + segment * num_tasks + k))
+            w = tl.load(weights_ptr + tensor * num_tasks + k)
+            wd = tl.where(kept, w * d, 0.0)
+            total += wd
+            if ELECT_SIGN:
+                pos = kept & (d > 0.0)
+                neg = kept & ~(d > 0.0)  # as the reference: "not positive" (NaN included)
+                pos_num += tl.where(pos, wd, 0.0)
+                pos_den += tl.where(pos, w, 0.0)
+                neg_num += tl.where(neg, wd, 0.0)
+                neg_den += tl.where(neg, w, 0.0)
+        if ELECT_SIGN:
+            positive = total >= 0.0  # a zero sum elects +
+            merged = tl.where(positive, pos_num, neg_num)
+            if NORMALIZE:
+                den = tl.where(positive, pos_den, neg_den)
+                merged = tl.where(den != 0.0, merged / tl.where(den != 0.0, den, 1.0), 0.0)
+        else:
+            merged = total
+        result = b + scale * merged
+        if OUT_DTYPE == tl.bfloat16:
+            result = _tv_to_bfloat16(result)
+        else:
+            result = result.to(OUT_DTYPE)
+        out = tl.load(meta + _K_OUT).to(tl.pointer_type(OUT_DTYPE))
+        if ALIGNED:
+            out = tl.multiple_of(out, 16)
+        out += start
+        if EVEN:
+            tl.store(out + idx, result, eviction_policy="evict_first")
+        else:
+            tl.store(out + idx, result, mask=inb, eviction_policy="evict_first")
+        num_bad = tl.sum(bad, axis=0)
+        tl.atomic_add(nonfinite_ptr + tensor, num_bad.to(tl.int64), mask=num_bad > 0, sem="relaxed")
+
+    @triton.jit(do_not_specialize=["num_tasks", "drop_threshold", "seed_lo", "seed_hi"])
+    def _tv_apply_kernel(block_row_ptr, table_ptr, expert_table_ptr, weights_ptr, thresholds_ptr, nonfinite_ptr,
+                         num_tasks, scale, drop_threshold, drop_scale, seed_lo, seed_hi, IN_DTYPE: tl.constexpr,
+                         OUT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, HAS_DARE: tl.constexpr,
+                         HAS_TRIM: tl.constexpr, ELECT_SIGN: tl.constexpr, NORMALIZE: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        """out = θ0 + scale · combine_k(w d_k) for one block of one tensor (see merge_task_vectors_torch)."""
+        row, meta, numel, start = _tv_locate(block_row_ptr, table_ptr, BLOCK)
+        if start + BLOCK <= numel:
+            _tv_apply_block(meta, row, numel, start, expert_table_ptr, weights_ptr, thresholds_ptr, nonfinite_ptr,
+                            num_tasks, scale, drop_threshold, drop_scale, seed_lo, seed_hi, IN_DTYPE, OUT_DTYPE,
+                            ALIGNED, HAS_DARE, HAS_TRIM, ELECT_SIGN, NORMALIZE, BLOCK, True)
+        else:
+            _tv_apply_block(meta, row, numel, start, expert_table_ptr, weights_ptr, thresholds_ptr, nonfinite_ptr,
+                            num_tasks, scale, drop_threshold, drop_scale, seed_lo, seed_hi, IN_DTYPE, OUT_DTYPE,
+                            ALIGNED, HAS_DARE, HAS_TRIM, ELECT_SIGN, NORMALIZE, BLOCK, False)
+
+
+def _triton_groups(bases, experts, outs):
+    """Non-empty tensors grouped by (input dtype, output dtype, all pointers 16-byte aligned)."""
+    groups: dict[tuple, list[int]] = {}
+    for t, base in enumerate(bases):
+        if base.numel() == 0:
+            continue
+        tensors = [base] + [task[t] for task in experts] + ([outs[t]] if outs is not None else [])
+        aligned = all(x.data_ptr() % 16 == 0 for x in tensors)
+        groups.setdefault((base.dtype, outs[t].dtype if outs is not None else None, aligned), []).append(t)
+    return groups
+
+
+def _triton_tables(members, bases, experts, outs, tensor_keys, segment_ids, block):
+    """Device tables of one group: (block -> row map, row table, expert pointer table, number of blocks)."""
+    num_tasks = len(experts)
+    rows, expert_ptrs, first = [], [], 0
+    for t in members:
+        num_blocks = -(-bases[t].numel() // block)
+        rows.append([bases[t].data_ptr(), outs[t].data_ptr() if outs is not None else 0, bases[t].numel(),
+                     segment_ids[t], tensor_keys[t], t, first, num_blocks])
+        expert_ptrs.extend(experts[k][t].data_ptr() for k in range(num_tasks))
+        first += num_blocks
+    if first >= 2**31:
+        raise ValueError("too many elements for one triton launch")  # > 4e12 elements
+    device = bases[members[0]].device
+    # one host -> device copy for the whole group
+    packed = torch.tensor([v for r in rows for v in r] + expert_ptrs, dtype=torch.int64).to(device)
+    table, expert_table = packed[:len(rows) * _ROW_WIDTH], packed[len(rows) * _ROW_WIDTH:]
+    block_row = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32, device=device),
+                                        table.view(-1, _ROW_WIDTH)[:, _ROW_NUM_BLOCKS], output_size=first)
+    return block_row, table, expert_table, first
+
+
+def _dare_args(spec):
+    return spec.drop_threshold, spec.drop_scale, spec.seed & 0xFFFFFFFF, spec.seed >> 32
 
 
 def _magnitude_histogram_triton(bases, experts, spec, tensor_keys, segment_ids, num_segments, shift, bits, prefix):
-    raise NotImplementedError("triton histogram kernel not written yet")
+    num_tasks = len(experts)
+    device = prefix.device
+    counts = torch.zeros((num_segments, num_tasks, 1 << bits), dtype=torch.int64, device=device)
+    prefix = prefix.to(torch.int64).contiguous()
+    for (dtype, _, aligned), members in _triton_groups(bases, experts, None).items():
+        block_row, table, expert_table, num_blocks = _triton_tables(members, bases, experts, None, tensor_keys,
+                                                                    segment_ids, _HIST_BLOCK * _HIST_CHUNK)
+        _tv_histogram_kernel[(num_blocks,)](
+            block_row, table, expert_table, prefix, counts, num_tasks, *_dare_args(spec),
+            IN_DTYPE=_TL_DTYPES[dtype], ALIGNED=aligned, HAS_DARE=spec.drop_threshold > 0, SHIFT=shift, BITS=bits,
+            BLOCK=_HIST_BLOCK, CHUNK=_HIST_CHUNK, num_warps=_HIST_WARPS)
+    return counts
 
 
 def _merge_apply_triton(bases, experts, outs, weights, spec, tensor_keys, segment_ids, thresholds):
-    raise NotImplementedError("triton apply kernel not written yet")
+    num_tasks = len(experts)
+    device = weights.device
+    nonfinite = torch.zeros(len(bases), dtype=torch.int64, device=device)
+    weights = weights.to(torch.float32).contiguous()
+    has_trim = thresholds is not None
+    thresholds = thresholds.to(torch.float32).contiguous() if has_trim else weights  # placeholder when unused
+    drop_threshold, drop_scale, seed_lo, seed_hi = _dare_args(spec)
+    for (in_dtype, out_dtype, aligned), members in _triton_groups(bases, experts, outs).items():
+        block_row, table, expert_table, num_blocks = _triton_tables(members, bases, experts, outs, tensor_keys,
+                                                                    segment_ids, _APPLY_BLOCK)
+        _tv_apply_kernel[(num_blocks,)](
+            block_row, table, expert_table, weights, thresholds, nonfinite, num_tasks, float(spec.scale),
+            drop_threshold, drop_scale, seed_lo, seed_hi, IN_DTYPE=_TL_DTYPES[in_dtype],
+            OUT_DTYPE=_TL_DTYPES[out_dtype], ALIGNED=aligned, HAS_DARE=drop_threshold > 0, HAS_TRIM=has_trim,
+            ELECT_SIGN=spec.elect_sign, NORMALIZE=spec.normalize, BLOCK=_APPLY_BLOCK, num_warps=_APPLY_WARPS,
+            enable_fp_fusion=False)  # no FMA contraction: round like the torch reference
+    return nonfinite
 
 
 # --------------------------------------------------------------------------- native (C++/OpenMP)
