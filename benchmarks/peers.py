@@ -132,8 +132,10 @@ def ties_fusionbench_style(base: StateDict, experts: Sequence[StateDict], *, den
     (⌊ρN⌋ + 1)-th largest, so it keeps ⌊ρN⌋ + 1 entries per task where
     merging_kernels keeps max(1, ⌊ρN⌋) — up to one extra entry per task, so at
     most K elements of the result differ. A zero column sum takes the model's
-    majority sign here and + in ours (this only matters where the kept entries
-    cancel exactly; where nothing is kept both give 0). No per-task weights
+    majority sign here and + in ours: where nothing is kept both give 0, but
+    kept entries do cancel exactly now and then (fp32 deltas live on the grid
+    of θ0, so δ and −δ from two tasks happen: 2 columns in 16.8M with 4 tasks),
+    and there the results differ when the majority sign is −. No per-task weights
     (the mean counts entries; ours with weights 1 is the same).
     ``density`` = 1 would ask ``kthvalue`` for rank 0, which FusionBench does
     not guard; it is not supported here either.

@@ -213,7 +213,7 @@ def bench_models(suite: Suite, dtype: torch.dtype, width: int, num_tasks: int) -
 
     # ---- TIES, per-tensor trim, against mergekit-style
     w = [1.0 - 0.1 * k for k in range(num_tasks)]
-    op = f"ties[tensor] p={DENSITY}"
+    op = f"ties[tensor] density={DENSITY}"
     outs = suite.run_case(op, case, bytes_ties, "lower bound", with_fast([
         Provider("torch (reference)", "reference",
                  lambda: mk.ties_merging(base, experts, density=DENSITY, weights=w, backend="torch")),
@@ -223,11 +223,11 @@ def bench_models(suite: Suite, dtype: torch.dtype, width: int, num_tasks: int) -
     ours_name = fast if fast in outs else "torch (reference)"
     if "mergekit-style" in outs and ours_name in outs:
         suite.checks[f"ties[tensor] {dname}: {ours_name} vs mergekit-style"] = compare_with_mergekit(
-            outs[ours_name], outs["mergekit-style"], base, experts, fast if not fast_reason else "torch")
+            outs[ours_name], outs["mergekit-style"], base, experts, fast if ours_name == fast else "torch")
     del outs
 
     # ---- TIES, model-wide trim, against FusionBench-style
-    op = f"ties[model] p={DENSITY}"
+    op = f"ties[model] density={DENSITY}"
     fb_kth = {}
 
     def fusionbench():
@@ -248,7 +248,7 @@ def bench_models(suite: Suite, dtype: torch.dtype, width: int, num_tasks: int) -
     if "FusionBench-style" in outs and ours_name in outs:
         suite.checks[f"ties[model] {dname}: {ours_name} vs FusionBench-style"] = compare_with_fusionbench(
             outs[ours_name], outs["FusionBench-style"], base, experts, fb_kth["kth"],
-            fast if not fast_reason else "torch")
+            fast if ours_name == fast else "torch")
     del outs
 
     # ---- DARE + task arithmetic
@@ -305,34 +305,51 @@ def compare_with_mergekit(ours, theirs, base, experts, threshold_backend) -> dic
 
 
 def compare_with_fusionbench(ours, theirs, base, experts, fb_kth, threshold_backend) -> dict:
-    """Elementwise comparison; differences should be the entries FusionBench keeps and we do not
-    (its threshold is the (⌊ρN⌋+1)-th largest, ours the max(1, ⌊ρN⌋)-th)."""
+    """Elementwise comparison; every differing element must be explained by one of the two rule differences:
+
+    - an entry FusionBench keeps and we do not: its threshold is the (⌊ρN⌋+1)-th largest, ours the
+      max(1, ⌊ρN⌋)-th;
+    - a column whose kept entries sum to exactly 0 (e.g. two tasks with δ and −δ): FusionBench gives it the
+      model's majority sign, we count 0 as +; the results differ where the majority sign is −.
+    """
     names, bases, expert_lists = ordered_lists(base, experts)
     thresholds = mk.magnitude_thresholds(bases, expert_lists, density=DENSITY, trim_scope="model",
                                          backend=threshold_backend).cpu()[0].float()
     fb_kth = fb_kth.cpu().float()
-    total = explained_n = only_fb = 0
+    total = by_extra = by_zero_sum = only_fb = zero_sum_columns = 0
+    sign_total = 0
     max_all = max_other = 0.0
     for t, name in enumerate(names):
         a, b = ours[name], theirs[name]
-        mags = _deltas(bases[t].reshape(-1), [e[t].reshape(-1) for e in expert_lists]).cpu()
-        kept_only_by_fb = (mags >= fb_kth[:, None]) & (mags < thresholds[:, None])  # (K, n)
+        d = torch.stack([e[t].reshape(-1).float() - bases[t].reshape(-1).float() for e in expert_lists]).cpu()
+        mags = d.abs()
+        kept_fb = mags >= fb_kth[:, None]
+        kept_only_by_fb = kept_fb & (mags < thresholds[:, None])  # (K, n)
+        column_sum = torch.where(kept_fb, d, torch.zeros_like(d)).sum(0)
+        sign_total += int(torch.sign(column_sum).sum())
+        zero_sum = (column_sum == 0) & (kept_fb & (d != 0)).any(0)
         only_fb += int(kept_only_by_fb.sum())
+        zero_sum_columns += int(zero_sum.sum())
         diff = differing(a, b).reshape(-1).cpu()
         err = (a.float() - b.float()).abs().reshape(-1).cpu()
         max_all = max(max_all, float(err.max()) if err.numel() else 0.0)
-        explained = diff & kept_only_by_fb.any(0)
+        extra = diff & kept_only_by_fb.any(0)
+        zs = diff & zero_sum & ~extra
         total += int(diff.sum())
-        explained_n += int(explained.sum())
-        rest = err[~explained]
+        by_extra += int(extra.sum())
+        by_zero_sum += int(zs.sum())
+        rest = err[~(extra | zs)]
         max_other = max(max_other, float(rest.max()) if rest.numel() else 0.0)
     return {
         "max_abs_diff": max_all,
         "max_abs_diff_elsewhere": max_other,
         "elements_differing": total,
         "entries_kept_only_by_fusionbench": only_fb,
-        "differing_at_those_entries": explained_n,
-        "unexplained": total - explained_n,
+        "differing_at_those_entries": by_extra,
+        "zero_sum_columns": zero_sum_columns,
+        "majority_sign": "+" if sign_total > 0 else "-" if sign_total < 0 else "0",
+        "differing_at_zero_sum_columns": by_zero_sum,
+        "unexplained": total - by_extra - by_zero_sum,
     }
 
 
