@@ -4,6 +4,7 @@ from ._dispatch import BACKENDS, available_backends
 from ._native import build_info, native_error
 from .errors import BackendUnavailableError
 from .methods import dare_merging, task_arithmetic, ties_merging
+from .ops.linear_assignment import check_assignment, linear_sum_assignment
 from .ops.task_vectors import magnitude_thresholds, merge_task_vectors, streamed_magnitude_thresholds
 
 __version__ = "0.1.0"
@@ -13,7 +14,9 @@ __all__ = [
     "BackendUnavailableError",
     "available_backends",
     "build_info",
+    "check_assignment",
     "dare_merging",
+    "linear_sum_assignment",
     "magnitude_thresholds",
     "merge_task_vectors",
     "native_error",

@@ -27,4 +27,5 @@ PYBIND11_MODULE(_C, m) {
     return info;
   });
   merging_kernels::register_task_vectors(m);
+  merging_kernels::register_linear_assignment(m);
 }

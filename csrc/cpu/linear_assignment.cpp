@@ -1,0 +1,1212 @@
+// Exact linear assignment on CPU: see linear_assignment.h for the contract.
+//
+// Layout: row-scan kernels (portable + AVX for float64) -> the dense LAPJV solver -> the sparse
+// candidate solver with its dense certificate -> input preparation and the batch driver.
+//
+// Conventions inside the solvers: the problem is n x m with n <= m (wider problems are transposed
+// first), row-major with leading dimension m, minimisation, no NaN and no -inf (checked first),
+// +inf forbidden. Duals: v (columns) is stored, u_i = c[i, x_i] - v[x_i] is implied. Invariant of
+// every phase: for each assigned row i, x_i minimises c_ij - v_j over j (reduced costs are >= 0 and
+// tight on the assignment), and column potentials only decrease. Unassigned columns keep v = 0 in
+// rectangular problems, so the duals certify optimality of the rectangular problem as well.
+#include "linear_assignment.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <queue>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define MK_LSA_X86 1
+#endif
+#ifdef MK_WITH_OPENMP
+#include <omp.h>
+#endif
+
+namespace merging_kernels {
+namespace lsa {
+namespace {
+
+template <class T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
+
+// =============================================================================== row-scan kernels
+// Portable versions (the compiler vectorises what it can), and AVX versions for float64 chosen at
+// run time. Ties are broken towards the smallest column index in both, so results are the same.
+
+// Column minima (and their first rows) updated by one row; the row's minimum over each `chunk`
+// columns into cmin (when given); returns false when the row holds a NaN or -inf.
+template <class T>
+inline bool colmin_update_generic(const T* c, T* vmin, T* imin, T row, int m, T* cmin, int chunk) {
+  int bad = 0;
+  for (int s = 0, k = 0; s < m; s += chunk, ++k) {
+    const int e = std::min(m, s + chunk);
+    T best = kInf<T>;
+    for (int j = s; j < e; ++j) {
+      const T x = c[j];
+      bad |= !(x > -kInf<T>);
+      const bool lt = x < vmin[j];
+      vmin[j] = lt ? x : vmin[j];
+      imin[j] = lt ? row : imin[j];
+      best = x < best ? x : best;
+    }
+    if (cmin) cmin[k] = best;
+  }
+  return bad == 0;
+}
+
+// Appends (j, c_j) for the columns j in [s, e) with c_j - v_j <= tau (v may be null: zero), at
+// most up to `cap` entries in all; returns the new count.
+template <class T>
+inline int collect_generic(const T* c, const T* v, int s, int e, T tau, int* cols, T* vals, int cnt, int cap) {
+  for (int j = s; j < e && cnt < cap; ++j) {
+    const T r = v ? c[j] - v[j] : c[j];
+    if (r <= tau) {
+      cols[cnt] = j;
+      vals[cnt] = c[j];
+      ++cnt;
+    }
+  }
+  return cnt;
+}
+
+template <class T>
+inline T reduced_min_generic(const T* c, const T* v, int m) {
+  T best = kInf<T>;
+  for (int j = 0; j < m; ++j) {
+    const T r = c[j] - v[j];
+    best = r < best ? r : best;
+  }
+  return best;
+}
+
+// Smallest and second smallest of c_j - v_j, ordered by (value, index); -1 / inf where absent.
+template <class T>
+inline void umins_generic(const T* c, const T* v, int m, T& u1, int& j1, T& u2, int& j2) {
+  u1 = u2 = kInf<T>;
+  j1 = j2 = -1;
+  for (int j = 0; j < m; ++j) {
+    const T r = c[j] - v[j];
+    if (r < u2) {
+      if (r < u1) {
+        u2 = u1;
+        j2 = j1;
+        u1 = r;
+        j1 = j;
+      } else {
+        u2 = r;
+        j2 = j;
+      }
+    }
+  }
+}
+
+// One Dijkstra step: d_j <- min(d_j, c_j - v_j + h) (pred_j <- row where it improves), then the
+// smallest d_j and its first index. Scanned columns carry v = -inf and d = +inf, so they are never
+// updated nor chosen.
+template <class T>
+inline T relax_generic(const T* c, const T* v, T* d, T* pred, T h, T row, int m, int* arg) {
+  T best = kInf<T>;
+  int bj = -1;
+  for (int j = 0; j < m; ++j) {
+    const T nd = (c[j] - v[j]) + h;
+    if (nd < d[j]) {
+      d[j] = nd;
+      pred[j] = row;
+    }
+    if (d[j] < best) {
+      best = d[j];
+      bj = j;
+    }
+  }
+  *arg = bj;
+  return best;
+}
+
+template <class T>
+inline bool all_valid_generic(const T* c, int64_t count) {  // no NaN, no -inf
+  int bad = 0;
+  for (int64_t k = 0; k < count; ++k) bad |= !(c[k] > -kInf<T>);
+  return bad == 0;
+}
+
+#ifdef MK_LSA_X86
+bool cpu_has_avx() {
+  static const bool has = __builtin_cpu_supports("avx");
+  return has;
+}
+
+// blend(a, b, mask) = mask ? b : a with a mask from _mm256_cmp_pd, in AVX1 bitwise operations (GCC lowers
+// _mm256_blendv_pd on a comparison result to scalar code when AVX2 is absent).
+__attribute__((target("avx"))) inline __m256d select_pd(__m256d a, __m256d b, __m256d mask) {
+  return _mm256_or_pd(_mm256_and_pd(mask, b), _mm256_andnot_pd(mask, a));
+}
+
+// Lexicographic (value, index) minimum over lanes; index -1 marks an empty lane.
+inline void merge_lanes(const double* val, const double* idx, int lanes, double& best, int& bj) {
+  for (int l = 0; l < lanes; ++l) {
+    if (idx[l] < 0) continue;
+    const int j = static_cast<int>(idx[l]);
+    if (val[l] < best || (val[l] == best && (bj < 0 || j < bj))) {
+      best = val[l];
+      bj = j;
+    }
+  }
+}
+
+__attribute__((target("avx"))) bool colmin_update_avx(const double* c, double* vmin, double* imin, double row,
+                                                       int m, double* cmin, int chunk) {
+  const __m256d vr = _mm256_set1_pd(row), lo = _mm256_set1_pd(-kInf<double>);
+  __m256d ok = _mm256_castsi256_pd(_mm256_set1_epi64x(-1));
+  bool tail_ok = true;
+  for (int s = 0, k = 0; s < m; s += chunk, ++k) {
+    const int e = std::min(m, s + chunk);
+    __m256d best = _mm256_set1_pd(kInf<double>);
+    int j = s;
+    for (; j + 4 <= e; j += 4) {
+      const __m256d x = _mm256_loadu_pd(c + j);
+      const __m256d cur = _mm256_loadu_pd(vmin + j);
+      const __m256d lt = _mm256_cmp_pd(x, cur, _CMP_LT_OQ);
+      ok = _mm256_and_pd(ok, _mm256_cmp_pd(x, lo, _CMP_GT_OQ));
+      _mm256_storeu_pd(vmin + j, select_pd(cur, x, lt));
+      _mm256_storeu_pd(imin + j, select_pd(_mm256_loadu_pd(imin + j), vr, lt));
+      best = _mm256_min_pd(x, best);
+    }
+    double tmin = kInf<double>;
+    if (j < e) tail_ok &= colmin_update_generic(c + j, vmin + j, imin + j, row, e - j, &tmin, e - j);
+    if (cmin) {
+      alignas(32) double lanes[4];
+      _mm256_store_pd(lanes, best);
+      cmin[k] = std::min(std::min(std::min(lanes[0], lanes[1]), std::min(lanes[2], lanes[3])), tmin);
+    }
+  }
+  return tail_ok && _mm256_movemask_pd(ok) == 0xF;
+}
+
+__attribute__((target("avx"))) int collect_avx(const double* c, const double* v, int s, int e, double tau, int* cols,
+                                               double* vals, int cnt, int cap) {
+  const __m256d vt = _mm256_set1_pd(tau);
+  int j = s;
+  for (; j + 4 <= e && cnt < cap; j += 4) {
+    __m256d r = _mm256_loadu_pd(c + j);
+    if (v) r = _mm256_sub_pd(r, _mm256_loadu_pd(v + j));
+    int mask = _mm256_movemask_pd(_mm256_cmp_pd(r, vt, _CMP_LE_OQ));
+    while (mask && cnt < cap) {
+      const int l = __builtin_ctz(mask);
+      mask &= mask - 1;
+      cols[cnt] = j + l;
+      vals[cnt] = c[j + l];
+      ++cnt;
+    }
+  }
+  return collect_generic(c, v, j, e, tau, cols, vals, cnt, cap);
+}
+
+__attribute__((target("avx"))) double reduced_min_avx(const double* c, const double* v, int m) {
+  __m256d b0 = _mm256_set1_pd(kInf<double>), b1 = b0;
+  int j = 0;
+  for (; j + 8 <= m; j += 8) {
+    b0 = _mm256_min_pd(_mm256_sub_pd(_mm256_loadu_pd(c + j), _mm256_loadu_pd(v + j)), b0);
+    b1 = _mm256_min_pd(_mm256_sub_pd(_mm256_loadu_pd(c + j + 4), _mm256_loadu_pd(v + j + 4)), b1);
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_min_pd(b0, b1));
+  double best = std::min(std::min(lanes[0], lanes[1]), std::min(lanes[2], lanes[3]));
+  return std::min(best, reduced_min_generic(c + j, v + j, m - j));
+}
+
+__attribute__((target("avx"))) void umins_avx(const double* c, const double* v, int m, double& u1, int& j1,
+                                               double& u2, int& j2) {
+  __m256d a1 = _mm256_set1_pd(kInf<double>), a2 = a1;
+  __m256d i1 = _mm256_set1_pd(-1.0), i2 = i1;
+  __m256d jv = _mm256_setr_pd(0, 1, 2, 3);
+  const __m256d four = _mm256_set1_pd(4.0);
+  int j = 0;
+  for (; j + 4 <= m; j += 4) {
+    const __m256d r = _mm256_sub_pd(_mm256_loadu_pd(c + j), _mm256_loadu_pd(v + j));
+    const __m256d lt1 = _mm256_cmp_pd(r, a1, _CMP_LT_OQ);
+    const __m256d lt2 = _mm256_cmp_pd(r, a2, _CMP_LT_OQ);
+    a2 = select_pd(a2, select_pd(r, a1, lt1), lt2);
+    i2 = select_pd(i2, select_pd(jv, i1, lt1), lt2);
+    a1 = select_pd(a1, r, lt1);
+    i1 = select_pd(i1, jv, lt1);
+    jv = _mm256_add_pd(jv, four);
+  }
+  alignas(32) double val[12], idx[12];
+  _mm256_store_pd(val, a1);
+  _mm256_store_pd(val + 4, a2);
+  _mm256_store_pd(idx, i1);
+  _mm256_store_pd(idx + 4, i2);
+  // the tail's own top two
+  double t1, t2;
+  int k1, k2;
+  umins_generic(c + j, v + j, m - j, t1, k1, t2, k2);
+  val[8] = t1;
+  idx[8] = k1 < 0 ? -1.0 : static_cast<double>(k1 + j);
+  val[9] = t2;
+  idx[9] = k2 < 0 ? -1.0 : static_cast<double>(k2 + j);
+  u1 = kInf<double>;
+  j1 = -1;
+  merge_lanes(val, idx, 10, u1, j1);
+  for (int l = 0; l < 10; ++l)
+    if (idx[l] == static_cast<double>(j1)) idx[l] = -1.0;  // each index occurs at most once
+  u2 = kInf<double>;
+  j2 = -1;
+  merge_lanes(val, idx, 10, u2, j2);
+}
+
+__attribute__((target("avx"))) double relax_avx(const double* c, const double* v, double* d, double* pred,
+                                                double h, double row, int m, int* arg) {
+  const __m256d vh = _mm256_set1_pd(h), vr = _mm256_set1_pd(row), eight = _mm256_set1_pd(8.0);
+  __m256d m0 = _mm256_set1_pd(kInf<double>), m1 = m0;
+  __m256d i0 = _mm256_set1_pd(-1.0), i1 = i0;
+  __m256d j0 = _mm256_setr_pd(0, 1, 2, 3), j1 = _mm256_setr_pd(4, 5, 6, 7);
+  int j = 0;
+  for (; j + 8 <= m; j += 8) {
+    const __m256d n0 = _mm256_add_pd(_mm256_sub_pd(_mm256_loadu_pd(c + j), _mm256_loadu_pd(v + j)), vh);
+    const __m256d n1 = _mm256_add_pd(_mm256_sub_pd(_mm256_loadu_pd(c + j + 4), _mm256_loadu_pd(v + j + 4)), vh);
+    __m256d d0 = _mm256_loadu_pd(d + j), d1 = _mm256_loadu_pd(d + j + 4);
+    const __m256d l0 = _mm256_cmp_pd(n0, d0, _CMP_LT_OQ), l1 = _mm256_cmp_pd(n1, d1, _CMP_LT_OQ);
+    d0 = select_pd(d0, n0, l0);
+    d1 = select_pd(d1, n1, l1);
+    _mm256_storeu_pd(d + j, d0);
+    _mm256_storeu_pd(d + j + 4, d1);
+    _mm256_storeu_pd(pred + j, select_pd(_mm256_loadu_pd(pred + j), vr, l0));
+    _mm256_storeu_pd(pred + j + 4, select_pd(_mm256_loadu_pd(pred + j + 4), vr, l1));
+    const __m256d b0 = _mm256_cmp_pd(d0, m0, _CMP_LT_OQ), b1 = _mm256_cmp_pd(d1, m1, _CMP_LT_OQ);
+    m0 = select_pd(m0, d0, b0);
+    m1 = select_pd(m1, d1, b1);
+    i0 = select_pd(i0, j0, b0);
+    i1 = select_pd(i1, j1, b1);
+    j0 = _mm256_add_pd(j0, eight);
+    j1 = _mm256_add_pd(j1, eight);
+  }
+  alignas(32) double val[9], idx[9];
+  _mm256_store_pd(val, m0);
+  _mm256_store_pd(val + 4, m1);
+  _mm256_store_pd(idx, i0);
+  _mm256_store_pd(idx + 4, i1);
+  int tj;
+  const double tail = relax_generic(c + j, v + j, d + j, pred + j, h, row, m - j, &tj);
+  val[8] = tail;
+  idx[8] = tj < 0 ? -1.0 : static_cast<double>(tj + j);
+  double best = kInf<double>;
+  int bj = -1;
+  merge_lanes(val, idx, 9, best, bj);
+  *arg = bj;
+  return best;
+}
+
+__attribute__((target("avx"))) bool all_valid_avx(const double* c, int64_t count) {
+  const __m256d lo = _mm256_set1_pd(-kInf<double>);
+  __m256d ok = _mm256_castsi256_pd(_mm256_set1_epi64x(-1));
+  int64_t k = 0;
+  for (; k + 4 <= count; k += 4) ok = _mm256_and_pd(ok, _mm256_cmp_pd(_mm256_loadu_pd(c + k), lo, _CMP_GT_OQ));
+  return _mm256_movemask_pd(ok) == 0xF && all_valid_generic(c + k, count - k);
+}
+#endif  // MK_LSA_X86
+
+// Dispatch: float64 uses AVX where the CPU has it.
+template <class T>
+inline bool colmin_update(const T* c, T* vmin, T* imin, T row, int m, T* cmin, int chunk) {
+#ifdef MK_LSA_X86
+  if constexpr (std::is_same_v<T, double>)
+    if (cpu_has_avx()) return colmin_update_avx(c, vmin, imin, row, m, cmin, chunk);
+#endif
+  return colmin_update_generic(c, vmin, imin, row, m, cmin, chunk);
+}
+template <class T>
+inline int collect(const T* c, const T* v, int s, int e, T tau, int* cols, T* vals, int cnt, int cap) {
+#ifdef MK_LSA_X86
+  if constexpr (std::is_same_v<T, double>)
+    if (cpu_has_avx()) return collect_avx(c, v, s, e, tau, cols, vals, cnt, cap);
+#endif
+  return collect_generic(c, v, s, e, tau, cols, vals, cnt, cap);
+}
+template <class T>
+inline T reduced_min(const T* c, const T* v, int m) {
+#ifdef MK_LSA_X86
+  if constexpr (std::is_same_v<T, double>)
+    if (cpu_has_avx()) return reduced_min_avx(c, v, m);
+#endif
+  return reduced_min_generic(c, v, m);
+}
+template <class T>
+inline void umins(const T* c, const T* v, int m, T& u1, int& j1, T& u2, int& j2) {
+#ifdef MK_LSA_X86
+  if constexpr (std::is_same_v<T, double>)
+    if (cpu_has_avx()) return umins_avx(c, v, m, u1, j1, u2, j2);
+#endif
+  umins_generic(c, v, m, u1, j1, u2, j2);
+}
+template <class T>
+inline T relax(const T* c, const T* v, T* d, T* pred, T h, T row, int m, int* arg) {
+#ifdef MK_LSA_X86
+  if constexpr (std::is_same_v<T, double>)
+    if (cpu_has_avx()) return relax_avx(c, v, d, pred, h, row, m, arg);
+#endif
+  return relax_generic(c, v, d, pred, h, row, m, arg);
+}
+template <class T>
+inline bool all_valid(const T* c, int64_t count) {
+#ifdef MK_LSA_X86
+  if constexpr (std::is_same_v<T, double>)
+    if (cpu_has_avx()) return all_valid_avx(c, count);
+#endif
+  return all_valid_generic(c, count);
+}
+
+// =============================================================================== dense LAPJV
+
+template <class T>
+struct Work {
+  std::vector<T> mat;  // working copy of the costs (converted / negated / transposed) when needed
+  std::vector<T> v, d, pred, tmp, dsc, vsc;
+  std::vector<int> x, y, freelist, scanned, matches;
+};
+
+template <class T>
+class DenseSolver {
+ public:
+  DenseSolver(const T* c, int n, int m, Work<T>& w) : c_(c), n_(n), m_(m), w_(w) {}
+
+  int32_t solve() {
+    Work<T>& w = w_;
+    w.v.assign(m_, T(0));
+    w.x.assign(n_, -1);
+    w.y.assign(m_, -1);
+    w.d.resize(m_);
+    w.pred.resize(m_);
+    w.freelist.clear();
+    if (n_ == 0) return kOk;
+    if (n_ == m_) {
+      const int32_t st = column_reduction();
+      if (st != kOk) return st;
+    } else {
+      for (int i = 0; i < n_; ++i) w.freelist.push_back(i);
+    }
+    int32_t st = augmenting_row_reduction(2);
+    if (st != kOk) return st;
+    free_after_init = static_cast<int64_t>(w.freelist.size());
+    return augment_all();
+  }
+
+  // Continue from x, y, v and the free list already in the workspace (a state that satisfies the
+  // invariant: the sparse path hands over this way).
+  int32_t resume() {
+    w_.d.resize(m_);
+    w_.pred.resize(m_);
+    free_after_init = static_cast<int64_t>(w_.freelist.size());
+    return augment_all();
+  }
+
+  int32_t augment_all() {
+    std::vector<int> todo;
+    todo.swap(w_.freelist);
+    for (int f : todo) {
+      const int32_t st = augment(f);
+      if (st != kOk) return st;
+    }
+    return kOk;
+  }
+
+ private:
+  const T* row(int i) const { return c_ + static_cast<size_t>(i) * static_cast<size_t>(m_); }
+
+  // Column reduction (v_j = min_i c_ij, each column offered to its minimising row) and reduction
+  // transfer (a row that got exactly one column passes its second-best slack to that column).
+  int32_t column_reduction() {
+    Work<T>& w = w_;
+    T* v = w.v.data();
+    w.tmp.assign(m_, T(-1));
+    std::fill(w.v.begin(), w.v.end(), kInf<T>);
+    bool valid = true;
+    for (int i = 0; i < n_; ++i) valid &= colmin_update(row(i), v, w.tmp.data(), static_cast<T>(i), m_, (T*)nullptr, m_);
+    if (!valid) return kInvalid;
+    for (int j = 0; j < m_; ++j)
+      if (!(v[j] < kInf<T>)) return kInfeasible;  // a column with no allowed row
+    w.matches.assign(n_, 0);
+    for (int j = m_ - 1; j >= 0; --j) {
+      const int i = static_cast<int>(w.tmp[j]);
+      if (w.matches[i]++ == 0) {
+        w.x[i] = j;
+        w.y[j] = i;
+      } else if (v[j] < v[w.x[i]]) {
+        const int j1 = w.x[i];
+        w.x[i] = j;
+        w.y[j] = i;
+        w.y[j1] = -1;
+      } else {
+        w.y[j] = -1;
+      }
+    }
+    for (int i = 0; i < n_; ++i)
+      if (w.matches[i] == 0) w.freelist.push_back(i);
+    if (w.freelist.empty()) return kOk;  // already optimal: the transfer would only prepare later phases
+    for (int i = 0; i < n_; ++i) {
+      if (w.matches[i] == 1) {
+        const int j1 = w.x[i];
+        const T save = v[j1];
+        v[j1] = -kInf<T>;  // excluded from the minimum
+        const T mn = reduced_min(row(i), v, m_);
+        v[j1] = save;
+        if (mn < kInf<T>) v[j1] = save - mn;
+      }
+    }
+    return kOk;
+  }
+
+  // Jonker–Volgenant augmenting row reduction: each free row takes its best column, lowering that
+  // column's potential by its slack to the second best; a displaced row is retried at once when the
+  // potential dropped (else at the next pass). Bounded: displacements per pass are capped.
+  int32_t augmenting_row_reduction(int passes) {
+    Work<T>& w = w_;
+    T* v = w.v.data();
+    int* x = w.x.data();
+    int* y = w.y.data();
+    std::vector<int>& fl = w.freelist;
+    const int64_t cap = 8 * static_cast<int64_t>(n_) + 64;
+    for (int pass = 0; pass < passes && !fl.empty(); ++pass) {
+      const int prev = static_cast<int>(fl.size());
+      int k = 0, nfree = 0;
+      int64_t steps = 0;
+      while (k < prev) {
+        const int i = fl[k++];
+        ++steps;
+        ++arr_steps;
+        T u1, u2;
+        int j1, j2;
+        umins(row(i), v, m_, u1, j1, u2, j2);
+        if (!(u1 < kInf<T>)) return kInfeasible;  // a row with no allowed column
+        int i0 = y[j1];
+        const bool lowers = u1 < u2 && u2 < kInf<T>;
+        if (lowers) {
+          v[j1] = v[j1] - (u2 - u1);
+        } else if (i0 >= 0 && j2 >= 0) {
+          j1 = j2;
+          i0 = y[j2];
+        }
+        if (i0 >= 0) x[i0] = -1;
+        x[i] = j1;
+        y[j1] = i;
+        if (i0 >= 0) {
+          if (lowers && steps < cap)
+            fl[--k] = i0;
+          else
+            fl[nfree++] = i0;
+        }
+      }
+      fl.resize(nfree);
+    }
+    return kOk;
+  }
+
+  // Shortest augmenting path from free row f (Dijkstra on reduced costs, one column at a time).
+  int32_t augment(int f) {
+    Work<T>& w = w_;
+    T* v = w.v.data();
+    T* d = w.d.data();
+    T* pred = w.pred.data();
+    int* x = w.x.data();
+    int* y = w.y.data();
+    if (static_cast<int>(w.scanned.size()) < m_) {
+      w.scanned.resize(m_);
+      w.dsc.resize(m_);
+      w.vsc.resize(m_);
+    }
+    std::fill(d, d + m_, kInf<T>);
+    int nsc = 0, j = -1;
+    T mu = relax(row(f), v, d, pred, T(0), static_cast<T>(f), m_, &j);
+    while (true) {
+      if (!(mu < kInf<T>)) {  // no augmenting path of finite cost: infeasible
+        for (int k = 0; k < nsc; ++k) v[w.scanned[k]] = w.vsc[k];
+        return kInfeasible;
+      }
+      if (y[j] < 0) break;
+      const int i = y[j];
+      const T vj = v[j];
+      const T h = mu - (row(i)[j] - vj);
+      w.scanned[nsc] = j;
+      w.vsc[nsc] = vj;
+      w.dsc[nsc] = mu;
+      ++nsc;
+      v[j] = -kInf<T>;
+      d[j] = kInf<T>;
+      mu = relax(row(i), v, d, pred, h, static_cast<T>(i), m_, &j);
+      ++row_scans;
+    }
+    for (int k = 0; k < nsc; ++k) v[w.scanned[k]] = w.vsc[k] + (w.dsc[k] - mu);
+    while (true) {
+      const int i = static_cast<int>(pred[j]);
+      y[j] = i;
+      const int jn = x[i];
+      x[i] = j;
+      if (i == f) break;
+      j = jn;
+    }
+    return kOk;
+  }
+
+  const T* c_;
+  int n_, m_;
+  Work<T>& w_;
+
+ public:
+  int64_t free_after_init = 0, row_scans = 0, arr_steps = 0;
+};
+
+// =============================================================================== sparse + certificate
+//
+// For large square problems most of the dense solver's time goes into full row scans (augmenting
+// row reduction and Dijkstra) although the optimum uses only entries of small reduced cost. The
+// sparse path keeps JV's phases but runs the row-by-row ones on candidate lists:
+//  1. one pass over the matrix: column minima (and validity); column reduction; reduction transfer
+//     with the dense rows (as the dense solver does). Every row is now dual feasible against its
+//     dense row, with u_i = c[i, x_i] - v[x_i] (0 for rows that got several columns).
+//  2. a row gets a candidate list the first time a later phase needs it: its entries of smallest
+//     reduced cost c_ij - v_j under the potentials of that moment, with a bound lo_i such that
+//     every entry left out has reduced cost > lo_i. Column potentials only decrease, so the bound
+//     stays valid for the whole run.
+//  3. augmenting row reduction and Dijkstra (with a heap) on the candidate lists.
+//  4. certificate: a row never touched in 2-3 is still dual feasible against its dense row (its
+//     potentials did not change, the others only decreased). A touched row is certified when
+//     u_i <= lo_i (+ rounding); a row that fails is rescanned against its dense row with the
+//     current potentials (new candidates and bound), and freed and re-augmented when its dense
+//     minimum beats its assignment. Repeat until every row is certified: then u, v are feasible for
+//     every dense entry and tight on the assignment, so the assignment is optimal.
+// The candidate graph may lack an augmenting path, or too many rows may fail: then the caller runs
+// the dense solver from scratch. Either way the answer is exact.
+
+constexpr int32_t kSwitch = -1;  // continue with the dense solver from the sparse state
+
+template <class T>
+struct SparseWork {
+  std::vector<T> v, xval, lo, cmin, tmpv, vals, dist, predc, heapk, imin;
+  std::vector<int> x, y, start, len, cols, matches, pred, touched, freelist, heapj, visited;
+  std::vector<char> done;
+  std::vector<uint8_t> level;  // a row's candidate target is kTarget << level (grown when searches fail)
+};
+
+template <class T>
+class SparseSolver {
+ public:
+  static constexpr int kTarget = 16;  // candidates guaranteed per row (at least)
+
+  SparseSolver(const T* c, int n, SparseWork<T>& w) : c_(c), n_(n), w_(w) {}
+
+  int32_t solve(Stats* stats) {
+    int32_t st = initial_pass();
+    if (st != kOk) return st;
+    column_reduction();
+    st = row_reduction(2);
+    if (st != kOk) return st;
+    // Many rows still free: the augmentations will be many and short, where dense scans beat a heap.
+    if (static_cast<int64_t>(w_.freelist.size()) * 32 > n_) return kSwitch;
+    st = augment_free();
+    if (st != kOk) return st;
+    const int max_rounds = 4;
+    int64_t rescans = 0;
+    for (int round = 0;; ++round) {
+      if (stats) stats->rounds = round;
+      std::vector<int> failing;
+      for (int i = 0; i < n_; ++i)
+        if (w_.len[i] >= 0 && !certified(i)) failing.push_back(i);
+      if (failing.empty()) break;
+      rescans += static_cast<int64_t>(failing.size());
+      if (stats) stats->rows_rescanned = static_cast<int32_t>(rescans);
+      if (round >= max_rounds || rescans > n_) return kSwitch;
+      for (int i : failing) {
+        const T u = w_.xval[i] - w_.v[w_.x[i]];
+        const T rmin = select(i);
+        if (rmin < u - tol(i)) {  // the dense row beats the assignment: free the row
+          w_.y[w_.x[i]] = -1;
+          w_.x[i] = -1;
+          w_.freelist.push_back(i);
+        }
+      }
+      st = row_reduction(1);
+      if (st != kOk) return st;
+      st = augment_free();
+      if (st != kOk) return st;
+    }
+    if (stats) {
+      stats->row_scans = selections_;
+    }
+    return kOk;
+  }
+
+  const std::vector<int>& x() const { return w_.x; }
+  const std::vector<T>& v() const { return w_.v; }
+
+  // Hands the current state to the dense solver: potentials and assignment, with every assigned
+  // row dual feasible against its dense row (rows that cannot be certified that way are freed).
+  void to_dense(Work<T>& d) {
+    const int n = n_;
+    d.v = w_.v;
+    d.x = w_.x;
+    d.y = w_.y;
+    d.freelist.clear();
+    for (int i = 0; i < n; ++i) {
+      if (d.x[i] >= 0 && w_.len[i] >= 0 && !certified(i)) {
+        const T u = w_.xval[i] - w_.v[w_.x[i]];
+        if (reduced_min(row(i), w_.v.data(), n) < u - tol(i)) {
+          d.y[d.x[i]] = -1;
+          d.x[i] = -1;
+        }
+      }
+      if (d.x[i] < 0) d.freelist.push_back(i);
+    }
+  }
+
+ private:
+  const T* row(int i) const { return c_ + static_cast<size_t>(i) * static_cast<size_t>(n_); }
+
+  // Row i is dual feasible against its dense row: its candidates' reduced costs are >= u_i (the
+  // invariant of every phase, checked again here) and so is the bound of the entries left out.
+  bool certified(int i) const {
+    const T u = w_.xval[i] - w_.v[w_.x[i]];
+    const T t = tol(i);
+    if (u > w_.lo[i] + t) return false;
+    const int* cols = w_.cols.data() + w_.start[i];
+    const T* vals = w_.vals.data() + w_.start[i];
+    const T* v = w_.v.data();
+    for (int e = 0; e < w_.len[i]; ++e)
+      if (vals[e] - v[cols[e]] < u - t) return false;
+    return true;
+  }
+
+  T tol(int i) const {
+    const int j = w_.x[i];
+    return T(64) * std::numeric_limits<T>::epsilon() * (std::abs(w_.xval[i]) + std::abs(w_.v[j]));
+  }
+
+  // Row i's candidate target: kTarget << level_i; a row whose target reaches n / 4 takes every
+  // allowed entry ("complete": its bound is +inf).
+  int target(int i) const { return kTarget << w_.level[i]; }
+  bool complete(int i) const { return 4 * target(i) >= n_; }
+
+  // (Re)selects row i's candidates from its dense row under the current potentials. With K the
+  // row's target, the row is cut into about 2K chunks of a multiple of 8 columns and tau = the K-th
+  // smallest chunk minimum of r_j = c_ij - v_j, so at least K entries have r <= tau; every one of
+  // them is collected (up to 4K, from a row-dependent column so that ties spread over columns);
+  // lo_i = tau, or the row minimum when ties overflowed. The row's assigned column stays a
+  // candidate. Returns the row's smallest reduced cost.
+  T select(int i) {
+    SparseWork<T>& w = w_;
+    const int n = n_;
+    const T* c = row(i);
+    const T* v = w.v.data();
+    const int K = target(i);
+    const int cap = complete(i) ? n : 4 * K;
+    const size_t at = w.cols.size();
+    w.cols.resize(at + cap + 2);
+    w.vals.resize(at + cap + 2);
+    int* cols = w.cols.data() + at;
+    T* vals = w.vals.data() + at;
+    int cnt;
+    T rowmin;
+    if (complete(i)) {
+      cnt = collect(c, v, 0, n, std::numeric_limits<T>::max(), cols, vals, 0, n);
+      rowmin = reduced_min(c, v, n);
+      w.lo[i] = kInf<T>;
+    } else {
+      int chunk = (n + 2 * K - 1) / (2 * K);
+      chunk = std::max(8, (chunk + 7) & ~7);
+      const int nchunks = (n + chunk - 1) / chunk;
+      T* cm = w.cmin.data();
+      for (int s = 0, k = 0; s < n; s += chunk, ++k) cm[k] = reduced_min(c + s, v + s, std::min(chunk, n - s));
+      T* tmp = w.tmpv.data();
+      std::copy(cm, cm + nchunks, tmp);
+      const int k = std::min(K, nchunks) - 1;
+      std::nth_element(tmp, tmp + k, tmp + nchunks);
+      const T tau = tmp[k];
+      rowmin = *std::min_element(tmp, tmp + k + 1);
+      const T lim = tau < kInf<T> ? tau : std::numeric_limits<T>::max();  // never collect +inf
+      const int offset = static_cast<int>((static_cast<int64_t>(i) * 61) % n);
+      cnt = collect(c, v, offset, n, lim, cols, vals, 0, cap + 1);
+      cnt = collect(c, v, 0, offset, lim, cols, vals, cnt, cap + 1);
+      if (cnt > cap) {  // ties: the entries left out may be as small as the row minimum
+        cnt = cap;
+        w.lo[i] = rowmin;
+      } else {
+        w.lo[i] = tau;  // everything left out has r > tau (+inf when tau is +inf)
+      }
+    }
+    const int xi = w.x[i];
+    if (xi >= 0) {
+      bool has_x = false;
+      for (int e = 0; e < cnt; ++e) has_x |= cols[e] == xi;
+      if (!has_x) {
+        cols[cnt] = xi;
+        vals[cnt] = c[xi];
+        ++cnt;
+      }
+    }
+    w.cols.resize(at + cnt);
+    w.vals.resize(at + cnt);
+    w.start[i] = static_cast<int>(at);
+    w.len[i] = cnt;
+    ++selections_;
+    return rowmin;
+  }
+
+  void ensure(int i) {
+    if (w_.len[i] < 0) select(i);
+  }
+
+  // Column minima (one pass over the matrix, which also checks every entry).
+  int32_t initial_pass() {
+    SparseWork<T>& w = w_;
+    const int n = n_;
+    w.v.assign(n, kInf<T>);
+    w.imin.assign(n, T(-1));
+    bool valid = true;
+    for (int i = 0; i < n; ++i)
+      valid &= colmin_update(row(i), w.v.data(), w.imin.data(), static_cast<T>(i), n, (T*)nullptr, n);
+    if (!valid) return kInvalid;
+    for (int j = 0; j < n; ++j)
+      if (!(w.v[j] < kInf<T>)) return kInfeasible;  // a column with no allowed row
+    w.cmin.assign(n / 8 + 2, T(0));
+    w.tmpv.assign(n / 8 + 2, T(0));
+    w.level.assign(n, 0);
+    w.start.assign(n, 0);
+    w.len.assign(n, -1);
+    w.lo.assign(n, kInf<T>);
+    w.cols.clear();
+    w.vals.clear();
+    w.cols.reserve(static_cast<size_t>(n) * 24);
+    w.vals.reserve(static_cast<size_t>(n) * 24);
+    w.x.assign(n, -1);
+    w.y.assign(n, -1);
+    w.xval.assign(n, T(0));
+    return kOk;
+  }
+
+  // Jonker–Volgenant column reduction (columns offered to their minimising rows) and reduction
+  // transfer against the dense rows.
+  void column_reduction() {
+    SparseWork<T>& w = w_;
+    const int n = n_;
+    T* v = w.v.data();
+    w.matches.assign(n, 0);
+    for (int j = n - 1; j >= 0; --j) {
+      const int i = static_cast<int>(w.imin[j]);
+      if (w.matches[i]++ == 0) {
+        w.x[i] = j;
+        w.y[j] = i;
+      } else if (v[j] < v[w.x[i]]) {
+        const int j1 = w.x[i];
+        w.x[i] = j;
+        w.y[j] = i;
+        w.y[j1] = -1;
+      } else {
+        w.y[j] = -1;
+      }
+    }
+    w.freelist.clear();
+    for (int i = 0; i < n; ++i)
+      if (w.matches[i] == 0) w.freelist.push_back(i);
+    // With every row assigned the assignment is already optimal (all reduced costs >= 0, tight on
+    // the assignment): the transfer, which only prepares the later phases, is skipped.
+    const bool transfer = !w.freelist.empty();
+    for (int i = 0; i < n; ++i) {
+      if (w.matches[i] == 0) continue;
+      const int j1 = w.x[i];
+      w.xval[i] = v[j1];  // c[i, j1] is the column minimum
+      if (w.matches[i] != 1 || !transfer) continue;
+      const T save = v[j1];
+      v[j1] = -kInf<T>;  // excluded from the minimum
+      const T mn = reduced_min(row(i), v, n);
+      v[j1] = save;
+      if (mn < kInf<T>) v[j1] = save - mn;
+    }
+  }
+
+  int32_t row_reduction(int passes) {
+    SparseWork<T>& w = w_;
+    T* v = w.v.data();
+    int* x = w.x.data();
+    int* y = w.y.data();
+    std::vector<int>& fl = w.freelist;
+    const int64_t cap = 8 * static_cast<int64_t>(n_) + 64;
+    for (int pass = 0; pass < passes && !fl.empty(); ++pass) {
+      const int prev = static_cast<int>(fl.size());
+      int k = 0, nfree = 0;
+      int64_t steps = 0;
+      while (k < prev) {
+        const int i = fl[k++];
+        ++steps;
+        ensure(i);
+        const int* cols = w.cols.data() + w.start[i];
+        const T* vals = w.vals.data() + w.start[i];
+        T u1 = kInf<T>, u2 = kInf<T>, c1 = T(0), c2 = T(0);
+        int j1 = -1, j2 = -1;
+        for (int e = 0; e < w.len[i]; ++e) {
+          const int j = cols[e];
+          const T r = vals[e] - v[j];
+          if (r < u2 || (r == u2 && j < j2)) {
+            if (r < u1 || (r == u1 && j < j1)) {
+              u2 = u1, j2 = j1, c2 = c1;
+              u1 = r, j1 = j, c1 = vals[e];
+            } else {
+              u2 = r, j2 = j, c2 = vals[e];
+            }
+          }
+        }
+        if (j1 < 0) return kInfeasible;  // no finite entry in this row
+        const T u2c = std::min(u2, w.lo[i]);
+        int i0 = y[j1];
+        const bool lowers = u1 < u2c && u2c < kInf<T>;
+        if (lowers) {
+          v[j1] -= (u2c - u1);
+        } else if (i0 >= 0 && j2 >= 0) {
+          j1 = j2;
+          c1 = c2;
+          i0 = y[j2];
+        }
+        if (i0 >= 0) x[i0] = -1;
+        x[i] = j1;
+        y[j1] = i;
+        w.xval[i] = c1;
+        if (i0 >= 0) {
+          if (lowers && steps < cap)
+            fl[--k] = i0;
+          else
+            fl[nfree++] = i0;
+        }
+      }
+      fl.resize(nfree);
+    }
+    return kOk;
+  }
+
+  // Binary heap of (distance, column), smallest first, ties to the smaller column.
+  bool less(size_t a, size_t b) const {
+    return w_.heapk[a] < w_.heapk[b] || (w_.heapk[a] == w_.heapk[b] && w_.heapj[a] < w_.heapj[b]);
+  }
+  void heap_push(T key, int j) {
+    w_.heapk.push_back(key);
+    w_.heapj.push_back(j);
+    size_t at = w_.heapk.size() - 1;
+    while (at > 0) {
+      const size_t up = (at - 1) / 2;
+      if (!less(at, up)) break;
+      std::swap(w_.heapk[at], w_.heapk[up]);
+      std::swap(w_.heapj[at], w_.heapj[up]);
+      at = up;
+    }
+  }
+  void heap_pop() {
+    const size_t last = w_.heapk.size() - 1;
+    w_.heapk[0] = w_.heapk[last];
+    w_.heapj[0] = w_.heapj[last];
+    w_.heapk.pop_back();
+    w_.heapj.pop_back();
+    const size_t size = w_.heapk.size();
+    size_t at = 0;
+    while (true) {
+      size_t best = at;
+      const size_t l = 2 * at + 1, r = l + 1;
+      if (l < size && less(l, best)) best = l;
+      if (r < size && less(r, best)) best = r;
+      if (best == at) break;
+      std::swap(w_.heapk[at], w_.heapk[best]);
+      std::swap(w_.heapj[at], w_.heapj[best]);
+      at = best;
+    }
+  }
+
+  // Shortest augmenting paths (Dijkstra with a heap on the candidate lists) for the free rows.
+  int32_t augment_free() {
+    SparseWork<T>& w = w_;
+    const int n = n_;
+    if (static_cast<int>(w.dist.size()) != n) {
+      w.dist.assign(n, kInf<T>);
+      w.done.assign(n, 0);
+      w.pred.assign(n, -1);
+      w.predc.assign(n, T(0));
+    }
+    std::vector<int> todo;
+    T* v = w.v.data();
+    while (!w.freelist.empty()) {
+    todo.clear();
+    todo.swap(w.freelist);
+    for (int f : todo) {
+      if (w.x[f] >= 0) continue;  // (cannot happen: rows are freed once)
+      int sink = -1;
+      T mu = T(0);
+      while (true) {
+        reset_search();
+        relax_row(f, T(0), T(0));
+        while (!w.heapk.empty()) {
+          const T dj = w.heapk[0];
+          const int j = w.heapj[0];
+          heap_pop();
+          if (w.done[j] || dj > w.dist[j]) continue;
+          w.done[j] = 1;
+          if (w.y[j] < 0) {
+            sink = j;
+            mu = dj;
+            break;
+          }
+          const int i = w.y[j];
+          relax_row(i, dj, w.xval[i] - v[j]);
+        }
+        if (sink >= 0) break;
+        // No augmenting path within the candidate lists: grow the lists of every row the search
+        // reached and search again. When all of them are complete, no path exists at all.
+        w.visited.assign(1, f);
+        for (int j : w.touched)
+          if (w.done[j]) w.visited.push_back(w.y[j]);
+        bool grew = false;
+        for (int i : w.visited) {
+          if (complete(i)) continue;
+          ++w.level[i];
+          const T rmin = select(i);
+          grew = true;
+          if (i != f && rmin < (w.xval[i] - v[w.x[i]]) - tol(i)) {  // the wider row beats its assignment
+            w.y[w.x[i]] = -1;
+            w.x[i] = -1;
+            w.freelist.push_back(i);
+          }
+        }
+        reset_search();
+        if (!grew) return kInfeasible;
+        if (selections_ > 2 * static_cast<int64_t>(n) + 64) return kSwitch;  // too much growing
+      }
+      for (int j : w.touched)
+        if (w.done[j] && w.dist[j] < mu) v[j] += w.dist[j] - mu;
+      int j = sink;
+      while (true) {
+        const int i = w.pred[j];
+        w.y[j] = i;
+        const int jn = w.x[i];
+        w.x[i] = j;
+        w.xval[i] = w.predc[j];
+        if (i == f) break;
+        j = jn;
+      }
+    }
+    }
+    reset_search();
+    return kOk;
+  }
+
+  void relax_row(int i, T di, T ui) {
+    ensure(i);
+    SparseWork<T>& w = w_;
+    const int* cols = w.cols.data() + w.start[i];
+    const T* vals = w.vals.data() + w.start[i];
+    const T* v = w.v.data();
+    for (int e = 0; e < w.len[i]; ++e) {
+      const int k = cols[e];
+      if (w.done[k]) continue;
+      const T nd = di + ((vals[e] - v[k]) - ui);
+      if (nd < w.dist[k]) {
+        if (w.dist[k] == kInf<T>) w.touched.push_back(k);
+        w.dist[k] = nd;
+        w.pred[k] = i;
+        w.predc[k] = vals[e];
+        heap_push(nd, k);
+      }
+    }
+  }
+
+  void reset_search() {
+    for (int j : w_.touched) {
+      w_.dist[j] = kInf<T>;
+      w_.done[j] = 0;
+    }
+    w_.touched.clear();
+    w_.heapk.clear();
+    w_.heapj.clear();
+  }
+
+  const T* c_;
+  int n_;
+  SparseWork<T>& w_;
+  int64_t selections_ = 0;
+};
+
+// =============================================================================== input preparation
+
+// dst (n x m, n <= m) from src (nr x nc): converted to T, negated when maximising, transposed when
+// nr > nc. Returns false when a value is NaN or -inf after the sign change.
+template <class Tin, class T>
+bool prepare_copy(const Tin* src, int64_t nr, int64_t nc, bool transpose, bool negate, T* dst) {
+  int bad = 0;
+  const T sign = negate ? T(-1) : T(1);
+  if (!transpose) {
+    const int64_t count = nr * nc;
+    for (int64_t k = 0; k < count; ++k) {
+      const T x = sign * static_cast<T>(src[k]);
+      bad |= !(x > -kInf<T>);
+      dst[k] = x;
+    }
+  } else {
+    constexpr int64_t B = 32;  // blocked transpose
+    for (int64_t i0 = 0; i0 < nr; i0 += B)
+      for (int64_t j0 = 0; j0 < nc; j0 += B) {
+        const int64_t i1 = std::min(nr, i0 + B), j1 = std::min(nc, j0 + B);
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t j = j0; j < j1; ++j) {
+            const T x = sign * static_cast<T>(src[i * nc + j]);
+            bad |= !(x > -kInf<T>);
+            dst[j * nr + i] = x;
+          }
+      }
+  }
+  // a NaN that became a float32 NaN is caught above; float64 values too large for float32 become
+  // +-inf, which is what the float32 computation can represent.
+  return bad == 0;
+}
+
+constexpr int kSparseMinN = 256;  // kAuto: square problems from this size try the sparse path
+
+template <class T>
+int32_t solve_one(const void* cost, int dtype, int64_t nr, int64_t nc, const Options& opt, int64_t* rows,
+                  int64_t* cols, T* u_out, T* v_out, Work<T>& w, SparseWork<T>& sw, Stats* stats) {
+  const bool transpose = nr > nc;
+  const int n = static_cast<int>(transpose ? nc : nr);
+  const int m = static_cast<int>(transpose ? nr : nc);
+  const bool same_type = (dtype == 1) == std::is_same_v<T, double>;
+  if (stats) *stats = Stats{};
+  if (n == 0) return kOk;
+  const T* c;
+  bool checked = false;  // validity already established (copies check as they go)
+  if (same_type && !transpose && !opt.maximize) {
+    c = static_cast<const T*>(cost);
+  } else {
+    w.mat.resize(static_cast<size_t>(nr) * static_cast<size_t>(nc));
+    const bool ok = dtype == 1 ? prepare_copy(static_cast<const double*>(cost), nr, nc, transpose, opt.maximize,
+                                              w.mat.data())
+                               : prepare_copy(static_cast<const float*>(cost), nr, nc, transpose, opt.maximize,
+                                              w.mat.data());
+    if (!ok) return kInvalid;
+    c = w.mat.data();
+    checked = true;
+  }
+
+  // x (row -> column of the n x m problem), v, and u_i = c[i, x_i] - v[x_i]
+  const int* x = nullptr;
+  const T* v = nullptr;
+  const bool sparse = n == m && (opt.method == kSparse || (opt.method == kAuto && n >= kSparseMinN));
+  bool solved = false;
+  if (sparse) {
+    SparseSolver<T> solver(c, n, sw);
+    const int32_t st = solver.solve(stats);
+    if (st == kInvalid || st == kInfeasible) return st;
+    if (stats) stats->used_sparse = 1;
+    if (st == kOk) {
+      x = solver.x().data();
+      v = solver.v().data();
+    } else {  // kSwitch: finish with dense scans from where the sparse path stopped
+      if (stats) stats->sparse_fallback = 1;
+      solver.to_dense(w);
+      DenseSolver<T> dense(c, n, m, w);
+      const int32_t dst = dense.resume();
+      if (stats) {
+        stats->free_after_init = dense.free_after_init;
+        stats->row_scans += dense.row_scans;
+      }
+      if (dst != kOk) return dst;
+      x = w.x.data();
+      v = w.v.data();
+    }
+    solved = true;
+    checked = true;  // the sparse path's first pass checked every entry
+  }
+  if (!solved) {
+    if (!checked && n != m && !all_valid(c, static_cast<int64_t>(n) * m)) return kInvalid;  // square: checked below
+    DenseSolver<T> solver(c, n, m, w);
+    const int32_t st = solver.solve();
+    if (stats) {
+      stats->free_after_init = solver.free_after_init;
+      stats->row_scans = solver.row_scans;
+      stats->arr_steps = solver.arr_steps;
+    }
+    if (st != kOk) return st;
+    x = w.x.data();
+    v = w.v.data();
+  }
+
+  // outputs in the caller's orientation and sign
+  const T sign = opt.maximize ? T(-1) : T(1);
+  if (!transpose) {
+    for (int i = 0; i < n; ++i) {
+      rows[i] = i;
+      cols[i] = x[i];
+    }
+    if (u_out)
+      for (int i = 0; i < n; ++i) u_out[i] = sign * (c[static_cast<size_t>(i) * m + x[i]] - v[x[i]]);
+    if (v_out)
+      for (int j = 0; j < m; ++j) v_out[j] = sign * v[j];
+  } else {
+    // solved rows are the caller's columns; list the caller's rows in ascending order
+    std::vector<int>& col_of = w.matches;
+    col_of.assign(m, -1);
+    for (int j = 0; j < n; ++j) col_of[x[j]] = j;
+    int t = 0;
+    for (int i = 0; i < m; ++i)
+      if (col_of[i] >= 0) {
+        rows[t] = i;
+        cols[t] = col_of[i];
+        ++t;
+      }
+    if (u_out)
+      for (int i = 0; i < m; ++i) u_out[i] = sign * v[i];
+    if (v_out)
+      for (int j = 0; j < n; ++j) v_out[j] = sign * (c[static_cast<size_t>(j) * m + x[j]] - v[x[j]]);
+  }
+  return kOk;
+}
+
+template <class T>
+void solve_batch_t(const void* cost, int dtype, int64_t batch, int64_t nr, int64_t nc, const Options& opt,
+                   int64_t* rows, int64_t* cols, T* u, T* v, int32_t* status, Stats* stats) {
+  const int64_t k = std::min(nr, nc);
+  const size_t esize = dtype == 1 ? sizeof(double) : sizeof(float);
+  const size_t pstride = static_cast<size_t>(nr) * static_cast<size_t>(nc) * esize;
+  auto one = [&](int64_t b, Work<T>& w, SparseWork<T>& sw) {
+    status[b] = solve_one<T>(static_cast<const char*>(cost) + b * pstride, dtype, nr, nc, opt, rows + b * k,
+                             cols + b * k, u ? u + b * nr : nullptr, v ? v + b * nc : nullptr, w, sw,
+                             batch == 1 ? stats : nullptr);
+  };
+#ifdef MK_WITH_OPENMP
+  const int threads = opt.num_threads > 0 ? opt.num_threads : omp_get_max_threads();
+  if (batch > 1 && threads > 1) {
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, batch)))
+    {
+      Work<T> w;
+      SparseWork<T> sw;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < batch; ++b) one(b, w, sw);
+    }
+    return;
+  }
+#endif
+  Work<T> w;
+  SparseWork<T> sw;
+  for (int64_t b = 0; b < batch; ++b) one(b, w, sw);
+}
+
+}  // namespace
+
+void solve_batch(const void* cost, int dtype, int64_t batch, int64_t nr, int64_t nc, const Options& options,
+                 int64_t* rows, int64_t* cols, void* u, void* v, int32_t* status, Stats* stats) {
+  if (options.compute_float32)
+    solve_batch_t<float>(cost, dtype, batch, nr, nc, options, rows, cols, static_cast<float*>(u),
+                         static_cast<float*>(v), status, stats);
+  else
+    solve_batch_t<double>(cost, dtype, batch, nr, nc, options, rows, cols, static_cast<double*>(u),
+                          static_cast<double*>(v), status, stats);
+}
+
+}  // namespace lsa
+}  // namespace merging_kernels

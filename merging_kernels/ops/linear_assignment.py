@@ -1,0 +1,363 @@
+"""Exact linear assignment: scipy's ``linear_sum_assignment`` contract, batched, with an optimality certificate.
+
+For a cost matrix C (n × m) the problem is to pick k = min(n, m) entries, no two in
+one row or one column, of least total cost (greatest with ``maximize``). +inf marks
+a forbidden pair (-inf when maximizing); NaN, and -inf (+inf when maximizing), are
+invalid. A problem with no assignment of finite cost is infeasible.
+
+Every solver here is exact and also returns dual potentials (u, v): with
+
+    u_i + v_j ≤ c_ij for every pair, with equality on the assignment,
+
+and, for rectangular problems, the duals of the larger side ≤ 0 and = 0 on its
+unassigned entries (≥ / ≤ swapped when maximizing), the assignment is optimal:
+any other assignment costs at least Σu + Σv, which this one attains.
+:func:`check_assignment` verifies exactly that.
+
+Layout of this module: the torch reference (the oracle), the native calls (C++ on
+CPU: csrc/cpu/linear_assignment.cpp; CUDA: csrc/cuda/linear_assignment.cu), then
+the public functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._dispatch import OpBackends, resolve_backend
+
+LINEAR_ASSIGNMENT = OpBackends("linear_assignment", cpu=("native",), cuda=("native",))
+
+INVALID_MESSAGE = "matrix contains invalid numeric entries"  # scipy's words
+INFEASIBLE_MESSAGE = "cost matrix is infeasible"
+
+# native method switch (tests use it to exercise each CPU path): 0 auto, 1 dense LAPJV, 2 sparse-then-certify
+METHOD_AUTO, METHOD_DENSE, METHOD_SPARSE = 0, 1, 2
+
+
+# --------------------------------------------------------------------------- torch reference
+
+
+def linear_sum_assignment_torch(cost: torch.Tensor, maximize: bool = False, *,
+                                compute_dtype: torch.dtype = torch.float64):
+    """One problem (n × m) solved by shortest augmenting paths with potentials; the oracle of the tests.
+
+    The algorithm of Crouse (2016), which scipy implements: rows are added one
+    at a time; for each, Dijkstra's algorithm over reduced costs
+    c_ij − u_i − v_j ≥ 0 finds the cheapest path to a free column, the
+    potentials are updated so that reduced costs stay ≥ 0 and the path's are
+    0, and the path is flipped. Works on the orientation with n ≤ m (the
+    transpose otherwise). Returns ``(rows, cols, u, v)``: int64 indices with
+    rows ascending, and the duals in ``compute_dtype``. Raises ValueError on
+    NaN / wrong-signed infinities and on infeasible problems.
+    """
+    c = cost.to(compute_dtype)
+    if maximize:
+        c = -c
+    if bool(torch.isnan(c).any()) or bool((c == -torch.inf).any()):
+        raise ValueError(INVALID_MESSAGE)
+    transpose = c.shape[0] > c.shape[1]
+    if transpose:
+        c = c.T
+    n, m = c.shape
+    device = c.device
+    inf = torch.tensor(torch.inf, dtype=compute_dtype, device=device)
+    u = torch.zeros(n, dtype=compute_dtype, device=device)
+    v = torch.zeros(m, dtype=compute_dtype, device=device)
+    row4col = torch.full((m,), -1, dtype=torch.int64, device=device)
+    col4row = torch.full((n,), -1, dtype=torch.int64, device=device)
+    for cur in range(n):
+        shortest = torch.full((m,), torch.inf, dtype=compute_dtype, device=device)
+        path = torch.full((m,), -1, dtype=torch.int64, device=device)
+        scanned_cols = torch.zeros(m, dtype=torch.bool, device=device)
+        scanned_rows = torch.zeros(n, dtype=torch.bool, device=device)
+        i, min_val, sink = cur, 0.0, -1
+        while sink < 0:
+            scanned_rows[i] = True
+            reduced = min_val + c[i] - u[i] - v
+            better = ~scanned_cols & (reduced < shortest)
+            path = torch.where(better, i, path)
+            shortest = torch.where(better, reduced, shortest)
+            remaining = torch.where(scanned_cols, inf, shortest)
+            lowest = remaining.min()
+            if not bool(torch.isfinite(lowest)):
+                raise ValueError(INFEASIBLE_MESSAGE)
+            # among the closest columns prefer a free one (ends the search sooner)
+            at_min = remaining == lowest
+            free_at_min = at_min & (row4col < 0)
+            j = int((free_at_min if bool(free_at_min.any()) else at_min).nonzero()[0])
+            min_val = float(lowest)
+            scanned_cols[j] = True
+            if int(row4col[j]) < 0:
+                sink = j
+            else:
+                i = int(row4col[j])
+        # potentials: the new row's u grows by the path length; scanned rows and columns keep their
+        # reduced costs >= 0 and the path's at 0
+        u[cur] += min_val
+        others = scanned_rows.clone()
+        others[cur] = False
+        rows_scanned = others.nonzero().flatten()
+        u[rows_scanned] += min_val - shortest[col4row[rows_scanned]]
+        v[scanned_cols] -= min_val - shortest[scanned_cols]
+        # flip the path
+        j = sink
+        while True:
+            i = int(path[j])
+            row4col[j] = i
+            j, col4row[i] = int(col4row[i]), j
+            if i == cur:
+                break
+    if transpose:  # solved rows are the caller's columns
+        order = torch.argsort(col4row)
+        rows, cols = col4row[order], order
+        u, v = v, u
+    else:
+        rows, cols = torch.arange(n, device=device), col4row
+    if maximize:
+        u, v = -u, -v
+    return rows, cols, u, v
+
+
+def _solve_torch(cost3: torch.Tensor, maximize: bool, compute_dtype: torch.dtype, batched: bool):
+    results = []
+    for b in range(cost3.shape[0]):
+        try:
+            results.append(linear_sum_assignment_torch(cost3[b], maximize, compute_dtype=compute_dtype))
+        except ValueError as exc:
+            raise ValueError(_where(str(exc), b, batched)) from None
+    return tuple(torch.stack([r[t] for r in results]) for t in range(4))
+
+
+# --------------------------------------------------------------------------- native (C++ / CUDA)
+# _C receives addresses of contiguous tensors (float32 or float64 costs; int64 indices; duals in the
+# compute dtype; int32 status per problem: 0 ok, 1 infeasible, 2 invalid entries) and no torch objects.
+
+
+def _outputs(cost3: torch.Tensor, compute_dtype: torch.dtype, want_duals: bool):
+    b, n, m = cost3.shape
+    k = min(n, m)
+    device = cost3.device
+    rows = torch.empty((b, k), dtype=torch.int64, device=device)
+    cols = torch.empty((b, k), dtype=torch.int64, device=device)
+    u = torch.empty((b, n), dtype=compute_dtype, device=device) if want_duals else None
+    v = torch.empty((b, m), dtype=compute_dtype, device=device) if want_duals else None
+    status = torch.empty((b,), dtype=torch.int32, device=device)
+    return rows, cols, u, v, status
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _solve_native_cpu(cost3: torch.Tensor, maximize: bool, compute_dtype: torch.dtype, want_duals: bool,
+                      method: int = METHOD_AUTO, num_threads: int = 0):
+    """Runs _C.lsa_solve_cpu; returns (rows, cols, u, v, status, stats of a single solve)."""
+    from .._native import native_module
+
+    rows, cols, u, v, status = _outputs(cost3, compute_dtype, want_duals)
+    b, n, m = cost3.shape
+    stats = native_module("cpu").lsa_solve_cpu(
+        cost3.data_ptr(), 1 if cost3.dtype == torch.float64 else 0, b, n, m, bool(maximize),
+        compute_dtype == torch.float32, int(num_threads), int(method), rows.data_ptr(), cols.data_ptr(), _ptr(u),
+        _ptr(v), status.data_ptr())
+    return rows, cols, u, v, status, stats
+
+
+def _solve_native_cuda(cost3: torch.Tensor, maximize: bool, compute_dtype: torch.dtype, want_duals: bool):
+    """Runs _C.lsa_solve_cuda on the current stream; returns (rows, cols, u, v, status)."""
+    from .._native import native_module
+
+    mod = native_module("cuda")
+    rows, cols, u, v, status = _outputs(cost3, compute_dtype, want_duals)
+    b, n, m = cost3.shape
+    with torch.cuda.device(cost3.device):
+        f32 = compute_dtype == torch.float32
+        nbytes = int(mod.lsa_cuda_workspace_bytes(b, n, m, f32))
+        workspace = torch.empty((max(nbytes, 1),), dtype=torch.uint8, device=cost3.device)
+        stream = torch.cuda.current_stream(cost3.device).cuda_stream
+        mod.lsa_solve_cuda(cost3.data_ptr(), 1 if cost3.dtype == torch.float64 else 0, b, n, m, bool(maximize), f32,
+                           rows.data_ptr(), cols.data_ptr(), _ptr(u), _ptr(v), status.data_ptr(),
+                           workspace.data_ptr(), nbytes, stream)
+    return rows, cols, u, v, status
+
+
+def _raise_on_status(status: torch.Tensor, batched: bool) -> None:
+    bad = torch.nonzero(status.cpu() != 0).flatten()
+    if bad.numel() == 0:
+        return
+    b = int(bad[0])
+    code = int(status.cpu()[b])
+    message = INFEASIBLE_MESSAGE if code == 1 else INVALID_MESSAGE
+    if code == 2:
+        message += " (NaN, or -inf; +inf when maximizing)"
+    raise ValueError(_where(message, b, batched))
+
+
+def _where(message: str, b: int, batched: bool) -> str:
+    return f"{message} (problem {b} of the batch)" if batched else message
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def _as_tensor(cost: Any, name: str = "cost") -> tuple[torch.Tensor, bool]:
+    """The input as a tensor, and whether it was one (numpy in -> numpy out)."""
+    if isinstance(cost, torch.Tensor):
+        return cost, True
+    try:
+        array = np.asarray(cost)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name} must be a torch.Tensor or an array-like of numbers: {exc}") from None
+    if array.dtype == object or array.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers (bool, int or float), got dtype {array.dtype}")
+    if array.dtype.byteorder not in ("=", "|"):
+        array = array.astype(array.dtype.newbyteorder("="))
+    return torch.from_numpy(np.ascontiguousarray(array)), False
+
+
+def _cost_dtype(t: torch.Tensor) -> torch.dtype:
+    if t.dtype in (torch.float32, torch.float64):
+        return t.dtype
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32  # exact
+    if t.dtype.is_complex:
+        raise TypeError(f"cost must be real, got {t.dtype}")
+    return torch.float64  # bool and integers (exact up to 2**53, as in scipy)
+
+
+def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = False, backend: str | None = None,
+                          compute_dtype: torch.dtype | None = None):
+    """Solve the linear sum assignment problem exactly, like :func:`scipy.optimize.linear_sum_assignment`.
+
+    Args:
+        cost: (n, m) costs, or (B, n, m) for B independent problems solved in
+            one call; a torch tensor (CPU or CUDA) or anything numpy accepts.
+            float32 / float64 / float16 / bfloat16, integers or bool. +inf
+            marks a forbidden pair (-inf when maximizing).
+        maximize: maximize the total instead of minimizing it.
+        return_duals: also return the dual potentials (u, v) (see the module
+            docstring): a certificate that :func:`check_assignment` verifies.
+        backend: ``"native"`` (C++ on CPU, CUDA on GPU), ``"torch"`` (the
+            reference) or None (fastest available).
+        compute_dtype: float64 (default) or float32 arithmetic inside the
+            solver; the duals come back in this dtype.
+
+    Returns:
+        ``(row_ind, col_ind)`` as scipy: k = min(n, m) pairs, rows ascending,
+        int64; shape (k,) for a 2-D cost, (B, k) for a 3-D cost. numpy arrays
+        for a non-tensor input, tensors on the input's device otherwise. With
+        ``return_duals``: ``(row_ind, col_ind, u, v)`` with u of shape (n,) or
+        (B, n) and v of shape (m,) or (B, m).
+
+    Raises:
+        ValueError: a cost that is not 2-D/3-D; NaN, or -inf (+inf when
+            maximizing), with the problem's index in a batch; an infeasible
+            problem (no assignment of finite cost), with its index in a batch.
+        TypeError: a non-real cost or bad argument types.
+    """
+    t, tensor_in = _as_tensor(cost)
+    if t.dim() not in (2, 3):
+        raise ValueError(f"cost must be 2-D (n, m) or 3-D (B, n, m), got shape {tuple(t.shape)}")
+    if not isinstance(maximize, (bool, np.bool_)):
+        raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
+    if compute_dtype is None:
+        compute_dtype = torch.float64
+    if compute_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
+    batched = t.dim() == 3
+    t3 = t if batched else t.unsqueeze(0)
+    dtype = _cost_dtype(t3)
+    if t3.dtype != dtype:
+        t3 = t3.to(dtype)
+    name = resolve_backend(LINEAR_ASSIGNMENT, backend, t3.device)
+    b, n, m = t3.shape
+
+    if b == 0 or n == 0 or m == 0:
+        rows = torch.empty((b, 0), dtype=torch.int64, device=t3.device)
+        cols = torch.empty((b, 0), dtype=torch.int64, device=t3.device)
+        u = torch.zeros((b, n), dtype=compute_dtype, device=t3.device)
+        v = torch.zeros((b, m), dtype=compute_dtype, device=t3.device)
+    elif name == "torch":
+        rows, cols, u, v = _solve_torch(t3, bool(maximize), compute_dtype, batched)
+    elif t3.device.type == "cuda":
+        rows, cols, u, v, status = _solve_native_cuda(t3.contiguous(), bool(maximize), compute_dtype, return_duals)
+        _raise_on_status(status, batched)
+    else:
+        rows, cols, u, v, status, _ = _solve_native_cpu(t3.contiguous(), bool(maximize), compute_dtype, return_duals)
+        _raise_on_status(status, batched)
+
+    out = (rows, cols, u, v) if return_duals else (rows, cols)
+    if not batched:
+        out = tuple(x[0] for x in out)
+    if not tensor_in:
+        out = tuple(x.numpy() for x in out)
+    return out
+
+
+def check_assignment(cost, rows, cols, u, v, maximize: bool = False, *, tol: float | None = None) -> bool:
+    """Whether (rows, cols) is an optimal assignment of ``cost`` as certified by the duals (u, v).
+
+    Checks, per problem (2-D inputs, or 3-D with a leading batch dimension):
+    k = min(n, m) pairs, indices in range, no row or column used twice, no
+    forbidden pair used; u_i + v_j ≤ c_ij + tol for every allowed pair
+    (≥ c_ij − tol when maximizing) and |u_i + v_j − c_ij| ≤ tol on the
+    assignment; for n < m every v_j ≤ tol (≥ −tol when maximizing) and
+    |v_j| ≤ tol on unassigned columns (u likewise for n > m). Together these
+    prove that no assignment has a better total (weak duality). ``tol``
+    defaults to a few thousand ulps of the problem's magnitude (costs and
+    duals) in the duals' dtype.
+    """
+    c, _ = _as_tensor(cost)
+    tensors = [c] + [_as_tensor(x, name)[0] for x, name in ((rows, "rows"), (cols, "cols"), (u, "u"), (v, "v"))]
+    device = c.device
+    c, rows, cols, u, v = (x.to(device) for x in tensors)
+    if c.dim() == 2:
+        c, rows, cols, u, v = c[None], rows[None], cols[None], u[None], v[None]
+    if c.dim() != 3:
+        raise ValueError(f"cost must be 2-D or 3-D, got shape {tuple(c.shape)}")
+    b, n, m = c.shape
+    k = min(n, m)
+    if rows.shape != (b, k) or cols.shape != (b, k) or u.shape != (b, n) or v.shape != (b, m):
+        return False
+    dual_dtype = u.dtype if u.dtype.is_floating_point else torch.float64
+    eps = torch.finfo(dual_dtype).eps
+    c = c.to(torch.float64)
+    u = u.to(torch.float64)
+    v = v.to(torch.float64)
+    if maximize:
+        c, u, v = -c, -u, -v
+    if bool(torch.isnan(c).any()) or bool((c == -torch.inf).any()) or not bool(torch.isfinite(u).all()) \
+            or not bool(torch.isfinite(v).all()):
+        return False
+    rows = rows.to(torch.int64)
+    cols = cols.to(torch.int64)
+    if k == 0:
+        return True
+    if bool((rows < 0).any() | (rows >= n).any() | (cols < 0).any() | (cols >= m).any()):
+        return False
+    for idx, size in ((rows, n), (cols, m)):
+        used = torch.zeros((b, size), dtype=torch.int64, device=device).scatter_add_(1, idx, torch.ones_like(idx))
+        if bool((used > 1).any()):
+            return False
+    finite = torch.isfinite(c)
+    if tol is None:
+        scale = torch.where(finite, c.abs(), 0).amax() + u.abs().amax() + v.abs().amax()
+        tol = float(4096 * eps * max(float(scale), 1e-300))
+    slack = c - u[:, :, None] - v[:, None, :]
+    if bool((finite & (slack < -tol)).any()):
+        return False
+    picked = slack[torch.arange(b, device=device)[:, None], rows, cols]
+    if not bool(torch.isfinite(picked).all()) or bool((picked.abs() > tol).any()):
+        return False
+    if n != m:  # the larger side's duals: <= 0, and 0 where unassigned
+        side, idx = (v, cols) if n < m else (u, rows)
+        assigned = torch.zeros_like(side, dtype=torch.bool).scatter_(1, idx, True)
+        if bool((side > tol).any()) or bool((~assigned & (side.abs() > tol)).any()):
+            return False
+    return True
+
+
+__all__ = ["LINEAR_ASSIGNMENT", "check_assignment", "linear_sum_assignment", "linear_sum_assignment_torch"]

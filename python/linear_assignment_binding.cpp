@@ -1,0 +1,81 @@
+// Bindings of the linear-assignment solvers: raw pointers (addresses of contiguous torch tensors
+// prepared by merging_kernels/ops/linear_assignment.py) in, results written in place.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+
+#include "bindings.h"
+#include "cpu/linear_assignment.h"
+#ifdef MK_WITH_CUDA
+#include "cuda/linear_assignment.cuh"
+#endif
+
+namespace py = pybind11;
+
+namespace merging_kernels {
+
+void register_linear_assignment(py::module_& m) {
+  m.def(
+      "lsa_solve_cpu",
+      [](std::uintptr_t cost, int dtype, int64_t batch, int64_t nr, int64_t nc, bool maximize, bool compute_float32,
+         int num_threads, int method, std::uintptr_t rows, std::uintptr_t cols, std::uintptr_t u, std::uintptr_t v,
+         std::uintptr_t status) {
+        lsa::Options opt;
+        opt.maximize = maximize;
+        opt.compute_float32 = compute_float32;
+        opt.num_threads = num_threads;
+        opt.method = method;
+        lsa::Stats stats;
+        {
+          py::gil_scoped_release release;
+          lsa::solve_batch(reinterpret_cast<const void*>(cost), dtype, batch, nr, nc, opt,
+                           reinterpret_cast<int64_t*>(rows), reinterpret_cast<int64_t*>(cols),
+                           reinterpret_cast<void*>(u), reinterpret_cast<void*>(v), reinterpret_cast<int32_t*>(status),
+                           &stats);
+        }
+        py::dict info;
+        info["used_sparse"] = stats.used_sparse;
+        info["sparse_fallback"] = stats.sparse_fallback;
+        info["rows_rescanned"] = stats.rows_rescanned;
+        info["rounds"] = stats.rounds;
+        info["free_after_init"] = stats.free_after_init;
+        info["row_scans"] = stats.row_scans;
+        info["arr_steps"] = stats.arr_steps;
+        return info;
+      },
+      "Solve `batch` nr x nc assignment problems (dtype 0=float32, 1=float64) from contiguous memory; "
+      "writes rows/cols (int64, batch x min(nr,nc)), optional duals u/v (float64, or float32 when "
+      "compute_float32) and status (int32: 0 ok, 1 infeasible, 2 NaN/-inf). Returns stats of a single solve.",
+      py::arg("cost"), py::arg("dtype"), py::arg("batch"), py::arg("nr"), py::arg("nc"), py::arg("maximize"),
+      py::arg("compute_float32"), py::arg("num_threads"), py::arg("method"), py::arg("rows"), py::arg("cols"),
+      py::arg("u"), py::arg("v"), py::arg("status"));
+#ifdef MK_WITH_CUDA
+  m.def(
+      "lsa_solve_cuda",
+      [](std::uintptr_t cost, int dtype, int64_t batch, int64_t nr, int64_t nc, bool maximize, bool compute_float32,
+         std::uintptr_t rows, std::uintptr_t cols, std::uintptr_t u, std::uintptr_t v, std::uintptr_t status,
+         std::uintptr_t workspace, int64_t workspace_bytes, std::uintptr_t stream) {
+        int err;
+        {
+          py::gil_scoped_release release;
+          err = lsa::cuda_solve_batch(reinterpret_cast<const void*>(cost), dtype, batch, nr, nc, maximize,
+                                      compute_float32, reinterpret_cast<int64_t*>(rows),
+                                      reinterpret_cast<int64_t*>(cols), reinterpret_cast<void*>(u),
+                                      reinterpret_cast<void*>(v), reinterpret_cast<int32_t*>(status),
+                                      reinterpret_cast<void*>(workspace), workspace_bytes,
+                                      reinterpret_cast<void*>(stream));
+        }
+        if (err != 0) throw std::runtime_error(lsa::cuda_error_string(err));
+      },
+      "Solve `batch` nr x nc problems on the GPU (device pointers; stream as an integer handle); "
+      "same outputs as lsa_solve_cpu. workspace: device memory of lsa_cuda_workspace_bytes(...) bytes.",
+      py::arg("cost"), py::arg("dtype"), py::arg("batch"), py::arg("nr"), py::arg("nc"), py::arg("maximize"),
+      py::arg("compute_float32"), py::arg("rows"), py::arg("cols"), py::arg("u"), py::arg("v"), py::arg("status"),
+      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"));
+  m.def("lsa_cuda_workspace_bytes", &lsa::cuda_workspace_bytes, py::arg("batch"), py::arg("nr"), py::arg("nc"),
+        py::arg("compute_float32"));
+#endif
+}
+
+}  // namespace merging_kernels

@@ -1,0 +1,342 @@
+"""Linear assignment: every backend against scipy (and the torch reference), duals as certificates, errors."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment as scipy_lsa
+
+import merging_kernels as mk
+from merging_kernels.ops import linear_assignment as la
+from merging_kernels.ops.linear_assignment import LINEAR_ASSIGNMENT
+
+from helpers import fast_backend_params
+
+# (backend, device, native method): the public backends, plus each native CPU path forced on
+FAST = [p for p in fast_backend_params(LINEAR_ASSIGNMENT)]
+NATIVE_CPU = [p for p in FAST if p.values == ("native", "cpu")]
+METHODS = [pytest.param("native", "cpu", la.METHOD_DENSE, id="native-cpu-dense"),
+           pytest.param("native", "cpu", la.METHOD_SPARSE, id="native-cpu-sparse")] if NATIVE_CPU else []
+ALL = ([pytest.param("torch", "cpu", None, id="torch-cpu")]
+       + [pytest.param(*p.values, None, id=p.id, marks=p.marks) for p in FAST] + METHODS)
+FAST_ONLY = [p for p in ALL if p.id != "torch-cpu"]
+
+
+def solve(cost, backend, device, method=None, maximize=False, compute_dtype=None):
+    """rows, cols, u, v as numpy, from the public function (or a forced native CPU method)."""
+    t = torch.as_tensor(cost)
+    if method is None:
+        out = mk.linear_sum_assignment(t.to(device), maximize, return_duals=True, backend=backend,
+                                       compute_dtype=compute_dtype)
+        return tuple(x.cpu().numpy() for x in out)
+    t3 = t if t.dim() == 3 else t[None]
+    if t3.dtype not in (torch.float32, torch.float64):
+        t3 = t3.double()
+    rows, cols, u, v, status, _ = la._solve_native_cpu(t3.contiguous(), maximize, compute_dtype or torch.float64,
+                                                       True, method=method)
+    la._raise_on_status(status, t.dim() == 3)
+    out = (rows, cols, u, v) if t.dim() == 3 else (rows[0], cols[0], u[0], v[0])
+    return tuple(x.numpy() for x in out)
+
+
+def total(cost, rows, cols):
+    return float(np.asarray(cost, dtype=np.float64)[rows, cols].sum())
+
+
+def assert_optimal(cost, rows, cols, u, v, maximize=False, rtol=1e-9):
+    """Same total as scipy (to rounding), a valid matching, and duals that certify it."""
+    cost = np.asarray(cost, dtype=np.float64)
+    r0, c0 = scipy_lsa(cost, maximize=maximize)
+    assert rows.shape == cols.shape == (min(cost.shape),)
+    assert np.all(np.diff(rows) > 0), "rows ascending and distinct"
+    assert len(set(cols.tolist())) == len(cols)
+    finite = np.isfinite(cost)
+    scale = max(float(np.abs(cost[finite]).max(initial=0.0)) * max(len(rows), 1), 1e-300)
+    assert abs(total(cost, rows, cols) - total(cost, r0, c0)) <= rtol * scale
+    assert mk.check_assignment(cost, rows, cols, u, v, maximize=maximize)
+
+
+# --------------------------------------------------------------------------- cost generators
+
+
+def mlp_digit_correlations(width_a=96, width_b=128, steps=25):
+    """-correlation between the hidden units of two small MLPs trained on sklearn digits (MuDSC's workload)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    y = torch.tensor(y)
+    acts = []
+    for seed, width in ((0, width_a), (1, width_b)):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, 10))
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+        with torch.no_grad():
+            acts.append(net[1](net[0](x)).double())
+    a, b = ((h - h.mean(0)) / (h.std(0) + 1e-8) for h in acts)
+    return (-(a.T @ b) / x.shape[0]).numpy()
+
+
+def correlated_features(n, m, rng):
+    """-correlation of two sets of correlated random features (a shared low-rank signal plus noise)."""
+    samples, k = 3 * max(n, m), max(4, max(n, m) // 8)
+    z = rng.standard_normal((samples, k))
+    a = z @ rng.standard_normal((k, n)) + rng.standard_normal((samples, n))
+    b = z @ rng.standard_normal((k, m)) + rng.standard_normal((samples, m))
+    a = (a - a.mean(0)) / a.std(0)
+    b = (b - b.mean(0)) / b.std(0)
+    return -(a.T @ b) / samples
+
+
+def make_cost(kind, n, m, seed=0):
+    rng = np.random.default_rng(seed)
+    if kind == "uniform":
+        return rng.random((n, m))
+    if kind == "int_ties":
+        return rng.integers(0, 4, (n, m)).astype(np.float64)
+    if kind == "all_equal":
+        return np.full((n, m), 3.0)
+    if kind == "rank1":
+        return np.outer(rng.random(n) + 0.5, rng.random(m) + 0.5)
+    if kind == "correlated":
+        return correlated_features(n, m, rng)
+    if kind == "forbidden":  # feasible: a random permutation stays allowed
+        c = rng.random((n, m))
+        c[rng.random((n, m)) < 0.6] = np.inf
+        k = min(n, m)
+        c[np.arange(k), rng.permutation(m)[:k]] = rng.random(k)
+        return c
+    if kind == "huge":
+        return rng.random((n, m)) * 1e150
+    if kind == "tiny":
+        return rng.random((n, m)) * 1e-150
+    if kind == "mixed_sign":
+        return rng.standard_normal((n, m)) * 10.0 ** rng.integers(-3, 4, (n, m))
+    raise AssertionError(kind)
+
+
+KINDS = ["uniform", "int_ties", "all_equal", "rank1", "correlated", "forbidden", "huge", "tiny", "mixed_sign"]
+SHAPES = [(1, 1), (2, 2), (3, 3), (17, 17), (2, 3), (3, 2), (17, 40), (40, 17), (256, 256)]
+
+
+@pytest.fixture(scope="module")
+def mlp_costs():
+    c = mlp_digit_correlations()
+    return {"rect": c, "square": np.ascontiguousarray(c[:, :96])}
+
+
+# --------------------------------------------------------------------------- against scipy
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend, device, method", ALL)
+def test_matches_scipy(backend, device, method, kind, shape):
+    if backend == "torch" and shape == (256, 256) and kind not in ("uniform", "int_ties"):
+        pytest.skip("the reference is slow; two kinds at this size are enough")
+    cost = make_cost(kind, *shape)
+    rows, cols, u, v = solve(cost, backend, device, method)
+    assert_optimal(cost, rows, cols, u, v)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "int_ties", "correlated", "rank1", "forbidden"])
+@pytest.mark.parametrize("backend, device, method", FAST_ONLY)
+def test_n1000(backend, device, method, kind):
+    cost = make_cost(kind, 1000, 1000, seed=1)
+    assert_optimal(cost, *solve(cost, backend, device, method))
+
+
+def test_reference_n1000():
+    cost = make_cost("uniform", 1000, 1000, seed=2)
+    rows, cols, u, v = solve(cost, "torch", "cpu")
+    assert_optimal(cost, rows, cols, u, v)
+
+
+@pytest.mark.parametrize("backend, device, method", ALL)
+@pytest.mark.parametrize("layout", ["square", "rect", "rect_t"])
+def test_mlp_activation_correlations(backend, device, method, layout, mlp_costs):
+    cost = {"square": mlp_costs["square"], "rect": mlp_costs["rect"], "rect_t": mlp_costs["rect"].T.copy()}[layout]
+    for maximize in (False, True):
+        assert_optimal(cost, *solve(cost, backend, device, method, maximize=maximize), maximize=maximize)
+
+
+@pytest.mark.parametrize("shape", [(17, 17), (5, 9), (9, 5), (256, 256)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("backend, device, method", ALL)
+def test_maximize(backend, device, method, shape):
+    cost = make_cost("uniform", *shape, seed=3)
+    cost[0, 0] = -np.inf  # forbidden when maximizing
+    assert_optimal(cost, *solve(cost, backend, device, method, maximize=True), maximize=True)
+    ints = make_cost("int_ties", *shape, seed=4)
+    assert_optimal(ints, *solve(ints, backend, device, method, maximize=True), maximize=True)
+
+
+@pytest.mark.parametrize("backend, device, method", ALL)
+def test_empty(backend, device, method):
+    for shape in [(0, 0), (0, 3), (3, 0)]:
+        rows, cols, u, v = solve(np.zeros(shape), backend, device, method)
+        assert rows.shape == cols.shape == (0,) and u.shape == (shape[0],) and v.shape == (shape[1],)
+        assert scipy_lsa(np.zeros(shape))[0].shape == (0,)
+
+
+@pytest.mark.parametrize("backend, device, method", FAST_ONLY)
+def test_float32_compute(backend, device, method):
+    cost = make_cost("uniform", 200, 200, seed=5).astype(np.float32)
+    rows, cols, u, v = solve(cost, backend, device, method, compute_dtype=torch.float32)
+    assert u.dtype == np.float32
+    r0, c0 = scipy_lsa(cost)
+    assert abs(total(cost, rows, cols) - total(cost, r0, c0)) <= 1e-4 * total(cost, r0, c0)
+    assert mk.check_assignment(cost, rows, cols, u, v)
+
+
+# --------------------------------------------------------------------------- infeasible and invalid
+
+
+INFEASIBLE = {
+    "column": np.array([[np.inf, 1.0], [np.inf, 2.0]]),
+    "row": np.array([[1.0, 2.0, 3.0], [np.inf, np.inf, np.inf]]),
+    "hall": np.where(np.add.outer(np.arange(20), np.zeros(20)) < 5,
+                     np.where(np.arange(20) < 4, 1.0, np.inf), 1.0),  # 5 rows share 4 columns
+    "rect": np.where(np.arange(6)[None, :] < 2, 1.0, np.inf) * np.ones((3, 6)),  # 3 rows, 2 allowed columns
+}
+
+
+@pytest.mark.parametrize("case", list(INFEASIBLE))
+@pytest.mark.parametrize("backend, device, method", ALL)
+def test_infeasible(backend, device, method, case):
+    cost = INFEASIBLE[case]
+    with pytest.raises(ValueError, match="infeasible"):
+        scipy_lsa(cost)
+    with pytest.raises(ValueError, match="infeasible"):
+        solve(cost, backend, device, method)
+    with pytest.raises(ValueError, match="infeasible"):
+        solve(cost.T.copy(), backend, device, method)
+    with pytest.raises(ValueError, match="infeasible"):  # -inf forbids when maximizing
+        solve(-cost, backend, device, method, maximize=True)
+
+
+@pytest.mark.parametrize("backend, device, method", ALL)
+def test_invalid_entries(backend, device, method):
+    for cost, maximize in [(np.array([[np.nan, 1.0], [1.0, 2.0]]), False),
+                           (np.array([[-np.inf, 1.0], [1.0, 2.0]]), False),
+                           (np.array([[np.inf, 1.0], [1.0, 2.0]]), True)]:
+        with pytest.raises(ValueError, match="invalid numeric entries"):
+            scipy_lsa(cost, maximize=maximize)
+        with pytest.raises(ValueError, match="invalid numeric entries"):
+            solve(cost, backend, device, method, maximize=maximize)
+
+
+@pytest.mark.parametrize("backend, device, method", ALL)
+def test_batch_errors_name_the_problem(backend, device, method):
+    batch = np.stack([make_cost("uniform", 6, 6, seed=s) for s in range(4)])
+    bad = batch.copy()
+    bad[2, 3, 1] = np.nan
+    with pytest.raises(ValueError, match=r"invalid numeric entries.*problem 2 of the batch"):
+        solve(bad, backend, device, method)
+    infeasible = batch.copy()
+    infeasible[3, :, 0] = np.inf
+    with pytest.raises(ValueError, match=r"infeasible \(problem 3 of the batch\)"):
+        solve(infeasible, backend, device, method)
+
+
+# --------------------------------------------------------------------------- batches, types, determinism
+
+
+@pytest.mark.parametrize("shape", [(6, 17, 17), (5, 7, 12), (5, 12, 7), (3, 256, 256), (40, 3, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend, device, method", ALL)
+def test_batched_equals_per_problem(backend, device, method, shape):
+    if backend == "torch" and shape[1] == 256:
+        pytest.skip("slow in the reference")
+    kinds = ["uniform", "int_ties", "correlated", "forbidden"]
+    batch = np.stack([make_cost(kinds[b % len(kinds)], *shape[1:], seed=b) for b in range(shape[0])])
+    rows, cols, u, v = solve(batch, backend, device, method)
+    assert rows.shape == cols.shape == (shape[0], min(shape[1:]))
+    assert u.shape == shape[:2] and v.shape == (shape[0], shape[2])
+    for b in range(shape[0]):
+        one = solve(batch[b], backend, device, method)
+        for got, want in zip((rows[b], cols[b], u[b], v[b]), one):
+            np.testing.assert_array_equal(got, want)
+        assert_optimal(batch[b], rows[b], cols[b], u[b], v[b])
+    assert mk.check_assignment(batch, rows, cols, u, v)
+
+
+@pytest.mark.parametrize("backend, device, method", ALL)
+def test_deterministic(backend, device, method):
+    cost = make_cost("int_ties", 64, 64, seed=7)  # many optima
+    first = solve(cost, backend, device, method)
+    for _ in range(2):
+        for a, b in zip(first, solve(cost, backend, device, method)):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"] if NATIVE_CPU else ["torch"])
+def test_types_like_scipy(backend):
+    cost = make_cost("uniform", 5, 7)
+    rows, cols = mk.linear_sum_assignment(cost, backend=backend)
+    r0, c0 = scipy_lsa(cost)
+    assert isinstance(rows, np.ndarray) and rows.dtype == np.int64 and cols.dtype == np.int64
+    np.testing.assert_array_equal(rows, r0)
+    assert total(cost, rows, cols) == pytest.approx(total(cost, r0, c0), rel=1e-12)
+    # torch in, torch out; float32, integers, bool, lists, non-contiguous views
+    t_rows, t_cols = mk.linear_sum_assignment(torch.tensor(cost, dtype=torch.float32), backend=backend)
+    assert isinstance(t_rows, torch.Tensor) and t_rows.dtype == torch.int64
+    ints = (cost * 100).astype(np.int32)
+    r, c = mk.linear_sum_assignment(ints, backend=backend)
+    assert total(ints, r, c) == total(ints, *scipy_lsa(ints))
+    r, c = mk.linear_sum_assignment(ints.tolist(), maximize=True, backend=backend)
+    assert total(ints, r, c) == total(ints, *scipy_lsa(ints, maximize=True))
+    r, c = mk.linear_sum_assignment(ints > 50, backend=backend)
+    assert total(ints > 50, r, c) == total(ints > 50, *scipy_lsa(ints > 50))
+    view = torch.tensor(cost).T  # non-contiguous
+    r, c = mk.linear_sum_assignment(view, backend=backend)
+    assert total(cost.T, r.numpy(), c.numpy()) == pytest.approx(total(cost.T, *scipy_lsa(cost.T)), rel=1e-12)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="2-D"):
+        mk.linear_sum_assignment(np.zeros(3))
+    with pytest.raises(ValueError, match="2-D"):
+        mk.linear_sum_assignment(np.zeros((2, 2, 2, 2)))
+    with pytest.raises(TypeError, match="real"):
+        mk.linear_sum_assignment(np.zeros((2, 2), dtype=np.complex128))
+    with pytest.raises(TypeError, match="maximize"):
+        mk.linear_sum_assignment(np.zeros((2, 2)), "yes")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        mk.linear_sum_assignment(np.zeros((2, 2)), compute_dtype=torch.float16)
+    with pytest.raises(ValueError, match="backend"):
+        mk.linear_sum_assignment(np.zeros((2, 2)), backend="scipy")
+
+
+def test_check_assignment_rejects_what_is_not_proven():
+    cost = make_cost("uniform", 30, 30, seed=8)
+    rows, cols, u, v = mk.linear_sum_assignment(cost, return_duals=True)
+    assert mk.check_assignment(cost, rows, cols, u, v)
+    swapped = cols.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    assert not mk.check_assignment(cost, rows, swapped, u, v)  # not tight any more
+    assert not mk.check_assignment(cost, rows, cols, u + 1e-3, v)  # infeasible duals
+    assert not mk.check_assignment(cost, rows[:-1], cols[:-1], u, v)  # too few pairs
+    repeated = cols.copy()
+    repeated[0] = repeated[1]
+    assert not mk.check_assignment(cost, rows, repeated, u, v)
+    # rectangular: the larger side's duals must be <= 0 and 0 where unassigned
+    wide = make_cost("uniform", 4, 9, seed=9)
+    r, c, u, v = mk.linear_sum_assignment(wide, return_duals=True)
+    assert mk.check_assignment(wide, r, c, u, v)
+    assert not mk.check_assignment(wide, r, c, u - 1.0, v + 1.0)  # feasible and tight, but not a proof
+    # a forbidden pair on the assignment is never optimal
+    forbidden = cost.copy()
+    forbidden[rows[0], cols[0]] = np.inf
+    assert not mk.check_assignment(forbidden, rows, cols, u, v)
+
+
+@pytest.mark.skipif(not NATIVE_CPU, reason="native backend not built")
+def test_sparse_path_is_used_and_exact_on_large_problems():
+    cost = make_cost("uniform", 1500, 1500, seed=10)
+    rows, cols, u, v, status, stats = la._solve_native_cpu(torch.from_numpy(cost)[None], False, torch.float64,
+                                                           True)
+    assert int(status[0]) == 0 and stats["used_sparse"] == 1
+    assert_optimal(cost, rows[0].numpy(), cols[0].numpy(), u[0].numpy(), v[0].numpy())
