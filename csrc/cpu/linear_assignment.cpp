@@ -148,18 +148,6 @@ __attribute__((target("avx"))) inline __m256d select_pd(__m256d a, __m256d b, __
   return _mm256_or_pd(_mm256_and_pd(mask, b), _mm256_andnot_pd(mask, a));
 }
 
-// Lexicographic (value, index) minimum over lanes; index -1 marks an empty lane.
-inline void merge_lanes(const double* val, const double* idx, int lanes, double& best, int& bj) {
-  for (int l = 0; l < lanes; ++l) {
-    if (idx[l] < 0) continue;
-    const int j = static_cast<int>(idx[l]);
-    if (val[l] < best || (val[l] == best && (bj < 0 || j < bj))) {
-      best = val[l];
-      bj = j;
-    }
-  }
-}
-
 __attribute__((target("avx"))) bool colmin_update_avx(const double* c, double* vmin, double* imin, double row,
                                                        int m, double* cmin, int chunk) {
   const __m256d vr = _mm256_set1_pd(row), lo = _mm256_set1_pd(-kInf<double>);
@@ -221,44 +209,92 @@ __attribute__((target("avx"))) double reduced_min_avx(const double* c, const dou
   return std::min(best, reduced_min_generic(c + j, v + j, m - j));
 }
 
+// Lane-wise merges under the (value, index) order; an empty entry is (+inf, -1) and real entries are
+// finite, so empties always sort last.
+__attribute__((target("avx"))) inline __m256d lex_less(__m256d x, __m256d ix, __m256d y, __m256d iy) {
+  return _mm256_or_pd(_mm256_cmp_pd(x, y, _CMP_LT_OQ),
+                      _mm256_and_pd(_mm256_cmp_pd(x, y, _CMP_EQ_OQ), _mm256_cmp_pd(ix, iy, _CMP_LT_OQ)));
+}
+
+// (x, ix) <- the smaller of (x, ix) and (y, iy), per lane.
+__attribute__((target("avx"))) inline void merge_min(__m256d& x, __m256d& ix, __m256d y, __m256d iy) {
+  const __m256d keep = lex_less(x, ix, y, iy);
+  x = select_pd(y, x, keep);
+  ix = select_pd(iy, ix, keep);
+}
+
+// Per lane, (x1 <= x2) <- the two smallest of the sorted pairs (x1, x2) and (y1, y2).
+__attribute__((target("avx"))) inline void merge_top2(__m256d& x1, __m256d& ix1, __m256d& x2, __m256d& ix2,
+                                                      __m256d y1, __m256d iy1, __m256d y2, __m256d iy2) {
+  const __m256d xfirst = lex_less(x1, ix1, y1, iy1);
+  const __m256d f = select_pd(y1, x1, xfirst), fi = select_pd(iy1, ix1, xfirst);
+  const __m256d l = select_pd(x1, y1, xfirst), li = select_pd(ix1, iy1, xfirst);   // the other first
+  const __m256d w = select_pd(y2, x2, xfirst), wi = select_pd(iy2, ix2, xfirst);   // the winner's second
+  const __m256d lfirst = lex_less(l, li, w, wi);
+  x2 = select_pd(w, l, lfirst);
+  ix2 = select_pd(wi, li, lfirst);
+  x1 = f;
+  ix1 = fi;
+}
+
+// Lane l <- lane l ^ 2 (swap 128-bit halves), then lane l ^ 1.
+__attribute__((target("avx"))) inline __m256d swap_halves(__m256d x) { return _mm256_permute2f128_pd(x, x, 1); }
+__attribute__((target("avx"))) inline __m256d swap_pairs(__m256d x) { return _mm256_permute_pd(x, 0x5); }
+
+// Merges scalar top-2 lists: (u1, j1, u2, j2) <- the two smallest of both.
+inline void merge_top2_scalar(double& u1, int& j1, double& u2, int& j2, double t1, int q1, double t2, int q2) {
+  auto less = [](double a, int ia, double b, int ib) { return ib < 0 || (ia >= 0 && (a < b || (a == b && ia < ib))); };
+  if (less(t1, q1, u1, j1)) {
+    if (less(u1, j1, t2, q2)) {
+      u2 = u1, j2 = j1;
+    } else {
+      u2 = t2, j2 = q2;
+    }
+    u1 = t1, j1 = q1;
+  } else if (less(t1, q1, u2, j2)) {
+    u2 = t1, j2 = q1;
+  }
+}
+
+// Two independent accumulator sets (columns j..j+3 and j+4..j+7) hide the latency of the chains.
+// Values: a1 = min(a1, r), a2 = min(a2, max(a1_old, r)) (no NaN here); indices follow the comparisons.
 __attribute__((target("avx"))) void umins_avx(const double* c, const double* v, int m, double& u1, int& j1,
                                                double& u2, int& j2) {
-  __m256d a1 = _mm256_set1_pd(kInf<double>), a2 = a1;
-  __m256d i1 = _mm256_set1_pd(-1.0), i2 = i1;
-  __m256d jv = _mm256_setr_pd(0, 1, 2, 3);
-  const __m256d four = _mm256_set1_pd(4.0);
+  __m256d a1 = _mm256_set1_pd(kInf<double>), a2 = a1, b1 = a1, b2 = a1;
+  __m256d i1 = _mm256_set1_pd(-1.0), i2 = i1, k1 = i1, k2 = i1;
+  __m256d ja = _mm256_setr_pd(0, 1, 2, 3), jb = _mm256_setr_pd(4, 5, 6, 7);
+  const __m256d eight = _mm256_set1_pd(8.0);
   int j = 0;
-  for (; j + 4 <= m; j += 4) {
+  for (; j + 8 <= m; j += 8) {
     const __m256d r = _mm256_sub_pd(_mm256_loadu_pd(c + j), _mm256_loadu_pd(v + j));
-    const __m256d lt1 = _mm256_cmp_pd(r, a1, _CMP_LT_OQ);
-    const __m256d lt2 = _mm256_cmp_pd(r, a2, _CMP_LT_OQ);
-    a2 = select_pd(a2, select_pd(r, a1, lt1), lt2);
-    i2 = select_pd(i2, select_pd(jv, i1, lt1), lt2);
-    a1 = select_pd(a1, r, lt1);
-    i1 = select_pd(i1, jv, lt1);
-    jv = _mm256_add_pd(jv, four);
+    const __m256d s = _mm256_sub_pd(_mm256_loadu_pd(c + j + 4), _mm256_loadu_pd(v + j + 4));
+    const __m256d lt1 = _mm256_cmp_pd(r, a1, _CMP_LT_OQ), lt2 = _mm256_cmp_pd(r, a2, _CMP_LT_OQ);
+    const __m256d mt1 = _mm256_cmp_pd(s, b1, _CMP_LT_OQ), mt2 = _mm256_cmp_pd(s, b2, _CMP_LT_OQ);
+    i2 = select_pd(i2, select_pd(ja, i1, lt1), lt2);
+    k2 = select_pd(k2, select_pd(jb, k1, mt1), mt2);
+    i1 = select_pd(i1, ja, lt1);
+    k1 = select_pd(k1, jb, mt1);
+    a2 = _mm256_min_pd(a2, _mm256_max_pd(a1, r));
+    b2 = _mm256_min_pd(b2, _mm256_max_pd(b1, s));
+    a1 = _mm256_min_pd(a1, r);
+    b1 = _mm256_min_pd(b1, s);
+    ja = _mm256_add_pd(ja, eight);
+    jb = _mm256_add_pd(jb, eight);
   }
-  alignas(32) double val[12], idx[12];
-  _mm256_store_pd(val, a1);
-  _mm256_store_pd(val + 4, a2);
-  _mm256_store_pd(idx, i1);
-  _mm256_store_pd(idx + 4, i2);
-  // the tail's own top two
-  double t1, t2;
-  int k1, k2;
-  umins_generic(c + j, v + j, m - j, t1, k1, t2, k2);
-  val[8] = t1;
-  idx[8] = k1 < 0 ? -1.0 : static_cast<double>(k1 + j);
-  val[9] = t2;
-  idx[9] = k2 < 0 ? -1.0 : static_cast<double>(k2 + j);
-  u1 = kInf<double>;
-  j1 = -1;
-  merge_lanes(val, idx, 10, u1, j1);
-  for (int l = 0; l < 10; ++l)
-    if (idx[l] == static_cast<double>(j1)) idx[l] = -1.0;  // each index occurs at most once
-  u2 = kInf<double>;
-  j2 = -1;
-  merge_lanes(val, idx, 10, u2, j2);
+  merge_top2(a1, i1, a2, i2, b1, k1, b2, k2);
+  merge_top2(a1, i1, a2, i2, swap_halves(a1), swap_halves(i1), swap_halves(a2), swap_halves(i2));
+  merge_top2(a1, i1, a2, i2, swap_pairs(a1), swap_pairs(i1), swap_pairs(a2), swap_pairs(i2));
+  u1 = _mm256_cvtsd_f64(a1);
+  u2 = _mm256_cvtsd_f64(a2);
+  const double x1 = _mm256_cvtsd_f64(i1), x2 = _mm256_cvtsd_f64(i2);
+  j1 = static_cast<int>(x1);
+  j2 = static_cast<int>(x2);
+  if (j < m) {  // the tail's own top two
+    double t1, t2;
+    int q1, q2;
+    umins_generic(c + j, v + j, m - j, t1, q1, t2, q2);
+    merge_top2_scalar(u1, j1, u2, j2, t1, q1 < 0 ? -1 : q1 + j, t2, q2 < 0 ? -1 : q2 + j);
+  }
 }
 
 __attribute__((target("avx"))) double relax_avx(const double* c, const double* v, double* d, double* pred,
@@ -273,32 +309,33 @@ __attribute__((target("avx"))) double relax_avx(const double* c, const double* v
     const __m256d n1 = _mm256_add_pd(_mm256_sub_pd(_mm256_loadu_pd(c + j + 4), _mm256_loadu_pd(v + j + 4)), vh);
     __m256d d0 = _mm256_loadu_pd(d + j), d1 = _mm256_loadu_pd(d + j + 4);
     const __m256d l0 = _mm256_cmp_pd(n0, d0, _CMP_LT_OQ), l1 = _mm256_cmp_pd(n1, d1, _CMP_LT_OQ);
-    d0 = select_pd(d0, n0, l0);
-    d1 = select_pd(d1, n1, l1);
+    d0 = _mm256_min_pd(n0, d0);
+    d1 = _mm256_min_pd(n1, d1);
     _mm256_storeu_pd(d + j, d0);
     _mm256_storeu_pd(d + j + 4, d1);
     _mm256_storeu_pd(pred + j, select_pd(_mm256_loadu_pd(pred + j), vr, l0));
     _mm256_storeu_pd(pred + j + 4, select_pd(_mm256_loadu_pd(pred + j + 4), vr, l1));
     const __m256d b0 = _mm256_cmp_pd(d0, m0, _CMP_LT_OQ), b1 = _mm256_cmp_pd(d1, m1, _CMP_LT_OQ);
-    m0 = select_pd(m0, d0, b0);
-    m1 = select_pd(m1, d1, b1);
+    m0 = _mm256_min_pd(d0, m0);
+    m1 = _mm256_min_pd(d1, m1);
     i0 = select_pd(i0, j0, b0);
     i1 = select_pd(i1, j1, b1);
     j0 = _mm256_add_pd(j0, eight);
     j1 = _mm256_add_pd(j1, eight);
   }
-  alignas(32) double val[9], idx[9];
-  _mm256_store_pd(val, m0);
-  _mm256_store_pd(val + 4, m1);
-  _mm256_store_pd(idx, i0);
-  _mm256_store_pd(idx + 4, i1);
-  int tj;
-  const double tail = relax_generic(c + j, v + j, d + j, pred + j, h, row, m - j, &tj);
-  val[8] = tail;
-  idx[8] = tj < 0 ? -1.0 : static_cast<double>(tj + j);
-  double best = kInf<double>;
-  int bj = -1;
-  merge_lanes(val, idx, 9, best, bj);
+  merge_min(m0, i0, m1, i1);
+  merge_min(m0, i0, swap_halves(m0), swap_halves(i0));
+  merge_min(m0, i0, swap_pairs(m0), swap_pairs(i0));
+  double best = _mm256_cvtsd_f64(m0);
+  int bj = static_cast<int>(_mm256_cvtsd_f64(i0));
+  if (j < m) {
+    int tj;
+    const double tail = relax_generic(c + j, v + j, d + j, pred + j, h, row, m - j, &tj);
+    if (tj >= 0 && (tail < best || bj < 0)) {  // tail indices are larger: ties stay with bj
+      best = tail;
+      bj = tj + j;
+    }
+  }
   *arg = bj;
   return best;
 }
@@ -371,6 +408,8 @@ struct Work {
   std::vector<int> x, y, freelist, scanned, matches;
 };
 
+constexpr int kDenseArrMinM = 1024;  // the dense solver runs augmenting row reduction above this width
+
 template <class T>
 class DenseSolver {
  public:
@@ -391,7 +430,9 @@ class DenseSolver {
     } else {
       for (int i = 0; i < n_; ++i) w.freelist.push_back(i);
     }
-    int32_t st = augmenting_row_reduction(2);
+    // Augmenting row reduction pays off only on large problems: below that, every one of its steps
+    // (a full row scan) costs about what a Dijkstra step costs, and it takes several per row.
+    int32_t st = augmenting_row_reduction(m_ > kDenseArrMinM ? 2 : 0);
     if (st != kOk) return st;
     free_after_init = static_cast<int64_t>(w.freelist.size());
     return augment_all();
@@ -1067,7 +1108,7 @@ bool prepare_copy(const Tin* src, int64_t nr, int64_t nc, bool transpose, bool n
   return bad == 0;
 }
 
-constexpr int kSparseMinN = 256;  // kAuto: square problems from this size try the sparse path
+constexpr int kSparseMinN = 768;  // kAuto: square problems from this size take the sparse path
 
 template <class T>
 int32_t solve_one(const void* cost, int dtype, int64_t nr, int64_t nc, const Options& opt, int64_t* rows,
