@@ -16,40 +16,47 @@ namespace py = pybind11;
 namespace merging_kernels {
 
 void register_linear_assignment(py::module_& m) {
-  m.def(
-      "lsa_solve_cpu",
-      [](std::uintptr_t cost, int dtype, int64_t batch, int64_t nr, int64_t nc, bool maximize, bool compute_float32,
-         int num_threads, int method, std::uintptr_t rows, std::uintptr_t cols, std::uintptr_t u, std::uintptr_t v,
-         std::uintptr_t status) {
-        lsa::Options opt;
-        opt.maximize = maximize;
-        opt.compute_float32 = compute_float32;
-        opt.num_threads = num_threads;
-        opt.method = method;
-        lsa::Stats stats;
-        {
-          py::gil_scoped_release release;
-          lsa::solve_batch(reinterpret_cast<const void*>(cost), dtype, batch, nr, nc, opt,
-                           reinterpret_cast<int64_t*>(rows), reinterpret_cast<int64_t*>(cols),
-                           reinterpret_cast<void*>(u), reinterpret_cast<void*>(v), reinterpret_cast<int32_t*>(status),
-                           &stats);
-        }
-        py::dict info;
-        info["used_sparse"] = stats.used_sparse;
-        info["sparse_fallback"] = stats.sparse_fallback;
-        info["rows_rescanned"] = stats.rows_rescanned;
-        info["rounds"] = stats.rounds;
-        info["free_after_init"] = stats.free_after_init;
-        info["row_scans"] = stats.row_scans;
-        info["arr_steps"] = stats.arr_steps;
-        return info;
-      },
-      "Solve `batch` nr x nc assignment problems (dtype 0=float32, 1=float64) from contiguous memory; "
-      "writes rows/cols (int64, batch x min(nr,nc)), optional duals u/v (float64, or float32 when "
-      "compute_float32) and status (int32: 0 ok, 1 infeasible, 2 NaN/-inf). Returns stats of a single solve.",
-      py::arg("cost"), py::arg("dtype"), py::arg("batch"), py::arg("nr"), py::arg("nc"), py::arg("maximize"),
-      py::arg("compute_float32"), py::arg("num_threads"), py::arg("method"), py::arg("rows"), py::arg("cols"),
-      py::arg("u"), py::arg("v"), py::arg("status"));
+  using Solver = void (*)(const void*, int, int64_t, int64_t, int64_t, const lsa::Options&, int64_t*, int64_t*, void*,
+                         void*, int32_t*, lsa::Stats*);
+  auto bind_cpu = [&m](const char* name, Solver solver, const char* doc) {
+    m.def(
+        name,
+        [solver](std::uintptr_t cost, int dtype, int64_t batch, int64_t nr, int64_t nc, bool maximize,
+                 bool compute_float32, int num_threads, int method, std::uintptr_t rows, std::uintptr_t cols,
+                 std::uintptr_t u, std::uintptr_t v, std::uintptr_t status) {
+          lsa::Options opt;
+          opt.maximize = maximize;
+          opt.compute_float32 = compute_float32;
+          opt.num_threads = num_threads;
+          opt.method = method;
+          lsa::Stats stats;
+          {
+            py::gil_scoped_release release;
+            solver(reinterpret_cast<const void*>(cost), dtype, batch, nr, nc, opt, reinterpret_cast<int64_t*>(rows),
+                   reinterpret_cast<int64_t*>(cols), reinterpret_cast<void*>(u), reinterpret_cast<void*>(v),
+                   reinterpret_cast<int32_t*>(status), &stats);
+          }
+          py::dict info;
+          info["used_sparse"] = stats.used_sparse;
+          info["sparse_fallback"] = stats.sparse_fallback;
+          info["rows_rescanned"] = stats.rows_rescanned;
+          info["rounds"] = stats.rounds;
+          info["free_after_init"] = stats.free_after_init;
+          info["row_scans"] = stats.row_scans;
+          info["arr_steps"] = stats.arr_steps;
+          return info;
+        },
+        doc, py::arg("cost"), py::arg("dtype"), py::arg("batch"), py::arg("nr"), py::arg("nc"), py::arg("maximize"),
+        py::arg("compute_float32"), py::arg("num_threads"), py::arg("method"), py::arg("rows"), py::arg("cols"),
+        py::arg("u"), py::arg("v"), py::arg("status"));
+  };
+  bind_cpu("lsa_solve_cpu", &lsa::solve_batch,
+           "Solve `batch` nr x nc assignment problems (dtype 0=float32, 1=float64) from contiguous memory; "
+           "writes rows/cols (int64, batch x min(nr,nc)), optional duals u/v (float64, or float32 when "
+           "compute_float32) and status (int32: 0 ok, 1 infeasible, 2 NaN/-inf). Returns stats of a single solve.");
+  bind_cpu("lsa_solve_team_serial", &lsa::solve_batch_team_serial,
+           "Same contract as lsa_solve_cpu, computed by the CUDA kernels' team algorithm run by one CPU thread "
+           "(a check of that code without a GPU; not fast).");
 #ifdef MK_WITH_CUDA
   m.def(
       "lsa_solve_cuda",
@@ -73,8 +80,8 @@ void register_linear_assignment(py::module_& m) {
       py::arg("cost"), py::arg("dtype"), py::arg("batch"), py::arg("nr"), py::arg("nc"), py::arg("maximize"),
       py::arg("compute_float32"), py::arg("rows"), py::arg("cols"), py::arg("u"), py::arg("v"), py::arg("status"),
       py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"));
-  m.def("lsa_cuda_workspace_bytes", &lsa::cuda_workspace_bytes, py::arg("batch"), py::arg("nr"), py::arg("nc"),
-        py::arg("compute_float32"));
+  m.def("lsa_cuda_workspace_bytes", &lsa::cuda_workspace_bytes, py::arg("dtype"), py::arg("batch"), py::arg("nr"),
+        py::arg("nc"), py::arg("maximize"), py::arg("compute_float32"));
 #endif
 }
 

@@ -14,8 +14,11 @@ from helpers import fast_backend_params
 # (backend, device, native method): the public backends, plus each native CPU path forced on
 FAST = [p for p in fast_backend_params(LINEAR_ASSIGNMENT)]
 NATIVE_CPU = [p for p in FAST if p.values == ("native", "cpu")]
+# "team": the CUDA kernels' algorithm (csrc/common/lsa_team.h) run by one CPU thread, so that code is
+# checked on every machine; test_cuda_matches_team_serial ties the GPU results to it bit for bit.
 METHODS = [pytest.param("native", "cpu", la.METHOD_DENSE, id="native-cpu-dense"),
-           pytest.param("native", "cpu", la.METHOD_SPARSE, id="native-cpu-sparse")] if NATIVE_CPU else []
+           pytest.param("native", "cpu", la.METHOD_SPARSE, id="native-cpu-sparse"),
+           pytest.param("native", "cpu", "team", id="team-serial-cpu")] if NATIVE_CPU else []
 ALL = ([pytest.param("torch", "cpu", None, id="torch-cpu")]
        + [pytest.param(*p.values, None, id=p.id, marks=p.marks) for p in FAST] + METHODS)
 FAST_ONLY = [p for p in ALL if p.id != "torch-cpu"]
@@ -31,8 +34,12 @@ def solve(cost, backend, device, method=None, maximize=False, compute_dtype=None
     t3 = t if t.dim() == 3 else t[None]
     if t3.dtype not in (torch.float32, torch.float64):
         t3 = t3.double()
-    rows, cols, u, v, status, _ = la._solve_native_cpu(t3.contiguous(), maximize, compute_dtype or torch.float64,
-                                                       True, method=method)
+    if method == "team":
+        rows, cols, u, v, status, _ = la._solve_team_serial(t3.contiguous(), maximize,
+                                                            compute_dtype or torch.float64, True)
+    else:
+        rows, cols, u, v, status, _ = la._solve_native_cpu(t3.contiguous(), maximize,
+                                                           compute_dtype or torch.float64, True, method=method)
     la._raise_on_status(status, t.dim() == 3)
     out = (rows, cols, u, v) if t.dim() == 3 else (rows[0], cols[0], u[0], v[0])
     return tuple(x.numpy() for x in out)
@@ -340,3 +347,34 @@ def test_sparse_path_is_used_and_exact_on_large_problems():
                                                            True)
     assert int(status[0]) == 0 and stats["used_sparse"] == 1
     assert_optimal(cost, rows[0].numpy(), cols[0].numpy(), u[0].numpy(), v[0].numpy())
+
+
+# --------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(64, 64, 64), (8, 256, 256), (5, 40, 70), (5, 70, 40), (1, 1500, 1500), (3, 1, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("compute_dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
+def test_cuda_matches_team_serial(shape, compute_dtype, maximize):
+    """The kernels run the team algorithm; with (value, index) tie-breaking and no multiplications its
+    results do not depend on the team size: the GPU must reproduce the one-thread run bit for bit."""
+    kinds = ["uniform", "int_ties", "forbidden", "correlated"]
+    batch = np.stack([make_cost(kinds[b % 4], *shape[1:], seed=b) for b in range(shape[0])])
+    if maximize:
+        batch = np.where(np.isinf(batch), -np.inf, batch)
+    for dtype in (torch.float64, torch.float32):
+        t = torch.from_numpy(batch).to(dtype)
+        want = la._solve_team_serial(t.contiguous(), maximize, compute_dtype, True)[:5]
+        got = mk.linear_sum_assignment(t.cuda(), maximize, return_duals=True, backend="native",
+                                       compute_dtype=compute_dtype)
+        for g, w in zip(got, want[:4]):
+            assert torch.equal(g.cpu(), w)
+
+
+@pytest.mark.gpu
+def test_cuda_large_single_problem_is_exact():
+    cost = make_cost("uniform", 4096, 4096, seed=11)
+    rows, cols, u, v = mk.linear_sum_assignment(torch.from_numpy(cost).cuda(), return_duals=True)
+    assert_optimal(cost, rows.cpu().numpy(), cols.cpu().numpy(), u.cpu().numpy(), v.cpu().numpy())

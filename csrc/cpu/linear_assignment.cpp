@@ -11,6 +11,8 @@
 // rectangular problems, so the duals certify optimality of the rectangular problem as well.
 #include "linear_assignment.h"
 
+#include "common/lsa_team.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -1108,6 +1110,39 @@ bool prepare_copy(const Tin* src, int64_t nr, int64_t nc, bool transpose, bool n
   return bad == 0;
 }
 
+// Results of the n x m solve (x: row -> column, v) in the caller's orientation and sign.
+template <class T>
+void write_outputs(const T* c, int n, int m, bool transpose, bool maximize, const int* x, const T* v, int64_t* rows,
+                   int64_t* cols, T* u_out, T* v_out, std::vector<int>& scratch) {
+  const T sign = maximize ? T(-1) : T(1);
+  if (!transpose) {
+    for (int i = 0; i < n; ++i) {
+      rows[i] = i;
+      cols[i] = x[i];
+    }
+    if (u_out)
+      for (int i = 0; i < n; ++i) u_out[i] = sign * (c[static_cast<size_t>(i) * m + x[i]] - v[x[i]]);
+    if (v_out)
+      for (int j = 0; j < m; ++j) v_out[j] = sign * v[j];
+  } else {
+    // solved rows are the caller's columns; list the caller's rows in ascending order
+    std::vector<int>& col_of = scratch;
+    col_of.assign(m, -1);
+    for (int j = 0; j < n; ++j) col_of[x[j]] = j;
+    int t = 0;
+    for (int i = 0; i < m; ++i)
+      if (col_of[i] >= 0) {
+        rows[t] = i;
+        cols[t] = col_of[i];
+        ++t;
+      }
+    if (u_out)
+      for (int i = 0; i < m; ++i) u_out[i] = sign * v[i];
+    if (v_out)
+      for (int j = 0; j < n; ++j) v_out[j] = sign * (c[static_cast<size_t>(j) * m + x[j]] - v[x[j]]);
+  }
+}
+
 constexpr int kSparseMinN = 768;  // kAuto: square problems from this size take the sparse path
 
 template <class T>
@@ -1177,44 +1212,59 @@ int32_t solve_one(const void* cost, int dtype, int64_t nr, int64_t nc, const Opt
     v = w.v.data();
   }
 
-  // outputs in the caller's orientation and sign
-  const T sign = opt.maximize ? T(-1) : T(1);
-  if (!transpose) {
-    for (int i = 0; i < n; ++i) {
-      rows[i] = i;
-      cols[i] = x[i];
-    }
-    if (u_out)
-      for (int i = 0; i < n; ++i) u_out[i] = sign * (c[static_cast<size_t>(i) * m + x[i]] - v[x[i]]);
-    if (v_out)
-      for (int j = 0; j < m; ++j) v_out[j] = sign * v[j];
-  } else {
-    // solved rows are the caller's columns; list the caller's rows in ascending order
-    std::vector<int>& col_of = w.matches;
-    col_of.assign(m, -1);
-    for (int j = 0; j < n; ++j) col_of[x[j]] = j;
-    int t = 0;
-    for (int i = 0; i < m; ++i)
-      if (col_of[i] >= 0) {
-        rows[t] = i;
-        cols[t] = col_of[i];
-        ++t;
-      }
-    if (u_out)
-      for (int i = 0; i < m; ++i) u_out[i] = sign * v[i];
-    if (v_out)
-      for (int j = 0; j < n; ++j) v_out[j] = sign * (c[static_cast<size_t>(j) * m + x[j]] - v[x[j]]);
+  write_outputs(c, n, m, transpose, opt.maximize, x, v, rows, cols, u_out, v_out, w.matches);
+  return kOk;
+}
+
+// The CUDA kernels' team algorithm (csrc/common/lsa_team.h) run by a team of one thread: lets the
+// tests check that code on machines without a GPU.
+template <class T>
+int32_t solve_one_team(const void* cost, int dtype, int64_t nr, int64_t nc, const Options& opt, int64_t* rows,
+                       int64_t* cols, T* u_out, T* v_out, Work<T>& w, Stats* stats) {
+  const bool transpose = nr > nc;
+  const int n = static_cast<int>(transpose ? nc : nr);
+  const int m = static_cast<int>(transpose ? nr : nc);
+  if (stats) *stats = Stats{};
+  if (n == 0) return kOk;
+  w.mat.resize(static_cast<size_t>(nr) * static_cast<size_t>(nc));
+  const bool ok = dtype == 1 ? prepare_copy(static_cast<const double*>(cost), nr, nc, transpose, opt.maximize,
+                                            w.mat.data())
+                             : prepare_copy(static_cast<const float*>(cost), nr, nc, transpose, opt.maximize,
+                                            w.mat.data());
+  if (!ok) return kInvalid;
+  team::Problem<T> p;
+  p.c = w.mat.data();
+  p.n = n;
+  p.m = m;
+  std::vector<unsigned char> buf(static_cast<size_t>(team::work_bytes<T>(n, m)) + 16);
+  team::carve(p, buf.data());
+  p.arr_passes = team::arr_passes_for(m);
+  long long counters[2] = {0, 0};
+  p.counters = counters;
+  team::SerialTeam tm;
+  const int32_t st = team::solve(tm, p);
+  if (stats) {
+    stats->arr_steps = counters[0];
+    stats->row_scans = counters[1];
   }
+  if (st != kOk) return st;
+  write_outputs(p.c, n, m, transpose, opt.maximize, p.x, p.v, rows, cols, u_out, v_out, w.matches);
   return kOk;
 }
 
 template <class T>
 void solve_batch_t(const void* cost, int dtype, int64_t batch, int64_t nr, int64_t nc, const Options& opt,
-                   int64_t* rows, int64_t* cols, T* u, T* v, int32_t* status, Stats* stats) {
+                   int64_t* rows, int64_t* cols, T* u, T* v, int32_t* status, Stats* stats, bool serial_team) {
   const int64_t k = std::min(nr, nc);
   const size_t esize = dtype == 1 ? sizeof(double) : sizeof(float);
   const size_t pstride = static_cast<size_t>(nr) * static_cast<size_t>(nc) * esize;
   auto one = [&](int64_t b, Work<T>& w, SparseWork<T>& sw) {
+    if (serial_team) {
+      status[b] = solve_one_team<T>(static_cast<const char*>(cost) + b * pstride, dtype, nr, nc, opt, rows + b * k,
+                                    cols + b * k, u ? u + b * nr : nullptr, v ? v + b * nc : nullptr, w,
+                                    batch == 1 ? stats : nullptr);
+      return;
+    }
     status[b] = solve_one<T>(static_cast<const char*>(cost) + b * pstride, dtype, nr, nc, opt, rows + b * k,
                              cols + b * k, u ? u + b * nr : nullptr, v ? v + b * nc : nullptr, w, sw,
                              batch == 1 ? stats : nullptr);
@@ -1243,10 +1293,21 @@ void solve_batch(const void* cost, int dtype, int64_t batch, int64_t nr, int64_t
                  int64_t* rows, int64_t* cols, void* u, void* v, int32_t* status, Stats* stats) {
   if (options.compute_float32)
     solve_batch_t<float>(cost, dtype, batch, nr, nc, options, rows, cols, static_cast<float*>(u),
-                         static_cast<float*>(v), status, stats);
+                         static_cast<float*>(v), status, stats, false);
   else
     solve_batch_t<double>(cost, dtype, batch, nr, nc, options, rows, cols, static_cast<double*>(u),
-                          static_cast<double*>(v), status, stats);
+                          static_cast<double*>(v), status, stats, false);
+}
+
+void solve_batch_team_serial(const void* cost, int dtype, int64_t batch, int64_t nr, int64_t nc,
+                             const Options& options, int64_t* rows, int64_t* cols, void* u, void* v, int32_t* status,
+                             Stats* stats) {
+  if (options.compute_float32)
+    solve_batch_t<float>(cost, dtype, batch, nr, nc, options, rows, cols, static_cast<float*>(u),
+                         static_cast<float*>(v), status, stats, true);
+  else
+    solve_batch_t<double>(cost, dtype, batch, nr, nc, options, rows, cols, static_cast<double*>(u),
+                          static_cast<double*>(v), status, stats, true);
 }
 
 }  // namespace lsa

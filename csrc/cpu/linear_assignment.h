@@ -53,5 +53,11 @@ struct Stats {  // what the last single-problem solve did (for tests and benchma
 void solve_batch(const void* cost, int dtype, int64_t batch, int64_t nr, int64_t nc, const Options& options,
                  int64_t* rows, int64_t* cols, void* u, void* v, int32_t* status, Stats* stats = nullptr);
 
+// The CUDA kernels' team algorithm (csrc/common/lsa_team.h) run on the CPU by a team of one
+// thread, with the same contract: the tests check that code here, without a GPU.
+void solve_batch_team_serial(const void* cost, int dtype, int64_t batch, int64_t nr, int64_t nc,
+                             const Options& options, int64_t* rows, int64_t* cols, void* u, void* v, int32_t* status,
+                             Stats* stats = nullptr);
+
 }  // namespace lsa
 }  // namespace merging_kernels

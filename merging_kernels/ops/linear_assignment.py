@@ -166,6 +166,20 @@ def _solve_native_cpu(cost3: torch.Tensor, maximize: bool, compute_dtype: torch.
     return rows, cols, u, v, status, stats
 
 
+def _solve_team_serial(cost3: torch.Tensor, maximize: bool, compute_dtype: torch.dtype, want_duals: bool):
+    """The CUDA kernels' team algorithm run by one CPU thread (_C.lsa_solve_team_serial): lets tests check that
+    code without a GPU. Same returns as :func:`_solve_native_cpu`."""
+    from .._native import native_module
+
+    rows, cols, u, v, status = _outputs(cost3, compute_dtype, want_duals)
+    b, n, m = cost3.shape
+    stats = native_module("cpu").lsa_solve_team_serial(
+        cost3.data_ptr(), 1 if cost3.dtype == torch.float64 else 0, b, n, m, bool(maximize),
+        compute_dtype == torch.float32, 1, METHOD_AUTO, rows.data_ptr(), cols.data_ptr(), _ptr(u), _ptr(v),
+        status.data_ptr())
+    return rows, cols, u, v, status, stats
+
+
 def _solve_native_cuda(cost3: torch.Tensor, maximize: bool, compute_dtype: torch.dtype, want_duals: bool):
     """Runs _C.lsa_solve_cuda on the current stream; returns (rows, cols, u, v, status)."""
     from .._native import native_module
@@ -175,10 +189,11 @@ def _solve_native_cuda(cost3: torch.Tensor, maximize: bool, compute_dtype: torch
     b, n, m = cost3.shape
     with torch.cuda.device(cost3.device):
         f32 = compute_dtype == torch.float32
-        nbytes = int(mod.lsa_cuda_workspace_bytes(b, n, m, f32))
+        dtype_code = 1 if cost3.dtype == torch.float64 else 0
+        nbytes = int(mod.lsa_cuda_workspace_bytes(dtype_code, b, n, m, bool(maximize), f32))
         workspace = torch.empty((max(nbytes, 1),), dtype=torch.uint8, device=cost3.device)
         stream = torch.cuda.current_stream(cost3.device).cuda_stream
-        mod.lsa_solve_cuda(cost3.data_ptr(), 1 if cost3.dtype == torch.float64 else 0, b, n, m, bool(maximize), f32,
+        mod.lsa_solve_cuda(cost3.data_ptr(), dtype_code, b, n, m, bool(maximize), f32,
                            rows.data_ptr(), cols.data_ptr(), _ptr(u), _ptr(v), status.data_ptr(),
                            workspace.data_ptr(), nbytes, stream)
     return rows, cols, u, v, status
