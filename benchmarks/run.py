@@ -78,7 +78,7 @@ class Suite:
     records: list[Record] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     checks: dict = field(default_factory=dict)
-    targets: list[tuple[str, bool, str]] = field(default_factory=list)
+    targets: list[tuple[str, bool | None, str]] = field(default_factory=list)  # None: not measured
 
     def say(self, text: str) -> None:
         print(text, flush=True)
@@ -362,7 +362,7 @@ def evaluate_targets(suite: Suite, copy_gbps: float) -> None:
     ties = next((r for r in f32 if r.op.startswith("ties[tensor]") and r.provider == fast), None)
     mk_check = next((v for k, v in suite.checks.items() if k.startswith("ties[tensor] float32") and fast in k), None)
     if ties is None or ties.speedup_vs_peer is None:
-        suite.targets.append((f"{fast} TIES >= {TARGET_TIES_SPEEDUP:.0f}x mergekit-style at identical output", False,
+        suite.targets.append((f"{fast} TIES >= {TARGET_TIES_SPEEDUP:.0f}x mergekit-style at identical output", None,
                               f"not measured ({fast} rows skipped)"))
     else:
         identical = bool(mk_check and mk_check["identical"])
@@ -376,7 +376,7 @@ def evaluate_targets(suite: Suite, copy_gbps: float) -> None:
     ta = next((r for r in f32 if r.op == "task_arithmetic" and r.provider == fast), None)
     name = f"{fast} task arithmetic >= {TARGET_TA_COPY_FRACTION:.0%} of copy bandwidth"
     if ta is None:
-        suite.targets.append((name, False, f"not measured ({fast} rows skipped)"))
+        suite.targets.append((name, None, f"not measured ({fast} rows skipped)"))
     else:
         frac = ta.gbps / copy_gbps
         suite.targets.append((name, frac >= TARGET_TA_COPY_FRACTION,
@@ -409,8 +409,8 @@ def main(argv=None) -> int:
     suite.say(f"host:    {platform.node()} {platform.platform()}; python {platform.python_version()}, "
               f"torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}")
     suite.say(f"merging_kernels {mk.__version__}, build_info: {mk.build_info()}")
-    load = _load_line()
-    suite.say(f"load:    {load}")
+    suite.say(f"code:    {_code_line()}")
+    suite.say(f"load:    {_load_line()}")
 
     suite.say("\nmemory copy (the bandwidth limit)")
     copy_gbps = copy_bandwidth(suite, copy_numel)
@@ -436,7 +436,7 @@ def main(argv=None) -> int:
     print(f"load at the end: {_load_line()}")
     print("\ntargets:")
     for name, ok, detail in suite.targets:
-        print(f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}")
+        print(f"  {'SKIP' if ok is None else 'PASS' if ok else 'FAIL'}  {name}: {detail}")
 
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -448,6 +448,27 @@ def main(argv=None) -> int:
             }, f, indent=1)
         print(f"\nwrote {args.json}")
     return 0
+
+
+def _code_line() -> str:
+    """The git commit of the checkout, whether the library's sources differ from it, and when _C was built."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        import subprocess
+
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "merging_kernels", "csrc", "python"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        head, dirty = "unknown", ""
+    line = f"git {head or 'unknown'}" + (" + uncommitted changes in merging_kernels/csrc/python" if dirty else "")
+    native = getattr(mk._native, "_module", None)
+    path = getattr(native, "__file__", None)
+    if path and os.path.exists(path):
+        built = datetime.datetime.fromtimestamp(os.path.getmtime(path)).isoformat(timespec="seconds")
+        line += f"; _C built {built}"
+    return line
 
 
 def _load_line() -> str:
