@@ -139,10 +139,12 @@ inline bool all_valid_generic(const T* c, int64_t count) {  // no NaN, no -inf
 }
 
 #ifdef MK_LSA_X86
-bool cpu_has_avx() {
-  static const bool has = __builtin_cpu_supports("avx");
-  return has;
+bool detect_avx() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx");
 }
+const bool g_has_avx = detect_avx();  // once, at load time (no guard on the hot paths)
+inline bool cpu_has_avx() { return g_has_avx; }
 
 // blend(a, b, mask) = mask ? b : a with a mask from _mm256_cmp_pd, in AVX1 bitwise operations (GCC lowers
 // _mm256_blendv_pd on a comparison result to scalar code when AVX2 is absent).
@@ -553,38 +555,42 @@ class DenseSolver {
   // Shortest augmenting path from free row f (Dijkstra on reduced costs, one column at a time).
   int32_t augment(int f) {
     Work<T>& w = w_;
-    T* v = w.v.data();
-    T* d = w.d.data();
-    T* pred = w.pred.data();
-    int* x = w.x.data();
-    int* y = w.y.data();
     if (static_cast<int>(w.scanned.size()) < m_) {
       w.scanned.resize(m_);
       w.dsc.resize(m_);
       w.vsc.resize(m_);
     }
-    std::fill(d, d + m_, kInf<T>);
+    T* const v = w.v.data();
+    T* const d = w.d.data();
+    T* const pred = w.pred.data();
+    int* const x = w.x.data();
+    int* const y = w.y.data();
+    int* const scanned = w.scanned.data();
+    T* const dsc = w.dsc.data();
+    T* const vsc = w.vsc.data();
+    const int m = m_;
+    std::fill(d, d + m, kInf<T>);
     int nsc = 0, j = -1;
-    T mu = relax(row(f), v, d, pred, T(0), static_cast<T>(f), m_, &j);
+    T mu = relax(row(f), v, d, pred, T(0), static_cast<T>(f), m, &j);
     while (true) {
       if (!(mu < kInf<T>)) {  // no augmenting path of finite cost: infeasible
-        for (int k = 0; k < nsc; ++k) v[w.scanned[k]] = w.vsc[k];
+        for (int k = 0; k < nsc; ++k) v[scanned[k]] = vsc[k];
         return kInfeasible;
       }
-      if (y[j] < 0) break;
       const int i = y[j];
+      if (i < 0) break;
       const T vj = v[j];
       const T h = mu - (row(i)[j] - vj);
-      w.scanned[nsc] = j;
-      w.vsc[nsc] = vj;
-      w.dsc[nsc] = mu;
+      scanned[nsc] = j;
+      vsc[nsc] = vj;
+      dsc[nsc] = mu;
       ++nsc;
       v[j] = -kInf<T>;
       d[j] = kInf<T>;
-      mu = relax(row(i), v, d, pred, h, static_cast<T>(i), m_, &j);
-      ++row_scans;
+      mu = relax(row(i), v, d, pred, h, static_cast<T>(i), m, &j);
     }
-    for (int k = 0; k < nsc; ++k) v[w.scanned[k]] = w.vsc[k] + (w.dsc[k] - mu);
+    row_scans += nsc;
+    for (int k = 0; k < nsc; ++k) v[scanned[k]] = vsc[k] + (dsc[k] - mu);
     while (true) {
       const int i = static_cast<int>(pred[j]);
       y[j] = i;

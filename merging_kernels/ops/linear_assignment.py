@@ -200,11 +200,11 @@ def _solve_native_cuda(cost3: torch.Tensor, maximize: bool, compute_dtype: torch
 
 
 def _raise_on_status(status: torch.Tensor, batched: bool) -> None:
-    bad = torch.nonzero(status.cpu() != 0).flatten()
-    if bad.numel() == 0:
+    codes = status.cpu().numpy()
+    if not codes.any():
         return
-    b = int(bad[0])
-    code = int(status.cpu()[b])
+    b = int(np.flatnonzero(codes)[0])
+    code = int(codes[b])
     message = INFEASIBLE_MESSAGE if code == 1 else INVALID_MESSAGE
     if code == 2:
         message += " (NaN, or -inf; +inf when maximizing)"

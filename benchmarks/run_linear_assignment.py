@@ -1,0 +1,375 @@
+"""Linear assignment side by side: merging_kernels (native) vs scipy, lap and lapjv, in one run.
+
+    python benchmarks/run_linear_assignment.py [--device cpu|cuda] [--quick] [--sizes 256,1024,2048,4096]
+
+Sections:
+  1. CPU, one problem, n x n, for n in --sizes and four cost kinds: uniform random; two
+     correlation-derived ones (cost = -corr of two sets of features): "corr-latent" (features driven
+     by a shared low-rank signal, no unit-to-unit correspondence) and "corr-perm" (the second set a
+     noisy permutation of the first: units do correspond); and "mlp-digits" (-corr of the hidden
+     units of two MLPs of width n trained from different seeds on sklearn's digits: MuDSC's workload).
+  2. CPU, batches: 1000 x 64x64 and 64 x 256x256 uniform problems, native (OpenMP over problems, and
+     one thread) vs a Python loop over each peer.
+  3. GPU (--device cuda): 4096 x 64x64 and 256 x 256x256 batches, and one 4096 x 4096 problem, vs
+     the scipy loop / scipy on this machine's CPU.
+Every time is a median of repeats after a warm-up call (wall clock; the native single-problem solve
+is single-threaded like the peers). Each solver's total cost is checked against scipy's. Ratios are
+peer time / native time from the same run; PASS/FAIL lines restate the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+try:
+    import merging_kernels as mk
+except ImportError:  # not installed: run from a source checkout
+    sys.path.insert(1, os.path.dirname(HERE))
+    import merging_kernels as mk
+
+from merging_kernels.ops import linear_assignment as la  # noqa: E402
+
+try:
+    from common import device_name  # noqa: E402  (benchmarks/common.py)
+except ImportError:  # pragma: no cover - a checkout without the shared benchmark helpers
+    device_name = None
+
+from scipy.optimize import linear_sum_assignment as scipy_lsa  # noqa: E402
+
+try:
+    import lap
+except ImportError:
+    lap = None
+try:
+    import lapjv
+except ImportError:
+    lapjv = None
+
+
+# --------------------------------------------------------------------------- costs
+
+
+def cost_uniform(n, rng):
+    return rng.random((n, n))
+
+
+def _standardize(x):
+    return (x - x.mean(0)) / (x.std(0) + 1e-12)
+
+
+def cost_corr_latent(n, rng):
+    samples, k = 2 * n, max(4, n // 8)
+    z = rng.standard_normal((samples, k))
+    a = z @ rng.standard_normal((k, n)) + rng.standard_normal((samples, n))
+    b = z @ rng.standard_normal((k, n)) + rng.standard_normal((samples, n))
+    return np.ascontiguousarray(-(_standardize(a).T @ _standardize(b)) / samples)
+
+
+def cost_corr_perm(n, rng):
+    samples, k = 2 * n, max(8, n // 16)
+    z = rng.standard_normal((samples, k))
+    a = z @ rng.standard_normal((k, n)) / np.sqrt(k) + 0.5 * rng.standard_normal((samples, n))
+    b = a[:, rng.permutation(n)] + rng.standard_normal((samples, n))
+    return np.ascontiguousarray(-(_standardize(a).T @ _standardize(b)) / samples)
+
+
+def cost_mlp_digits(n, rng, steps=30):
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    y = torch.tensor(y)
+    acts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(64, n), torch.nn.ReLU(), torch.nn.Linear(n, 10))
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+        with torch.no_grad():
+            acts.append(net[1](net[0](x)).double().numpy())
+    a, b = (_standardize(h) for h in acts)
+    return np.ascontiguousarray(-(a.T @ b) / x.shape[0])
+
+
+KINDS = {"uniform": cost_uniform, "corr-latent": cost_corr_latent, "corr-perm": cost_corr_perm,
+         "mlp-digits": cost_mlp_digits}
+
+
+# --------------------------------------------------------------------------- solvers (each returns a column per row)
+
+
+def solve_native(c):
+    return mk.linear_sum_assignment(c)[1]
+
+
+def solve_scipy(c):
+    return scipy_lsa(c)[1]
+
+
+def solve_lap(c):
+    return lap.lapjv(c)[1]
+
+
+def solve_lapjv(c):
+    return lapjv.lapjv(c)[0]
+
+
+def single_solvers():
+    out = [("native", solve_native), ("scipy", solve_scipy)]
+    if lap is not None:
+        out.append(("lap", solve_lap))
+    if lapjv is not None:
+        out.append(("lapjv", solve_lapjv))
+    return out
+
+
+# --------------------------------------------------------------------------- timing
+
+
+@dataclasses.dataclass
+class Timing:
+    wall: float  # median wall-clock seconds
+    cpu: float  # median CPU seconds of the process (all threads)
+    repeats: int
+
+
+def timed(fn, quick, first_s=0.0):
+    """Medians of wall-clock and process CPU time over repeats after a warm-up call (fewer for slow calls).
+
+    On a machine shared with other jobs the wall clock of a single-threaded call includes time the
+    thread spent descheduled; its CPU time does not. Both are reported.
+    """
+    if first_s > 5.0:  # seconds per call: no warm-up, two repeats
+        repeats, warmup = 2, 0
+    else:
+        repeats, warmup = (3 if quick else 7), 1
+    for _ in range(warmup):
+        fn()
+    walls, cpus = [], []
+    spent = 0.0
+    gc.collect()
+    while len(walls) < repeats and (len(walls) < 2 or spent < (5.0 if quick else 20.0)):
+        gc.disable()  # (no gc.collect() between repeats: it leaves caches cold and times cold calls)
+        try:
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            t1, c1 = time.perf_counter(), time.process_time()
+        finally:
+            gc.enable()
+        walls.append(t1 - t0)
+        cpus.append(c1 - c0)
+        spent += t1 - t0
+    return Timing(statistics.median(walls), statistics.median(cpus), len(walls))
+
+
+def fmt_ms(s):
+    ms = s * 1e3
+    return f"{ms:.3f}" if ms < 1 else (f"{ms:.2f}" if ms < 100 else f"{ms:.0f}")
+
+
+def fmt_x(x):
+    return "-" if x is None else (f"{x:.2f}x" if x < 10 else f"{x:.1f}x" if x < 100 else f"{x:.0f}x")
+
+
+def table(header, rows):
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))),
+             "  ".join("-" * w for w in widths)]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def cpu_single(sizes, kinds, quick, targets):
+    """One problem per call; every solver single-threaded: ratios from CPU time (wall clock also shown)."""
+    names = [name for name, _ in single_solvers()]
+    header = (["kind", "n"] + [f"{name} cpu ms" for name in names] + [f"{p}/native" for p in names[1:]]
+              + [f"{name} wall ms" for name in names] + ["check"])
+    rows = []
+    for kind in kinds:
+        for n in sizes:
+            c = KINDS[kind](n, np.random.default_rng(n))
+            ref_total = None
+            times = {}
+            checks = []
+            for name, fn in single_solvers():
+                t0 = time.perf_counter()
+                cols = fn(c)
+                first = time.perf_counter() - t0
+                total = float(c[np.arange(n), np.asarray(cols)].sum())
+                if name == "scipy":
+                    ref_total = total
+                else:
+                    checks.append((name, total))
+                times[name] = timed(lambda: fn(c), quick, first)
+                print(f"  {kind:<12} n={n:<5} {name:<7} cpu {fmt_ms(times[name].cpu):>9} ms  wall "
+                      f"{fmt_ms(times[name].wall):>9} ms  ({times[name].repeats} repeats)", flush=True)
+            bad = [name for name, total in checks if abs(total - ref_total) > 1e-9 * max(1.0, abs(ref_total))]
+            check = "totals = scipy" if not bad else "DIFFERS: " + ",".join(bad)
+            ratios = [times[p].cpu / times["native"].cpu for p in names[1:]]
+            rows.append([kind, str(n)] + [fmt_ms(times[p].cpu) for p in names] + [fmt_x(r) for r in ratios]
+                        + [fmt_ms(times[p].wall) for p in names] + [check])
+            targets.append((f"CPU {kind} n={n}: native fastest of {'/'.join(names)}", min(ratios) >= 1.0,
+                            f"best peer / native = {fmt_x(min(ratios))} (CPU time), "
+                            f"{fmt_x(min(times[p].wall for p in names[1:]) / times['native'].wall)} (wall)"))
+            if n >= 1024:
+                targets.append((f"CPU {kind} n={n}: native >= 2x scipy", ratios[0] >= 2.0,
+                                f"{fmt_x(ratios[0])} (CPU time), {fmt_x(times['scipy'].wall / times['native'].wall)}"
+                                " (wall)"))
+            if bad:
+                targets.append((f"CPU {kind} n={n}: totals equal scipy's", False, ",".join(bad)))
+    return table(header, rows)
+
+
+def cpu_batches(quick, targets):
+    """Batches: native with its OpenMP threads (wall clock) and with one thread (CPU time), vs Python loops over
+    each peer (single-threaded: CPU time; wall also shown)."""
+    threads = (mk.build_info().get("max_threads") or 1)
+    header = ["batch", "shape", f"native {threads} thr wall ms", "native 1 thr cpu ms", "scipy loop cpu ms",
+              "lap loop cpu ms", "lapjv loop cpu ms", "scipy/native", "best peer/native", "scipy loop wall ms"]
+    rows = []
+    for batch, n in [(1000, 64), (64, 256)]:
+        c = np.random.default_rng(batch).random((batch, n, n))
+        native = lambda: mk.linear_sum_assignment(c)  # noqa: E731
+        t = torch.from_numpy(c)
+        native1 = lambda: la._solve_native_cpu(t, False, torch.float64, False, num_threads=1)  # noqa: E731
+        loops = {"scipy": lambda: [scipy_lsa(x) for x in c]}
+        if lap is not None:
+            loops["lap"] = lambda: [lap.lapjv(x) for x in c]
+        if lapjv is not None:
+            loops["lapjv"] = lambda: [lapjv.lapjv(x) for x in c]
+        got = mk.linear_sum_assignment(c)[1]
+        want = np.stack([scipy_lsa(x)[1] for x in c])
+        totals_ok = np.allclose(np.take_along_axis(c, got[:, :, None], 2).sum((1, 2)),
+                                np.take_along_axis(c, want[:, :, None], 2).sum((1, 2)), rtol=1e-12, atol=0)
+        times = {"native": timed(native, quick), "native1": timed(native1, quick)}
+        for name, fn in loops.items():
+            times[name] = timed(fn, quick)
+        # the native time: the better of the threaded wall clock and the one-thread CPU time
+        best_native = min(times["native"].wall, times["native1"].cpu)
+        peers = [times[p].cpu for p in ("scipy", "lap", "lapjv") if p in times]
+        rows.append([str(batch), f"{n}x{n}", fmt_ms(times["native"].wall), fmt_ms(times["native1"].cpu),
+                     fmt_ms(times["scipy"].cpu), fmt_ms(times["lap"].cpu) if "lap" in times else "-",
+                     fmt_ms(times["lapjv"].cpu) if "lapjv" in times else "-",
+                     fmt_x(times["scipy"].cpu / best_native), fmt_x(min(peers) / best_native),
+                     fmt_ms(times["scipy"].wall)])
+        print(f"  batch {batch} x {n}x{n}: " + ", ".join(f"{k} wall {fmt_ms(v.wall)} / cpu {fmt_ms(v.cpu)} ms"
+                                                          for k, v in times.items()), flush=True)
+        targets.append((f"CPU batch {batch} x {n}x{n}: native >= 10x the scipy loop",
+                        times["scipy"].cpu >= 10 * best_native,
+                        f"{fmt_x(times['scipy'].cpu / best_native)}; one thread alone: "
+                        f"{fmt_x(times['scipy'].cpu / times['native1'].cpu)}"))
+        if not totals_ok:
+            targets.append((f"CPU batch {batch} x {n}x{n}: totals equal scipy's", False, ""))
+    return table(header, rows)
+
+
+def gpu_section(quick, targets):
+    header = ["case", "shape", "native cuda ms", "scipy (CPU) ms", "scipy/native"]
+    rows = []
+    cases = [("batch", 4096, 64), ("batch", 256, 256), ("single", 1, 4096)]
+    for label, batch, n in cases:
+        c = np.random.default_rng(n).random((batch, n, n))
+        tc = torch.from_numpy(c).cuda()
+        fn = (lambda: mk.linear_sum_assignment(tc)) if batch > 1 else (lambda: mk.linear_sum_assignment(tc[0]))
+
+        def run_gpu():
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+
+        out = run_gpu()
+        cols = out[1].cpu().numpy().reshape(batch, n)
+        ref = [scipy_lsa(x)[1] for x in c]
+        ok = all(abs(c[b][np.arange(n), cols[b]].sum() - c[b][np.arange(n), ref[b]].sum()) <= 1e-9 * n
+                 for b in range(batch))
+        t_gpu = timed(run_gpu, quick).wall
+        t0 = time.perf_counter()
+        for x in c:
+            scipy_lsa(x)
+        t_cpu = time.perf_counter() - t0
+        rows.append([label, f"{batch} x {n}x{n}", fmt_ms(t_gpu), fmt_ms(t_cpu), fmt_x(t_cpu / t_gpu)])
+        print(f"  {label} {batch} x {n}x{n}: cuda {fmt_ms(t_gpu)} ms, scipy {fmt_ms(t_cpu)} ms", flush=True)
+        need = 50.0 if batch > 1 else 1.0
+        targets.append((f"GPU {batch} x {n}x{n}: >= {need:g}x scipy on this CPU", t_cpu >= need * t_gpu,
+                        fmt_x(t_cpu / t_gpu)))
+        if not ok:
+            targets.append((f"GPU {batch} x {n}x{n}: totals equal scipy's", False, ""))
+    return table(header, rows)
+
+
+def machine_line(device):
+    cpu = device_name("cpu") if device_name else platform.processor()
+    try:
+        load = "load average %.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        load = "load average unknown"
+    gpu = f"; GPU {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    return f"{cpu}{gpu}; {load}; {os.cpu_count()} cores visible"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="sizes 256,1024, fewer repeats")
+    parser.add_argument("--sizes", default=None, help="comma-separated n for the single-problem section")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated cost kinds")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in (args.sizes or ("256,1024" if args.quick else "256,1024,2048,4096")).split(",")]
+    kinds = args.kinds.split(",")
+    info = mk.build_info()
+    if not info.get("available"):
+        print(f"merging_kernels._C is not built ({info.get('error')}); nothing to measure")
+        return 1
+    print(f"# merging_kernels linear assignment, {datetime.date.today().isoformat()}")
+    print(f"# command: python benchmarks/run_linear_assignment.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"# machine: {machine_line(args.device)}")
+    print(f"# versions: torch {torch.__version__}, numpy {np.__version__}, scipy {__import__('scipy').__version__}, "
+          f"lap {getattr(lap, '__version__', 'absent')}, lapjv {getattr(lapjv, '__version__', 'absent')}; "
+          f"_C built with {info}")
+    print("# times: medians after a warm-up call, of wall clock and of process CPU time; single problems run on one")
+    print("# thread in every solver, so their ratios use CPU time (immune to time spent descheduled on a shared")
+    print("# machine); the wall clock is listed beside it")
+    targets: list[tuple[str, bool, str]] = []
+    sections = []
+    if args.device == "cpu":
+        print("\n== CPU, one problem ==", flush=True)
+        sections.append(("CPU, one n x n problem (float64)", cpu_single(sizes, kinds, args.quick, targets)))
+        print("\n== CPU, batches ==", flush=True)
+        sections.append(("CPU, batches of uniform problems (float64)", cpu_batches(args.quick, targets)))
+    else:
+        if not torch.cuda.is_available() or not info.get("cuda"):
+            print("no CUDA device, or _C built without CUDA kernels")
+            return 1
+        print("\n== GPU ==", flush=True)
+        sections.append(("GPU (native CUDA) vs scipy on this machine's CPU", gpu_section(args.quick, targets)))
+    for title, text in sections:
+        print(f"\n## {title}\n{text}")
+    print("\n## targets")
+    for what, ok, detail in targets:
+        print(f"{'PASS' if ok else 'FAIL'}  {what}  ({detail})")
+    print(f"\n# machine at the end: {machine_line(args.device)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
