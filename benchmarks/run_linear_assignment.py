@@ -317,6 +317,30 @@ def gpu_section(quick, targets):
     return table(header, rows)
 
 
+def _version(package):
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:  # not installed as a distribution
+        return "?"
+
+
+def _commit():
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        mine = ["../csrc/cpu/linear_assignment.cpp", "../csrc/cpu/linear_assignment.h", "../csrc/common/lsa_team.h",
+                "../csrc/cuda", "../python/linear_assignment_binding.cpp", "../merging_kernels/ops/linear_assignment.py"]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *mine], cwd=HERE, capture_output=True,
+                               text=True).stdout.strip()
+        return out + (" (+ uncommitted changes)" if dirty else "")
+    except Exception:
+        return "unknown commit"
+
+
 def machine_line(device):
     cpu = device_name("cpu") if device_name else platform.processor()
     try:
@@ -343,9 +367,9 @@ def main(argv=None) -> int:
     print(f"# merging_kernels linear assignment, {datetime.date.today().isoformat()}")
     print(f"# command: python benchmarks/run_linear_assignment.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"# machine: {machine_line(args.device)}")
-    print(f"# versions: torch {torch.__version__}, numpy {np.__version__}, scipy {__import__('scipy').__version__}, "
-          f"lap {getattr(lap, '__version__', 'absent')}, lapjv {getattr(lapjv, '__version__', 'absent')}; "
-          f"_C built with {info}")
+    print(f"# versions: torch {torch.__version__}, numpy {np.__version__}, scipy {_version('scipy')}, "
+          f"lap {_version('lap') if lap else 'absent'}, lapjv {_version('lapjv') if lapjv else 'absent'}; "
+          f"merging_kernels at {_commit()}; _C: {info}")
     print("# times: medians after a warm-up call, of wall clock and of process CPU time; single problems run on one")
     print("# thread in every solver, so their ratios use CPU time (immune to time spent descheduled on a shared")
     print("# machine); the wall clock is listed beside it")
