@@ -167,15 +167,12 @@ struct Scratch {  // per thread
   float* x;
   float* acc;
   float* d;           // K * kBlock
-  float* tile;        // (K + 2) * kLanes: the zero-padded last tile of a block
+  float* tile;        // (K + 2) * kMaxLanes: the zero-padded last tile of a block
   const float** rows; // 2 * K row pointers
   uint32_t* idx;      // K * kBlock
 };
 
-// GCC/Clang vector extensions: a tile of kLanes floats and its lane masks.
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
-constexpr int kLanes = 8;
+constexpr int kMaxLanes = 16;  // the widest register tile of any variant (AVX-512)
 
 // For each 8-bit lane mask, the indices of its set lanes packed to the front
 // (one byte each): the permutation that compacts a vector's selected lanes.
@@ -202,16 +199,37 @@ using HistFn = void (*)(const HistParams&, const HistJob&, const Scratch&, uint3
 
 #define MK_TV_ISA generic
 #define MK_TV_F16C 0
+#define MK_TV_AVX512 0
+#define MK_TV_VECTOR_BYTES 32
 #include "task_vectors_kernels.h"
+#undef MK_TV_VECTOR_BYTES
+#undef MK_TV_AVX512
 #undef MK_TV_F16C
 #undef MK_TV_ISA
 
 #if MK_TV_MULTIVERSION
 #pragma GCC push_options
-#pragma GCC target("avx2,f16c")
+#pragma GCC target("avx2,f16c,popcnt")
 #define MK_TV_ISA avx2
 #define MK_TV_F16C 1
+#define MK_TV_AVX512 0
+#define MK_TV_VECTOR_BYTES 32
 #include "task_vectors_kernels.h"
+#undef MK_TV_VECTOR_BYTES
+#undef MK_TV_AVX512
+#undef MK_TV_F16C
+#undef MK_TV_ISA
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,f16c,popcnt")
+#define MK_TV_ISA avx512
+#define MK_TV_F16C 1
+#define MK_TV_AVX512 1
+#define MK_TV_VECTOR_BYTES 64
+#include "task_vectors_kernels.h"
+#undef MK_TV_VECTOR_BYTES
+#undef MK_TV_AVX512
 #undef MK_TV_F16C
 #undef MK_TV_ISA
 #pragma GCC pop_options
@@ -219,15 +237,24 @@ using HistFn = void (*)(const HistParams&, const HistJob&, const Scratch&, uint3
 
 namespace {
 
-bool use_avx2() {
-  static const bool chosen = [] {
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+// The widest variant this CPU runs; MERGING_KERNELS_CPU_ISA=generic|avx2 caps it.
+Isa isa() {
+  static const Isa chosen = [] {
 #if MK_TV_MULTIVERSION
     const char* env = std::getenv("MERGING_KERNELS_CPU_ISA");
-    if (env != nullptr && std::string(env) == "generic") return false;
+    const std::string cap = env != nullptr ? env : "";
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                      __builtin_cpu_supports("popcnt");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    if (cap == "generic" || !avx2) return Isa::kGeneric;
+    if (cap == "avx2" || !avx512) return Isa::kAvx2;
+    return Isa::kAvx512;
 #else
-    return false;
+    return Isa::kGeneric;
 #endif
   }();
   return chosen;
@@ -235,14 +262,16 @@ bool use_avx2() {
 
 ApplyFn select_apply(int64_t in_dtype, int64_t out_dtype, bool elect_sign, bool trim) {
 #if MK_TV_MULTIVERSION
-  if (use_avx2()) return avx2::apply_kernel(in_dtype, out_dtype, elect_sign, trim);
+  if (isa() == Isa::kAvx512) return avx512::apply_kernel(in_dtype, out_dtype, elect_sign, trim);
+  if (isa() == Isa::kAvx2) return avx2::apply_kernel(in_dtype, out_dtype, elect_sign, trim);
 #endif
   return generic::apply_kernel(in_dtype, out_dtype, elect_sign, trim);
 }
 
 HistFn select_hist(int64_t in_dtype) {
 #if MK_TV_MULTIVERSION
-  if (use_avx2()) return avx2::hist_kernel(in_dtype);
+  if (isa() == Isa::kAvx512) return avx512::hist_kernel(in_dtype);
+  if (isa() == Isa::kAvx2) return avx2::hist_kernel(in_dtype);
 #endif
   return generic::hist_kernel(in_dtype);
 }
@@ -333,7 +362,7 @@ struct ThreadScratch {
 
   void allocate(int num_tasks, size_t extra_ints) {
     const size_t K = static_cast<size_t>(std::max(num_tasks, 1));
-    floats.assign((3 + K) * kBlock + (K + 2) * kLanes, 0.0f);
+    floats.assign((3 + K) * kBlock + (K + 2) * kMaxLanes, 0.0f);
     ints.assign(K * kBlock + extra_ints, 0u);
     rows.assign(2 * K, nullptr);
     float* f = floats.data();
@@ -381,7 +410,8 @@ void task_vectors_histogram(const TaskTensors& tensors, int64_t num_segments, in
   params.shift = shift;
   params.num_bins = uint32_t{1} << bits;
   params.stride = params.num_bins + kDummyBins;
-  params.copies = K >= 4 ? 2u : (K >= 2 ? 4u : 8u);  // >= 8 increments between two on one counter
+  // >= 8 increments between two on one counter (at most 8 copies: compact_matches)
+  params.copies = K >= 4 ? 2u : (K >= 2 ? 4u : 8u);
   params.high_mask = shift + bits >= 32 ? 0u : (~uint32_t{0} << (shift + bits));
   params.dare = clamp_dare(dare);
   const uint32_t NB = params.num_bins;
@@ -539,7 +569,16 @@ void task_vectors_apply(const TaskTensors& tensors, const std::vector<void*>& ou
   work(0, 1);
 }
 
-const char* task_vectors_isa() { return use_avx2() ? "avx2" : "generic"; }
+const char* task_vectors_isa() {
+  switch (isa()) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "generic";
+  }
+}
 
 }  // namespace cpu
 }  // namespace merging_kernels
