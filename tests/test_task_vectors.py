@@ -314,3 +314,23 @@ def test_float64_runs_on_the_reference_and_fast_backends_refuse_it():
     assert mk.task_arithmetic(base, [expert], 0.5).dtype == torch.float64
     with pytest.raises(TypeError, match="float64"):
         mk.task_arithmetic(base, [expert], 0.5, backend="native")
+
+
+@pytest.mark.parametrize("scope", ["tensor", "model"])
+def test_both_radix_digit_layouts_select_the_kthvalue(scope):
+    from merging_kernels.ops import task_vectors as tv
+
+    bases, experts = make_case([(300,), (7, 5), (1,)], 2)
+    spec = tv.make_spec(density=0.3, trim_scope=scope)
+    seg_of, seg_numel = tv.segments_of([b.numel() for b in bases], scope)
+    keep = torch.tensor([keep_count(0.3, n) for n in seg_numel])
+    expected = torch.stack([
+        torch.cat([(experts[k][t] - bases[t]).abs().flatten() for t in range(3) if seg_of[t] == s])
+        .sort(descending=True).values[keep[s] - 1]
+        for s in range(len(seg_numel)) for k in range(2)]).view(len(seg_numel), 2)
+    for levels in (tv.RADIX_LEVELS, tv.RADIX_LEVELS_NARROW):
+        got = tv.select_thresholds(
+            lambda shift, bits, prefix: tv.magnitude_histogram_torch(bases, experts, spec, [0, 1, 2], seg_of,
+                                                                     len(seg_numel), shift, bits, prefix),
+            keep, 2, levels)
+        assert torch.equal(got, expected)

@@ -158,11 +158,20 @@ def merge_task_vectors_torch(
 # --------------------------------------------------------------------------- threshold selection
 #
 # The fast backends find t_k by radix select on the float32 bit pattern of |d|
-# (monotone in the value for non-negative floats): three histogram passes over
-# 11 + 10 + 10 bits, each counting only entries whose higher bits match the
+# (monotone in the value for non-negative floats): a few histogram passes over
+# digits of those bits, each counting only entries whose higher bits match the
 # prefix found so far. (Non-finite task vectors are caught by the apply pass.)
 
-RADIX_LEVELS = ((20, 11), (10, 10), (0, 10))  # (shift, bits), most significant first
+# (shift, bits) per pass, most significant first. On CPU, per-thread histograms make wide digits
+# cheap, so three passes over memory win. On GPU, tl.histogram's cost grows with the number of bins
+# (warp ballots per bin), so four 256-bin passes should keep each pass memory-bound (not yet
+# measured on a GPU).
+RADIX_LEVELS = ((20, 11), (10, 10), (0, 10))
+RADIX_LEVELS_NARROW = ((24, 8), (16, 8), (8, 8), (0, 8))
+
+
+def radix_levels(backend: str) -> tuple[tuple[int, int], ...]:
+    return RADIX_LEVELS_NARROW if backend == "triton" else RADIX_LEVELS
 
 
 def magnitude_histogram_torch(
@@ -207,16 +216,16 @@ def radix_step(counts: torch.Tensor, prefix: torch.Tensor, remaining: torch.Tens
     prefix |= digit << shift
 
 
-def select_thresholds(histogram, keep: torch.Tensor, num_tasks: int) -> torch.Tensor:
-    """Run the three radix passes with ``histogram(shift, bits, prefix) -> counts``.
+def select_thresholds(histogram, keep: torch.Tensor, num_tasks: int, levels=RADIX_LEVELS) -> torch.Tensor:
+    """Run the radix passes of ``levels`` with ``histogram(shift, bits, prefix) -> counts``.
 
     ``keep`` is (S,) int64: the rank m per segment. Returns the (S, K) float32
-    thresholds and the (S, K) count of non-finite entries seen in the first pass.
+    thresholds (+inf for empty segments).
     """
     num_segments = keep.shape[0]
     prefix = torch.zeros((num_segments, num_tasks), dtype=torch.int64, device=keep.device)
     remaining = keep[:, None].expand(num_segments, num_tasks).clone()
-    for shift, bits in RADIX_LEVELS:
+    for shift, bits in levels:
         radix_step(histogram(shift, bits, prefix), prefix, remaining, shift)
     thresholds = prefix.to(torch.int32).view(torch.float32)
     return torch.where(keep[:, None] > 0, thresholds, torch.full_like(thresholds, float("inf")))
@@ -704,11 +713,7 @@ def merge_task_vectors(
         bases_c = [b.contiguous() for b in bases]
         experts_c = [[e.contiguous() for e in task] for task in experts]
         if spec.trims and thresholds is None:
-            keep = torch.tensor([keep_count(spec.density, n) for n in seg_numel], dtype=torch.int64, device=device)
-            thresholds = select_thresholds(
-                lambda shift, bits, prefix: _HISTOGRAM[chosen](bases_c, experts_c, spec, keys, seg_of, len(seg_numel),
-                                                               shift, bits, prefix),
-                keep, num_tasks)
+            thresholds = _select_in_memory(chosen, bases_c, experts_c, spec, keys, seg_numel, device)
         results = [torch.empty(b.shape, dtype=dt, device=device) for b, dt in zip(bases, out_dtypes)]
         nonfinite = _APPLY[chosen](bases_c, experts_c, results, w.to(device=device, dtype=torch.float32), spec, keys,
                                    seg_of, thresholds if spec.trims else None)
@@ -734,7 +739,7 @@ def magnitude_thresholds(
 ) -> torch.Tensor:
     """The (S, K) float32 trim thresholds t_k of :func:`merge_task_vectors` (S = T or 1).
 
-    Found by radix select (three histogram passes), never by sorting.
+    Found by radix select (histogram passes over the bits of |d|), never by sorting.
     """
     names, device = _check_inputs(bases, experts, None)
     spec = make_spec(density=density, trim_scope=trim_scope, drop_rate=drop_rate, seed=seed)
@@ -742,14 +747,19 @@ def magnitude_thresholds(
     chosen = _choose_backend(backend, device, bases, [b.dtype for b in bases])
     if chosen == "torch" and any(b.dtype == torch.float64 for b in bases):
         raise TypeError("magnitude_thresholds selects on float32 magnitudes; float64 inputs are not supported")
-    seg_of, seg_numel = segments_of([b.numel() for b in bases], spec.trim_scope)
+    _, seg_numel = segments_of([b.numel() for b in bases], spec.trim_scope)
+    return _select_in_memory(chosen, [b.contiguous() for b in bases],
+                             [[e.contiguous() for e in task] for task in experts], spec, keys, seg_numel, device)
+
+
+def _select_in_memory(backend, bases, experts, spec, keys, seg_numel, device) -> torch.Tensor:
+    """Trim thresholds of tensors held in memory, by radix select on ``backend``'s histograms."""
+    seg_of, _ = segments_of([b.numel() for b in bases], spec.trim_scope)
     keep = torch.tensor([keep_count(spec.density, n) for n in seg_numel], dtype=torch.int64, device=device)
-    bases_c = [b.contiguous() for b in bases]
-    experts_c = [[e.contiguous() for e in task] for task in experts]
     return select_thresholds(
-        lambda shift, bits, prefix: _HISTOGRAM[chosen](bases_c, experts_c, spec, keys, seg_of, len(seg_numel), shift,
-                                                       bits, prefix),
-        keep, len(experts))
+        lambda shift, bits, prefix: _HISTOGRAM[backend](bases, experts, spec, keys, seg_of, len(seg_numel), shift,
+                                                        bits, prefix),
+        keep, len(experts), radix_levels(backend))
 
 
 def _tensor_keys(tensor_keys, num_tensors: int) -> list[int]:
@@ -816,7 +826,7 @@ def streamed_magnitude_thresholds(
 
     ``chunks()`` must return a fresh iterable of ``(bases, experts, tensor_keys)``
     covering the model's tensors (``experts[k][t]``); it is called once per radix
-    pass (three times). Equals :func:`magnitude_thresholds` with
+    pass (three on CPU, four with the triton backend). Equals :func:`magnitude_thresholds` with
     ``trim_scope="model"`` on the whole model.
     """
     spec = make_spec(density=density, trim_scope="model", drop_rate=drop_rate, seed=seed)
@@ -834,4 +844,4 @@ def streamed_magnitude_thresholds(
                                          prefix)
         return counts
 
-    return select_thresholds(histogram, keep, num_tasks)
+    return select_thresholds(histogram, keep, num_tasks, radix_levels(chosen))
