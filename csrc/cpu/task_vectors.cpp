@@ -4,25 +4,30 @@
 // magnitude_histogram_torch are the reference) and task_vectors.h.
 //
 // Structure:
-//  * the block kernels (task_vectors_kernels.h) are compiled twice in this file:
-//    portable (SSE2 on x86-64) and, on x86 with GCC, under
-//    `#pragma GCC target("avx2,f16c")`; the variant is picked once at run time
-//    (MERGING_KERNELS_CPU_ISA=generic forces the portable one). No FMA is
-//    enabled anywhere, so every product and sum rounds exactly like the torch
+//  * the kernels (task_vectors_kernels.h) are compiled up to three times in this
+//    file: portable (SSE2 on x86-64, whatever the target has elsewhere) and, on
+//    x86 with GCC, under `#pragma GCC target` for AVX2+F16C and for AVX-512; the
+//    widest variant the CPU runs is picked once at run time
+//    (MERGING_KERNELS_CPU_ISA=generic or =avx2 caps it). FMA is never enabled and
+//    contraction is off, so every product and sum rounds like the torch
 //    reference (d = expert - base is exactly one float32 subtraction).
 //  * the drivers below split the concatenation of all T tensors into one
 //    contiguous range per OpenMP thread (static schedule); a range is walked
 //    as pieces (a tensor's part of it), each processed in blocks of kBlock.
+//  * GCC or Clang is required (vector extensions).
 
 // The kernels select with conditional expressions (x = keep ? a : b). Under the
 // default -ftrapping-math GCC may not evaluate both arms of such a selection
 // (an arm's float operation might raise a flag), leaving a branch that blocks
 // vectorization. Nothing here reads floating-point exception flags, and values
 // are unchanged (no reassociation, signed zeros and NaNs kept), so this file
-// opts out for every function it defines.
+// opts out for every function it defines; it also keeps a * b + c from being
+// contracted into an FMA where the target has one.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math", "fp-contract=off")
 #pragma GCC diagnostic ignored "-Wpsabi"
+#elif defined(__clang__)
+#pragma clang fp contract(off)
 #endif
 
 #include "task_vectors.h"
@@ -40,6 +45,9 @@
 
 #ifdef MK_WITH_OPENMP
 #include <omp.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
 #endif
 
 #include "common/philox.h"
@@ -168,7 +176,7 @@ struct Scratch {  // per thread
   float* acc;
   float* d;           // K * kBlock
   float* tile;        // (K + 2) * kMaxLanes: the zero-padded last tile of a block
-  const float** rows; // 2 * K row pointers
+  const void** rows;  // 2 * K row pointers
   uint32_t* idx;      // K * kBlock
 };
 
@@ -357,7 +365,7 @@ void thread_range(int64_t total, int p, int np, int64_t& lo, int64_t& hi) {
 struct ThreadScratch {
   std::vector<float> floats;
   std::vector<uint32_t> ints;
-  std::vector<const float*> rows;
+  std::vector<const void*> rows;
   Scratch view{};
 
   void allocate(int num_tasks, size_t extra_ints) {
@@ -375,6 +383,36 @@ struct ThreadScratch {
     view.idx = ints.data();
   }
 };
+
+// Outputs are usually fresh allocations whose pages the kernel faults in (and
+// zeroes) on our first write: 4 KiB at a time that costs more than the merge
+// itself. Where transparent huge pages are in "madvise" mode, asking for them on
+// the 2 MiB-aligned interior of each large output cuts the faults 512-fold. A
+// hint only: already-populated memory and failures are left as they are.
+// MERGING_KERNELS_NO_HUGEPAGES=1 turns it off.
+void advise_huge_pages(const std::vector<void*>& outs, const std::vector<int64_t>& numels,
+                       const std::vector<int64_t>& out_dtypes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = [] {
+    const char* env = std::getenv("MERGING_KERNELS_NO_HUGEPAGES");
+    return env == nullptr || std::string(env).empty() || std::string(env) == "0";
+  }();
+  if (!enabled) return;
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    const uintptr_t bytes = static_cast<uintptr_t>(numels[i]) * (out_dtypes[i] == kFloat32 ? 4u : 2u);
+    if (outs[i] == nullptr || bytes < 2 * kHuge) continue;
+    const uintptr_t start = reinterpret_cast<uintptr_t>(outs[i]);
+    const uintptr_t lo = (start + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t hi = (start + bytes) & ~(kHuge - 1);
+    if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+  }
+#else
+  (void)outs;
+  (void)numels;
+  (void)out_dtypes;
+#endif
+}
 
 Dare clamp_dare(const Dare& dare) {
   Dare d = dare;
@@ -534,6 +572,7 @@ void task_vectors_apply(const TaskTensors& tensors, const std::vector<void*>& ou
   const int nt = num_threads_for(total, K);
   std::vector<ThreadScratch> scratch(nt);
   for (auto& s : scratch) s.allocate(K, 0);
+  advise_huge_pages(outs, tensors.numels, out_dtypes);
 
   auto work = [&](int p, int np) {
     ThreadScratch& ts = scratch[p];

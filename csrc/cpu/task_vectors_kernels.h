@@ -1,16 +1,19 @@
-// Block kernels of the task-vector op family, one instruction-set variant.
+// Kernels of the task-vector op family, one instruction-set variant.
 //
 // No include guard on purpose: task_vectors.cpp includes this file once per
-// variant, inside namespace merging_kernels::cpu, with MK_TV_ISA naming the
-// variant's namespace and MK_TV_F16C saying whether F16C conversions may be used
-// (under `#pragma GCC target`, so the same source compiles to SSE2 and AVX2 code).
-// It relies on the shared definitions of task_vectors.cpp (Half, BF16, ApplyParams,
-// ApplyJob, HistParams, HistJob, Scratch, the scalar conversions, kBlock).
+// variant, inside namespace merging_kernels::cpu and under `#pragma GCC target`,
+// with MK_TV_ISA naming the variant's namespace, MK_TV_VECTOR_BYTES the width of
+// its register tiles (32: SSE2 pairs or AVX2; 64: AVX-512), MK_TV_F16C and
+// MK_TV_AVX512 saying which intrinsics it may use. It relies on the shared
+// definitions of task_vectors.cpp (Half, BF16, ApplyParams, ApplyJob, HistParams,
+// HistJob, Scratch, the scalar conversions, kBlock, kMaxLanes).
 //
-// Every kernel works on blocks of kBlock elements: the K task vectors of a block
-// live in per-thread float scratch (L1), so each loop below is a straight loop
-// over float arrays that the compiler vectorizes; the only per-element branch
-// left is none: selections are written as conditional expressions.
+// Work is done in blocks of kBlock elements of one tensor. The apply pass
+// combines register tiles of kLanes elements straight from the inputs (each
+// element of base and experts read once, the output written once; DARE first
+// puts the block's task vectors in per-thread scratch). The histogram pass
+// computes the block's bin indices with vector code, then counts them.
+// Selections are masks or conditional expressions, never branches.
 
 #ifndef MK_TV_ISA
 #error "define MK_TV_ISA before including task_vectors_kernels.h"
@@ -45,26 +48,6 @@ MK_TV_INLINE const float* load_block(const Half* src, float* __restrict tmp, int
   return tmp;
 }
 
-MK_TV_INLINE void store_block(const float* __restrict src, float* __restrict dst, int n) {
-  for (int j = 0; j < n; ++j) dst[j] = src[j];
-}
-
-MK_TV_INLINE void store_block(const float* __restrict src, BF16* dst, int n) {
-  uint16_t* __restrict d = reinterpret_cast<uint16_t*>(dst);
-  for (int j = 0; j < n; ++j) d[j] = float_to_bf16(src[j]);
-}
-
-MK_TV_INLINE void store_block(const float* __restrict src, Half* dst, int n) {
-  uint16_t* __restrict d = reinterpret_cast<uint16_t*>(dst);
-  int j = 0;
-#if MK_TV_F16C
-  for (; j + 8 <= n; j += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + j),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#endif
-  for (; j < n; ++j) d[j] = float_to_half(src[j]);
-}
-
 // ------------------------------------------------------------------ shared steps
 
 // Software prefetch of the elements [e, e + kBlock) of one stream (clipped at end):
@@ -80,13 +63,6 @@ MK_TV_INLINE void prefetch_block(const T* data, int64_t e, int64_t end, bool wri
   } else {
     for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 3);
   }
-}
-
-// How many x[j] - b[j] are NaN or infinite.
-MK_TV_INLINE uint32_t count_nonfinite_row(const float* __restrict x, const float* __restrict b, int n) {
-  uint32_t nonfinite = 0;
-  for (int j = 0; j < n; ++j) nonfinite += static_cast<uint32_t>(!(std::fabs(x[j] - b[j]) <= kFloatMax));
-  return nonfinite;
 }
 
 // d[j] = x[j] - b[j]; returns how many d are NaN or infinite.
@@ -218,6 +194,9 @@ MK_TV_INLINE void dare_block(float* __restrict d, int n, int64_t e0, uint32_t te
 // the tile's result is written once. Masks are all-ones/all-zeros lanes, and a
 // product masked to 0 is exactly the reference's torch.where(keep, w * d, 0).
 
+typedef uint32_t vu __attribute__((vector_size(MK_TV_VECTOR_BYTES)));
+typedef uint16_t vh __attribute__((vector_size(MK_TV_VECTOR_BYTES / 2)));  // kLanes 16-bit values
+
 MK_TV_INLINE vf vload(const float* p) {
   vf v;
   std::memcpy(&v, p, sizeof v);
@@ -232,17 +211,85 @@ MK_TV_INLINE vf vabs(vf v) { return (vf)((vi)v & 0x7FFFFFFF); }
 
 MK_TV_INLINE vf vmask(vf v, vi keep) { return (vf)((vi)v & keep); }  // v where keep, else +0
 
-// One tile: returns m (the combined task vector) for the lanes at src[k] + off.
-// FROM_D: src rows hold the task vectors d (after DARE); otherwise they hold the
-// experts and d = x - b is formed here, and `probe` gets d - d added (0 for
-// finite d, NaN otherwise: the caller counts exactly only where it turns NaN).
-template <bool ELECT, bool TRIM, bool FROM_D>
-MK_TV_INLINE vf combine_tile(vf b, const float* const* src, int off, int K, const float* weights,
+MK_TV_INLINE vu vselect(vi m, vu a, vu b) { return (a & (vu)m) | (b & ~(vu)m); }
+
+// ---- a tile of kLanes elements of any storage type, as floats, and back
+
+MK_TV_INLINE vf vload_in(const float* p) { return vload(p); }
+
+MK_TV_INLINE vf vload_in(const BF16* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+
+MK_TV_INLINE vf vload_in(const Half* p) {
+#if MK_TV_AVX512
+  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif MK_TV_F16C
+  return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  vh hv;
+  std::memcpy(&hv, p, sizeof hv);  // as half_to_float, lane-wise
+  const vu h = __builtin_convertvector(hv, vu);
+  const vu em = (h & 0x7FFFu) << 13;
+  const vu exp = em & 0x0F800000u;
+  const vu normal = em + (112u << 23);
+  const vu inf_nan = em + (224u << 23);
+  const vu subnormal = (vu)((vf)(em + (113u << 23)) - splat(bits_float(113u << 23)));
+  const vu mag = vselect(exp == 0x0F800000u, inf_nan, vselect(exp == 0u, subnormal, normal));
+  return (vf)(mag | ((h & 0x8000u) << 16));
+#endif
+}
+
+MK_TV_INLINE void vstore_out(float* p, vf v) { vstore(p, v); }
+
+MK_TV_INLINE void vstore_out(BF16* p, vf v) {  // as float_to_bf16, lane-wise
+  const vu u = (vu)v;
+  const vu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const vh h = __builtin_convertvector(vselect(v != v, 0x7FC0u - vu{}, rounded), vh);
+  std::memcpy(p, &h, sizeof h);
+}
+
+MK_TV_INLINE void vstore_out(Half* p, vf v) {
+#if MK_TV_AVX512
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif MK_TV_F16C
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  const vu u = (vu)v;  // as float_to_half, lane-wise
+  const vu sign = (u >> 16) & 0x8000u;
+  const vu a = u & 0x7FFFFFFFu;
+  const vu big = vselect(a > 0x7F800000u, 0x7E00u - vu{}, 0x7C00u - vu{});
+  const vu subnormal = (vu)((vf)a + splat(0.5f)) - float_bits(0.5f);
+  const vu normal = (a - (112u << 23) + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+  const vu h = vselect(a >= (143u << 23), big, vselect(a < (113u << 23), subnormal, normal)) | sign;
+  const vh narrow = __builtin_convertvector(h, vh);
+  std::memcpy(p, &narrow, sizeof narrow);
+#endif
+}
+
+MK_TV_INLINE float to_float(float x) { return x; }
+MK_TV_INLINE float to_float(BF16 x) { return bf16_to_float(x.bits); }
+MK_TV_INLINE float to_float(Half x) { return half_to_float(x.bits); }
+MK_TV_INLINE void store_float(float v, float* o) { *o = v; }
+MK_TV_INLINE void store_float(float v, BF16* o) { o->bits = float_to_bf16(v); }
+MK_TV_INLINE void store_float(float v, Half* o) { o->bits = float_to_half(v); }
+
+// One tile: returns m (the combined task vector) for the lanes at rows[k] + off
+// (RowT elements). FROM_D: the rows hold the task vectors d (after DARE);
+// otherwise they hold the experts and d = x - b is formed here, and `probe` gets
+// d - d added (0 for finite d, NaN otherwise: the caller counts exactly only
+// where it turns NaN).
+template <bool ELECT, bool TRIM, bool FROM_D, class RowT>
+MK_TV_INLINE vf combine_tile(vf b, const void* const* rows, int off, int K, const float* weights,
                              const float* thresholds, bool normalize, vf& probe) {
   const vf zero = splat(0.0f);
   vf acc = zero;  // plain: the sum; ELECT: the sign vote
   for (int k = 0; k < K; ++k) {
-    const vf x = vload(src[k] + off);
+    const vf x = vload_in(static_cast<const RowT*>(rows[k]) + off);
     const vf d = FROM_D ? x : x - b;
     if (!FROM_D) probe += d - d;
     const vf wd = splat(weights[k]) * d;
@@ -258,7 +305,7 @@ MK_TV_INLINE vf combine_tile(vf b, const float* const* src, int off, int K, cons
   const vi positive = acc >= zero;
   vf num = zero, den = zero;
   for (int k = 0; k < K; ++k) {
-    const vf x = vload(src[k] + off);  // L1: read a moment ago
+    const vf x = vload_in(static_cast<const RowT*>(rows[k]) + off);  // L1: read a moment ago
     const vf d = FROM_D ? x : x - b;
     vi agree = (d != zero) & ((d > zero) == positive);
     if (TRIM) agree &= vabs(d) >= splat(thresholds[k]);
@@ -268,51 +315,52 @@ MK_TV_INLINE vf combine_tile(vf b, const float* const* src, int off, int K, cons
   }
   if (!normalize) return num;
   const vi nonzero = den != zero;
-  const vf safe = (vf)(((vi)den & nonzero) | ((vi)splat(1.0f) & ~nonzero));
+  const vf safe = (vf)vselect(nonzero, (vu)den, (vu)splat(1.0f));
   return vmask(num / safe, nonzero);
 }
 
-// How many x - b of a block are NaN or infinite (the rare exact count).
-MK_TV_INLINE uint32_t count_nonfinite(const float* b, const float* const* src, int n, int K) {
-  uint32_t count = 0;
-  for (int k = 0; k < K; ++k) count += count_nonfinite_row(src[k], b, n);
-  return count;
-}
-
-// dst[j] = b[j] + scale * m[j] for the n (<= kBlock) elements of a block; returns
-// the number of non-finite x - b (0 with FROM_D).
-template <bool ELECT, bool TRIM, bool FROM_D>
-MK_TV_INLINE uint32_t combine_block(const float* b, const float* const* src, int n, int K, const float* weights,
-                                    const float* thresholds, bool normalize, float scale, float* dst,
+// dst[j] = b[j] + scale * m[j] for the n (<= kBlock) elements of a block, read and
+// written in their storage types (BaseT, RowT, OutT); returns the number of
+// non-finite x - b (always 0 with FROM_D, where the caller counts).
+template <bool ELECT, bool TRIM, bool FROM_D, class BaseT, class RowT, class OutT>
+MK_TV_INLINE uint32_t combine_block(const BaseT* b, const void* const* rows, int n, int K, const float* weights,
+                                    const float* thresholds, bool normalize, float scale, OutT* dst,
                                     const Scratch& s) {
   vf probe = splat(0.0f);
   const vf vscale = splat(scale);
   int j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    const vf bj = vload(b + j);
-    const vf m = combine_tile<ELECT, TRIM, FROM_D>(bj, src, j, K, weights, thresholds, normalize, probe);
-    vstore(dst + j, bj + vscale * m);
+    const vf bj = vload_in(b + j);
+    const vf m = combine_tile<ELECT, TRIM, FROM_D, RowT>(bj, rows, j, K, weights, thresholds, normalize, probe);
+    vstore_out(dst + j, bj + vscale * m);
   }
-  if (j < n) {  // the last partial tile, through zero-padded copies (d = 0 there: finite, never kept)
+  if (j < n) {  // the last partial tile, through zero-padded float copies (d = 0 there: finite, never kept)
     const int rem = n - j;
     float* tile = s.tile;  // (K + 2) * kLanes floats
-    const float** rows = s.rows;
+    const void** tile_rows = s.rows;
     std::fill(tile, tile + static_cast<size_t>(K + 2) * kLanes, 0.0f);
-    std::copy(b + j, b + n, tile);
+    for (int i = 0; i < rem; ++i) tile[i] = to_float(b[j + i]);
     for (int k = 0; k < K; ++k) {
       float* row = tile + static_cast<size_t>(k + 2) * kLanes;
-      std::copy(src[k] + j, src[k] + n, row);
-      rows[k] = row;
+      const RowT* src = static_cast<const RowT*>(rows[k]) + j;
+      for (int i = 0; i < rem; ++i) row[i] = to_float(src[i]);
+      tile_rows[k] = row;
     }
     const vf bj = vload(tile);
-    const vf m = combine_tile<ELECT, TRIM, FROM_D>(bj, rows, 0, K, weights, thresholds, normalize, probe);
+    const vf m = combine_tile<ELECT, TRIM, FROM_D, float>(bj, tile_rows, 0, K, weights, thresholds, normalize, probe);
     vstore(tile + kLanes, bj + vscale * m);
-    std::copy(tile + kLanes, tile + kLanes + rem, dst + j);
+    for (int i = 0; i < rem; ++i) store_float(tile[kLanes + i], dst + j + i);
   }
   if (FROM_D) return 0;
   bool any = false;
   for (int l = 0; l < kLanes; ++l) any |= probe[l] != 0.0f;
-  return any ? count_nonfinite(b, src, n, K) : 0u;
+  if (!any) return 0;
+  uint32_t count = 0;  // rare: count exactly
+  for (int k = 0; k < K; ++k) {
+    const RowT* x = static_cast<const RowT*>(rows[k]);
+    for (int i = 0; i < n; ++i) count += static_cast<uint32_t>(!(std::fabs(to_float(x[i]) - to_float(b[i])) <= kFloatMax));
+  }
+  return count;
 }
 
 template <class InT, class OutT, bool ELECT, bool TRIM>
@@ -321,8 +369,7 @@ int64_t apply_piece(const ApplyParams& p, const ApplyJob& job, const Scratch& s)
   OutT* out = static_cast<OutT*>(job.out);
   const int K = p.num_tasks;
   const bool dare = p.dare.threshold != 0;
-  const float* const* src = s.rows + K;  // K row pointers per block (s.rows[0, K) is the tail's)
-  const float** rows = s.rows + K;
+  const void** rows = s.rows + K;  // K row pointers per block (s.rows[0, K) are the tail tile's)
   int64_t nonfinite = 0;
   for (int64_t e0 = job.begin; e0 < job.end; e0 += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, job.end - e0));
@@ -332,31 +379,23 @@ int64_t apply_piece(const ApplyParams& p, const ApplyJob& job, const Scratch& s)
       for (int k = 0; k < K; ++k) prefetch_block(static_cast<const InT*>(job.experts[k]), ahead, job.end);
       prefetch_block(out, ahead, job.end, true);
     }
-    const float* b = load_block(base + e0, s.b, n);
-    float* dst;
-    if constexpr (std::is_same<OutT, float>::value) {
-      dst = out + e0;
-    } else {
-      dst = s.acc;
-    }
-    uint32_t nf = 0;
     if (dare) {
       // the task vectors of the block, DARE applied, in s.d (non-finite counted before DARE)
+      const float* b = load_block(base + e0, s.b, n);
       for (int k = 0; k < K; ++k) {
         float* d = s.d + static_cast<int64_t>(k) * kBlock;
         const float* x = load_block(static_cast<const InT*>(job.experts[k]) + e0, s.x, n);
-        nf += delta_block(x, b, d, n);
+        nonfinite += delta_block(x, b, d, n);
         dare_block(d, n, e0, job.tensor_key, static_cast<uint32_t>(k), p.dare);
         rows[k] = d;
       }
-      nf += combine_block<ELECT, TRIM, true>(b, src, n, K, job.weights, job.thresholds, p.normalize, p.scale, dst, s);
+      combine_block<ELECT, TRIM, true, float, float>(b, rows, n, K, job.weights, job.thresholds, p.normalize,
+                                                     p.scale, out + e0, s);
     } else {
-      for (int k = 0; k < K; ++k)
-        rows[k] = load_block(static_cast<const InT*>(job.experts[k]) + e0, s.d + static_cast<int64_t>(k) * kBlock, n);
-      nf += combine_block<ELECT, TRIM, false>(b, src, n, K, job.weights, job.thresholds, p.normalize, p.scale, dst, s);
+      for (int k = 0; k < K; ++k) rows[k] = static_cast<const InT*>(job.experts[k]) + e0;
+      nonfinite += combine_block<ELECT, TRIM, false, InT, InT>(base + e0, rows, n, K, job.weights, job.thresholds,
+                                                               p.normalize, p.scale, out + e0, s);
     }
-    if constexpr (!std::is_same<OutT, float>::value) store_block(dst, out + e0, n);
-    nonfinite += nf;
   }
   return nonfinite;
 }
