@@ -334,3 +334,17 @@ def test_both_radix_digit_layouts_select_the_kthvalue(scope):
                                                                      len(seg_numel), shift, bits, prefix),
             keep, 2, levels)
         assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
+def test_out_may_be_the_base_itself(backend):
+    bases, experts = make_case([(300,), (7, 5)], 3)
+    kwargs = dict(density=0.4, elect_sign=True, drop_rate=0.2, seed=1)
+    expected = mk.merge_task_vectors(bases, experts, [1.0, 1.0, 1.0], backend="torch", **kwargs)
+    in_place = [b.clone() for b in bases]
+    inputs = [b.clone() for b in bases]
+    # experts hold their own copies; the base list given as input is also the output list
+    result = mk.merge_task_vectors(in_place, experts, [1.0, 1.0, 1.0], out=in_place, backend=backend, **kwargs)
+    assert result[0] is in_place[0]
+    assert_outputs_close(in_place, expected, torch.float32)
+    assert not torch.equal(in_place[0], inputs[0])

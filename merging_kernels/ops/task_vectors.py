@@ -686,7 +686,8 @@ def merge_task_vectors(
         names: tensor names for error messages.
         thresholds: precomputed (S, K) trim thresholds (from :func:`magnitude_thresholds`),
             e.g. when the model is streamed; S = T (tensor scope) or 1 (model scope).
-        out: T tensors to write into (shapes of the bases); returned.
+        out: T tensors to write into (shapes of the bases); returned. They may be the
+            bases themselves (an in-place merge).
         out_dtype: dtype of new outputs (default: each base's dtype).
         check_finite: raise ValueError naming the tensor when any θk − θ0 is NaN/±inf.
         backend: ``"torch"``, ``"triton"``, ``"native"`` or None (fastest available).
@@ -714,7 +715,9 @@ def merge_task_vectors(
         experts_c = [[e.contiguous() for e in task] for task in experts]
         if spec.trims and thresholds is None:
             thresholds = _select_in_memory(chosen, bases_c, experts_c, spec, keys, seg_numel, device)
-        results = [torch.empty(b.shape, dtype=dt, device=device) for b, dt in zip(bases, out_dtypes)]
+        # contiguous out= tensors are written directly (the kernels are elementwise, so out may be the base)
+        results = [out[t] if out is not None and out[t].is_contiguous() else torch.empty(b.shape, dtype=dt, device=device)
+                   for t, (b, dt) in enumerate(zip(bases, out_dtypes))]
         nonfinite = _APPLY[chosen](bases_c, experts_c, results, w.to(device=device, dtype=torch.float32), spec, keys,
                                    seg_of, thresholds if spec.trims else None)
     if check_finite:
@@ -722,7 +725,8 @@ def merge_task_vectors(
     if out is None:
         return results
     for dst, src in zip(out, results):
-        dst.copy_(src)
+        if dst is not src:
+            dst.copy_(src)
     return list(out)
 
 
