@@ -415,10 +415,12 @@ void advise_huge_pages(const std::vector<void*>& outs, const std::vector<int64_t
 }
 
 // Faults in (writable) the whole pages of out[begin, end) bytes with one system
-// call: fresh output pages otherwise fault one by one on our first write, each
-// a trap that costs microseconds under virtualization. Content is untouched
-// (present pages stay as they are); a hint only, errors are ignored (kernels
-// before 5.14 lack MADV_POPULATE_WRITE). Each thread populates what it writes.
+// call when they look fresh: a fresh output's pages otherwise fault one by one on
+// our first write, each a trap that costs microseconds under virtualization. Pages
+// already present cost a page-table walk each, so the first and last pages are
+// asked first (mincore) and a range that has both is left alone. Content is never
+// changed; a hint only, errors are ignored (MADV_POPULATE_WRITE needs Linux 5.14).
+// MERGING_KERNELS_NO_PREFAULT=1 turns it off. Each thread populates what it writes.
 void populate_output(void* out, int64_t begin_byte, int64_t end_byte) {
 #if defined(__linux__)
 #ifndef MADV_POPULATE_WRITE
@@ -429,11 +431,19 @@ void populate_output(void* out, int64_t begin_byte, int64_t end_byte) {
     return env == nullptr || std::string(env).empty() || std::string(env) == "0";
   }();
   constexpr uintptr_t kPage = 4096;
-  if (!enabled || end_byte - begin_byte < static_cast<int64_t>(16 * kPage)) return;
+  if (!enabled || end_byte - begin_byte < static_cast<int64_t>(64 * kPage)) return;  // 256 KiB
   const uintptr_t start = reinterpret_cast<uintptr_t>(out);
   const uintptr_t lo = (start + static_cast<uintptr_t>(begin_byte) + kPage - 1) & ~(kPage - 1);
   const uintptr_t hi = (start + static_cast<uintptr_t>(end_byte)) & ~(kPage - 1);
-  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_POPULATE_WRITE);
+  if (hi <= lo) return;
+  const uintptr_t samples[2] = {lo, hi - kPage};  // a fresh mapping, or a heap grown under it
+  bool fresh = false;
+  for (uintptr_t page : samples) {
+    unsigned char resident = 1;
+    if (mincore(reinterpret_cast<void*>(page), kPage, &resident) != 0) return;  // not plain memory: leave it
+    fresh |= (resident & 1u) == 0;
+  }
+  if (fresh) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_POPULATE_WRITE);
 #else
   (void)out;
   (void)begin_byte;

@@ -280,18 +280,18 @@ MK_TV_INLINE void store_float(float v, Half* o) { o->bits = float_to_half(v); }
 
 // One tile: returns m (the combined task vector) for the lanes at rows[k] + off
 // (RowT elements). FROM_D: the rows hold the task vectors d (after DARE);
-// otherwise they hold the experts and d = x - b is formed here, and `probe` gets
-// d - d added (0 for finite d, NaN otherwise: the caller counts exactly only
-// where it turns NaN).
+// otherwise they hold the experts and d = x - b is formed here, and every lane
+// of `nonfinite` counts the non-finite d it saw (d - d is 0 for finite d, NaN
+// otherwise), as negative numbers (a true lane mask is -1).
 template <bool ELECT, bool TRIM, bool FROM_D, class RowT>
 MK_TV_INLINE vf combine_tile(vf b, const void* const* rows, int off, int K, const float* weights,
-                             const float* thresholds, bool normalize, vf& probe) {
+                             const float* thresholds, bool normalize, vi& nonfinite) {
   const vf zero = splat(0.0f);
   vf acc = zero;  // plain: the sum; ELECT: the sign vote
   for (int k = 0; k < K; ++k) {
     const vf x = vload_in(static_cast<const RowT*>(rows[k]) + off);
     const vf d = FROM_D ? x : x - b;
-    if (!FROM_D) probe += d - d;
+    if (!FROM_D) nonfinite += (d - d) != zero;
     const vf wd = splat(weights[k]) * d;
     // Entries with d = 0 add (+-)0 to a sum that starts at +0, which changes
     // nothing (not even a zero's sign), so only the trim needs a mask here;
@@ -321,17 +321,18 @@ MK_TV_INLINE vf combine_tile(vf b, const void* const* rows, int off, int K, cons
 
 // dst[j] = b[j] + scale * m[j] for the n (<= kBlock) elements of a block, read and
 // written in their storage types (BaseT, RowT, OutT); returns the number of
-// non-finite x - b (always 0 with FROM_D, where the caller counts).
+// non-finite x - b (always 0 with FROM_D, where the caller counts). Each tile is
+// read completely before it is written: dst may be the base (an in-place merge).
 template <bool ELECT, bool TRIM, bool FROM_D, class BaseT, class RowT, class OutT>
 MK_TV_INLINE uint32_t combine_block(const BaseT* b, const void* const* rows, int n, int K, const float* weights,
                                     const float* thresholds, bool normalize, float scale, OutT* dst,
                                     const Scratch& s) {
-  vf probe = splat(0.0f);
+  vi nonfinite = (vi)splat(0.0f);
   const vf vscale = splat(scale);
   int j = 0;
   for (; j + kLanes <= n; j += kLanes) {
     const vf bj = vload_in(b + j);
-    const vf m = combine_tile<ELECT, TRIM, FROM_D, RowT>(bj, rows, j, K, weights, thresholds, normalize, probe);
+    const vf m = combine_tile<ELECT, TRIM, FROM_D, RowT>(bj, rows, j, K, weights, thresholds, normalize, nonfinite);
     vstore_out(dst + j, bj + vscale * m);
   }
   if (j < n) {  // the last partial tile, through zero-padded float copies (d = 0 there: finite, never kept)
@@ -347,19 +348,13 @@ MK_TV_INLINE uint32_t combine_block(const BaseT* b, const void* const* rows, int
       tile_rows[k] = row;
     }
     const vf bj = vload(tile);
-    const vf m = combine_tile<ELECT, TRIM, FROM_D, float>(bj, tile_rows, 0, K, weights, thresholds, normalize, probe);
+    const vf m =
+        combine_tile<ELECT, TRIM, FROM_D, float>(bj, tile_rows, 0, K, weights, thresholds, normalize, nonfinite);
     vstore(tile + kLanes, bj + vscale * m);
     for (int i = 0; i < rem; ++i) store_float(tile[kLanes + i], dst + j + i);
   }
-  if (FROM_D) return 0;
-  bool any = false;
-  for (int l = 0; l < kLanes; ++l) any |= probe[l] != 0.0f;
-  if (!any) return 0;
-  uint32_t count = 0;  // rare: count exactly
-  for (int k = 0; k < K; ++k) {
-    const RowT* x = static_cast<const RowT*>(rows[k]);
-    for (int i = 0; i < n; ++i) count += static_cast<uint32_t>(!(std::fabs(to_float(x[i]) - to_float(b[i])) <= kFloatMax));
-  }
+  uint32_t count = 0;
+  for (int l = 0; l < kLanes; ++l) count -= static_cast<uint32_t>(nonfinite[l]);
   return count;
 }
 
