@@ -348,3 +348,12 @@ def test_out_may_be_the_base_itself(backend):
     assert result[0] is in_place[0]
     assert_outputs_close(in_place, expected, torch.float32)
     assert not torch.equal(in_place[0], inputs[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
+def test_overflowing_task_vector_is_refused_on_every_backend(backend):
+    # both values finite, their float32 difference is not: every backend counts it the same way
+    base = torch.tensor([3e38, 0.0], dtype=torch.bfloat16)
+    expert = torch.tensor([-3e38, 1.0], dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="non-finite"):
+        mk.merge_task_vectors([base], [[expert]], [0.1], backend=backend)

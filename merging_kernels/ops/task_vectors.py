@@ -81,9 +81,13 @@ def segments_of(numels: Sequence[int], trim_scope: str) -> tuple[list[int], list
 # --------------------------------------------------------------------------- reference
 
 
+def _acc_dtype(base: torch.Tensor) -> torch.dtype:
+    return torch.float64 if base.dtype == torch.float64 else torch.float32
+
+
 def _deltas_torch(base: torch.Tensor, experts: Sequence[torch.Tensor], spec: MergeSpec, key: int) -> torch.Tensor:
     """(K, n) task vectors of one tensor after DARE, in the accumulation dtype."""
-    acc = torch.float64 if base.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(base)
     b = base.reshape(-1).to(acc)
     deltas = torch.stack([e.reshape(-1).to(acc) - b for e in experts]) if experts else b.new_zeros((0, b.numel()))
     if spec.drop_rate > 0:
@@ -110,8 +114,10 @@ def merge_task_vectors_torch(
     per tensor, the number of (element, task) pairs whose θk − θ0 is not finite.
     """
     num_tasks = len(experts)
+    # counted on the task vectors as computed (float32, or float64 for float64 inputs), so a
+    # difference that overflows counts too
     nonfinite = torch.tensor(
-        [sum(int((~torch.isfinite(experts[k][t].to(torch.float64) - b.to(torch.float64))).sum())
+        [sum(int((~torch.isfinite(experts[k][t].to(_acc_dtype(b)) - b.to(_acc_dtype(b)))).sum())
              for k in range(num_tasks)) for t, b in enumerate(bases)],
         dtype=torch.int64,
     )
@@ -389,7 +395,6 @@ if triton is not None:
         idx = tl.arange(0, BLOCK)
         inb = idx < numel - start
         b = _tv_load(tl.load(meta + _K_BASE), start, idx, inb, IN_DTYPE, ALIGNED, EVEN, "evict_first")
-        b_finite = tl.abs(b) < _K_INF
         segment = tl.load(meta + _K_SEGMENT)
         tensor = tl.load(meta + _K_TENSOR)
         key = tl.load(meta + _K_KEY).to(tl.uint32)
@@ -404,8 +409,8 @@ if triton is not None:
         for k in range(num_tasks):
             d, e = _tv_delta(tl.load(expert_table_ptr + row * num_tasks + k), b, start, idx, inb, key, k,
                              drop_threshold, drop_scale, seed_lo, seed_hi, IN_DTYPE, ALIGNED, EVEN, HAS_DARE)
-            # θk − θ0 is non-finite (in exact arithmetic) iff an operand is; masked lanes load 0
-            bad += (~(b_finite & (tl.abs(e) < _K_INF))).to(tl.int32)
+            # the float32 task vector before DARE, so an overflowing difference counts; masked lanes load 0
+            bad += (~(tl.abs(e - b) < _K_INF)).to(tl.int32)
             kept = d != 0.0
             if HAS_TRIM:
                 kept = kept & (tl.abs(d) >= tl.load(thresholds_ptr + segment * num_tasks + k))
@@ -689,7 +694,8 @@ def merge_task_vectors(
         out: T tensors to write into (shapes of the bases); returned. They may be the
             bases themselves (an in-place merge).
         out_dtype: dtype of new outputs (default: each base's dtype).
-        check_finite: raise ValueError naming the tensor when any θk − θ0 is NaN/±inf.
+        check_finite: raise ValueError naming the tensor when any θk − θ0, as computed in
+            float32 (float64 for float64 inputs), is NaN/±inf — overflow included.
         backend: ``"torch"``, ``"triton"``, ``"native"`` or None (fastest available).
 
     Returns:
