@@ -50,6 +50,22 @@ MK_HOST_DEVICE void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo
 #endif
 }
 
+// One Philox round followed by the key bump (Salmon et al., SC'11).
+MK_HOST_DEVICE void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t& k0,
+                                 uint32_t& k1) {
+  uint32_t hi0, lo0, hi1, lo1;
+  mulhilo32(kM0, c0, hi0, lo0);
+  mulhilo32(kM1, c2, hi1, lo1);
+  const uint32_t n0 = hi1 ^ c1 ^ k0;
+  const uint32_t n2 = hi0 ^ c3 ^ k1;
+  c0 = n0;
+  c1 = lo1;
+  c2 = n2;
+  c3 = lo0;
+  k0 += kW0;
+  k1 += kW1;
+}
+
 // All four output words; counter (c0..c3) and key (k0, k1) are taken by value.
 MK_HOST_DEVICE void philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1,
                                   uint32_t out[4]) {
@@ -57,17 +73,7 @@ MK_HOST_DEVICE void philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_
 #pragma unroll
 #endif
   for (int r = 0; r < kRounds; ++r) {
-    uint32_t hi0, lo0, hi1, lo1;
-    mulhilo32(kM0, c0, hi0, lo0);
-    mulhilo32(kM1, c2, hi1, lo1);
-    const uint32_t n0 = hi1 ^ c1 ^ k0;
-    const uint32_t n2 = hi0 ^ c3 ^ k1;
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
-    k0 += kW0;
-    k1 += kW1;
+    philox_round(c0, c1, c2, c3, k0, k1);
   }
   out[0] = c0;
   out[1] = c1;
@@ -82,17 +88,7 @@ MK_HOST_DEVICE uint32_t philox4x32_10_word0(uint32_t c0, uint32_t c1, uint32_t c
 #pragma unroll
 #endif
   for (int r = 0; r < kRounds; ++r) {
-    uint32_t hi0, lo0, hi1, lo1;
-    mulhilo32(kM0, c0, hi0, lo0);
-    mulhilo32(kM1, c2, hi1, lo1);
-    const uint32_t n0 = hi1 ^ c1 ^ k0;
-    const uint32_t n2 = hi0 ^ c3 ^ k1;
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
-    k0 += kW0;
-    k1 += kW1;
+    philox_round(c0, c1, c2, c3, k0, k1);
   }
   return c0;
 }
