@@ -3,6 +3,9 @@
 import pytest
 import torch
 
+import merging_kernels as mk
+from merging_kernels._native import native_module
+
 from merging_kernels.ops.philox import UNIFORM_BITS, dare_keep_mask_torch, drop_threshold, philox4x32_10, tensor_key
 
 
@@ -21,6 +24,8 @@ def _words(c, k):
 )
 def test_philox_known_answers(counter, key, expected):
     assert _words(counter, key) == list(expected)
+    if mk.build_info()["available"]:  # the C++/CUDA header behind the native kernels
+        assert list(native_module().philox4x32_10(*counter, *key)) == list(expected)
 
 
 def test_drop_threshold_and_mask_edges():
