@@ -458,6 +458,20 @@ Dare clamp_dare(const Dare& dare) {
   return d;
 }
 
+// Runs work(thread, num_threads) on nt OpenMP threads (inline when nt is 1 or OpenMP is absent).
+template <typename Work>
+void run_on_threads(int nt, const Work& work) {
+#ifdef MK_WITH_OPENMP
+  if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+    work(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  (void)nt;
+  work(0, 1);
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------ histogram
@@ -560,14 +574,7 @@ void task_vectors_histogram(const TaskTensors& tensors, int64_t num_segments, in
     flush();
   };
 
-#ifdef MK_WITH_OPENMP
-  if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-    work(omp_get_thread_num(), omp_get_num_threads());
-    return;
-  }
-#endif
-  work(0, 1);
+  run_on_threads(nt, work);
 }
 
 // ------------------------------------------------------------------ apply
@@ -637,14 +644,7 @@ void task_vectors_apply(const TaskTensors& tensors, const std::vector<void*>& ou
     });
   };
 
-#ifdef MK_WITH_OPENMP
-  if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-    work(omp_get_thread_num(), omp_get_num_threads());
-    return;
-  }
-#endif
-  work(0, 1);
+  run_on_threads(nt, work);
 }
 
 const char* task_vectors_isa() {
