@@ -1,0 +1,169 @@
+"""Per-sample merged layers: drop-in nn.Modules whose parameters are θ0 + Σ_k α_k(x) τ_k per sample.
+
+Each layer holds its base parameters and K task vectors packed once (see
+:mod:`merging_kernels.ops.per_sample_linear`) and reads the current
+coefficients from a :class:`Coefficients` object shared by all the layers of
+a model, so the model's own forward code runs unchanged::
+
+    coeffs = Coefficients(num_tasks=K)
+    layer = PerSampleLinear.from_modules(base_linear, expert_linears, coeffs)
+    coeffs.set(alpha)          # (B, K), on the input's device
+    y = layer(x)               # x: (B, ..., in)
+
+The batch must be the leading dimension of every input the layers see.
+:meth:`Coefficients.set_grouped` lets G coefficient rows cover G consecutive
+blocks of the batch (e.g. the same batch replicated once per expert): the
+layers then treat each block as one "sample" with many tokens, which the
+strategy cost model turns into a few large GEMMs instead of G·B small ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .ops.per_sample_linear import (
+    lowrank_factors,
+    pack_weights,
+    per_sample_conv2d,
+    per_sample_layer_norm,
+    per_sample_linear,
+    per_sample_lowrank_linear,
+)
+
+
+class Coefficients:
+    """The per-sample coefficients that a model's per-sample layers read (shared, set per batch)."""
+
+    def __init__(self, num_tasks: int):
+        self.num_tasks = num_tasks
+        self.alpha: torch.Tensor | None = None
+        self.groups: int | None = None  # None: one row per sample; G: one row per block of B/G samples
+
+    def set(self, alpha: torch.Tensor) -> None:
+        """One row of coefficients per sample: alpha (B, K)."""
+        self._check(alpha)
+        self.alpha, self.groups = alpha, None
+
+    def set_grouped(self, alpha: torch.Tensor) -> None:
+        """G rows for a batch of G·R samples: row g applies to samples g·R … g·R + R − 1."""
+        self._check(alpha)
+        self.alpha, self.groups = alpha, alpha.shape[0]
+
+    def clear(self) -> None:
+        self.alpha, self.groups = None, None
+
+    def _check(self, alpha) -> None:
+        if not isinstance(alpha, torch.Tensor) or alpha.dim() != 2 or alpha.shape[1] != self.num_tasks:
+            shape = tuple(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__
+            raise ValueError(f"alpha must be a (B, {self.num_tasks}) tensor, got {shape}")
+        if not alpha.is_floating_point():
+            raise TypeError(f"alpha must be a float tensor, got {alpha.dtype}")
+
+    def view_batch(self, x: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x viewed as (rows of alpha, -1, *rest), alpha), checking that the batch fits."""
+        if self.alpha is None:
+            raise RuntimeError(f"{layer}: no coefficients set; call the merged model (or Coefficients.set) first")
+        rows = self.alpha.shape[0]
+        if self.groups is None:
+            if x.shape[0] != rows:
+                raise ValueError(f"{layer}: input batch {x.shape[0]} does not match alpha's {rows} rows")
+            return x, self.alpha
+        if x.shape[0] % rows:
+            raise ValueError(f"{layer}: input batch {x.shape[0]} is not a multiple of the {rows} coefficient groups")
+        return x, self.alpha
+
+
+def _deltas(base: nn.Module, experts: Sequence[nn.Module], name: str):
+    """(K, *shape) task vectors of parameter ``name`` (None when the base has no such parameter)."""
+    p0 = getattr(base, name)
+    if p0 is None:
+        return None, None
+    return p0.detach(), torch.stack([getattr(e, name).detach() - p0.detach() for e in experts])
+
+
+class PerSampleLinear(nn.Module):
+    """nn.Linear with per-sample weights W0 + Σ_k α_k τ_k (bias likewise): :func:`per_sample_linear`."""
+
+    def __init__(self, weight, task_weights, bias, task_biases, coefficients: Coefficients, *,
+                 strategy: str | None = None, backend: str | None = None, rank: int | None = None, name: str = ""):
+        super().__init__()
+        packed, packed_bias = pack_weights(weight, task_weights, bias, task_biases)
+        self.register_buffer("packed_weight", packed)
+        self.register_buffer("packed_bias", packed_bias)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.coefficients = coefficients
+        self.strategy, self.backend, self.rank, self.name = strategy, backend, rank, name
+        if rank is not None:
+            up, down = lowrank_factors(task_weights, rank)
+            self.register_buffer("up", up)
+            self.register_buffer("down", down)
+
+    @classmethod
+    def from_modules(cls, base: nn.Linear, experts: Sequence[nn.Linear], coefficients: Coefficients, **kwargs):
+        w0, tw = _deltas(base, experts, "weight")
+        b0, tb = _deltas(base, experts, "bias")
+        return cls(w0, tw, b0, tb, coefficients, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, alpha = self.coefficients.view_batch(x, self.name or "PerSampleLinear")
+        shape = x.shape
+        x3 = x.reshape(alpha.shape[0], -1, shape[-1])  # (rows, tokens, in); tokens = T (× block size)
+        if self.rank is not None:
+            y = per_sample_lowrank_linear(x3, alpha.to(x.dtype), self.packed_weight[:, 0], self.up, self.down,
+                                          self.packed_bias)
+        else:
+            y = per_sample_linear(x3, alpha, self.packed_weight, self.packed_bias, strategy=self.strategy,
+                                  backend=self.backend)
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"tasks={self.packed_weight.shape[1] - 1}, strategy={self.strategy}, rank={self.rank}")
+
+
+class PerSampleLayerNorm(nn.Module):
+    """nn.LayerNorm (1-D normalized shape) with per-sample affine parameters."""
+
+    def __init__(self, base: nn.LayerNorm, experts: Sequence[nn.LayerNorm], coefficients: Coefficients,
+                 name: str = ""):
+        super().__init__()
+        if len(base.normalized_shape) != 1:
+            raise TypeError(f"{name}: per-sample LayerNorm supports a 1-D normalized_shape, got {base.normalized_shape}")
+        self.eps, self.coefficients, self.name = base.eps, coefficients, name
+        for attr in ("weight", "bias"):
+            p0, tau = _deltas(base, experts, attr)
+            self.register_buffer(f"packed_{attr}", None if p0 is None else torch.cat([p0[None], tau]).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, alpha = self.coefficients.view_batch(x, self.name or "PerSampleLayerNorm")
+        xg = x.reshape(alpha.shape[0], -1, x.shape[-1])
+        return per_sample_layer_norm(xg, alpha, self.packed_weight, self.packed_bias, self.eps).view(x.shape)
+
+
+class PerSampleConv2d(nn.Module):
+    """nn.Conv2d (zero padding) with per-sample filters, run as one grouped convolution."""
+
+    def __init__(self, base: nn.Conv2d, experts: Sequence[nn.Conv2d], coefficients: Coefficients, name: str = ""):
+        super().__init__()
+        if base.padding_mode != "zeros" or isinstance(base.padding, str):
+            raise TypeError(f"{name}: per-sample Conv2d supports numeric zero padding only "
+                            f"(got padding={base.padding!r}, padding_mode={base.padding_mode!r})")
+        self.coefficients, self.name = coefficients, name
+        self.stride, self.padding, self.dilation, self.groups = base.stride, base.padding, base.dilation, base.groups
+        w0, tw = _deltas(base, experts, "weight")
+        b0, tb = _deltas(base, experts, "bias")
+        self.register_buffer("packed_weight", torch.cat([w0[None], tw]).contiguous())
+        self.register_buffer("packed_bias", None if b0 is None else torch.cat([b0[None], tb]).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, alpha = self.coefficients.view_batch(x, self.name or "PerSampleConv2d")
+        if self.coefficients.groups is not None:  # per-sample filters are small: expand the groups
+            alpha = alpha.repeat_interleave(x.shape[0] // alpha.shape[0], dim=0)
+        return per_sample_conv2d(x, alpha, self.packed_weight, self.packed_bias, stride=self.stride,
+                                 padding=self.padding, dilation=self.dilation, groups=self.groups)
+
+
+__all__ = ["Coefficients", "PerSampleConv2d", "PerSampleLayerNorm", "PerSampleLinear"]

@@ -1,0 +1,326 @@
+"""SE-Merging (Chen et al., 2025, arXiv 2506.18135): training-free dynamic merging, per sample.
+
+A static merge θ_m = θ0 + Σ_k λ_k τ_k already separates samples of different
+tasks in its representations and moves each sample toward its own expert.
+SE-Merging uses that: for every sample it identifies the task from
+representations and rescales the coefficients, so the sample runs through
+θ0 + Σ_k α_k(x) τ_k. The paper's exact probe, distance and rescaling are not
+public; this is our reconstruction (see notes/SE_MERGING.md), with each
+choice an explicit argument:
+
+1. Task vectors τ_k: θ_k − θ0 for task arithmetic (``base_method="ta"``); for
+   TIES, each expert's share of the TIES merge: its trimmed entries that agree
+   with the elected sign, divided by the number of agreeing experts, so that
+   θ0 + λ Σ_k τ_k *is* the static TIES merge (disjoint mean).
+2. Probe: the output of module ``probe`` under θ0 (α = 0), under each
+   "expert" θ0 + τ_k (α = e_k) and under the static merge (α = λ), for the
+   whole batch in one forward pass: the batch is replicated K + 2 times and
+   the layers apply one coefficient row per replica (grouped coefficients),
+   so the cost is that of K + 2 plain forward passes up to the probe, and the
+   pass stops at the probe.
+3. Scores per sample and expert (``score``):
+   - ``"shift"``: ‖f_k − f_0‖, how far expert k moves the sample away from
+     the pretrained model (the expert that "reacts" to the sample);
+   - ``"closest"``: −‖f_m − f_k‖, the merged representation's closeness to
+     expert k's (the mechanism the paper's abstract describes);
+   - ``"cosine_shift"``: cos(f_m − f_0, f_k − f_0), whether the merge moved the
+     sample in expert k's direction;
+   - ``"cosine_closest"``: cos(f_m, f_k).
+   Scores are standardized per sample over the K experts.
+4. α(x) = softmax(score / temperature) · total, where total = Σ_k λ_k
+   (``"lambda"``, keeps the static merge's scale), 1 (``"one"``, a convex mix
+   of experts) or a number.
+5. The sample runs through the model with per-sample merged layers
+   (:mod:`merging_kernels.layers`, backed by the fused op).
+
+The defaults (probe = the last per-sample layer, score
+"shift", temperature 0.5, total "one") were chosen on validation splits of
+the digits benchmark in ``examples/se_merging_digits.py``; choose yours on
+validation data too.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .._validation import check_choice, check_real
+from ..layers import Coefficients, PerSampleConv2d, PerSampleLayerNorm, PerSampleLinear
+from ..ops.task_vectors import magnitude_thresholds
+
+SCORES = ("shift", "closest", "cosine_shift", "cosine_closest")
+BASE_METHODS = ("ta", "ties")
+_SUPPORTED = (nn.Linear, nn.LayerNorm, nn.Conv2d)
+
+
+class _ProbeReached(Exception):
+    """Raised by the probe hook to end a routing pass early (nothing after the probe is needed)."""
+
+
+class SEMergedModel(nn.Module):
+    """A model whose supported layers merge their parameters per sample (SE-Merging).
+
+    ``model(x)`` routes each sample (:meth:`route`) and runs it with its own
+    coefficients; ``model(x, alpha=a)`` runs with given coefficients (B, K);
+    :meth:`static_alpha` gives the static merge's coefficients.
+    """
+
+    def __init__(self, module: nn.Module, coefficients: Coefficients, lam: torch.Tensor, *, probe: str,
+                 score: str, temperature: float, total: float):
+        super().__init__()
+        self.module = module
+        self.coefficients = coefficients
+        self.register_buffer("lam", lam)
+        k = lam.shape[0]  # coefficient rows of a routing pass: θ0, each expert, the static merge
+        self.register_buffer("probe_table", torch.cat([lam.new_zeros(1, k), torch.eye(k, device=lam.device),
+                                                       lam[None]]))
+        self.probe, self.score, self.temperature, self.total = probe, score, temperature, total
+        self._probe_module = dict(module.named_modules())[probe]
+
+    @property
+    def num_tasks(self) -> int:
+        return self.coefficients.num_tasks
+
+    def static_alpha(self, batch: int) -> torch.Tensor:
+        """(batch, K) coefficients of the static merge (λ for every sample)."""
+        return self.lam.expand(batch, -1)
+
+    def forward(self, x: torch.Tensor, *args, alpha: torch.Tensor | None = None, **kwargs):
+        if alpha is None:
+            alpha = self.route(x, *args, **kwargs)
+        self.coefficients.set(alpha)
+        try:
+            return self.module(x, *args, **kwargs)
+        finally:
+            self.coefficients.clear()
+
+    @torch.no_grad()
+    def probe_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """(K + 2, B, F) probe features under θ0, each expert θ0 + τ_k, and the static merge, in one pass."""
+        k, b = self.num_tasks, x.shape[0]
+        replicated = x.repeat(k + 2, *([1] * (x.dim() - 1)))
+        captured = []
+
+        def hook(_module, _inputs, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _ProbeReached
+
+        handle = self._probe_module.register_forward_hook(hook)
+        self.coefficients.set_grouped(self.probe_table)
+        try:
+            self.module(replicated, *args, **kwargs)
+        except _ProbeReached:
+            pass
+        finally:
+            handle.remove()
+            self.coefficients.clear()
+        if not captured:
+            raise RuntimeError(f"probe module {self.probe!r} did not run in the forward pass")
+        return captured[0].reshape(k + 2, b, -1).float()
+
+    @torch.no_grad()
+    def route(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Per-sample coefficients α(x) (B, K): softmax(standardized scores / temperature) · total."""
+        return coefficients_from_scores(expert_scores(self.probe_features(x, *args, **kwargs), self.score),
+                                        self.temperature, self.total)
+
+
+def expert_scores(features: torch.Tensor, score: str) -> torch.Tensor:
+    """(B, K) scores from probe features (K + 2, B, F) ordered [θ0, experts…, merged]; higher = more likely."""
+    check_choice(score, "score", SCORES)
+    f0, fk, fm = features[0], features[1:-1], features[-1]
+    if score == "shift":
+        s = (fk - f0).norm(dim=-1)
+    elif score == "closest":
+        s = -(fk - fm).norm(dim=-1)
+    elif score == "cosine_shift":
+        s = torch.nn.functional.cosine_similarity(fk - f0, (fm - f0).unsqueeze(0), dim=-1, eps=1e-12)
+    else:
+        s = torch.nn.functional.cosine_similarity(fk, fm.unsqueeze(0), dim=-1, eps=1e-12)
+    return s.transpose(0, 1)
+
+
+def coefficients_from_scores(scores: torch.Tensor, temperature: float, total: float) -> torch.Tensor:
+    """softmax over experts of per-sample standardized scores / temperature, times ``total``."""
+    z = (scores - scores.mean(dim=1, keepdim=True)) / scores.std(dim=1, keepdim=True, unbiased=False).clamp_min(1e-12)
+    if scores.shape[1] == 1:
+        z = torch.zeros_like(scores)
+    return torch.softmax(z / temperature, dim=1) * total
+
+
+def _task_vectors(base_sd, expert_sds, names, base_method: str, lam: torch.Tensor, density: float):
+    """name -> (K, *shape) task vectors that the per-sample layers mix (see the module docstring, step 1)."""
+    deltas = {n: torch.stack([sd[n].detach().float() - base_sd[n].detach().float() for sd in expert_sds])
+              for n in names}
+    if base_method == "ta":
+        return deltas
+    thresholds = magnitude_thresholds([base_sd[n].detach() for n in names],
+                                      [[sd[n].detach() for n in names] for sd in expert_sds], density=density)
+    shares = {}
+    for i, n in enumerate(names):
+        d = deltas[n]
+        t = thresholds[i].to(d.device).view(-1, *([1] * (d.dim() - 1)))
+        kept = (d.abs() >= t) & (d != 0)
+        elected = torch.where((d * kept).sum(0) >= 0, 1.0, -1.0)  # 0 counts as +, as in ties_merging
+        agree = kept & (torch.sign(d) == elected)
+        shares[n] = d * agree / agree.sum(0).clamp_min(1)
+    return shares
+
+
+def se_merge(
+    base: nn.Module,
+    experts: Sequence[nn.Module],
+    *,
+    base_method: str = "ta",
+    lam: float | Sequence[float] = 0.3,
+    density: float = 0.2,
+    probe: str | None = None,
+    score: str = "shift",
+    temperature: float = 0.5,
+    total: str | float = "one",
+    strategy: str | None = None,
+    backend: str | None = None,
+    rank: int | None = None,
+) -> SEMergedModel:
+    """Build an SE-Merging model from a base and K experts fine-tuned from it.
+
+    Args:
+        base: the pretrained model θ0 (any nn.Module of standard layers; batch-first inputs).
+        experts: K models of the same architecture, fine-tuned from ``base``.
+        base_method: the static merge it sits on: ``"ta"`` (task arithmetic) or ``"ties"``.
+        lam: static coefficient(s) λ: one number, or K numbers (task arithmetic only); for TIES the scale.
+        density: TIES trim density (fraction of each tensor's task vector kept).
+        probe: name (as in ``named_modules()``) of the module whose output is the routing
+            representation; default: the last supported layer in registration order.
+        score, temperature, total: the routing rule (module docstring, steps 3–4).
+        strategy: per-sample linear strategy (None: chosen per call by the cost model).
+        backend: op backend ("torch", "triton" or None for the fastest).
+        rank: store each linear task vector as a rank-r factorization and use the low-rank strategy
+            (approximate; None keeps them exact).
+
+    Returns:
+        An :class:`SEMergedModel` in eval mode, on the base's device. Layers whose parameters
+        the experts left unchanged stay ordinary shared layers.
+
+    Raises:
+        TypeError: an expert is not an nn.Module, or a layer of an unsupported type (named) has
+            parameters that differ between base and experts.
+        ValueError: experts whose parameter names or shapes differ from the base's (named), bad
+            hyperparameters.
+    """
+    if not isinstance(base, nn.Module):
+        raise TypeError(f"base must be an nn.Module, got {type(base).__name__}")
+    if isinstance(experts, nn.Module) or not isinstance(experts, Sequence) or not experts:
+        raise TypeError("experts must be a non-empty sequence of nn.Modules")
+    for i, e in enumerate(experts):
+        if not isinstance(e, nn.Module):
+            raise TypeError(f"experts[{i}] must be an nn.Module, got {type(e).__name__}")
+    base_method = check_choice(base_method, "base_method", BASE_METHODS)
+    check_choice(score, "score", SCORES)
+    temperature = check_real(temperature, "temperature", low=0.0, low_open=True)
+    density = check_real(density, "density", low=0.0, high=1.0, low_open=True)
+    k = len(experts)
+    lam_t = _lambda_vector(lam, k, base_method)
+    total_value = {"lambda": float(lam_t.sum()), "one": 1.0}.get(total) if isinstance(total, str) else None
+    if total_value is None:
+        if isinstance(total, str):
+            raise ValueError(f"total must be 'lambda', 'one' or a number, got {total!r}")
+        total_value = check_real(total, "total", low=0.0, low_open=True)
+
+    base_sd = dict(base.named_parameters())
+    expert_sds = [dict(e.named_parameters()) for e in experts]
+    for i, sd in enumerate(expert_sds):
+        _check_same_parameters(base_sd, sd, i)
+
+    changed = {n for n in base_sd if any(not torch.equal(sd[n], base_sd[n]) for sd in expert_sds)}
+    modules = dict(base.named_modules())
+    targets = []
+    for name, module in modules.items():
+        own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+        if isinstance(module, _SUPPORTED):
+            if own:
+                targets.append(name)
+        elif any(p in changed for p in own):
+            bad = [p for p in own if p in changed]
+            raise TypeError(f"layer {name or '<root>'} ({type(module).__name__}) is not supported by se_merge "
+                            f"and its parameters {bad} differ between base and experts; supported layers: "
+                            f"{[c.__name__ for c in _SUPPORTED]}")
+    if probe is None:
+        if not targets:
+            raise ValueError("the model has no supported layer to merge per sample")
+        probe = targets[-1]
+    if probe not in modules:
+        raise ValueError(f"probe {probe!r} is not a module of the model; e.g. {list(modules)[1:6]}")
+
+    param_names = [f"{t}.{p}" if t else p for t in targets for p, _ in modules[t].named_parameters(recurse=False)]
+    taus = _task_vectors(base_sd, expert_sds, param_names, base_method, lam_t, density)
+
+    model = copy.deepcopy(base).eval()
+    coefficients = Coefficients(k)
+    for name in targets:
+        old = dict(model.named_modules())[name]
+        dtype = old.weight.dtype
+
+        def tv(p):
+            key = f"{name}.{p}" if name else p
+            return taus[key].to(dtype) if key in taus else None
+
+        if isinstance(old, nn.Linear):
+            new = PerSampleLinear(old.weight.detach(), tv("weight"), None if old.bias is None else old.bias.detach(),
+                                  tv("bias"), coefficients, strategy=strategy, backend=backend, rank=rank, name=name)
+        elif isinstance(old, nn.LayerNorm):
+            new = PerSampleLayerNorm(old, [_shifted(old, tv, j) for j in range(k)], coefficients, name=name)
+        else:
+            new = PerSampleConv2d(old, [_shifted(old, tv, j) for j in range(k)], coefficients, name=name)
+        _replace(model, name, new)
+    lam_dev = lam_t.to(next(iter(base_sd.values())).device) if base_sd else lam_t
+    return SEMergedModel(model, coefficients, lam_dev, probe=probe, score=score, temperature=temperature,
+                         total=total_value).eval()
+
+
+def _shifted(module: nn.Module, tv, j: int) -> nn.Module:
+    """A copy of ``module`` with parameters θ0 + τ_j (for layers built from modules)."""
+    out = copy.deepcopy(module)
+    with torch.no_grad():
+        for p_name, p in out.named_parameters(recurse=False):
+            t = tv(p_name)
+            if t is not None:
+                p.add_(t[j])
+    return out
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _lambda_vector(lam, k: int, base_method: str) -> torch.Tensor:
+    if isinstance(lam, (int, float)) and not isinstance(lam, bool):
+        return torch.full((k,), check_real(lam, "lam"), dtype=torch.float32)
+    if isinstance(lam, (Sequence, torch.Tensor)) and not isinstance(lam, str):
+        if base_method == "ties":
+            raise ValueError("for base_method='ties', lam is TIES' single scale; per-task lam needs 'ta'")
+        values = [check_real(float(v), f"lam[{i}]") for i, v in enumerate(lam)]
+        if len(values) != k:
+            raise ValueError(f"lam must have one value per expert ({k}), got {len(values)}")
+        return torch.tensor(values, dtype=torch.float32)
+    raise TypeError(f"lam must be a number or a sequence of numbers, got {type(lam).__name__}")
+
+
+def _check_same_parameters(base_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], i: int) -> None:
+    missing = [n for n in base_sd if n not in sd]
+    extra = [n for n in sd if n not in base_sd]
+    if missing or extra:
+        raise ValueError(f"experts[{i}] does not match the base: missing {missing[:5]}, unexpected {extra[:5]}")
+    for n, p in base_sd.items():
+        if sd[n].shape != p.shape:
+            raise ValueError(f"experts[{i}].{n} has shape {tuple(sd[n].shape)}, the base's is {tuple(p.shape)}")
+        if sd[n].dtype != p.dtype:
+            raise ValueError(f"experts[{i}].{n} is {sd[n].dtype}, the base's is {p.dtype}")
+
+
+__all__ = ["BASE_METHODS", "SCORES", "SEMergedModel", "coefficients_from_scores", "expert_scores", "se_merge"]

@@ -1,0 +1,581 @@
+"""Per-sample merged linear: each sample runs through its own mix of task vectors.
+
+For x of shape (B, in) or (B, T, in), per-sample coefficients α (B, K) and
+K task vectors (τ_k, δ_k) on top of a base layer (W0, b0)::
+
+    y[b] = x[b] · (W0 + Σ_k α[b,k] τ_k)ᵀ + (b0 + Σ_k α[b,k] δ_k)
+
+(α is shared by a sample's T tokens). This is the inner op of dynamic merging
+(SE-Merging): every sample of a batch has its own merged weights, and the
+batch must still run as a few large kernels, with no Python loop over samples
+and no host synchronisation.
+
+Strategies (all exact up to float rounding; :func:`choose_strategy` picks one
+from the shapes with the cost model below, ``strategy=`` overrides it):
+
+- ``"stacked"``: y = Σ_{t=0..K} (α_t ⊙ x) W_tᵀ with α_0 = 1, one GEMM over the
+  (K+1)-fold reduction dimension: (K+1)·B·T·in·out MACs, every weight read
+  once per batch whatever B is. On CUDA a Triton kernel reads each x tile once
+  and scales it per (sample, task) in registers; on CPU the scaled input
+  [x, α_1 x, …, α_K x] (B·T, (K+1)·in) meets the packed weights in one BLAS GEMM.
+- ``"materialize"``: W_b = W0 + Σ_k α_bk τ_k for every sample (one GEMM over K),
+  then a batched GEMM: K·B·in·out + B·T·in·out MACs, best when T ≫ K.
+  Samples are processed in chunks so the per-sample weights stay in cache-sized
+  pieces of memory (at most ``MATERIALIZE_CHUNK_BYTES``).
+- ``"lowrank"``: with τ_k ≈ U_k V_k (rank r, :func:`lowrank_factors`),
+  y = x W0ᵀ + Σ_k α_bk (x V_kᵀ) U_kᵀ as three GEMMs over all K at once (the
+  multi-adapter LoRA pattern): B·T·(in·out + K·r·(in+out)) MACs. Approximate
+  by construction (the truncation); its error is the factors' error.
+
+Weights are passed *packed* (:func:`pack_weights`): ``packed_weight`` of shape
+(out, K+1, in) with slot 0 the base, so that the CPU GEMM sees the (out,
+(K+1)·in) matrix without a copy and the Triton kernel and the materialize
+GEMM read the same storage through strides; ``packed_bias`` (K+1, out).
+
+Backends: ``torch`` runs the strategies with torch ops (on CPU BLAS is the
+fastest path we measured, see benchmarks/run_per_sample_linear.py); ``triton``
+(CUDA) runs the stacked strategy as one fused kernel and the other two as
+cuBLAS GEMMs. The oracle of the tests is :func:`per_sample_linear_torch`, which
+materializes every sample's weights in float64-capable plain torch.
+
+The op is declared with ``torch.library`` (``merging_kernels::per_sample_linear``
+and ``merging_kernels::per_sample_lowrank_linear``) with fake implementations,
+so models that call it work under ``torch.compile``; the Triton kernel is
+compiled once per (dtype, K, tile config) and never per batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .._dispatch import OpBackends, resolve_backend
+from .._validation import check_choice, check_float_tensor, check_int
+
+PER_SAMPLE_LINEAR = OpBackends("per_sample_linear", cpu=(), cuda=("triton",))
+STRATEGIES = ("stacked", "materialize", "lowrank")
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Per-sample weights are built this many bytes at a time (materialize strategy).
+MATERIALIZE_CHUNK_BYTES = 64 << 20
+# MACs one element of memory traffic is worth (the machine balance), per device type: a strategy's
+# cost is max(MACs / balance, elements moved). Rough, but the strategies differ by integer factors.
+MACHINE_BALANCE = {"cpu": 10.0, "cuda": 200.0}
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def per_sample_linear_torch(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    weight: torch.Tensor,
+    task_weights: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    task_biases: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The oracle: materialize each sample's weights and apply them (plain, readable, slow).
+
+    Args:
+        x: (B, in) or (B, T, in).
+        alpha: (B, K) per-sample coefficients.
+        weight: (out, in) base weight W0; task_weights: (K, out, in) task vectors τ_k.
+        bias: (out,) or None; task_biases: (K, out) or None (zero when only ``bias`` is given).
+
+    Returns:
+        (B, out) or (B, T, out), computed in the wider of float32 and x's dtype, returned in x's dtype.
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    a = alpha.to(acc)
+    w = weight.to(acc) + torch.einsum("bk,koi->boi", a, task_weights.to(acc))  # (B, out, in)
+    xs = x.to(acc)
+    y = torch.einsum("bti,boi->bto", xs if xs.dim() == 3 else xs.unsqueeze(1), w)
+    if bias is not None:
+        b = bias.to(acc).expand(a.shape[0], -1)
+        if task_biases is not None:
+            b = b + a @ task_biases.to(acc)
+        y = y + b.unsqueeze(1)
+    elif task_biases is not None:
+        y = y + (a @ task_biases.to(acc)).unsqueeze(1)
+    return (y if x.dim() == 3 else y.squeeze(1)).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- packing and cost model
+
+
+def pack_weights(
+    weight: torch.Tensor,
+    task_weights: torch.Tensor | Sequence[torch.Tensor],
+    bias: torch.Tensor | None = None,
+    task_biases: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pack a base layer and K task vectors for :func:`per_sample_linear` (done once, off the hot path).
+
+    Returns:
+        ``packed_weight`` (out, K+1, in) with ``[:, 0]`` = W0 and ``[:, k]`` = τ_k, and
+        ``packed_bias`` (K+1, out) (None when neither bias is given), in ``dtype`` (W0's by default).
+    """
+    weight = check_float_tensor(weight, "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    if not isinstance(task_weights, torch.Tensor):
+        task_weights = torch.stack(list(task_weights)) if len(task_weights) else weight.new_empty((0, *weight.shape))
+    task_weights = check_float_tensor(task_weights, "task_weights")
+    if task_weights.dim() != 3 or task_weights.shape[1:] != weight.shape:
+        raise ValueError(f"task_weights must be (K, {weight.shape[0]}, {weight.shape[1]}), "
+                         f"got shape {tuple(task_weights.shape)}")
+    dtype = dtype or weight.dtype
+    num_tasks, out_features = task_weights.shape[0], weight.shape[0]
+    packed = torch.cat([weight.unsqueeze(0), task_weights.to(weight.device)]).to(dtype).transpose(0, 1).contiguous()
+    packed_bias = None
+    if bias is not None or task_biases is not None:
+        if bias is None:
+            bias = weight.new_zeros(out_features)
+        bias = check_float_tensor(bias, "bias")
+        if bias.shape != (out_features,):
+            raise ValueError(f"bias must be ({out_features},), got shape {tuple(bias.shape)}")
+        if task_biases is None:
+            task_biases = bias.new_zeros((num_tasks, out_features))
+        elif not isinstance(task_biases, torch.Tensor):
+            task_biases = torch.stack(list(task_biases)) if len(task_biases) else bias.new_zeros((0, out_features))
+        task_biases = check_float_tensor(task_biases, "task_biases")
+        if task_biases.shape != (num_tasks, out_features):
+            raise ValueError(f"task_biases must be ({num_tasks}, {out_features}), got shape {tuple(task_biases.shape)}")
+        packed_bias = torch.cat([bias.unsqueeze(0), task_biases.to(bias.device)]).to(dtype).contiguous()
+    return packed, packed_bias
+
+
+def lowrank_factors(task_weights: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD of each task vector, τ_k ≈ U_k V_k, packed for the ``lowrank`` strategy.
+
+    Args:
+        task_weights: (K, out, in); rank: r ≥ 1 (clipped to min(out, in)).
+
+    Returns:
+        ``up`` (out, K·r) = [U_1 S_1, …, U_K S_K] and ``down`` (K·r, in) = [V_1; …; V_K], in
+        task_weights' dtype (the SVD runs in float32/float64).
+    """
+    task_weights = check_float_tensor(task_weights, "task_weights")
+    if task_weights.dim() != 3:
+        raise ValueError(f"task_weights must be (K, out, in), got shape {tuple(task_weights.shape)}")
+    rank = min(check_int(rank, "rank", low=1), min(task_weights.shape[1:]))
+    work = task_weights.to(torch.promote_types(task_weights.dtype, torch.float32))
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    up = (u[:, :, :rank] * s[:, None, :rank]).permute(1, 0, 2).reshape(task_weights.shape[1], -1)
+    down = vh[:, :rank, :].reshape(-1, task_weights.shape[2])
+    return up.to(task_weights.dtype).contiguous(), down.to(task_weights.dtype).contiguous()
+
+
+def strategy_costs(batch: int, tokens: int, in_features: int, out_features: int, num_tasks: int,
+                   rank: int | None = None, device_type: str = "cpu") -> dict[str, float]:
+    """Modelled cost of each strategy (in units of one element moved): max(MACs / balance, elements)."""
+    balance = MACHINE_BALANCE.get(device_type, MACHINE_BALANCE["cuda"])
+    rows, io, k = batch * tokens, in_features * out_features, num_tasks
+
+    def gemm(macs, elements):
+        return max(macs / balance, elements)
+
+    costs = {
+        "stacked": gemm((k + 1) * rows * io, (k + 1) * io + rows * (k + 1) * in_features),
+        "materialize": gemm(k * batch * io, k * io + batch * io) + gemm(rows * io, batch * io),
+    }
+    if rank is not None:
+        kr = k * rank
+        costs["lowrank"] = gemm(rows * io, io) + gemm(rows * kr * (in_features + out_features),
+                                                      kr * (in_features + out_features))
+    return costs
+
+
+def choose_strategy(batch: int, tokens: int, in_features: int, out_features: int, num_tasks: int,
+                    rank: int | None = None, device_type: str = "cpu") -> str:
+    """The cheapest strategy by :func:`strategy_costs` (ties go to ``stacked``, which needs no workspace).
+
+    ``lowrank`` is only a candidate when factors exist (``rank`` given), since it changes the result.
+    """
+    costs = strategy_costs(batch, tokens, in_features, out_features, num_tasks, rank, device_type)
+    return min(STRATEGIES, key=lambda s: (costs.get(s, math.inf), STRATEGIES.index(s)))
+
+
+# --------------------------------------------------------------------------- torch strategies
+
+
+def _alpha1(alpha: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[1, α] (B, K+1): slot 0 is the base layer's coefficient."""
+    return torch.cat([alpha.new_ones((alpha.shape[0], 1)), alpha], dim=1).to(dtype)
+
+
+def _bias_mix(alpha1: torch.Tensor, packed_bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if packed_bias is None:
+        return None
+    return (alpha1.to(torch.float32) @ packed_bias.to(torch.float32)).to(dtype)  # (B, out)
+
+
+def _stacked_torch(x3, alpha, packed_weight, packed_bias):
+    b, t, i = x3.shape
+    out, kp1, _ = packed_weight.shape
+    a1 = _alpha1(alpha, x3.dtype)
+    scaled = (x3.unsqueeze(2) * a1[:, None, :, None]).reshape(b * t, kp1 * i)  # [x, α_1 x, …, α_K x]
+    y = F.linear(scaled, packed_weight.view(out, kp1 * i)).view(b, t, out)
+    mix = _bias_mix(a1, packed_bias, x3.dtype)
+    return y if mix is None else y.add_(mix.unsqueeze(1))
+
+
+def _materialize_torch(x3, alpha, packed_weight, packed_bias):
+    b, t, i = x3.shape
+    out, kp1, _ = packed_weight.shape
+    a1 = _alpha1(alpha, packed_weight.dtype)
+    y = x3.new_empty((b, t, out))
+    per_sample = out * i * packed_weight.element_size()
+    chunk = max(1, MATERIALIZE_CHUNK_BYTES // max(per_sample, 1))
+    for start in range(0, b, chunk):  # chunks of samples bound the workspace; not a loop over samples
+        stop = min(b, start + chunk)
+        w = torch.matmul(a1[start:stop], packed_weight)  # (out, chunk, in): Σ_t α_t W_t per sample
+        torch.bmm(x3[start:stop], w.permute(1, 2, 0), out=y[start:stop])
+    mix = _bias_mix(a1, packed_bias, x3.dtype)
+    return y if mix is None else y.add_(mix.unsqueeze(1))
+
+
+def _lowrank_torch(x3, alpha, weight, up, down, packed_bias):
+    b, t, i = x3.shape
+    out = weight.shape[0]
+    k = alpha.shape[1]
+    rank = down.shape[0] // max(k, 1)
+    x2 = x3.reshape(b * t, i)
+    a1 = _alpha1(alpha, x3.dtype)
+    mix = _bias_mix(a1, packed_bias, x3.dtype)
+    y = F.linear(x2, weight).view(b, t, out)
+    if k and rank:
+        h = F.linear(x2, down).view(b, t, k, rank) * alpha.to(x3.dtype)[:, None, :, None]  # α_bk (x V_kᵀ)
+        y = y + F.linear(h.reshape(b * t, k * rank), up).view(b, t, out)
+    return y if mix is None else y.add_(mix.unsqueeze(1))
+
+
+# --------------------------------------------------------------------------- triton kernel
+#   _stacked_triton(x2 (M, in), alpha (B, K), tokens T, packed_weight (out, K+1, in), packed_bias) -> (M, out)
+
+try:  # triton is optional: `import merging_kernels` must work without it
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - exercised where triton is missing
+    triton = None
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["M", "T"])
+    def _psl_stacked_kernel(
+        x_ptr, a_ptr, w_ptr, b_ptr, y_ptr, M, N, IN, T,
+        stride_xm, stride_xk, stride_ab, stride_ak, stride_wn, stride_wt, stride_wk,
+        stride_bt, stride_bn, stride_ym, stride_yn,
+        NUM_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        """y[m] = Σ_{t=0..K} (α[m // T, t] x[m]) W_tᵀ (+ the mixed bias), α_0 = 1.
+
+        Each x tile is loaded once per reduction step and rescaled per task in registers, so the
+        (K+1)-fold GEMM reads x once and each weight tile once per output tile.
+        """
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * num_n)  # grouped order: neighbouring programs share weight tiles in L2
+        first_m = group * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+        pid_n = (pid % (GROUP_M * num_n)) // size_m
+
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        row_ok = rows < M
+        col_ok = cols < N
+        sample = (rows // T).to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+        w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
+        for k0 in range(0, IN, BLOCK_K):
+            k_ok = (k0 + ks) < IN
+            x = tl.load(x_rows + (k0 + ks)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w_mask = k_ok[:, None] & col_ok[None, :]
+            w = tl.load(w_cols + (k0 + ks)[:, None] * stride_wk, mask=w_mask, other=0.0)
+            acc = tl.dot(x, w, acc)
+            for t in tl.static_range(1, NUM_TASKS):
+                a_t = tl.load(a_ptr + sample * stride_ab + (t - 1) * stride_ak, mask=row_ok, other=0.0)
+                xs = (x.to(tl.float32) * a_t.to(tl.float32)[:, None]).to(x.dtype)
+                w = tl.load(w_cols + t * stride_wt + (k0 + ks)[:, None] * stride_wk, mask=w_mask, other=0.0)
+                acc = tl.dot(xs, w, acc)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols * stride_bn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            for t in tl.static_range(1, NUM_TASKS):
+                a_t = tl.load(a_ptr + sample * stride_ab + (t - 1) * stride_ak, mask=row_ok, other=0.0)
+                b_t = tl.load(b_ptr + t * stride_bt + cols * stride_bn, mask=col_ok, other=0.0)
+                acc += a_t.to(tl.float32)[:, None] * b_t.to(tl.float32)[None, :]
+        y = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _stacked_config(rows: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a few fixed tile shapes chosen by row count,
+    so the kernel compiles a bounded number of variants and never per batch size."""
+    if rows <= 16:
+        return 16, 128, 64, 4, 4
+    if rows <= 64:
+        return 64, 128, 64, 4, 3
+    return 128, 128, 64, 8, 3
+
+
+def _stacked_triton(x3, alpha, packed_weight, packed_bias):
+    b, t, i = x3.shape
+    out, kp1, _ = packed_weight.shape
+    x2 = x3.reshape(b * t, i)
+    m = x2.shape[0]
+    y = torch.empty((m, out), dtype=x3.dtype, device=x3.device)
+    block_m, block_n, block_k, warps, stages = _stacked_config(m)
+    bias = packed_bias if packed_bias is not None else packed_weight  # a dummy pointer when HAS_BIAS is off
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(out, block_n),)
+    _psl_stacked_kernel[grid](
+        x2, alpha, packed_weight, bias, y, m, out, i, t,
+        x2.stride(0), x2.stride(1), alpha.stride(0), alpha.stride(1),
+        packed_weight.stride(0), packed_weight.stride(1), packed_weight.stride(2),
+        bias.stride(0) if packed_bias is not None else 0, bias.stride(1) if packed_bias is not None else 0,
+        y.stride(0), y.stride(1),
+        NUM_TASKS=kp1, HAS_BIAS=packed_bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages,
+    )
+    return y.view(b, t, out)
+
+
+# --------------------------------------------------------------------------- registered ops
+
+
+def _run(x: torch.Tensor, alpha: torch.Tensor, packed_weight: torch.Tensor, packed_bias: torch.Tensor | None,
+         strategy: str, backend: str) -> torch.Tensor:
+    x3 = x if x.dim() == 3 else x.unsqueeze(1)
+    if x3.shape[0] * x3.shape[1] == 0 or packed_weight.shape[0] == 0:
+        y = x3.new_zeros((*x3.shape[:2], packed_weight.shape[0]))
+        if packed_bias is not None and y.numel():
+            y += _bias_mix(_alpha1(alpha, torch.float32), packed_bias, x3.dtype).unsqueeze(1)
+    elif strategy == "stacked" and backend == "triton":
+        y = _stacked_triton(x3, alpha, packed_weight, packed_bias)
+    elif strategy == "stacked":
+        y = _stacked_torch(x3, alpha, packed_weight, packed_bias)
+    else:
+        y = _materialize_torch(x3, alpha, packed_weight, packed_bias)
+    return y if x.dim() == 3 else y.squeeze(1)
+
+
+def _run_lowrank(x: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                 packed_bias: torch.Tensor | None) -> torch.Tensor:
+    x3 = x if x.dim() == 3 else x.unsqueeze(1)
+    y = _lowrank_torch(x3, alpha, weight, up, down, packed_bias)
+    return y if x.dim() == 3 else y.squeeze(1)
+
+
+def _fake(x, alpha, packed_weight, *rest) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], packed_weight.shape[0]))
+
+
+if hasattr(torch.library, "custom_op"):  # torch >= 2.4: declared ops, traceable by torch.compile
+    _run_op = torch.library.custom_op("merging_kernels::per_sample_linear", mutates_args=())(_run)
+    _run_op.register_fake(_fake)
+
+    def _lowrank_fake(x, alpha, weight, up, down, packed_bias):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    _run_lowrank_op = torch.library.custom_op("merging_kernels::per_sample_lowrank_linear",
+                                              mutates_args=())(_run_lowrank)
+    _run_lowrank_op.register_fake(_lowrank_fake)
+else:  # pragma: no cover - torch 2.3
+    _run_op, _run_lowrank_op = _run, _run_lowrank
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def _check_x_alpha(x, alpha, in_features: int, num_tasks: int, dtype: torch.dtype) -> None:
+    check_float_tensor(x, "x")
+    check_float_tensor(alpha, "alpha")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be (B, in) or (B, T, in), got shape {tuple(x.shape)}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} input features but the weights expect {in_features}")
+    if alpha.dim() != 2 or alpha.shape != (x.shape[0], num_tasks):
+        raise ValueError(f"alpha must be (B, K) = ({x.shape[0]}, {num_tasks}), got shape {tuple(alpha.shape)}")
+    if x.dtype not in FAST_DTYPES and x.dtype != torch.float64:
+        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if dtype != x.dtype:
+        raise TypeError(f"x is {x.dtype} but the packed weights are {dtype}: pack them in x's dtype")
+    if alpha.device != x.device:
+        raise ValueError(f"alpha is on {alpha.device} but x is on {x.device}")
+
+
+def per_sample_linear(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    packed_weight: torch.Tensor,
+    packed_bias: torch.Tensor | None = None,
+    *,
+    strategy: str | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """y[b] = x[b] (W0 + Σ_k α[b,k] τ_k)ᵀ + (b0 + Σ_k α[b,k] δ_k), without a Python loop over samples.
+
+    Args:
+        x: (B, in) or (B, T, in), float32 / float16 / bfloat16 (float64 runs too, on the torch backend).
+        alpha: (B, K) per-sample coefficients, any float dtype, on x's device. They are not checked
+            for NaN (that would cost a host sync); NaN propagates to the sample's outputs as in F.linear.
+        packed_weight: (out, K+1, in) from :func:`pack_weights`, in x's dtype and on its device.
+        packed_bias: (K+1, out) from :func:`pack_weights`, or None.
+        strategy: ``"stacked"``, ``"materialize"`` or None (:func:`choose_strategy`). The ``lowrank``
+            strategy takes factors instead: :func:`per_sample_lowrank_linear`.
+        backend: ``"triton"`` (CUDA), ``"torch"`` or None (fastest available).
+
+    Returns:
+        (B, out) or (B, T, out) in x's dtype.
+    """
+    packed_weight = check_float_tensor(packed_weight, "packed_weight")
+    if packed_weight.dim() != 3:
+        raise ValueError(f"packed_weight must be (out, K+1, in) from pack_weights, got shape "
+                         f"{tuple(packed_weight.shape)}")
+    out, kp1, in_features = packed_weight.shape
+    _check_x_alpha(x, alpha, in_features, kp1 - 1, packed_weight.dtype)
+    if packed_weight.device != x.device:
+        raise ValueError(f"packed_weight is on {packed_weight.device} but x is on {x.device}")
+    if packed_bias is not None:
+        check_float_tensor(packed_bias, "packed_bias")
+        if packed_bias.shape != (kp1, out):
+            raise ValueError(f"packed_bias must be ({kp1}, {out}), got shape {tuple(packed_bias.shape)}")
+        if packed_bias.device != x.device:
+            raise ValueError(f"packed_bias is on {packed_bias.device} but x is on {x.device}")
+    tokens = x.shape[1] if x.dim() == 3 else 1
+    if strategy is None:
+        strategy = choose_strategy(x.shape[0], tokens, in_features, out, kp1 - 1, None, x.device.type)
+    check_choice(strategy, "strategy", ("stacked", "materialize"))
+    chosen = resolve_backend(PER_SAMPLE_LINEAR, backend, x.device)
+    if x.dtype == torch.float64 and chosen == "triton":
+        chosen = "torch"  # tl.dot has no float64 tensor-core path worth having; cuBLAS does it
+    if packed_weight.stride(-1) != 1:
+        packed_weight = packed_weight.contiguous()
+    if alpha.dtype != torch.float32:
+        alpha = alpha.float()
+    return _run_op(x, alpha, packed_weight, packed_bias, strategy, chosen)
+
+
+def per_sample_lowrank_linear(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    weight: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    packed_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ``lowrank`` strategy: y[b] = x[b] W0ᵀ + Σ_k α[b,k] (x[b] V_kᵀ) U_kᵀ + bias mix.
+
+    Args:
+        x: (B, in) or (B, T, in); alpha: (B, K); weight: (out, in) base W0 in x's dtype;
+        up: (out, K·r), down: (K·r, in) from :func:`lowrank_factors`; packed_bias: (K+1, out) or None.
+    """
+    weight = check_float_tensor(weight, "weight")
+    up = check_float_tensor(up, "up")
+    down = check_float_tensor(down, "down")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (out, in), got shape {tuple(weight.shape)}")
+    out, in_features = weight.shape
+    num_tasks = alpha.shape[1] if isinstance(alpha, torch.Tensor) and alpha.dim() == 2 else -1
+    _check_x_alpha(x, alpha, in_features, num_tasks, weight.dtype)
+    kr = down.shape[0] if down.dim() == 2 else -1
+    if down.dim() != 2 or down.shape[1] != in_features or (num_tasks and kr % num_tasks):
+        raise ValueError(f"down must be (K·r, {in_features}), got shape {tuple(down.shape)}")
+    if up.shape != (out, kr):
+        raise ValueError(f"up must be ({out}, {kr}), got shape {tuple(up.shape)}")
+    if up.dtype != x.dtype or down.dtype != x.dtype:
+        raise TypeError(f"up/down must be {x.dtype} like x, got {up.dtype}/{down.dtype}")
+    if packed_bias is not None and packed_bias.shape != (num_tasks + 1, out):
+        raise ValueError(f"packed_bias must be ({num_tasks + 1}, {out}), got shape {tuple(packed_bias.shape)}")
+    return _run_lowrank_op(x, alpha.to(x.dtype), weight, up, down, packed_bias)
+
+
+# --------------------------------------------------------------------------- other per-sample layers
+# LayerNorm and Conv2d mix their (small) parameters per sample and reuse torch's kernels: the mix is
+# one (B, K+1) x (K+1, P) GEMM, and a conv with per-sample filters is one grouped conv.
+
+
+def per_sample_layer_norm(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    packed_weight: torch.Tensor | None,
+    packed_bias: torch.Tensor | None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """LayerNorm over the last dim with per-sample affine parameters Σ_t α_t γ_t, Σ_t α_t β_t (α_0 = 1).
+
+    Args:
+        x: (B, ..., D); alpha: (B, K); packed_weight / packed_bias: (K+1, D) or None (no affine term).
+    """
+    check_float_tensor(x, "x")
+    if x.dim() < 2:
+        raise ValueError(f"x must be (B, ..., D), got shape {tuple(x.shape)}")
+    d = x.shape[-1]
+    for name, p in (("packed_weight", packed_weight), ("packed_bias", packed_bias)):
+        if p is not None and (p.dim() != 2 or p.shape != (alpha.shape[1] + 1, d)):
+            raise ValueError(f"{name} must be ({alpha.shape[1] + 1}, {d}), got shape {tuple(p.shape)}")
+    if alpha.dim() != 2 or alpha.shape[0] != x.shape[0]:
+        raise ValueError(f"alpha must be (B, K) with B = {x.shape[0]}, got shape {tuple(alpha.shape)}")
+    y = F.layer_norm(x, (d,), None, None, eps)
+    a1 = _alpha1(alpha, torch.float32)
+    view = (x.shape[0],) + (1,) * (x.dim() - 2) + (d,)
+    if packed_weight is not None:
+        y = y * (a1 @ packed_weight.float()).to(x.dtype).view(view)
+    if packed_bias is not None:
+        y = y + (a1 @ packed_bias.float()).to(x.dtype).view(view)
+    return y
+
+
+def per_sample_conv2d(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    packed_weight: torch.Tensor,
+    packed_bias: torch.Tensor | None,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """Conv2d with per-sample filters W0 + Σ_k α_k τ_k, run as one grouped convolution.
+
+    Args:
+        x: (B, C_in, H, W); alpha: (B, K); packed_weight: (K+1, C_out, C_in / groups, kh, kw);
+        packed_bias: (K+1, C_out) or None. Padding modes other than zeros are not supported.
+    """
+    check_float_tensor(x, "x")
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    if alpha.dim() != 2 or alpha.shape[0] != x.shape[0] or packed_weight.shape[0] != alpha.shape[1] + 1:
+        raise ValueError(f"alpha must be (B, K) with B = {x.shape[0]} and K + 1 = {packed_weight.shape[0]}, "
+                         f"got shape {tuple(alpha.shape)}")
+    b = x.shape[0]
+    kp1, c_out = packed_weight.shape[:2]
+    a1 = _alpha1(alpha, torch.float32)
+    w = (a1 @ packed_weight.reshape(kp1, -1).float()).to(x.dtype).view(b * c_out, *packed_weight.shape[2:])
+    bias = None if packed_bias is None else (a1 @ packed_bias.float()).to(x.dtype).reshape(b * c_out)
+    y = F.conv2d(x.reshape(1, b * x.shape[1], *x.shape[2:]), w, bias, stride, padding, dilation, groups * b)
+    return y.view(b, c_out, *y.shape[2:])
+
+
+__all__ = [
+    "PER_SAMPLE_LINEAR",
+    "STRATEGIES",
+    "choose_strategy",
+    "lowrank_factors",
+    "pack_weights",
+    "per_sample_conv2d",
+    "per_sample_layer_norm",
+    "per_sample_linear",
+    "per_sample_linear_torch",
+    "per_sample_lowrank_linear",
+    "strategy_costs",
+]
