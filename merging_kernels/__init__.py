@@ -3,7 +3,7 @@
 from ._dispatch import BACKENDS, available_backends
 from ._native import build_info, native_error
 from .errors import BackendUnavailableError
-from .methods import dare_merging, task_arithmetic, ties_merging
+from .methods import dare_merging, mudsc_merge, task_arithmetic, ties_merging
 from .ops.linear_assignment import check_assignment, linear_sum_assignment
 from .ops.task_vectors import magnitude_thresholds, merge_task_vectors, streamed_magnitude_thresholds
 
@@ -19,6 +19,7 @@ __all__ = [
     "linear_sum_assignment",
     "magnitude_thresholds",
     "merge_task_vectors",
+    "mudsc_merge",
     "native_error",
     "streamed_magnitude_thresholds",
     "task_arithmetic",

@@ -1,5 +1,8 @@
 """Merging methods: algorithms written with the ops, never with kernels of their own."""
 
+from .mudsc import (MuDSCResult, activation_matching_merge, average_merge, mudsc_merge, reset_batchnorm,
+                    weight_matching_merge, zipit_merge)
 from .task_vectors import dare_merging, task_arithmetic, ties_merging
 
-__all__ = ["dare_merging", "task_arithmetic", "ties_merging"]
+__all__ = ["MuDSCResult", "activation_matching_merge", "average_merge", "dare_merging", "mudsc_merge", "reset_batchnorm",
+           "task_arithmetic", "ties_merging", "weight_matching_merge", "zipit_merge"]

@@ -1,0 +1,564 @@
+"""MuDSC: merging models trained from different initializations under dual-space constraints.
+
+Xu et al., "Training-Free Pretrained Model Merging", CVPR 2024. Two models A
+and B of one architecture, described by a :class:`~merging_kernels.permutation_spec.PermutationSpec`,
+are merged unit by unit:
+
+1. **Statistics.** One pass of a calibration set through both models with
+   forward hooks at every group's activation points accumulates the
+   correlation of the concatenated features [f_A, f_B] (2n x 2n per group;
+   averaged over a group's points).
+2. **Similarity.** For a group, S = w * S_weight + (1 - w) * S_act, where
+   S_weight is the Pearson correlation of the units' concatenated weight
+   vectors (every weight the unit's permutation touches; BN running
+   statistics excluded), with B's neighbouring groups already put in the
+   current alignment.
+3. **Matching.** ``mode="permute"``: an exact linear assignment on the
+   cross block (A x B). Groups with heads (``group_size``): the g x g scores of
+   the best within-head matchings (one batched assignment), one assignment of
+   heads (summed over groups tied by ``heads_with``), then the units within
+   each matched pair of heads. ``mode="zip"`` (ZipIt-style): after the
+   permutation alignment, every *zippable* group -- neither residual-tied nor
+   headed -- is re-matched by the greedy zip on its full 2n x 2n similarity
+   (-inf diagonal; repeatedly merge the most similar remaining pair, within
+   or across models; a merged unit's similarity to the rest is the minimum
+   of its members' times ``zip_factor``) into n merged units: a merge matrix
+   M (n x 2n) for producers and an unmerge matrix U (2n x n) for consumers.
+   Residual-tied and head groups stay permuted in zip mode: zipping a
+   residual stream needs merge/unmerge matrices at every layer that reads or
+   writes it (ZipIt's full graph treatment); we keep the stream aligned by a
+   permutation and zip the block-internal units (MLP hidden layers, ResNet
+   block interiors, ViT MLPs), which is where models with the same
+   architecture differ most.
+4. **Refinement** (``refine``; w > 0). Start from the activation-only
+   matching (w = 0; or from the identity for ``w = 1``, which is then Git
+   Re-Basin's weight matching, data-free); sweep over the groups in a random
+   order, recompute each one's dual similarity with its neighbours' current
+   permutations and re-solve; keep a change only when the total objective
+   (sum over groups of the matched similarities) increases; stop after
+   ``patience`` sweeps that gain nothing, at a fixed point (a sweep that
+   changes nothing), or after ``max_sweeps``.
+5. **Rewrite.** θ = α θ_A + (1 - α) P θ_B for permuted parameters, and
+   Σ_m M_m θ_m U_m for zipped ones (m over the two models).
+6. **BatchNorm reset** (``reset_bn``): running statistics re-estimated on the
+   calibration set (REPAIR/ZipIt do this; merged CNNs need it).
+
+The heavy parts run on the ops: :mod:`merging_kernels.ops.similarity`
+(statistics, correlations, group similarity) and
+:func:`merging_kernels.linear_sum_assignment`; this module holds the
+algorithm only. The baselines use the same machinery: plain averaging
+(:func:`average_merge`), weight matching (``w=1``), activation matching
+(``w=0``) and ZipIt (``mode="zip", w=0``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..ops.linear_assignment import linear_sum_assignment
+from ..permutation_spec import Axis, PermutationSpec, permute_axis, spec_for
+
+try:
+    from ..ops.similarity import (ActivationStats, activation_stats_hooks, correlation_matrix, dual_similarity,
+                                  group_similarity)
+except ImportError:  # pragma: no cover - until the op module lands
+    from ._similarity_standin import (ActivationStats, activation_stats_hooks, correlation_matrix, dual_similarity,
+                                      group_similarity)
+
+__all__ = ["MuDSCResult", "activation_matching_merge", "average_merge", "mudsc_merge", "reset_batchnorm",
+           "weight_matching_merge", "zipit_merge"]
+
+_STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+STAGES = ("statistics", "similarity", "assignment", "rewrite", "bn_reset")
+
+
+@dataclass
+class MuDSCResult:
+    """What :func:`mudsc_merge` did: the merged model, the matchings, the objective per sweep, timings (s)."""
+
+    model: nn.Module
+    perms: dict[str, torch.Tensor]  # group -> B's unit matched to each of A's units (after refinement)
+    zips: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # group -> (M, U)
+    objective_history: list[float] = field(default_factory=list)
+    sweeps: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_time(self) -> float:
+        return sum(self.timings.values())
+
+
+class _Timer:
+    def __init__(self):
+        self.t = dict.fromkeys(STAGES, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, stage):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t[stage] += time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _batch_input(batch):
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise TypeError(f"calibration batches must be tensors or (input, ...) tuples, got {type(batch).__name__}")
+
+
+def _reiterable(calibration):
+    if calibration is None:
+        return None
+    if isinstance(calibration, torch.Tensor):
+        return [calibration]
+    if iter(calibration) is calibration:  # a one-shot iterator: keep its batches for the second pass
+        return list(calibration)
+    return calibration
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- small helpers (plain torch)
+
+
+def _unit_vectors(state, group, n: int) -> torch.Tensor:
+    """(n, D): for each unit, every weight its permutation touches (running statistics excluded)."""
+    parts = []
+    for a in group.axes:
+        if a.param.endswith(_STAT_SUFFIXES):
+            continue
+        t = state[a.param]
+        t = t.movedim(a.dim % t.dim(), 0).reshape(a.outer, n, a.inner, -1)
+        parts.append(t.permute(1, 0, 2, 3).reshape(n, -1).float())
+    return torch.cat(parts, 1)
+
+
+def _paired_correlation(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of row i of x with row i of y, for every i (the diagonal of correlation_matrix)."""
+    x = x - x.mean(1, keepdim=True)
+    y = y - y.mean(1, keepdim=True)
+    return (x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1) + eps)
+
+
+def _mix_axis(t: torch.Tensor, axis: Axis, mat: torch.Tensor) -> torch.Tensor:
+    """Apply ``mat`` (n_new, n_old) to the units along ``axis`` of ``t``."""
+    dim = axis.dim % t.dim()
+    shape = t.shape
+    n_old = shape[dim] // (axis.outer * axis.inner)
+    v = t.reshape(*shape[:dim], axis.outer, n_old, axis.inner, *shape[dim + 1:]).movedim(dim + 1, -1)
+    v = (v @ mat.T.to(v.dtype)).movedim(-1, dim + 1)
+    return v.reshape(*shape[:dim], axis.outer * mat.shape[0] * axis.inner, *shape[dim + 1:])
+
+
+def greedy_zip(sim: torch.Tensor, alpha: float = 0.5, factor: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """ZipIt-style greedy matching of 2n units (A's then B's) into n merged units.
+
+    ``sim`` (2n, 2n): similarities (the diagonal is ignored). Repeatedly the most
+    similar remaining pair is merged; the merged unit's similarity to every
+    other is the minimum of its members' times ``factor``. Returns the merge
+    matrix M (n, 2n) (each row averages its members, A's weighted by α and
+    B's by 1 − α, normalized) and the unmerge matrix U (2n, n) (U[u, c] = 1 when
+    u belongs to merged unit c). Keeps each row's maximum so that a step costs
+    O(n) plus the rows whose maximum it invalidated.
+    """
+    m = sim.shape[0]
+    if sim.dim() != 2 or m != sim.shape[1] or m % 2:
+        raise ValueError(f"sim must be (2n, 2n), got {tuple(sim.shape)}")
+    n = m // 2
+    s = sim.detach().to(torch.float32).clone()
+    s.fill_diagonal_(-torch.inf)
+    owner = torch.arange(m, device=s.device)
+    rowmax, rowarg = s.max(1)
+    neg = torch.tensor(-torch.inf, device=s.device)
+    for _ in range(n):
+        i = int(rowmax.argmax())
+        j = int(rowarg[i])
+        merged = torch.minimum(s[i], s[j]) * factor
+        merged[i] = -torch.inf
+        merged[j] = -torch.inf
+        s[i] = merged
+        s[:, i] = merged
+        s[j] = -torch.inf
+        s[:, j] = -torch.inf
+        owner = torch.where(owner == j, i, owner)
+        rowmax[j] = neg
+        stale = (rowarg == i) | (rowarg == j)
+        stale[j] = False
+        stale[i] = True
+        idx = stale.nonzero().squeeze(1)
+        if idx.numel():
+            vals, args = s[idx].max(1)
+            rowmax[idx] = vals
+            rowarg[idx] = args
+        up = merged > rowmax
+        rowmax = torch.where(up, merged, rowmax)
+        rowarg = torch.where(up, i, rowarg)
+    reps = torch.unique(owner)  # n representatives, ascending
+    cluster = torch.searchsorted(reps, owner)
+    u = torch.zeros(m, n, device=s.device)
+    u[torch.arange(m, device=s.device), cluster] = 1.0
+    weight = torch.cat([torch.full((n,), float(alpha), device=s.device),
+                        torch.full((n,), 1.0 - float(alpha), device=s.device)])
+    merge = u.T * weight
+    merge = merge / merge.sum(1, keepdim=True).clamp_min(1e-30)
+    return merge, u
+
+
+def reset_batchnorm(model: nn.Module, calibration: Iterable) -> bool:
+    """Re-estimate every BatchNorm's running statistics on the calibration batches (cumulative average).
+
+    Mutates ``model`` (as its name does not say: it is the point); returns whether
+    it had any BatchNorm. The model's train/eval mode is restored.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return False
+    was_training = model.training
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    with torch.no_grad():
+        for batch in calibration:
+            model(_batch_input(batch).to(_device(model)))
+    for bn, mom in zip(bns, momenta):
+        bn.momentum = mom
+    model.train(was_training)
+    return True
+
+
+# --------------------------------------------------------------------------- the algorithm
+
+
+class _Alignment:
+    """Current alignment of B to A: per-group permutations, B's state in that order, objective terms."""
+
+    def __init__(self, spec: PermutationSpec, sd_a, sd_b, s_act_full, w: float, backend):
+        self.spec, self.w, self.backend = spec, w, backend
+        self.sd_b = dict(sd_b)  # aligned B (entries replaced, never mutated in place)
+        self.s_act_full = s_act_full
+        self.s_act = {g: s[: spec[g].size, spec[g].size:] for g, s in s_act_full.items()} if s_act_full else {}
+        self.perms = {g.name: torch.arange(g.size, device=_first(sd_a).device) for g in spec}
+        self.vec_a = {g.name: _unit_vectors(sd_a, g, g.size) for g in spec} if w > 0 else {}
+        self.neigh = {g.name: spec.neighbours(g.name) for g in spec}
+        self.obj: dict[str, float] = {}
+
+    # similarity of one group, in aligned coordinates (rows: A's units, columns: B's aligned units)
+    def similarity(self, name: str, w: float, full: bool = False) -> torch.Tensor:
+        g = self.spec[name]
+        s_w = s_a = None
+        if w > 0:
+            vb = _unit_vectors(self.sd_b, g, g.size)
+            s_w = correlation_matrix(torch.cat([self.vec_a[name], vb]), None, backend=self.backend) if full \
+                else correlation_matrix(self.vec_a[name], vb, backend=self.backend)
+        if w < 1:
+            perm = self.perms[name]
+            if full:
+                idx = torch.cat([torch.arange(g.size, device=perm.device), g.size + perm])
+                s_a = self.s_act_full[name][idx][:, idx]
+            else:
+                s_a = self.s_act[name][:, perm]
+        if s_w is None:
+            return s_a
+        if s_a is None:
+            return s_w
+        return dual_similarity(s_w, s_a, w)
+
+    def objective(self, name: str) -> float:
+        g = self.spec[name]
+        val = 0.0
+        if self.w > 0:
+            vb = _unit_vectors(self.sd_b, g, g.size)
+            val += self.w * float(_paired_correlation(self.vec_a[name], vb).sum())
+        if self.w < 1:
+            perm = self.perms[name]
+            val += (1 - self.w) * float(self.s_act[name].gather(1, perm[:, None]).sum())
+        return val
+
+    def apply(self, name: str, sigma: torch.Tensor):
+        """New aligned unit k = old aligned unit sigma[k] (B's parameters and the permutation)."""
+        for a in self.spec[name].axes:
+            self.sd_b[a.param] = permute_axis(self.sd_b[a.param], a, sigma)
+        self.perms[name] = self.perms[name][sigma]
+
+    def solve(self, unit: tuple[str, ...], w: float, timer: _Timer) -> dict[str, torch.Tensor]:
+        """The best relative permutation(s) sigma for a matching unit given the neighbours' alignment."""
+        with timer("similarity"):
+            sims = {name: self.similarity(name, w) for name in unit}
+        group = self.spec[unit[0]]
+        with timer("assignment"):
+            if group.group_size is None:
+                (name,) = unit
+                return {name: linear_sum_assignment(sims[name], maximize=True, backend=self.backend)[1]}
+            s = group.group_size
+            total, within = None, {}
+            for name in unit:
+                scores, perms = group_similarity(sims[name], s, backend=self.backend)
+                within[name] = perms
+                total = scores if total is None else total + scores
+            heads = linear_sum_assignment(total, maximize=True, backend=self.backend)[1]
+            g = heads.numel()
+            out = {}
+            for name in unit:
+                inner = within[name][torch.arange(g, device=heads.device), heads]  # (g, s)
+                out[name] = (heads[:, None] * s + inner).reshape(-1)
+            return out
+
+
+def _first(sd):
+    return next(iter(sd.values()))
+
+
+def _collect_statistics(model_a, model_b, spec, batches, backend, timer, progress):
+    from tqdm.auto import tqdm
+
+    mods_a, mods_b = dict(model_a.named_modules()), dict(model_b.named_modules())
+    device = _device(model_a)
+    stats: dict[str, list] = {}
+    with timer("statistics"), contextlib.ExitStack() as stack:
+        for g in spec:
+            if not g.activations:
+                raise ValueError(f"group {g.name!r} has no activation points (needed unless w=1 with init='identity')")
+            stats[g.name] = []
+            for p in g.activations:
+                st = ActivationStats([g.size, g.size], device=device, backend=backend)
+                stack.enter_context(activation_stats_hooks((mods_a[p.module], mods_b[p.module]), st, input=p.input))
+                stats[g.name].append(st)
+        was = model_a.training, model_b.training
+        model_a.eval()
+        model_b.eval()
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="MuDSC statistics", disable=not progress, leave=False):
+                x = _batch_input(batch).to(device)
+                model_a(x)
+                model_b(x)
+        model_a.train(was[0])
+        model_b.train(was[1])
+    with timer("similarity"):
+        out = {}
+        for name, sts in stats.items():
+            if sts[0].count == 0:
+                raise ValueError(f"group {name!r}: no activations were recorded (empty calibration data?)")
+            corr = sts[0].correlation()
+            for st in sts[1:]:
+                corr = corr + st.correlation()
+            out[name] = corr / len(sts)
+    return out
+
+
+def _rewrite(sd_a, sd_b, spec, zips, alpha):
+    out = {}
+    pax = spec.param_axes()
+    for name, ta in sd_a.items():
+        tb = sd_b[name]
+        if not ta.is_floating_point():
+            out[name] = ta.clone()
+            continue
+        zaxes = [(g, a) for g, a in pax.get(name, []) if g in zips]
+        if not zaxes:
+            out[name] = torch.lerp(tb.float(), ta.float(), alpha).to(ta.dtype)
+            continue
+        zipped_out = any(a.role == "out" for _, a in zaxes)
+        acc = None
+        for m, (t, wm) in enumerate(((ta, alpha), (tb, 1.0 - alpha))):
+            x = t.float()
+            for g, a in zaxes:
+                merge, unmerge = zips[g]
+                n = spec[g].size
+                mat = merge[:, m * n:(m + 1) * n] if a.role == "out" else unmerge[m * n:(m + 1) * n].T
+                x = _mix_axis(x, a, mat)
+            if not zipped_out:
+                x = x * wm
+            acc = x if acc is None else acc + x
+        out[name] = acc.to(ta.dtype)
+    return out
+
+
+def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None = None, calibration=None, *,
+                mode: str = "permute", w: float = 0.5, alpha: float = 0.5, refine: bool = True,
+                max_sweeps: int = 100, patience: int = 5, init: str = "auto", zip_factor: float = 0.5,
+                reset_bn: bool = True, progress: bool = True, backend: str | None = None, seed: int = 0,
+                return_result: bool = False):
+    """Merge two models of one architecture trained from different initializations (MuDSC).
+
+    Args:
+        model_a, model_b: the two models (not modified).
+        spec: their :class:`PermutationSpec` (default: :func:`spec_for` of a reference model).
+        calibration: an iterable of input batches (tensors, or tuples whose first entry is the input),
+            e.g. a DataLoader; used for activation statistics and the BatchNorm reset.
+        mode: ``"permute"`` (align and average) or ``"zip"`` (ZipIt-style merge of zippable groups).
+        w: the balance between weight space (w = 1) and activation space (w = 0).
+        alpha: weight of model A in the average (B gets 1 − alpha).
+        refine: run the iterative refinement (only meaningful for w > 0).
+        max_sweeps, patience: refinement limits (see the module docstring).
+        init: ``"activation"`` (activation-only matching), ``"identity"``, or ``"auto"`` (identity when
+            w = 1, else activation).
+        zip_factor: the ZipIt factor applied to a merged unit's similarities.
+        reset_bn: re-estimate BatchNorm running statistics on ``calibration`` after merging.
+        progress: tqdm bars for the statistics pass and the sweeps.
+        backend: passed to the ops (similarity, assignment).
+        seed: order of the groups in the sweeps.
+        return_result: return a :class:`MuDSCResult` (model, matchings, objective history, timings).
+
+    Returns:
+        The merged model (a deep copy of ``model_a`` with merged parameters), or a :class:`MuDSCResult`.
+
+    Raises:
+        ValueError: models that do not match the spec (naming the parameter), bad arguments, missing
+            calibration data where it is needed.
+    """
+    from tqdm.auto import tqdm
+
+    if mode not in ("permute", "zip"):
+        raise ValueError(f"mode must be 'permute' or 'zip', got {mode!r}")
+    if not 0.0 <= float(w) <= 1.0:
+        raise ValueError(f"w must be in [0, 1], got {w}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if init == "auto":
+        init = "identity" if w == 1 else "activation"
+    if init not in ("activation", "identity"):
+        raise ValueError(f"init must be 'auto', 'activation' or 'identity', got {init!r}")
+    if max_sweeps < 0 or patience < 1:
+        raise ValueError("max_sweeps must be >= 0 and patience >= 1")
+    if spec is None:
+        spec = spec_for(model_a)
+    spec.check(model_a, model_b)
+    batches = _reiterable(calibration)
+    needs_acts = w < 1 or init == "activation" or mode == "zip" and w < 1
+    if needs_acts and batches is None:
+        raise ValueError("calibration data is needed for activation similarity (w < 1 or init='activation')")
+
+    timer = _Timer()
+    sd_a = {k: v.detach() for k, v in model_a.state_dict().items()}
+    sd_b = {k: v.detach() for k, v in model_b.state_dict().items()}
+    for k in sd_a:
+        if k not in sd_b or sd_a[k].shape != sd_b[k].shape:
+            raise ValueError(f"parameter {k!r} is missing from model_b or has another shape")
+    s_act = _collect_statistics(model_a, model_b, spec, batches, backend, timer, progress) if needs_acts else None
+
+    state = _Alignment(spec, sd_a, sd_b, s_act, float(w), backend)
+    units = spec.matching_units()
+    if init == "activation":
+        for unit in units:
+            sigma = state.solve(unit, 0.0, timer)
+            for name, sg in sigma.items():
+                with timer("rewrite"):
+                    state.apply(name, sg)
+    with timer("similarity"):
+        state.obj = {g.name: state.objective(g.name) for g in spec}
+    history = [sum(state.obj.values())]
+    sweeps = 0
+    if refine and w > 0 and max_sweeps > 0:
+        gen = torch.Generator().manual_seed(seed)
+        stall = 0
+        bar = tqdm(total=max_sweeps, desc="MuDSC sweeps", disable=not progress, leave=False)
+        for sweep in range(max_sweeps):
+            changed = False
+            before = history[-1]
+            for ui in torch.randperm(len(units), generator=gen).tolist():
+                unit = units[ui]
+                sigma = state.solve(unit, float(w), timer)
+                if all(bool((sg == torch.arange(sg.numel(), device=sg.device)).all()) for sg in sigma.values()):
+                    continue
+                affected = set(unit).union(*(state.neigh[n] for n in unit))
+                old_terms = {h: state.obj[h] for h in affected}
+                saved = {a.param: state.sd_b[a.param] for n in unit for a in spec[n].axes}
+                saved_perms = {n: state.perms[n] for n in unit}
+                with timer("rewrite"):
+                    for name, sg in sigma.items():
+                        state.apply(name, sg)
+                with timer("similarity"):
+                    new_terms = {h: state.objective(h) for h in affected}
+                gain = sum(new_terms.values()) - sum(old_terms.values())
+                if gain > 1e-7 * max(1.0, abs(before)):
+                    state.obj.update(new_terms)
+                    changed = True
+                else:  # revert
+                    state.sd_b.update(saved)
+                    state.perms.update(saved_perms)
+            total = sum(state.obj.values())
+            history.append(total)
+            sweeps = sweep + 1
+            bar.update(1)
+            bar.set_postfix(objective=f"{total:.4f}")
+            stall = 0 if total - before > 1e-7 * max(1.0, abs(before)) else stall + 1
+            if not changed or stall >= patience:
+                break
+        bar.close()
+
+    zips = {}
+    if mode == "zip":
+        for g in spec:
+            if g.residual or g.group_size is not None:
+                continue
+            with timer("similarity"):
+                sim = state.similarity(g.name, float(w), full=True)
+            with timer("assignment"):
+                zips[g.name] = greedy_zip(sim, alpha, zip_factor)
+    with timer("rewrite"):
+        merged_sd = _rewrite(sd_a, state.sd_b, spec, zips, float(alpha))
+        merged = copy.deepcopy(model_a)
+        merged.load_state_dict(merged_sd)
+    if reset_bn:
+        with timer("bn_reset"):
+            has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in merged.modules())
+            if has_bn:
+                if batches is None:
+                    raise ValueError("reset_bn needs calibration data (or pass reset_bn=False)")
+                reset_batchnorm(merged, batches)
+    if not return_result:
+        return merged
+    return MuDSCResult(merged, dict(state.perms), zips, history, sweeps, dict(timer.t))
+
+
+# --------------------------------------------------------------------------- baselines on the same machinery
+
+
+def average_merge(model_a: nn.Module, model_b: nn.Module, calibration=None, *, alpha: float = 0.5,
+                  reset_bn: bool = True) -> nn.Module:
+    """Plain averaging α θ_A + (1 − α) θ_B (no alignment), with the optional BatchNorm reset."""
+    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    for k in sd_a:
+        if k not in sd_b or sd_a[k].shape != sd_b[k].shape:
+            raise ValueError(f"parameter {k!r} is missing from model_b or has another shape")
+    merged = copy.deepcopy(model_a)
+    merged.load_state_dict({k: torch.lerp(sd_b[k].float(), v.float(), alpha).to(v.dtype)
+                            if v.is_floating_point() else v.clone() for k, v in sd_a.items()})
+    if reset_bn and calibration is not None:
+        reset_batchnorm(merged, _reiterable(calibration))
+    return merged
+
+
+def weight_matching_merge(model_a, model_b, spec=None, calibration=None, **options):
+    """Git Re-Basin weight matching: ``mudsc_merge`` with w = 1 from the identity (data only for the BN reset)."""
+    options.setdefault("init", "identity")
+    return mudsc_merge(model_a, model_b, spec, calibration, w=1.0, **options)
+
+
+def activation_matching_merge(model_a, model_b, spec, calibration, **options):
+    """Activation matching: ``mudsc_merge`` with w = 0 (correlation of activations only)."""
+    return mudsc_merge(model_a, model_b, spec, calibration, w=0.0, **options)
+
+
+def zipit_merge(model_a, model_b, spec, calibration, **options):
+    """ZipIt (activation-space zip): ``mudsc_merge(mode="zip", w=0)``."""
+    return mudsc_merge(model_a, model_b, spec, calibration, mode="zip", w=0.0, **options)

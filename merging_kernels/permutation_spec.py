@@ -1,0 +1,436 @@
+"""Permutation specs: which parameters each group of units permutes, and where to hook its activations.
+
+A *permutation group* is a set of n units (hidden features, channels) that
+can be reordered without changing the function a network computes, provided
+every parameter the units touch is reordered together:
+
+* on the **output side** (``role="out"``): the rows of the weights that
+  produce the units (dim 0 of a Linear/Conv weight), their biases, the
+  parameters and running statistics of the norm layers that act on them, and
+  anything added to them (a ViT's position embedding, its class token);
+* on the **input side** (``role="in"``): the columns of the weights that
+  consume them (dim 1 of a Linear/Conv weight).
+
+An axis may hold the group's units in a block layout: the axis of length
+``outer * n * inner`` is read as ``(outer, n, inner)`` and the middle index is
+permuted. ``inner`` covers a Linear that follows the flattening of C conv
+channels over H·W positions (``inner = H*W``); ``outer`` covers fused
+projections such as a qkv weight of 3·d rows (``outer = 3``).
+
+Residual connections tie the units of every layer that writes to (or reads
+from) the same stream into **one** group: a ResNet stage (stem or shortcut,
+every block's last conv and BN, the next consumers' inputs), a transformer's
+residual stream. Mark such groups ``residual=True``; :func:`mudsc_merge` in
+``mode="zip"`` permutes them rather than zipping (see the method).
+
+Attention heads (and GroupNorm groups) add structure: with ``group_size=s``
+the n = g·s units form g blocks (heads) of s units; units move only within a
+block and blocks move as wholes. In multi-head attention the query and key
+units of a head must share one permutation (their dot product is summed over
+the head) and the value units and the out-projection's columns another; both
+must move heads identically. Describe that as two groups (q/k and v/out)
+with the same ``group_size`` and ``heads_with`` naming each other.
+
+Every group names the **activation points** to hook for its activation
+similarity: a module's output, or its input (``input=True``); with several
+points the similarities are averaged over them.
+
+Example: a user model ``Net`` with ``self.fc1 = nn.Linear(784, 256)``,
+``self.act = nn.ReLU()``, ``self.fc2 = nn.Linear(256, 10)`` has one group::
+
+    spec = PermutationSpec([
+        PermutationGroup("hidden",
+                         axes=[out_axis("fc1.weight"), out_axis("fc1.bias"), in_axis("fc2.weight")],
+                         activations=[ActivationPoint("act")]),
+    ])
+    spec.check(net_a, net_b)        # ValueError naming any missing / mismatched parameter
+
+A conv net whose last conv (C channels, 4x4 map) is flattened into a Linear
+would add ``in_axis("fc.weight", inner=16)`` to that conv's group.
+Builders for the reference models of :mod:`merging_kernels.models` are
+:func:`mlp_spec`, :func:`resnet_spec` and :func:`vit_spec`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ActivationPoint", "Axis", "PermutationGroup", "PermutationSpec", "apply_permutations", "in_axis", "mlp_spec",
+    "out_axis", "random_permutations", "resnet_spec", "spec_for", "vit_spec",
+]
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis of one parameter (or buffer) that a group permutes.
+
+    ``param``: the state-dict name; ``dim``: the axis; ``role``: ``"out"``
+    (the units are produced / normalized / added here) or ``"in"`` (consumed
+    here); ``outer``/``inner``: the block layout (the axis is read as
+    ``(outer, n, inner)``).
+    """
+
+    param: str
+    dim: int
+    role: str
+    outer: int = 1
+    inner: int = 1
+
+    def __post_init__(self):
+        if self.role not in ("out", "in"):
+            raise ValueError(f"Axis.role must be 'out' or 'in', got {self.role!r} (parameter {self.param!r})")
+        if self.outer < 1 or self.inner < 1:
+            raise ValueError(f"Axis.outer and Axis.inner must be >= 1 (parameter {self.param!r})")
+
+
+def out_axis(param: str, dim: int = 0, *, outer: int = 1, inner: int = 1) -> Axis:
+    """An output-side axis (default dim 0: weight rows, bias, norm parameters, BN running stats)."""
+    return Axis(param, dim, "out", outer, inner)
+
+
+def in_axis(param: str, dim: int = 1, *, outer: int = 1, inner: int = 1) -> Axis:
+    """An input-side axis (default dim 1: the columns of a consuming Linear/Conv weight)."""
+    return Axis(param, dim, "in", outer, inner)
+
+
+@dataclass(frozen=True)
+class ActivationPoint:
+    """A module whose output (or input, with ``input=True``) carries the group's units in its last
+    dimension ((N, C), (N, T, C)) or in dim 1 ((N, C, H, W))."""
+
+    module: str
+    input: bool = False
+
+
+@dataclass
+class PermutationGroup:
+    """A set of units permuted together; see the module docstring."""
+
+    name: str
+    axes: Sequence[Axis]
+    activations: Sequence[ActivationPoint] = ()
+    residual: bool = False
+    group_size: int | None = None
+    heads_with: str | None = None
+    size: int | None = field(default=None)  # filled in by PermutationSpec.check
+
+    def __post_init__(self):
+        self.axes = tuple(self.axes)
+        self.activations = tuple(ActivationPoint(a) if isinstance(a, str) else a for a in self.activations)
+        if not self.axes:
+            raise ValueError(f"permutation group {self.name!r} has no axes")
+
+
+class PermutationSpec:
+    """The permutation groups of a model (an ordered collection of :class:`PermutationGroup`)."""
+
+    def __init__(self, groups: Sequence[PermutationGroup]):
+        self.groups: dict[str, PermutationGroup] = {}
+        for g in groups:
+            if g.name in self.groups:
+                raise ValueError(f"duplicate permutation group name {g.name!r}")
+            self.groups[g.name] = g
+        # each (param, dim) may belong to one group only
+        seen: dict[tuple[str, int], str] = {}
+        for g in self.groups.values():
+            for a in g.axes:
+                key = (a.param, a.dim)
+                if key in seen:
+                    raise ValueError(f"parameter {a.param!r} dim {a.dim} is permuted by both groups "
+                                     f"{seen[key]!r} and {g.name!r}")
+                seen[key] = g.name
+        for g in self.groups.values():
+            if g.heads_with is not None:
+                other = self.groups.get(g.heads_with)
+                if other is None:
+                    raise ValueError(f"group {g.name!r}: heads_with names no group ({g.heads_with!r})")
+                if other.heads_with != g.name or other.group_size != g.group_size:
+                    raise ValueError(f"groups {g.name!r} and {other.name!r} must name each other in heads_with "
+                                     f"and have the same group_size")
+                if g.group_size is None:
+                    raise ValueError(f"group {g.name!r}: heads_with needs a group_size")
+
+    def __iter__(self):
+        return iter(self.groups.values())
+
+    def __len__(self):
+        return len(self.groups)
+
+    def __getitem__(self, name: str) -> PermutationGroup:
+        return self.groups[name]
+
+    def __repr__(self):
+        parts = [f"{g.name}(n={g.size}, {len(g.axes)} axes{', residual' if g.residual else ''}"
+                 f"{f', heads of {g.group_size}' if g.group_size else ''})" for g in self]
+        return "PermutationSpec(" + ", ".join(parts) + ")"
+
+    # ------------------------------------------------------------------ structure
+    def param_axes(self) -> dict[str, list[tuple[str, Axis]]]:
+        """parameter name -> [(group name, axis), ...] over every group that touches it."""
+        out: dict[str, list[tuple[str, Axis]]] = {}
+        for g in self:
+            for a in g.axes:
+                out.setdefault(a.param, []).append((g.name, a))
+        return out
+
+    def neighbours(self, name: str) -> set[str]:
+        """Groups that share a parameter with ``name`` (their weight similarity depends on its permutation)."""
+        params = {a.param for a in self.groups[name].axes}
+        return {h.name for h in self if h.name != name and any(a.param in params for a in h.axes)}
+
+    def matching_units(self) -> list[tuple[str, ...]]:
+        """Groups solved jointly: a group alone, or a pair tied by ``heads_with``."""
+        units, done = [], set()
+        for g in self:
+            if g.name in done:
+                continue
+            unit = (g.name,) if g.heads_with is None else (g.name, g.heads_with)
+            done.update(unit)
+            units.append(unit)
+        return units
+
+    # ------------------------------------------------------------------ validation
+    def check(self, model_a, model_b=None) -> "PermutationSpec":
+        """Validate against one or two models (``nn.Module`` or state dicts); fill in group sizes.
+
+        Raises ValueError naming the parameter (or module) when a named
+        parameter is missing, the two models' shapes differ, an axis is out of
+        range or does not hold ``outer * n * inner`` entries consistent with
+        the rest of its group, ``group_size`` does not divide n, or an
+        activation point names no module. Returns ``self``.
+        """
+        models = [("model_a", model_a)] + ([("model_b", model_b)] if model_b is not None else [])
+        states = {label: _state(m) for label, m in models}
+        for label, m in models:
+            if isinstance(m, nn.Module):
+                names = dict(m.named_modules())
+                for g in self:
+                    for p in g.activations:
+                        if p.module not in names:
+                            raise ValueError(f"group {g.name!r}: activation point {p.module!r} is not a module "
+                                             f"of {label}")
+        first = states["model_a"]
+        for label, sd in states.items():
+            for g in self:
+                for a in g.axes:
+                    if a.param not in sd:
+                        raise ValueError(f"group {g.name!r}: parameter {a.param!r} is missing from {label}")
+        if "model_b" in states:
+            sd_b = states["model_b"]
+            for g in self:
+                for a in g.axes:
+                    if tuple(first[a.param].shape) != tuple(sd_b[a.param].shape):
+                        raise ValueError(f"parameter {a.param!r} has shape {tuple(first[a.param].shape)} in model_a "
+                                         f"but {tuple(sd_b[a.param].shape)} in model_b")
+        for g in self:
+            size = None
+            for a in g.axes:
+                shape = first[a.param].shape
+                if not -len(shape) <= a.dim < len(shape):
+                    raise ValueError(f"group {g.name!r}: parameter {a.param!r} of shape {tuple(shape)} has no dim "
+                                     f"{a.dim}")
+                length = shape[a.dim]
+                if length % (a.outer * a.inner):
+                    raise ValueError(f"group {g.name!r}: parameter {a.param!r} dim {a.dim} has {length} entries, "
+                                     f"not a multiple of outer*inner = {a.outer * a.inner}")
+                n = length // (a.outer * a.inner)
+                if size is None:
+                    size = n
+                elif n != size:
+                    raise ValueError(f"group {g.name!r}: parameter {a.param!r} dim {a.dim} holds {n} units, but "
+                                     f"{g.axes[0].param!r} holds {size}")
+            if g.group_size is not None and (g.group_size < 1 or size % g.group_size):
+                raise ValueError(f"group {g.name!r}: group_size {g.group_size} does not divide its {size} units")
+            g.size = size
+        for g in self:
+            if g.heads_with is not None and self.groups[g.heads_with].size != g.size:
+                raise ValueError(f"groups {g.name!r} and {g.heads_with!r} share heads but have {g.size} and "
+                                 f"{self.groups[g.heads_with].size} units")
+        return self
+
+
+def _state(model) -> Mapping[str, torch.Tensor]:
+    if isinstance(model, nn.Module):
+        return model.state_dict()
+    if isinstance(model, Mapping):
+        return model
+    raise TypeError(f"expected an nn.Module or a state dict, got {type(model).__name__}")
+
+
+# ---------------------------------------------------------------------- permuting a state dict
+
+
+def permute_axis(t: torch.Tensor, axis: Axis, index: torch.Tensor) -> torch.Tensor:
+    """``t`` with the units along ``axis`` reordered: new unit k = old unit ``index[k]``."""
+    dim = axis.dim % t.dim()
+    shape = t.shape
+    n = shape[dim] // (axis.outer * axis.inner)
+    view = t.reshape(*shape[:dim], axis.outer, n, axis.inner, *shape[dim + 1:])
+    return view.index_select(dim + 1, index.to(t.device)).reshape(shape)
+
+
+def apply_permutations(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
+                       perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A new state dict: for each group in ``perms``, unit k of the result is unit ``perms[g][k]`` of ``state``.
+
+    Applying ``random_permutations`` of a model this way gives a model that
+    computes the same function (in eval mode).
+    """
+    out = dict(state)
+    for g in spec:
+        if g.name not in perms:
+            continue
+        for a in g.axes:
+            out[a.param] = permute_axis(out[a.param], a, perms[g.name])
+    return out
+
+
+def random_permutations(spec: PermutationSpec, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """A random permutation per group that respects head structure (heads as wholes, units within a head,
+    one head permutation shared by groups tied with ``heads_with``). ``spec`` must have been checked."""
+    perms: dict[str, torch.Tensor] = {}
+    head_perm: dict[str, torch.Tensor] = {}
+    for g in spec:
+        if g.size is None:
+            raise ValueError("call spec.check(model) before random_permutations (group sizes are unknown)")
+        if g.group_size is None:
+            perms[g.name] = torch.randperm(g.size, generator=generator)
+            continue
+        s = g.group_size
+        heads = g.size // s
+        hp = head_perm.get(g.heads_with) if g.heads_with else None
+        if hp is None:
+            hp = torch.randperm(heads, generator=generator)
+        head_perm[g.name] = hp
+        within = torch.stack([torch.randperm(s, generator=generator) for _ in range(heads)])
+        perms[g.name] = (hp[:, None] * s + within).reshape(-1)
+    return perms
+
+
+# ---------------------------------------------------------------------- reference models
+
+
+def mlp_spec(model) -> PermutationSpec:
+    """Groups of :class:`merging_kernels.models.MLP`: one per hidden layer (hook: the ReLU's output)."""
+    groups = []
+    for i in range(len(model.layers) - 1):
+        groups.append(PermutationGroup(
+            f"hidden{i}",
+            axes=[out_axis(f"layers.{i}.weight"), out_axis(f"layers.{i}.bias"), in_axis(f"layers.{i + 1}.weight")],
+            activations=[ActivationPoint(f"acts.{i}")]))
+    return PermutationSpec(groups)
+
+
+def _bn_axes(prefix: str) -> list[Axis]:
+    return [out_axis(f"{prefix}.{k}") for k in ("weight", "bias", "running_mean", "running_var")]
+
+
+def resnet_spec(model) -> PermutationSpec:
+    """Groups of :class:`merging_kernels.models.ResNet20`.
+
+    One residual-tied group per stage: the stem (stage 0) or the first
+    block's shortcut conv + BN, every block's conv2 + bn2 (output side), the
+    inputs of the stage's blocks (conv1, and the next stage's shortcut) and of
+    the classifier; hooks: the input of every block of the stage (the stream)
+    and of the next consumer. One block-internal group per block: conv1 + bn1
+    rows, conv2 columns; hook: conv2's input.
+    """
+    groups = []
+    stages = model.stages
+    for s, stage in enumerate(stages):
+        axes: list[Axis] = []
+        acts: list[ActivationPoint] = []
+        if s == 0:
+            axes += [out_axis("stem.weight")] + _bn_axes("stem_bn")
+        for b, block in enumerate(stage):
+            p = f"stages.{s}.{b}"
+            if b == 0 and block.shortcut is not None:
+                axes += [out_axis(f"{p}.shortcut.0.weight")] + _bn_axes(f"{p}.shortcut.1")
+            axes += [out_axis(f"{p}.conv2.weight")] + _bn_axes(f"{p}.bn2")
+            if b > 0:
+                axes.append(in_axis(f"{p}.conv1.weight"))
+                acts.append(ActivationPoint(f"{p}.conv1", input=True))
+        if s + 1 < len(stages):
+            nxt = f"stages.{s + 1}.0"
+            axes.append(in_axis(f"{nxt}.conv1.weight"))
+            if stages[s + 1][0].shortcut is not None:
+                axes.append(in_axis(f"{nxt}.shortcut.0.weight"))
+            acts.append(ActivationPoint(f"{nxt}.conv1", input=True))
+        else:
+            axes.append(in_axis("fc.weight"))
+            acts.append(ActivationPoint("pool", input=True))
+        if s == 0:
+            axes.append(in_axis("stages.0.0.conv1.weight"))
+            acts.append(ActivationPoint("stages.0.0.conv1", input=True))
+        groups.append(PermutationGroup(f"stage{s}", axes=axes, activations=acts, residual=True))
+        for b in range(len(stage)):
+            p = f"stages.{s}.{b}"
+            groups.append(PermutationGroup(
+                f"stage{s}.block{b}",
+                axes=[out_axis(f"{p}.conv1.weight")] + _bn_axes(f"{p}.bn1") + [in_axis(f"{p}.conv2.weight")],
+                activations=[ActivationPoint(f"{p}.conv2", input=True)]))
+    return PermutationSpec(groups)
+
+
+def vit_spec(model) -> PermutationSpec:
+    """Groups of :class:`merging_kernels.models.ViT`.
+
+    ``residual``: the token stream (patch embedding rows, class token, position
+    embedding, every LayerNorm, the out-projection and fc2 rows, the inputs of
+    q/k/v, fc1 and the head; hooks: the input of every LayerNorm).
+    Per block: ``blockI.qk`` (q and k rows, heads of head_dim; hooks: q's and
+    k's outputs) tied by heads to ``blockI.vo`` (v rows, out-projection
+    columns; hook: out-projection input), and ``blockI.mlp`` (fc1 rows, fc2
+    columns; hook: fc2's input).
+    """
+    stream: list[Axis] = [out_axis("patch_embed.weight"), out_axis("patch_embed.bias"), out_axis("cls_token", 2),
+                          out_axis("pos_embed", 2)]
+    stream_acts: list[ActivationPoint] = []
+    groups = []
+    hd = model.dim // model.heads
+    for i in range(len(model.blocks)):
+        p = f"blocks.{i}"
+        stream += [out_axis(f"{p}.ln1.weight"), out_axis(f"{p}.ln1.bias"),
+                   in_axis(f"{p}.attn.q.weight"), in_axis(f"{p}.attn.k.weight"), in_axis(f"{p}.attn.v.weight"),
+                   out_axis(f"{p}.attn.out.weight"), out_axis(f"{p}.attn.out.bias"),
+                   out_axis(f"{p}.ln2.weight"), out_axis(f"{p}.ln2.bias"),
+                   in_axis(f"{p}.fc1.weight"), out_axis(f"{p}.fc2.weight"), out_axis(f"{p}.fc2.bias")]
+        stream_acts += [ActivationPoint(f"{p}.ln1", input=True), ActivationPoint(f"{p}.ln2", input=True)]
+        groups.append(PermutationGroup(
+            f"{p}.qk", axes=[out_axis(f"{p}.attn.q.weight"), out_axis(f"{p}.attn.q.bias"),
+                             out_axis(f"{p}.attn.k.weight"), out_axis(f"{p}.attn.k.bias")],
+            activations=[ActivationPoint(f"{p}.attn.q"), ActivationPoint(f"{p}.attn.k")],
+            group_size=hd, heads_with=f"{p}.vo"))
+        groups.append(PermutationGroup(
+            f"{p}.vo", axes=[out_axis(f"{p}.attn.v.weight"), out_axis(f"{p}.attn.v.bias"),
+                             in_axis(f"{p}.attn.out.weight")],
+            activations=[ActivationPoint(f"{p}.attn.out", input=True)],
+            group_size=hd, heads_with=f"{p}.qk"))
+        groups.append(PermutationGroup(
+            f"{p}.mlp", axes=[out_axis(f"{p}.fc1.weight"), out_axis(f"{p}.fc1.bias"), in_axis(f"{p}.fc2.weight")],
+            activations=[ActivationPoint(f"{p}.fc2", input=True)]))
+    stream += [out_axis("norm.weight"), out_axis("norm.bias"), in_axis("head.weight")]
+    stream_acts.append(ActivationPoint("norm", input=True))
+    return PermutationSpec([PermutationGroup("residual", axes=stream, activations=stream_acts, residual=True)]
+                           + groups)
+
+
+def spec_for(model) -> PermutationSpec:
+    """The spec of a reference model from :mod:`merging_kernels.models` (checked against it)."""
+    from . import models
+
+    if isinstance(model, models.MLP):
+        spec = mlp_spec(model)
+    elif isinstance(model, models.ResNet20):
+        spec = resnet_spec(model)
+    elif isinstance(model, models.ViT):
+        spec = vit_spec(model)
+    else:
+        raise TypeError(f"no ready spec for {type(model).__name__}; describe it with PermutationSpec "
+                        f"(see merging_kernels.permutation_spec)")
+    return spec.check(model)

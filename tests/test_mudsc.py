@@ -1,0 +1,206 @@
+"""MuDSC and its permutation specs: exact recovery of permuted copies, heads, zip, BN reset, validation."""
+
+import pytest
+import torch
+
+from merging_kernels.methods.mudsc import average_merge, greedy_zip, mudsc_merge, reset_batchnorm
+from merging_kernels.models import MLP, ResNet20, ViT
+from merging_kernels.permutation_spec import (ActivationPoint, PermutationGroup, PermutationSpec, apply_permutations,
+                                              in_axis, out_axis, random_permutations, spec_for)
+
+MAKERS = {
+    "mlp": lambda: MLP(64, [24, 16], 10),
+    "resnet20": lambda: ResNet20(0.5, 10, 1),
+    "vit": lambda: ViT(image_size=8, patch_size=2, dim=16, depth=2, heads=4, mlp_dim=24),
+}
+
+
+def _permuted_pair(name, seed=1):
+    torch.manual_seed(seed)
+    a = MAKERS[name]().eval()
+    if name == "resnet20":  # non-trivial BN parameters and statistics, so that BN rows must be permuted too
+        with torch.no_grad():
+            for m in a.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.2, 0.2)
+        reset_batchnorm(a, _calib(seed=11))  # statistics of real features: few units dead on the calibration data
+    spec = spec_for(a)
+    perms = random_permutations(spec, torch.Generator().manual_seed(seed + 100))
+    b = MAKERS[name]().eval()
+    b.load_state_dict(apply_permutations(a.state_dict(), spec, perms))
+    return a, b, spec, perms
+
+
+def _calib(n=4, batch=32, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 8, 8, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_random_permutation_preserves_function(name):
+    a, b, spec, perms = _permuted_pair(name)
+    x = torch.rand(16, 8, 8)
+    torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-5)
+    assert any(bool((p != torch.arange(p.numel())).any()) for p in perms.values())
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+@pytest.mark.parametrize("w", [0.0, 0.5])
+@pytest.mark.parametrize("mode", ["permute", "zip"])
+def test_merge_with_own_permutation_recovers_function(name, w, mode):
+    a, b, spec, perms = _permuted_pair(name)
+    result = mudsc_merge(a, b, spec, _calib(), mode=mode, w=w, reset_bn=False, progress=False, return_result=True)
+    x = torch.randn(32, 8, 8)
+    torch.testing.assert_close(result.model.eval()(x), a(x), rtol=1e-5, atol=1e-5)
+    # permute mode finds the inverse permutation of every group (residual-tied and heads included); with w = 0,
+    # units dead on the calibration data are interchangeable, so the exact permutation is checked for w > 0
+    if mode == "permute" and w > 0:
+        for g, p in perms.items():
+            inverse = torch.argsort(p)
+            assert torch.equal(result.perms[g], inverse), g
+    if mode == "zip":
+        assert result.zips, "zip mode zipped no group"
+    assert set(result.timings) >= {"statistics", "similarity", "assignment", "rewrite"}
+
+
+def test_weight_matching_recovers_mlp_permutation():
+    a, b, spec, perms = _permuted_pair("mlp")
+    merged = mudsc_merge(a, b, spec, None, w=1.0, reset_bn=False, progress=False)  # data-free from identity
+    x = torch.rand(16, 8, 8)
+    torch.testing.assert_close(merged(x), a(x), rtol=1e-5, atol=1e-5)
+
+
+def test_group_matching_recovers_shuffled_heads():
+    a, b, spec, perms = _permuted_pair("vit", seed=3)
+    result = mudsc_merge(a, b, spec, _calib(), w=0.0, reset_bn=False, progress=False, return_result=True)
+    for i in range(2):
+        qk, vo = perms[f"blocks.{i}.qk"], perms[f"blocks.{i}.vo"]
+        hd = spec[f"blocks.{i}.qk"].group_size
+        heads = qk.reshape(-1, hd)[:, 0] // hd
+        assert not torch.equal(heads, torch.arange(heads.numel())) or i  # the shuffle moved heads
+        assert torch.equal(vo.reshape(-1, hd)[:, 0] // hd, heads)  # one head permutation for q/k and v/out
+        for g in (f"blocks.{i}.qk", f"blocks.{i}.vo"):
+            assert torch.equal(result.perms[g], torch.argsort(perms[g]))
+
+
+def test_head_constraint_respected_for_unrelated_models():
+    torch.manual_seed(0)
+    a, b = MAKERS["vit"]().eval(), MAKERS["vit"]().eval()
+    spec = spec_for(a)
+    result = mudsc_merge(a, b, spec, _calib(), w=0.5, reset_bn=False, progress=False, return_result=True,
+                         max_sweeps=3)
+    for i in range(2):
+        hd = spec[f"blocks.{i}.qk"].group_size
+        for g in ("qk", "vo"):
+            p = result.perms[f"blocks.{i}.{g}"].reshape(-1, hd)
+            assert bool((p // hd == p[:, :1] // hd).all())  # units stay within one head
+        assert torch.equal(result.perms[f"blocks.{i}.qk"].reshape(-1, hd)[:, 0] // hd,
+                           result.perms[f"blocks.{i}.vo"].reshape(-1, hd)[:, 0] // hd)
+    hist = result.objective_history
+    assert all(y >= x - 1e-6 for x, y in zip(hist, hist[1:]))  # refinement never lowers the objective
+
+
+def test_zip_of_two_different_models_is_a_valid_merge():
+    torch.manual_seed(0)
+    a, b = MAKERS["mlp"]().eval(), MAKERS["mlp"]().eval()
+    result = mudsc_merge(a, b, None, _calib(), mode="zip", w=0.5, progress=False, return_result=True)
+    for merge, unmerge in result.zips.values():
+        n = merge.shape[0]
+        assert merge.shape == (n, 2 * n) and unmerge.shape == (2 * n, n)
+        torch.testing.assert_close(merge.sum(1), torch.ones(n))
+        torch.testing.assert_close(unmerge.sum(1), torch.ones(2 * n))  # every unit in exactly one merged unit
+
+
+def test_greedy_zip_pairs_most_similar():
+    s = torch.full((4, 4), -1.0)
+    s[0, 3] = s[3, 0] = 0.9  # A0 ~ B1
+    s[1, 2] = s[2, 1] = 0.8  # A1 ~ B0
+    merge, unmerge = greedy_zip(s, alpha=0.5)
+    assert torch.equal(unmerge.argmax(1), torch.tensor([0, 1, 1, 0]))
+    torch.testing.assert_close(merge, torch.tensor([[0.5, 0, 0, 0.5], [0, 0.5, 0.5, 0]]))
+
+
+def test_bn_reset_changes_running_stats():
+    torch.manual_seed(0)
+    a, b = MAKERS["resnet20"]().eval(), MAKERS["resnet20"]().eval()
+    calib = _calib()
+    merged = average_merge(a, b, reset_bn=False)
+    before = merged.stem_bn.running_mean.clone()
+    assert reset_batchnorm(merged, calib)
+    assert not torch.allclose(merged.stem_bn.running_mean, before)
+    assert not merged.training
+    m2 = mudsc_merge(a, b, None, calib, progress=False)  # reset_bn=True by default
+    assert not torch.allclose(m2.stem_bn.running_var, torch.ones_like(m2.stem_bn.running_var))
+
+
+def test_inputs_not_modified():
+    a, b, spec, _ = _permuted_pair("resnet20")
+    sa = {k: v.clone() for k, v in a.state_dict().items()}
+    sb = {k: v.clone() for k, v in b.state_dict().items()}
+    mudsc_merge(a, b, spec, _calib(), mode="zip", progress=False)
+    for k in sa:
+        assert torch.equal(a.state_dict()[k], sa[k]) and torch.equal(b.state_dict()[k], sb[k])
+
+
+def test_flatten_block_layout():
+    """A Linear after the flattening of conv channels: the group permutes blocks of H*W columns."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 6, 3, padding=1)
+            self.act = torch.nn.ReLU()
+            self.fc = torch.nn.Linear(6 * 64, 10)
+
+        def forward(self, x):
+            return self.fc(self.act(self.conv(x.reshape(-1, 1, 8, 8))).flatten(1))
+
+    spec = PermutationSpec([PermutationGroup(
+        "channels", axes=[out_axis("conv.weight"), out_axis("conv.bias"), in_axis("fc.weight", inner=64)],
+        activations=[ActivationPoint("act")])])
+    torch.manual_seed(0)
+    a = Net()
+    spec.check(a)
+    perms = random_permutations(spec, torch.Generator().manual_seed(0))
+    b = Net()
+    b.load_state_dict(apply_permutations(a.state_dict(), spec, perms))
+    merged = mudsc_merge(a, b, spec, _calib(), progress=False)
+    x = torch.rand(8, 8, 8)
+    torch.testing.assert_close(merged(x), a(x), rtol=1e-5, atol=1e-5)
+
+
+def test_validation_errors_name_the_parameter():
+    a, b = MLP(64, [24, 16], 10), MLP(64, [24, 12], 10)
+    spec = spec_for(a)
+    with pytest.raises(ValueError, match="layers.1.weight"):
+        spec.check(a, b)
+    with pytest.raises(ValueError, match="layers.1.weight"):
+        mudsc_merge(a, b, spec, _calib(), progress=False)
+    bad = PermutationSpec([PermutationGroup("h", axes=[out_axis("layers.0.weight"), in_axis("nope.weight")],
+                                            activations=["acts.0"])])
+    with pytest.raises(ValueError, match="nope.weight"):
+        bad.check(a)
+    wrong = PermutationSpec([PermutationGroup("h", axes=[out_axis("layers.0.weight"), in_axis("layers.2.weight")])])
+    with pytest.raises(ValueError, match="layers.2.weight"):  # 24 units vs 16 columns
+        wrong.check(a)
+    missing_hook = PermutationSpec([PermutationGroup("h", axes=[out_axis("layers.0.weight")],
+                                                     activations=["acts.9"])])
+    with pytest.raises(ValueError, match="acts.9"):
+        missing_hook.check(a)
+    with pytest.raises(ValueError, match="both groups"):
+        PermutationSpec([PermutationGroup("x", axes=[out_axis("layers.0.weight")]),
+                         PermutationGroup("y", axes=[out_axis("layers.0.weight")])])
+    r1, r2 = ResNet20(0.5), ResNet20(1.0)
+    with pytest.raises(ValueError, match="stem.weight"):
+        spec_for(r1).check(r1, r2)
+
+
+def test_bad_arguments():
+    a, b, spec, _ = _permuted_pair("mlp")
+    with pytest.raises(ValueError, match="mode"):
+        mudsc_merge(a, b, spec, _calib(), mode="fold", progress=False)
+    with pytest.raises(ValueError, match="w must"):
+        mudsc_merge(a, b, spec, _calib(), w=1.5, progress=False)
+    with pytest.raises(ValueError, match="calibration"):
+        mudsc_merge(a, b, spec, None, w=0.5, progress=False)
