@@ -10,11 +10,13 @@ a model, so the model's own forward code runs unchanged::
     coeffs.set(alpha)          # (B, K), on the input's device
     y = layer(x)               # x: (B, ..., in)
 
-The batch must be the leading dimension of every input the layers see.
-:meth:`Coefficients.set_grouped` lets G coefficient rows cover G consecutive
-blocks of the batch (e.g. the same batch replicated once per expert): the
-layers then treat each block as one "sample" with many tokens, which the
-strategy cost model turns into a few large GEMMs instead of G·B small ones.
+The leading dimension of every input the layers see must be the batch, or
+a multiple of it laid out sample-major (e.g. (B, T) flattened to B·T rows):
+with R coefficient rows and N leading rows, row r applies to the N/R
+consecutive rows r·N/R … (r+1)·N/R − 1. The same rule lets R rows cover R
+blocks of a replicated batch (one block per expert when routing): the layers
+then see each block as one "sample" with many tokens, which the strategy
+cost model turns into a few large GEMMs instead of many small ones.
 """
 
 from __future__ import annotations
@@ -40,40 +42,28 @@ class Coefficients:
     def __init__(self, num_tasks: int):
         self.num_tasks = num_tasks
         self.alpha: torch.Tensor | None = None
-        self.groups: int | None = None  # None: one row per sample; G: one row per block of B/G samples
 
     def set(self, alpha: torch.Tensor) -> None:
-        """One row of coefficients per sample: alpha (B, K)."""
-        self._check(alpha)
-        self.alpha, self.groups = alpha, None
-
-    def set_grouped(self, alpha: torch.Tensor) -> None:
-        """G rows for a batch of G·R samples: row g applies to samples g·R … g·R + R − 1."""
-        self._check(alpha)
-        self.alpha, self.groups = alpha, alpha.shape[0]
-
-    def clear(self) -> None:
-        self.alpha, self.groups = None, None
-
-    def _check(self, alpha) -> None:
+        """R rows of coefficients (R, K): one per sample, or one per block of consecutive samples."""
         if not isinstance(alpha, torch.Tensor) or alpha.dim() != 2 or alpha.shape[1] != self.num_tasks:
             shape = tuple(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__
             raise ValueError(f"alpha must be a (B, {self.num_tasks}) tensor, got {shape}")
         if not alpha.is_floating_point():
             raise TypeError(f"alpha must be a float tensor, got {alpha.dtype}")
+        self.alpha = alpha
 
-    def view_batch(self, x: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x viewed as (rows of alpha, -1, *rest), alpha), checking that the batch fits."""
+    def clear(self) -> None:
+        self.alpha = None
+
+    def rows_for(self, x: torch.Tensor, layer: str) -> torch.Tensor:
+        """The coefficients, after checking that x's leading dimension is a multiple of their rows."""
         if self.alpha is None:
             raise RuntimeError(f"{layer}: no coefficients set; call the merged model (or Coefficients.set) first")
         rows = self.alpha.shape[0]
-        if self.groups is None:
-            if x.shape[0] != rows:
-                raise ValueError(f"{layer}: input batch {x.shape[0]} does not match alpha's {rows} rows")
-            return x, self.alpha
-        if x.shape[0] % rows:
-            raise ValueError(f"{layer}: input batch {x.shape[0]} is not a multiple of the {rows} coefficient groups")
-        return x, self.alpha
+        if x.dim() == 0 or (x.shape[0] % rows if rows else x.shape[0]):
+            raise ValueError(f"{layer}: input's leading dimension {x.shape[0] if x.dim() else None} is not a "
+                             f"multiple of alpha's {rows} rows")
+        return self.alpha
 
 
 def _deltas(base: nn.Module, experts: Sequence[nn.Module], name: str):
@@ -108,7 +98,7 @@ class PerSampleLinear(nn.Module):
         return cls(w0, tw, b0, tb, coefficients, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, alpha = self.coefficients.view_batch(x, self.name or "PerSampleLinear")
+        alpha = self.coefficients.rows_for(x, self.name or "PerSampleLinear")
         shape = x.shape
         x3 = x.reshape(alpha.shape[0], -1, shape[-1])  # (rows, tokens, in); tokens = T (× block size)
         if self.rank is not None:
@@ -138,7 +128,7 @@ class PerSampleLayerNorm(nn.Module):
             self.register_buffer(f"packed_{attr}", None if p0 is None else torch.cat([p0[None], tau]).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, alpha = self.coefficients.view_batch(x, self.name or "PerSampleLayerNorm")
+        alpha = self.coefficients.rows_for(x, self.name or "PerSampleLayerNorm")
         xg = x.reshape(alpha.shape[0], -1, x.shape[-1])
         return per_sample_layer_norm(xg, alpha, self.packed_weight, self.packed_bias, self.eps).view(x.shape)
 
@@ -159,8 +149,8 @@ class PerSampleConv2d(nn.Module):
         self.register_buffer("packed_bias", None if b0 is None else torch.cat([b0[None], tb]).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, alpha = self.coefficients.view_batch(x, self.name or "PerSampleConv2d")
-        if self.coefficients.groups is not None:  # per-sample filters are small: expand the groups
+        alpha = self.coefficients.rows_for(x, self.name or "PerSampleConv2d")
+        if x.shape[0] != alpha.shape[0]:  # blocks of rows share a row of α; filters are small: expand
             alpha = alpha.repeat_interleave(x.shape[0] // alpha.shape[0], dim=0)
         return per_sample_conv2d(x, alpha, self.packed_weight, self.packed_bias, stride=self.stride,
                                  padding=self.padding, dilation=self.dilation, groups=self.groups)

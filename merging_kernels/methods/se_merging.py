@@ -109,7 +109,7 @@ class SEMergedModel(nn.Module):
             raise _ProbeReached
 
         handle = self._probe_module.register_forward_hook(hook)
-        self.coefficients.set_grouped(self.probe_table)
+        self.coefficients.set(self.probe_table)  # one row per replica of the batch
         try:
             self.module(replicated, *args, **kwargs)
         except _ProbeReached:

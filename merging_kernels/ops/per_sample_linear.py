@@ -52,7 +52,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import OpBackends, resolve_backend
+from .._dispatch import OpBackends, resolve_backend, triton_interpreting
 from .._validation import check_choice, check_float_tensor, check_int
 
 PER_SAMPLE_LINEAR = OpBackends("per_sample_linear", cpu=(), cuda=("triton",))
@@ -270,7 +270,7 @@ if triton is not None:
         x_ptr, a_ptr, w_ptr, b_ptr, y_ptr, M, N, IN, T,
         stride_xm, stride_xk, stride_ab, stride_ak, stride_wn, stride_wt, stride_wk,
         stride_bt, stride_bn, stride_ym, stride_yn,
-        NUM_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        NUM_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         """y[m] = Σ_{t=0..K} (α[m // T, t] x[m]) W_tᵀ (+ the mixed bias), α_0 = 1.
@@ -301,12 +301,12 @@ if triton is not None:
             x = tl.load(x_rows + (k0 + ks)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w_mask = k_ok[:, None] & col_ok[None, :]
             w = tl.load(w_cols + (k0 + ks)[:, None] * stride_wk, mask=w_mask, other=0.0)
-            acc = tl.dot(x, w, acc)
+            acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
             for t in tl.static_range(1, NUM_TASKS):
                 a_t = tl.load(a_ptr + sample * stride_ab + (t - 1) * stride_ak, mask=row_ok, other=0.0)
-                xs = (x.to(tl.float32) * a_t.to(tl.float32)[:, None]).to(x.dtype)
+                xs = (x.to(tl.float32) * a_t.to(tl.float32)[:, None]).to(DOT_DTYPE)
                 w = tl.load(w_cols + t * stride_wt + (k0 + ks)[:, None] * stride_wk, mask=w_mask, other=0.0)
-                acc = tl.dot(xs, w, acc)
+                acc = tl.dot(xs, w.to(DOT_DTYPE), acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols * stride_bn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             for t in tl.static_range(1, NUM_TASKS):
@@ -327,6 +327,14 @@ def _stacked_config(rows: int) -> tuple[int, int, int, int, int]:
     return 128, 128, 64, 8, 3
 
 
+def _dot_dtype(dtype: torch.dtype):
+    """tl.dot's operand type: the input's (tensor cores), except bfloat16 under the CPU interpreter, whose
+    dot mishandles it (float32 there; the tests' tolerance is the bfloat16 one either way)."""
+    if dtype == torch.bfloat16 and triton_interpreting():
+        return tl.float32
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
 def _stacked_triton(x3, alpha, packed_weight, packed_bias):
     b, t, i = x3.shape
     out, kp1, _ = packed_weight.shape
@@ -342,7 +350,9 @@ def _stacked_triton(x3, alpha, packed_weight, packed_bias):
         packed_weight.stride(0), packed_weight.stride(1), packed_weight.stride(2),
         bias.stride(0) if packed_bias is not None else 0, bias.stride(1) if packed_bias is not None else 0,
         y.stride(0), y.stride(1),
-        NUM_TASKS=kp1, HAS_BIAS=packed_bias is not None,
+        NUM_TASKS=kp1, HAS_BIAS=packed_bias is not None, DOT_DTYPE=_dot_dtype(x3.dtype),
+        # float32 follows torch's matmul setting: IEEE unless the user allowed TF32
+        PRECISION="tf32" if x3.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages,
     )
     return y.view(b, t, out)

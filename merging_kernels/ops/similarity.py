@@ -1,0 +1,852 @@
+"""Similarity matrices for matching units across models: streaming activation statistics, Pearson
+correlation, the dual-space combination and group (head) scores.
+
+MuDSC (see notes/MUDSC.md) matches the units of two or more models by a similarity that mixes an
+activation-space correlation and a weight-space correlation:
+
+- **activation space**: over a calibration set, for the concatenated features z = [f_1, ..., f_M]
+  of the M models (D = Σ C_m units), the mean μ = E[z], the covariance Σ = E[(z−μ)(z−μ)ᵀ] and the
+  Pearson correlation Σ_ij / (σ_i σ_j) (:class:`ActivationStats`, fed batch by batch, directly or
+  through forward hooks, :func:`activation_stats_hooks`);
+- **weight space**: the Pearson correlation between rows (one row per unit: its concatenated
+  weights), :func:`correlation_matrix`;
+- **dual space**: S = w·S_weight + (1 − w)·S_act (:func:`dual_similarity`);
+- **groups** (attention heads, GroupNorm groups): the score of every pair of groups is the best
+  within-group matching, one batched assignment solve (:func:`group_similarity`).
+
+Conventions shared by every function:
+
+- Pearson correlation of units i and j is cov_ij / (σ_i σ_j) with population (1/N) moments. A unit
+  whose standard deviation σ_i ≤ ``eps`` is *dead*: its correlation with every other unit is 0 and
+  with itself 1. Results are clamped to [−1, 1]; no NaN is ever produced for finite input.
+- Results are float32 (statistics are kept in float64; see each function for where fp32 is used).
+
+Numerics of the streaming statistics. The textbook accumulator (ZipIt, the MuDSC reference) sums
+z zᵀ in fp32 and computes E[z zᵀ] − μμᵀ at the end: catastrophic cancellation when |μ| ≫ σ (with
+μ = 1e4, σ = 1 in fp32 the covariance is lost entirely). Here every batch is *shifted* by a fixed
+per-unit value k (the first batch's mean, rounded to fp32): the accumulators hold
+S = Σ (z − k) and K = Σ (z − k)(z − k)ᵀ, so that cov = K/N − (S/N)(S/N)ᵀ with S/N ≈ 0 — no
+cancellation for stationary data, constant units give exactly 0, and z − k is exact in fp32 for
+values near k (Sterbenz). The per-batch Gram is an fp32 GEMM (BLAS on CPU, the Triton kernel on
+GPU) added into a float64 K; only the upper triangle of tiles is computed (K is symmetric): 10 of
+16 block products on CPU, about half the tiles on GPU.
+
+Backends (``SIMILARITY``): on CPU the fast path *is* torch — its work is GEMM, which BLAS does as well
+as anything we could write, so there is no native kernel (one would have to beat BLAS, measured).
+On CUDA, Triton kernels fuse the centering/normalization into the GEMM tiles:
+
+1. ``_corr_gemm_kernel`` (:func:`correlation_matrix`): loads row tiles of x and y in their own
+   dtype, centers and scales them in registers ((x − μ_i)/‖x_i − μ_i‖, statistics from a float64
+   prologue), accumulates ``tl.dot`` in fp32 and writes the clamped correlation; for y = None only
+   tiles on or above the diagonal are computed, each written twice (itself and its transpose).
+   Compared with torch (normalize into a copy, then matmul) it saves one write and read of the
+   normalized copy and, for y = None, half the FLOPs.
+2. ``_shifted_gram_kernel`` (:class:`ActivationStats` updates): the upper tiles of (z − k)ᵀ(z − k)
+   for a batch, shift fused into the loads, added in the epilogue into the float64 K. We do not
+   write our own column sums: S comes from ``z.sum(0, dtype=float64)`` (memory-bound, one read).
+   Fusing the shift avoids the shifted fp32 copy of the batch that torch would materialize, and
+   computing only the upper tiles halves the FLOPs (cuBLAS GEMM has no symmetric-output mode
+   in torch).
+3. ``_moments_corr_kernel`` (:func:`correlation_from_moments`, :meth:`ActivationStats.correlation`):
+   cov → corr elementwise, reading only the upper triangle of K, in float64.
+
+``tl.dot`` precision: fp32 inputs use ``input_precision="ieee"`` (what torch's default fp32 matmul
+computes; tf32 would cost ~1e-3 relative error); fp16/bf16 inputs are centered in fp32 and multiplied
+with ``"tf32"`` (tensor cores, fp32 range — an fp16 dot could overflow on centered values — and
+a rounding of the centered values comparable to the inputs' own 16-bit rounding). float64 inputs
+are rounded to fp32 on the fast paths; the ``*_torch`` references compute in float64 throughout.
+GPU timings: none yet (no GPU in the session that wrote this); the kernels are tested on CPU
+under ``TRITON_INTERPRET=1``.
+
+Layout of this module: the torch references (the oracles), the torch fast path helpers, the
+Triton kernels and launchers, then the public functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .._dispatch import OpBackends, resolve_backend, triton_interpreting
+from .._validation import check_float_tensor, check_int, check_real
+
+SIMILARITY = OpBackends("similarity", cpu=(), cuda=("triton",))
+
+# CPU: Gram products on this many column blocks (upper ones only: nb(nb+1)/2 of nb² products)
+_SYM_MAX_BLOCKS = 4
+_SYM_MIN_BLOCK = 256
+# torch path: batch Grams accumulate in an fp32 buffer, flushed into the float64 K every this many batches
+_FLUSH_BATCHES = 8
+
+
+# --------------------------------------------------------------------------- torch references
+
+
+def correlation_matrix_torch(x: torch.Tensor, y: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation between the rows of x (n, d) and y (m, d), in float64: (n, m); y None: (n, n).
+
+    Rows with population standard deviation ≤ eps are dead (0 against others; 1 on the diagonal
+    when y is None). Clamped to [−1, 1].
+    """
+    def normalized(a):
+        a = a.to(torch.float64)
+        c = a - a.mean(dim=1, keepdim=True) if a.shape[1] else a
+        norm = c.norm(dim=1)
+        sigma = norm / max(a.shape[1], 1) ** 0.5
+        alive = sigma > eps
+        return torch.where(alive[:, None], c / torch.where(alive, norm, 1.0)[:, None], 0.0)
+
+    xn = normalized(x)
+    yn = xn if y is None else normalized(y)
+    out = (xn @ yn.T).clamp_(-1.0, 1.0)
+    if y is None:
+        out.fill_diagonal_(1.0)
+    return out
+
+
+def correlation_from_moments_torch(mean: torch.Tensor, second_moment: torch.Tensor, count: int,
+                                   eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation (D, D) in float64 from mean = Σz/count (D,) and second_moment = Σ z zᵀ (D, D).
+
+    cov = second_moment/count − mean meanᵀ; units with σ = sqrt(cov_ii) ≤ eps are dead (0 with others,
+    1 on the diagonal). Clamped to [−1, 1].
+    """
+    mu = mean.to(torch.float64)
+    cov = second_moment.to(torch.float64) / count - torch.outer(mu, mu)
+    var = cov.diagonal().clamp(min=0)
+    sigma = var.sqrt()
+    alive = sigma > eps
+    inv = torch.where(alive, 1.0 / torch.where(alive, sigma, 1.0), 0.0)
+    corr = (cov * inv[:, None] * inv[None, :]).clamp_(-1.0, 1.0)
+    corr.fill_diagonal_(1.0)
+    return corr
+
+
+def activation_moments_torch(*features: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """One-shot float64 statistics of the concatenated features of M models: (count, mean (D,), covariance (D, D)).
+
+    Each feature is (N, C), (N, T, C) or (N, C, H, W), pooled to rows as :meth:`ActivationStats.update`
+    does. The covariance is the population one (divided by count), computed two-pass (centered).
+    """
+    z = torch.cat([_feature_rows(f).to(torch.float64) for f in features], dim=1)
+    mean = z.mean(dim=0)
+    c = z - mean
+    return z.shape[0], mean, (c.T @ c) / z.shape[0]
+
+
+def activation_correlation_torch(*features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """One-shot float64 Pearson correlation of the concatenated features (the oracle of :class:`ActivationStats`)."""
+    count, mean, cov = activation_moments_torch(*features)
+    return correlation_from_moments_torch(torch.zeros_like(mean), cov * count, count, eps)
+
+
+def dual_similarity_torch(s_weight: torch.Tensor, s_act: torch.Tensor, w: float = 0.5) -> torch.Tensor:
+    """S = w·s_weight + (1 − w)·s_act, in float64."""
+    return w * s_weight.to(torch.float64) + (1.0 - w) * s_act.to(torch.float64)
+
+
+def group_similarity_torch(s_cross: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair of groups, one assignment at a time with the torch solver: (scores (g, g) float64, perms (g, g, s))."""
+    from .linear_assignment import linear_sum_assignment_torch
+
+    s = group_size
+    g = s_cross.shape[0] // s
+    scores = torch.zeros((g, g), dtype=torch.float64, device=s_cross.device)
+    perms = torch.zeros((g, g, s), dtype=torch.int64, device=s_cross.device)
+    for a in range(g):
+        for b in range(g):
+            block = s_cross[a * s:(a + 1) * s, b * s:(b + 1) * s].to(torch.float64)
+            _, cols, _, _ = linear_sum_assignment_torch(block, maximize=True)
+            perms[a, b] = cols
+            scores[a, b] = block[torch.arange(s, device=block.device), cols].sum()
+    return scores, perms
+
+
+# --------------------------------------------------------------------------- torch fast path (CPU, and CUDA fallback)
+
+
+def _feature_rows(f: torch.Tensor) -> torch.Tensor:
+    """(N, C) → itself; (N, T, C) → (N·T, C); (N, C, H, W) → (N·H·W, C) (channels last)."""
+    if f.dim() == 2:
+        return f
+    if f.dim() == 3:
+        return f.reshape(-1, f.shape[-1])
+    if f.dim() == 4:
+        return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+    raise ValueError(f"features must be (N, C), (N, T, C) or (N, C, H, W), got shape {tuple(f.shape)}")
+
+
+def _block_edges(size: int) -> list[int]:
+    nb = max(1, min(_SYM_MAX_BLOCKS, size // _SYM_MIN_BLOCK))
+    return [round(i * size / nb) for i in range(nb + 1)]
+
+
+def _sym_gram_add_(acc: torch.Tensor, c: torch.Tensor) -> list[int]:
+    """acc += cᵀc on the blocks on and above the diagonal only (BLAS on views, no copies). Returns the block edges."""
+    edges = _block_edges(c.shape[1])
+    for i in range(len(edges) - 1):
+        si = slice(edges[i], edges[i + 1])
+        for j in range(i, len(edges) - 1):
+            sj = slice(edges[j], edges[j + 1])
+            acc[si, sj].addmm_(c[:, si].T, c[:, sj])
+    return edges
+
+
+def _mirror_upper_blocks_(a: torch.Tensor, edges: Sequence[int]) -> torch.Tensor:
+    """Copy each block above the diagonal onto its transpose (after :func:`_sym_gram_add_`)."""
+    for i in range(len(edges) - 1):
+        si = slice(edges[i], edges[i + 1])
+        for j in range(i + 1, len(edges) - 1):
+            sj = slice(edges[j], edges[j + 1])
+            a[sj, si] = a[si, sj].T
+    return a
+
+
+def _row_stats(a: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, in float64: the mean and 1/‖row − mean‖ (0 for dead rows: σ ≤ eps)."""
+    a64 = a.to(torch.float64)
+    d = a.shape[1]
+    if d == 0:
+        zeros = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+        return zeros, zeros
+    mean = a64.mean(dim=1)
+    norm = (a64 - mean[:, None]).norm(dim=1)
+    alive = norm > eps * d ** 0.5
+    return mean, torch.where(alive, 1.0 / torch.where(alive, norm, 1.0), 0.0)
+
+
+def _correlation_matrix_fast_torch(x, y, eps):
+    """Normalize in float64, multiply in fp32 (float64 for float64 inputs): BLAS does the GEMM."""
+    work = torch.float64 if x.dtype == torch.float64 and (y is None or y.dtype == torch.float64) else torch.float32
+
+    def normalized(a):
+        mean, inv = _row_stats(a, eps)
+        return ((a.to(torch.float64) - mean[:, None]) * inv[:, None]).to(work)
+
+    xn = normalized(x)
+    if y is None:
+        out = torch.zeros((x.shape[0], x.shape[0]), dtype=work, device=x.device)
+        _mirror_upper_blocks_(out, _sym_gram_add_(out, xn.T))
+        out.fill_diagonal_(1.0)
+    else:
+        out = xn @ normalized(y).T
+    return out.clamp_(-1.0, 1.0).to(torch.float32)
+
+
+def _correlation_from_moments_fast_torch(mean, second_moment, count, eps, upper):
+    m = second_moment.to(torch.float64)
+    if upper:
+        m = torch.triu(m) + torch.triu(m, 1).T
+    return correlation_from_moments_torch(mean, m, count, eps).to(torch.float32)
+
+
+# --------------------------------------------------------------------------- Triton kernels
+
+try:  # triton is optional: `import merging_kernels` must work without it
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _corr_gemm_kernel(x_ptr, y_ptr, mx_ptr, rx_ptr, my_ptr, ry_ptr, out_ptr, n, m, d,
+                          sxn, sxd, syn, syd, son, som,
+                          SELF: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One (BLOCK_M, BLOCK_N) tile of corr = x̂ ŷᵀ, x̂ = (x − μ)·r centered and scaled while loading.
+
+        μ, r: float32 row means and 1/‖row − μ‖ (0 for dead rows, which then contribute nothing).
+        SELF (y is x): tiles below the diagonal return at once; the others store their entries on and
+        above the diagonal, each also at its transpose.
+        """
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        if SELF and pid_n < pid_m:
+            return
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_m = rm < n
+        in_n = rn < m
+        mu_x = tl.load(mx_ptr + rm, mask=in_m, other=0.0)
+        r_x = tl.load(rx_ptr + rm, mask=in_m, other=0.0)
+        mu_y = tl.load(my_ptr + rn, mask=in_n, other=0.0)
+        r_y = tl.load(ry_ptr + rn, mask=in_n, other=0.0)
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * sxn
+        y_rows = y_ptr + rn.to(tl.int64)[:, None] * syn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            in_k = rk < d
+            a = tl.load(x_rows + rk[None, :] * sxd, mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)
+            b = tl.load(y_rows + rk[None, :] * syd, mask=in_n[:, None] & in_k[None, :], other=0.0).to(tl.float32)
+            a = tl.where(in_k[None, :], (a - mu_x[:, None]) * r_x[:, None], 0.0)
+            b = tl.where(in_k[None, :], (b - mu_y[:, None]) * r_y[:, None], 0.0)
+            acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
+        acc = tl.minimum(tl.maximum(acc, -1.0), 1.0)
+        if SELF:
+            acc = tl.where(rm[:, None] == rn[None, :], 1.0, acc)
+        mask = in_m[:, None] & in_n[None, :]
+        if SELF:  # entries on/above the diagonal, each also stored at its transpose: exactly symmetric
+            upper = rm[:, None] <= rn[None, :]
+            tl.store(out_ptr + rm.to(tl.int64)[:, None] * son + rn[None, :] * som, acc, mask=mask & upper)
+            tl.store(out_ptr + rn.to(tl.int64)[None, :] * son + rm[:, None] * som, acc,
+                     mask=mask & (rm[:, None] < rn[None, :]))
+        else:
+            tl.store(out_ptr + rm.to(tl.int64)[:, None] * son + rn[None, :] * som, acc, mask=mask)
+
+    @triton.jit
+    def _shifted_gram_kernel(z_ptr, shift_ptr, k_ptr, rows, D, szr, szd, skr, skc,
+                             PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+        """K[tile i, tile j] += (z[:, i] − k_i)ᵀ (z[:, j] − k_j) for tiles j ≥ i; K float64, products fp32."""
+        pid_i = tl.program_id(0)
+        pid_j = tl.program_id(1)
+        if pid_j < pid_i:
+            return
+        ri = pid_i * BLOCK_D + tl.arange(0, BLOCK_D)
+        rj = pid_j * BLOCK_D + tl.arange(0, BLOCK_D)
+        in_i = ri < D
+        in_j = rj < D
+        k_i = tl.load(shift_ptr + ri, mask=in_i, other=0.0)
+        k_j = tl.load(shift_ptr + rj, mask=in_j, other=0.0)
+        acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+        for r0 in range(0, rows, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            in_r = rr < rows
+            base = z_ptr + rr.to(tl.int64)[:, None] * szr
+            a = tl.load(base + ri[None, :] * szd, mask=in_r[:, None] & in_i[None, :], other=0.0).to(tl.float32)
+            b = tl.load(base + rj[None, :] * szd, mask=in_r[:, None] & in_j[None, :], other=0.0).to(tl.float32)
+            a = tl.where(in_r[:, None], a - k_i[None, :], 0.0)
+            b = tl.where(in_r[:, None], b - k_j[None, :], 0.0)
+            acc += tl.dot(tl.trans(a), b, input_precision=PRECISION)
+        ptrs = k_ptr + ri.to(tl.int64)[:, None] * skr + rj[None, :] * skc
+        mask = in_i[:, None] & in_j[None, :]
+        old = tl.load(ptrs, mask=mask, other=0.0)
+        tl.store(ptrs, old + acc.to(tl.float64), mask=mask)
+
+    @triton.jit
+    def _moments_corr_kernel(m_ptr, mean_ptr, inv_ptr, out_ptr, D, smr, smc, inv_count,
+                             UPPER: tl.constexpr, BLOCK: tl.constexpr):
+        """corr_ij = (M_ij/count − μ_i μ_j)·r_i·r_j in float64, clamped, diagonal 1; M read at (min, max) if UPPER."""
+        ri = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        rj = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        in_i = ri < D
+        in_j = rj < D
+        mask = in_i[:, None] & in_j[None, :]
+        r2 = ri.to(tl.int64)[:, None] + 0 * rj[None, :]
+        c2 = rj.to(tl.int64)[None, :] + 0 * ri[:, None]
+        if UPPER:
+            lo = tl.minimum(r2, c2)
+            hi = tl.maximum(r2, c2)
+        else:
+            lo = r2
+            hi = c2
+        mij = tl.load(m_ptr + lo * smr + hi * smc, mask=mask, other=0.0).to(tl.float64)
+        mu_i = tl.load(mean_ptr + ri, mask=in_i, other=0.0)
+        mu_j = tl.load(mean_ptr + rj, mask=in_j, other=0.0)
+        inv_i = tl.load(inv_ptr + ri, mask=in_i, other=0.0)
+        inv_j = tl.load(inv_ptr + rj, mask=in_j, other=0.0)
+        corr = (mij * inv_count - mu_i[:, None] * mu_j[None, :]) * inv_i[:, None] * inv_j[None, :]
+        corr = tl.minimum(tl.maximum(corr, -1.0), 1.0)
+        corr = tl.where(r2 == c2, 1.0, corr)
+        tl.store(out_ptr + r2 * D + c2, corr.to(tl.float32), mask=mask)
+
+
+def _dot_precision(*dtypes: torch.dtype) -> str:
+    """fp32 operands: exact fp32 products ("ieee"); 16-bit operands: tf32 (see the module docstring)."""
+    return "ieee" if any(dt in (torch.float32, torch.float64) for dt in dtypes) else "tf32"
+
+
+def _gemm_blocks(sixteen_bit: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Small tiles under the interpreter (tests:
+    many tiles on small shapes exercise the masks and the mirrored stores)."""
+    if triton_interpreting():
+        return 16, 16, 16, 1, 1
+    if sixteen_bit:
+        return 128, 128, 32, 8, 3
+    return 64, 64, 32, 4, 3
+
+
+def _correlation_matrix_triton(x, y, eps):
+    same = y is None
+    mx, rx = _row_stats(x, eps)
+    mx, rx = mx.to(torch.float32), rx.to(torch.float32)
+    if same:
+        y, my, ry = x, mx, rx
+    else:
+        my, ry = _row_stats(y, eps)
+        my, ry = my.to(torch.float32), ry.to(torch.float32)
+    n, d = x.shape
+    m = y.shape[0]
+    out = torch.empty((n, m), dtype=torch.float32, device=x.device)
+    if n == 0 or m == 0:
+        return out
+    bm, bn, bk, warps, stages = _gemm_blocks(x.dtype in (torch.float16, torch.bfloat16)
+                                             and y.dtype in (torch.float16, torch.bfloat16))
+    if same:
+        bn = bm
+    grid = (triton.cdiv(n, bm), triton.cdiv(m, bn))
+    _corr_gemm_kernel[grid](x, y, mx, rx, my, ry, out, n, m, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+                            out.stride(0), out.stride(1), SELF=same, PRECISION=_dot_precision(x.dtype, y.dtype),
+                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    return out
+
+
+def _shifted_gram_add_triton(k64: torch.Tensor, z: torch.Tensor, shift32: torch.Tensor) -> None:
+    rows, D = z.shape
+    if rows == 0 or D == 0:
+        return
+    if triton_interpreting():
+        block_d, block_r, warps, stages = 16, 16, 1, 1
+    else:
+        block_d, block_r, warps, stages = (128, 32, 8, 3) if z.dtype in (torch.float16, torch.bfloat16) \
+            else (64, 32, 4, 3)
+    tiles = triton.cdiv(D, block_d)
+    _shifted_gram_kernel[(tiles, tiles)](z, shift32, k64, rows, D, z.stride(0), z.stride(1), k64.stride(0),
+                                         k64.stride(1), PRECISION=_dot_precision(z.dtype), BLOCK_D=block_d,
+                                         BLOCK_R=block_r, num_warps=warps, num_stages=stages)
+
+
+def _correlation_from_moments_triton(mean, second_moment, count, eps, upper):
+    D = mean.shape[0]
+    mu = mean.to(torch.float64).contiguous()
+    var = (second_moment.diagonal().to(torch.float64) / count - mu * mu).clamp(min=0)
+    sigma = var.sqrt()
+    alive = sigma > eps
+    inv = torch.where(alive, 1.0 / torch.where(alive, sigma, 1.0), 0.0).contiguous()
+    out = torch.empty((D, D), dtype=torch.float32, device=mean.device)
+    if D == 0:
+        return out
+    block = 16 if triton_interpreting() else 64
+    grid = (triton.cdiv(D, block), triton.cdiv(D, block))
+    _moments_corr_kernel[grid](second_moment, mu, inv, out, D, second_moment.stride(0), second_moment.stride(1),
+                               1.0 / count, UPPER=upper, BLOCK=block, num_warps=4)
+    return out
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def _check_eps(eps) -> float:
+    return check_real(eps, "eps", low=0.0)
+
+
+def correlation_matrix(x: torch.Tensor, y: torch.Tensor | None = None, *, eps: float = 1e-8,
+                       backend: str | None = None) -> torch.Tensor:
+    """Pearson correlation between the rows of x and the rows of y (weight-space similarity).
+
+    Args:
+        x: (n, d) float tensor (fp32/fp16/bf16/fp64; any strides): one row per unit, e.g. its
+            concatenated weight vector.
+        y: (m, d) on the same device, or None for the correlation of x with itself.
+        eps: rows with population standard deviation ≤ eps are dead: correlation 0 with every
+            other row, 1 with themselves (y None).
+        backend: ``"torch"`` (CPU fast path: float64 row statistics, fp32 BLAS GEMM — float64 for
+            float64 inputs — and for y None only the upper blocks), ``"triton"`` (CUDA: fused
+            normalization + GEMM kernel) or None (fastest available).
+
+    Returns:
+        (n, m) float32 ((n, n) for y None), clamped to [−1, 1]; diagonal exactly 1 for y None.
+
+    Raises:
+        ValueError: x/y not 2-D, different d, NaN/Inf entries (naming x or y), eps < 0.
+        TypeError: non-float tensors.
+    """
+    x = check_float_tensor(x, "x")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (n, d), got shape {tuple(x.shape)}")
+    if y is not None:
+        y = check_float_tensor(y, "y")
+        if y.dim() != 2:
+            raise ValueError(f"y must be 2-D (m, d), got shape {tuple(y.shape)}")
+        if y.shape[1] != x.shape[1]:
+            raise ValueError(f"y must have as many columns as x ({x.shape[1]}), got shape {tuple(y.shape)}")
+        if y.device != x.device:
+            raise ValueError(f"y must be on x's device ({x.device}), got {y.device}")
+    eps = _check_eps(eps)
+    _check_finite(x, "x")
+    if y is not None:
+        _check_finite(y, "y")
+    name = resolve_backend(SIMILARITY, backend, x.device)
+    if name == "triton":
+        return _correlation_matrix_triton(x, y, eps)
+    return _correlation_matrix_fast_torch(x, y, eps)
+
+
+def correlation_from_moments(mean: torch.Tensor, second_moment: torch.Tensor, count: int, eps: float = 1e-8, *,
+                             backend: str | None = None) -> torch.Tensor:
+    """Pearson correlation from raw moments: what a streaming accumulator holds.
+
+    Args:
+        mean: (D,) the mean Σ_r z_r / count.
+        second_moment: (D, D) the *sum* Σ_r z_r z_rᵀ over the ``count`` rows (not divided).
+            Correlation is shift-invariant, so moments of shifted data z − k (k ≈ mean, as
+            :class:`ActivationStats` keeps them) give the same result without cancellation.
+        count: the number of rows, ≥ 1.
+        eps: units with σ_i = sqrt(cov_ii) ≤ eps are dead (0 with others, 1 on the diagonal).
+        backend: ``"torch"`` (float64 in torch), ``"triton"`` (CUDA: one fused elementwise kernel in
+            float64) or None.
+
+    Returns:
+        (D, D) float32, clamped to [−1, 1], diagonal 1.
+    """
+    mean = check_float_tensor(mean, "mean")
+    second_moment = check_float_tensor(second_moment, "second_moment")
+    if mean.dim() != 1:
+        raise ValueError(f"mean must be 1-D (D,), got shape {tuple(mean.shape)}")
+    D = mean.shape[0]
+    if second_moment.shape != (D, D):
+        raise ValueError(f"second_moment must be (D, D) = ({D}, {D}), got shape {tuple(second_moment.shape)}")
+    if second_moment.device != mean.device:
+        raise ValueError(f"second_moment must be on mean's device ({mean.device}), got {second_moment.device}")
+    count = check_int(count, "count", low=1)
+    eps = _check_eps(eps)
+    _check_finite(mean, "mean")
+    _check_finite(second_moment, "second_moment")
+    return _correlation_from_moments(mean, second_moment, count, eps, False,
+                                     resolve_backend(SIMILARITY, backend, mean.device))
+
+
+def _correlation_from_moments(mean, second_moment, count, eps, upper, backend):
+    if backend == "triton":
+        return _correlation_from_moments_triton(mean, second_moment, count, eps, upper)
+    return _correlation_from_moments_fast_torch(mean, second_moment, count, eps, upper)
+
+
+class ActivationStats:
+    """Streaming mean / second moment of the concatenated features z = [f_1, ..., f_M] of M models.
+
+    Feed it batch by batch (:meth:`update`, or the forward hooks of :func:`activation_stats_hooks`);
+    no activation is kept. Memory: the (D, D) float64 accumulator K, plus on the torch path an fp32
+    (D, D) buffer (batch Grams are summed in fp32 BLAS into it and flushed into K every
+    ``_FLUSH_BATCHES`` batches: fp32 GEMM speed, float64 accumulation across batches).
+
+    Numerics: see the module docstring — moments of z − k with k the first batch's mean (fp32), so
+    large means (1e4 with σ = 1) cost nothing, and constant (dead) units have exactly zero variance.
+    Per-batch products are fp32 (tf32 for 16-bit features on the Triton path); float64 features are
+    rounded to fp32 unless ``gram_dtype=torch.float64`` (torch backend only: float64 GEMMs).
+
+    Args:
+        num_features: the feature count C_m of each model (a sequence: M models, checked on every
+            update), or the total D (an int: any number of features whose counts sum to D).
+        device: where the accumulators live; None: the device of the first batch.
+        backend: ``"torch"`` (CPU fast path: BLAS), ``"triton"`` (CUDA kernels) or None (fastest for
+            the device, resolved at the first update when device is None).
+        gram_dtype: torch.float32 (default) or torch.float64: the dtype of the per-batch products on
+            the torch path.
+    """
+
+    def __init__(self, num_features: int | Sequence[int], *, device: torch.device | str | None = None,
+                 backend: str | None = None, gram_dtype: torch.dtype = torch.float32):
+        if isinstance(num_features, numbers.Integral) and not isinstance(num_features, bool):
+            self.num_features: tuple[int, ...] | None = None
+            self.dim = check_int(num_features, "num_features", low=0)
+        else:
+            if isinstance(num_features, (str, bytes)) or not isinstance(num_features, Sequence):
+                raise TypeError(f"num_features must be an int or a sequence of ints, got {type(num_features).__name__}")
+            counts = tuple(check_int(c, f"num_features[{i}]", low=0) for i, c in enumerate(num_features))
+            if not counts:
+                raise ValueError("num_features must name at least one model")
+            self.num_features = counts
+            self.dim = sum(counts)
+        if gram_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"gram_dtype must be torch.float32 or torch.float64, got {gram_dtype}")
+        self.gram_dtype = gram_dtype
+        self._requested_backend = backend
+        self.device: torch.device | None = None
+        self.backend: str | None = None
+        self.count = 0
+        self._shift: torch.Tensor | None = None  # (D,) float64 holding fp32 values
+        self._sum: torch.Tensor | None = None  # Σ (z − k), float64
+        self._gram: torch.Tensor | None = None  # Σ (z − k)(z − k)ᵀ, float64 (upper tiles/blocks valid)
+        self._pending: torch.Tensor | None = None  # torch path: fp32 batch Grams not yet in _gram
+        self._pending_batches = 0
+        self._edges: list[int] = _block_edges(self.dim)
+        if device is not None:
+            self._setup(torch.device(device))
+
+    def _setup(self, device: torch.device) -> None:
+        self.backend = resolve_backend(SIMILARITY, self._requested_backend, device)
+        if self.backend == "triton" and self.gram_dtype != torch.float32:
+            raise ValueError("gram_dtype=torch.float64 is available on the torch backend only")
+        self.device = device
+        D = self.dim
+        self._sum = torch.zeros(D, dtype=torch.float64, device=device)
+        self._gram = torch.zeros((D, D), dtype=torch.float64, device=device)
+
+    # ----------------------------------------------------------------- updates
+
+    def update(self, *features: torch.Tensor) -> None:
+        """Add one batch: one feature tensor per model, the same rows in every model.
+
+        Each feature is (N, C) rows, (N, T, C) tokens (pooled over N·T rows) or (N, C, H, W) conv
+        maps (channel dim 1, pooled over N·H·W rows); any float dtype. Raises ValueError naming the
+        model for wrong dims or channel counts, row counts that differ across models, NaN/Inf.
+        """
+        if not features:
+            raise ValueError("update needs one feature tensor per model, got none")
+        if self.num_features is not None and len(features) != len(self.num_features):
+            raise ValueError(f"update expects {len(self.num_features)} feature tensors (one per model), "
+                             f"got {len(features)}")
+        rows = []
+        for i, f in enumerate(features):
+            f = check_float_tensor(f, f"features[{i}] (model {i})")
+            if f.dim() not in (2, 3, 4):
+                raise ValueError(f"features[{i}] (model {i}) must be (N, C), (N, T, C) or (N, C, H, W), "
+                                 f"got shape {tuple(f.shape)}")
+            r = _feature_rows(f)
+            if self.num_features is not None and r.shape[1] != self.num_features[i]:
+                raise ValueError(f"features[{i}] (model {i}) has {r.shape[1]} channels, expected "
+                                 f"{self.num_features[i]}")
+            if rows and r.shape[0] != rows[0].shape[0]:
+                raise ValueError(f"features[{i}] (model {i}) pools to {r.shape[0]} rows but features[0] to "
+                                 f"{rows[0].shape[0]}: every model must see the same batch")
+            if rows and r.device != rows[0].device:
+                raise ValueError(f"features[{i}] (model {i}) is on {r.device}, features[0] on {rows[0].device}")
+            rows.append(r)
+        D = sum(r.shape[1] for r in rows)
+        if D != self.dim:
+            raise ValueError(f"the features have {D} channels in all, expected num_features = {self.dim}")
+        if self.device is None:
+            self._setup(rows[0].device)
+        elif rows[0].device != self.device:
+            raise ValueError(f"features are on {rows[0].device}, the statistics on {self.device}")
+        n = rows[0].shape[0]
+        if n == 0:
+            return
+        z = torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
+        # the row sums double as the NaN/Inf check (a float64 sum of finite fp32/16-bit values is finite)
+        total = z.sum(dim=0, dtype=torch.float64)
+        if not bool(torch.isfinite(total).all()):
+            bad = int((~torch.isfinite(total)).nonzero()[0])
+            model = next(i for i, end in enumerate(self._model_ends(rows)) if bad < end)
+            raise ValueError(f"features[{model}] (model {model}) contains NaN or Inf")
+        work = self.gram_dtype if self.backend == "torch" else torch.float32
+        if self._shift is None:
+            # the first batch's mean, as a value of the working dtype: z − k is exact for z near k
+            self._shift = (total / n).to(work).to(torch.float64)
+        if self.backend == "triton":
+            # S: the float64 sum of the fp32 values minus n·k (what the kernel's Gram sees; no shifted copy)
+            if z.dtype == torch.float64:
+                total = z.to(torch.float32).sum(dim=0, dtype=torch.float64)
+            self._sum += total - n * self._shift
+            _shifted_gram_add_triton(self._gram, z, self._shift.to(torch.float32))
+        else:
+            self._gram_add_torch(z, work)
+        self.count += n
+
+    @staticmethod
+    def _model_ends(rows):
+        ends, acc = [], 0
+        for r in rows:
+            acc += r.shape[1]
+            ends.append(acc)
+        return ends
+
+    def _gram_add_torch(self, z: torch.Tensor, work: torch.dtype) -> None:
+        c = z.to(work) - self._shift.to(work)
+        self._sum += c.sum(dim=0, dtype=torch.float64)
+        if work == torch.float64:
+            _sym_gram_add_(self._gram, c)
+            return
+        if self._pending is None:
+            self._pending = torch.zeros((self.dim, self.dim), dtype=torch.float32, device=self.device)
+        _sym_gram_add_(self._pending, c)
+        self._pending_batches += 1
+        if self._pending_batches >= _FLUSH_BATCHES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending is not None and self._pending_batches:
+            self._gram += self._pending
+            self._pending.zero_()
+            self._pending_batches = 0
+
+    # ----------------------------------------------------------------- results
+
+    def _require_rows(self) -> None:
+        if self.count == 0:
+            raise ValueError("no rows seen yet: call update() with at least one non-empty batch")
+
+    def _full_gram(self) -> torch.Tensor:
+        """Σ (z − k)(z − k)ᵀ, float64, both triangles."""
+        self._flush()
+        if self.backend == "triton":
+            return torch.triu(self._gram) + torch.triu(self._gram, 1).T
+        return _mirror_upper_blocks_(self._gram.clone(), self._edges)
+
+    def mean(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(D,) mean of the features (float32 by default; pass float64 for large means)."""
+        self._require_rows()
+        return (self._shift + self._sum / self.count).to(dtype)
+
+    def covariance(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(D, D) population covariance E[(z − μ)(z − μ)ᵀ] (float32 by default)."""
+        self._require_rows()
+        s = self._sum / self.count
+        return (self._full_gram() / self.count - torch.outer(s, s)).to(dtype)
+
+    def correlation(self, eps: float = 1e-8) -> torch.Tensor:
+        """(D, D) float32 Pearson correlation; dead units (σ ≤ eps): 0 with others, 1 on the diagonal."""
+        eps = _check_eps(eps)
+        self._require_rows()
+        self._flush()
+        s = self._sum / self.count
+        if self.backend == "triton":
+            return _correlation_from_moments_triton(s, self._gram, self.count, eps, upper=True)
+        return correlation_from_moments_torch(s, self._full_gram(), self.count, eps).to(torch.float32)
+
+    def __repr__(self) -> str:
+        return (f"ActivationStats(num_features={self.num_features or self.dim}, count={self.count}, "
+                f"device={self.device}, backend={self.backend})")
+
+
+@contextlib.contextmanager
+def activation_stats_hooks(modules_per_model: Sequence[torch.nn.Module], stats: ActivationStats, *,
+                           input: bool = False) -> Iterator[ActivationStats]:
+    """Feed ``stats`` from forward hooks: one module per model, its output (or ``input[0]`` if input=True).
+
+    Each hook keeps its model's feature of the current batch (detached); when all M have fired,
+    ``stats.update(*features)`` runs and the buffers are cleared. Run the models on the same batch
+    in turn (model 0, model 1, ... or any order) inside the ``with`` block. The hooks are removed
+    on exit, also on error.
+
+    Raises:
+        TypeError: a module that is not an ``nn.Module``; a hooked value that is not a tensor.
+        RuntimeError: a model's module fires twice before all the others fired once (batches out
+            of step); or, on a clean exit, a batch some models ran and others did not.
+    """
+    modules = list(modules_per_model)
+    if not modules:
+        raise ValueError("modules_per_model must hold one module per model, got none")
+    for i, mod in enumerate(modules):
+        if not isinstance(mod, torch.nn.Module):
+            raise TypeError(f"modules_per_model[{i}] must be a torch.nn.Module, got {type(mod).__name__}")
+    if not isinstance(stats, ActivationStats):
+        raise TypeError(f"stats must be an ActivationStats, got {type(stats).__name__}")
+    buffered: list[torch.Tensor | None] = [None] * len(modules)
+    what = "input[0]" if input else "output"
+
+    def make_hook(i: int):
+        def hook(module, args, output):
+            value = (args[0] if args else None) if input else output
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"modules_per_model[{i}]'s {what} must be a tensor, got {type(value).__name__}")
+            if buffered[i] is not None:
+                raise RuntimeError(f"modules_per_model[{i}] (model {i}) fired twice before every model ran the "
+                                   "batch once: run the models on the same batch in turn")
+            buffered[i] = value.detach()
+            if all(b is not None for b in buffered):
+                batch = list(buffered)
+                buffered[:] = [None] * len(buffered)
+                stats.update(*batch)
+        return hook
+
+    handles = [mod.register_forward_hook(make_hook(i)) for i, mod in enumerate(modules)]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [i for i, b in enumerate(buffered) if b is None]
+    if len(missing) != len(buffered):
+        raise RuntimeError(f"the last batch ran through some models but not models {missing}: it was not counted")
+
+
+def dual_similarity(s_weight: torch.Tensor, s_act: torch.Tensor, w: float = 0.5) -> torch.Tensor:
+    """The dual-space similarity S = w·s_weight + (1 − w)·s_act.
+
+    Args:
+        s_weight, s_act: float tensors of the same shape, on the same device.
+        w: the weight of the weight-space similarity, in [0, 1].
+
+    Returns:
+        A tensor of that shape, in the promoted dtype of the two.
+
+    Raises:
+        ValueError: w outside [0, 1], shapes or devices that differ. TypeError: non-float inputs.
+    """
+    s_weight = check_float_tensor(s_weight, "s_weight")
+    s_act = check_float_tensor(s_act, "s_act")
+    w = check_real(w, "w", low=0.0, high=1.0)
+    if s_weight.shape != s_act.shape:
+        raise ValueError(f"s_weight and s_act must have the same shape, got {tuple(s_weight.shape)} and "
+                         f"{tuple(s_act.shape)}")
+    if s_weight.device != s_act.device:
+        raise ValueError(f"s_weight and s_act must be on the same device, got {s_weight.device} and {s_act.device}")
+    dtype = torch.promote_types(s_weight.dtype, s_act.dtype)
+    return torch.add(s_act.to(dtype) * (1.0 - w), s_weight.to(dtype), alpha=w)
+
+
+def group_similarity(s_cross: torch.Tensor, group_size: int, *,
+                     backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score every pair of groups (heads) by its best within-group matching: one batched assignment solve.
+
+    Args:
+        s_cross: (n, n) similarity of model A's units (rows) with model B's (columns); n = g·group_size,
+            groups are contiguous blocks of ``group_size`` units. Float, no NaN / +inf (−inf forbids a pair).
+        group_size: s ≥ 1, dividing n.
+        backend: the assignment solver's backend (``"native"``, ``"torch"``, None: fastest), passed to
+            :func:`merging_kernels.linear_sum_assignment`.
+
+    Returns:
+        ``(scores, perms)``: scores (g, g), scores[a, b] = max over permutations π of
+        Σ_i S[a·s + i, b·s + π(i)] (float64 for float64 input, else float32); perms (g, g, s) int64,
+        perms[a, b] = that π (B's unit b·s + perms[a, b, i] matches A's unit a·s + i).
+        All g² problems of size s × s go to ``linear_sum_assignment(blocks, maximize=True)`` at once.
+
+    Raises:
+        ValueError: s_cross not square 2-D, group_size not dividing n, NaN/+inf entries, an infeasible block.
+    """
+    from .linear_assignment import linear_sum_assignment
+
+    s_cross = check_float_tensor(s_cross, "s_cross")
+    if s_cross.dim() != 2 or s_cross.shape[0] != s_cross.shape[1]:
+        raise ValueError(f"s_cross must be a square (n, n) matrix, got shape {tuple(s_cross.shape)}")
+    s = check_int(group_size, "group_size", low=1)
+    n = s_cross.shape[0]
+    if n % s:
+        raise ValueError(f"group_size ({s}) must divide the number of units ({n})")
+    if s_cross.numel() and bool((torch.isnan(s_cross) | (s_cross == torch.inf)).any()):
+        raise ValueError("s_cross contains NaN or +inf")
+    g = n // s
+    out_dtype = torch.float64 if s_cross.dtype == torch.float64 else torch.float32
+    if g == 0:
+        return (torch.zeros((0, 0), dtype=out_dtype, device=s_cross.device),
+                torch.zeros((0, 0, s), dtype=torch.int64, device=s_cross.device))
+    # blocks[a·g + b] = S[a-th group of A, b-th group of B]
+    blocks = s_cross.reshape(g, s, g, s).permute(0, 2, 1, 3).reshape(g * g, s, s)
+    if blocks.dtype not in (torch.float32, torch.float64):
+        blocks = blocks.to(torch.float32)
+    try:
+        _, cols = linear_sum_assignment(blocks, maximize=True, backend=backend)
+    except ValueError as exc:
+        raise ValueError(f"group_similarity: {exc} (problem index = a·g + b for groups a of A, b of B)") from None
+    scores = blocks.to(torch.float64).gather(2, cols[:, :, None]).sum(dim=(1, 2))
+    return scores.reshape(g, g).to(out_dtype), cols.reshape(g, g, s)
+
+
+__all__ = [
+    "SIMILARITY",
+    "ActivationStats",
+    "activation_correlation_torch",
+    "activation_moments_torch",
+    "activation_stats_hooks",
+    "correlation_from_moments",
+    "correlation_from_moments_torch",
+    "correlation_matrix",
+    "correlation_matrix_torch",
+    "dual_similarity",
+    "dual_similarity_torch",
+    "group_similarity",
+    "group_similarity_torch",
+]

@@ -1,0 +1,272 @@
+"""Per-sample merged linear op and its layers, against the float64 oracle."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from merging_kernels.layers import Coefficients, PerSampleConv2d, PerSampleLayerNorm, PerSampleLinear
+from merging_kernels.ops.per_sample_linear import (
+    PER_SAMPLE_LINEAR,
+    choose_strategy,
+    lowrank_factors,
+    pack_weights,
+    per_sample_conv2d,
+    per_sample_layer_norm,
+    per_sample_linear,
+    per_sample_linear_torch,
+    per_sample_lowrank_linear,
+)
+
+from helpers import fast_backend_params
+
+BACKENDS = [pytest.param("torch", "cpu", id="torch-cpu")] + fast_backend_params(PER_SAMPLE_LINEAR)
+
+
+def _problem(b, t, i, o, k, dtype=torch.float32, device="cpu", bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((b, t, i) if t else (b, i), generator=g)
+    alpha = torch.randn(b, k, generator=g)
+    w = torch.randn(o, i, generator=g) / i**0.5
+    tw = 0.3 * torch.randn(k, o, i, generator=g) / i**0.5
+    bb = torch.randn(o, generator=g) if bias else None
+    tb = torch.randn(k, o, generator=g) if bias else None
+    cast = lambda v: None if v is None else v.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(x), alpha.to(device), cast(w), cast(tw), cast(bb), cast(tb)
+
+
+def _oracle(x, alpha, w, tw, b, tb):
+    d = lambda v: None if v is None else v.double()  # noqa: E731
+    return per_sample_linear_torch(d(x), d(alpha), d(w), d(tw), d(b), d(tb))
+
+
+def _same_precision_error(x, alpha, w, tw, b, tb, expected):
+    """Error of plain torch at x's precision: per-sample weights built and applied in that dtype."""
+    wb = w + torch.einsum("bk,koi->boi", alpha.to(x.dtype), tw)
+    x3 = x if x.dim() == 3 else x.unsqueeze(1)
+    y = torch.einsum("bti,boi->bto", x3, wb)
+    if b is not None:
+        y = y + (b + alpha.to(x.dtype) @ tb).unsqueeze(1)
+    y = y if x.dim() == 3 else y.squeeze(1)
+    return (y.double() - expected).abs().max().item()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("strategy", ["stacked", "materialize"])
+@pytest.mark.parametrize("shape", [(1, None, 1, 1, 1), (3, None, 17, 33, 2), (4, 5, 24, 40, 3), (2, 1, 64, 16, 8),
+                                   (33, 2, 9, 130, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_oracle_fp32(backend, device, strategy, shape, bias):
+    x, alpha, w, tw, b, tb = _problem(*shape, device=device, bias=bias)
+    pw, pb = pack_weights(w, tw, b, tb)
+    y = per_sample_linear(x, alpha, pw, pb, strategy=strategy, backend=backend)
+    expected = _oracle(x, alpha, w, tw, b, tb)
+    assert y.shape == expected.shape and y.dtype == torch.float32
+    scale = expected.abs().max().item() + 1
+    # tf32 would fail this on GPU: the kernel must accumulate in true fp32 for fp32 inputs
+    assert (y.double() - expected).abs().max().item() <= 2e-5 * scale
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("strategy", ["stacked", "materialize"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_error_within_torch_error(backend, device, strategy, dtype):
+    x, alpha, w, tw, b, tb = _problem(6, 3, 48, 40, 4, dtype=dtype, device=device)
+    pw, pb = pack_weights(w, tw, b, tb)
+    y = per_sample_linear(x, alpha, pw, pb, strategy=strategy, backend=backend)
+    assert y.dtype == dtype
+    expected = _oracle(x, alpha, w, tw, b, tb)
+    ours = (y.double() - expected).abs().max().item()
+    theirs = _same_precision_error(x, alpha, w, tw, b, tb, expected)
+    assert ours <= 3 * theirs + 1e-3, (ours, theirs)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_zero_alpha_is_the_base_layer_and_one_hot_is_each_expert(backend, device):
+    x, alpha, w, tw, b, tb = _problem(4, 3, 20, 12, 3, device=device)
+    pw, pb = pack_weights(w, tw, b, tb)
+    for strategy in ("stacked", "materialize"):
+        y0 = per_sample_linear(x, torch.zeros_like(alpha), pw, pb, strategy=strategy, backend=backend)
+        torch.testing.assert_close(y0, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        for k in range(3):
+            onehot = torch.zeros_like(alpha)
+            onehot[:, k] = 1
+            yk = per_sample_linear(x, onehot, pw, pb, strategy=strategy, backend=backend)
+            torch.testing.assert_close(yk, F.linear(x, w + tw[k], b + tb[k]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_samples_are_independent(backend, device):
+    """A sample's output depends only on its own alpha row (no leaking across the batch)."""
+    x, alpha, w, tw, b, tb = _problem(5, 2, 16, 24, 3, device=device)
+    pw, pb = pack_weights(w, tw, b, tb)
+    y = per_sample_linear(x, alpha, pw, pb, strategy="stacked", backend=backend)
+    alpha2 = alpha.clone()
+    alpha2[2] += 5.0
+    y2 = per_sample_linear(x, alpha2, pw, pb, strategy="stacked", backend=backend)
+    keep = [0, 1, 3, 4]
+    assert torch.equal(y[keep], y2[keep])
+    assert not torch.allclose(y[2], y2[2])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_non_contiguous_inputs(backend, device):
+    x, alpha, w, tw, b, tb = _problem(6, 4, 18, 10, 2, device=device)
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, batch-minor strides
+    at = alpha.t().contiguous().t()
+    assert not xt.is_contiguous() and not at.is_contiguous()
+    pw, pb = pack_weights(w, tw, b, tb)
+    expected = _oracle(x, alpha, w, tw, b, tb)
+    for strategy in ("stacked", "materialize"):
+        y = per_sample_linear(xt, at, pw, pb, strategy=strategy, backend=backend)
+        assert (y.double() - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_empty_batch_and_tokens(backend, device):
+    x, alpha, w, tw, b, tb = _problem(3, 2, 8, 5, 2, device=device)
+    pw, pb = pack_weights(w, tw, b, tb)
+    for strategy in ("stacked", "materialize"):
+        y = per_sample_linear(x[:0], alpha[:0], pw, pb, strategy=strategy, backend=backend)
+        assert y.shape == (0, 2, 5)
+        y = per_sample_linear(x[:, :0], alpha, pw, pb, strategy=strategy, backend=backend)
+        assert y.shape == (3, 0, 5)
+
+
+def test_huge_and_nonfinite_values_propagate_like_linear():
+    x, alpha, w, tw, b, tb = _problem(3, None, 8, 4, 2)
+    x[1, 0] = float("inf")
+    x[2] *= 1e30
+    pw, pb = pack_weights(w, tw, b, tb)
+    expected = _oracle(x, alpha, w, tw, b, tb)
+    for strategy in ("stacked", "materialize"):
+        y = per_sample_linear(x, alpha, pw, pb, strategy=strategy)
+        assert torch.isfinite(y[0]).all() and not torch.isfinite(y[1]).all()
+        torch.testing.assert_close(y[2].double(), expected[2], rtol=1e-4, atol=0)
+
+
+def test_lowrank_full_rank_is_exact_and_truncation_error_is_the_factors():
+    x, alpha, w, tw, b, tb = _problem(4, 3, 24, 20, 3)
+    pw, pb = pack_weights(w, tw, b, tb)
+    up, down = lowrank_factors(tw, 20)
+    y = per_sample_lowrank_linear(x, alpha, w, up, down, pb)
+    torch.testing.assert_close(y.double(), _oracle(x, alpha, w, tw, b, tb), rtol=1e-4, atol=1e-4)
+    up, down = lowrank_factors(tw, 4)
+    approx = torch.stack([up[:, 4 * k:4 * (k + 1)] @ down[4 * k:4 * (k + 1)] for k in range(3)])
+    y = per_sample_lowrank_linear(x, alpha, w, up, down, pb)
+    torch.testing.assert_close(y.double(), _oracle(x, alpha, w, approx, b, tb), rtol=1e-4, atol=1e-4)
+    assert (y.double() - _oracle(x, alpha, w, tw, b, tb)).abs().max() > 1e-3  # rank 4 of 20 is not exact
+
+
+def test_cost_model_picks_by_shape():
+    assert choose_strategy(16, 1, 768, 3072, 8) == "stacked"
+    assert choose_strategy(128, 1, 768, 3072, 8) == "stacked"
+    assert choose_strategy(16, 197, 768, 3072, 8) == "materialize"
+    assert choose_strategy(16, 1, 768, 3072, 8, rank=16) == "lowrank"  # reads 1 + 8·16·(in+out)/(in·out) weights
+    assert choose_strategy(16, 197, 768, 3072, 8, rank=16) == "materialize"  # the base GEMM dominates both
+    assert choose_strategy(16, 1, 768, 3072, 8, rank=700) == "stacked"
+
+
+def test_errors_name_the_argument():
+    x, alpha, w, tw, b, tb = _problem(3, None, 8, 4, 2)
+    pw, pb = pack_weights(w, tw, b, tb)
+    with pytest.raises(ValueError, match="x has 7 input features"):
+        per_sample_linear(x[:, :7], alpha, pw, pb)
+    with pytest.raises(ValueError, match="alpha must be"):
+        per_sample_linear(x, alpha[:2], pw, pb)
+    with pytest.raises(ValueError, match="alpha must be"):
+        per_sample_linear(x, alpha[:, :1], pw, pb)
+    with pytest.raises(TypeError, match="packed weights are torch.float32"):
+        per_sample_linear(x.half(), alpha, pw, pb)
+    with pytest.raises(ValueError, match="strategy"):
+        per_sample_linear(x, alpha, pw, pb, strategy="lowrank")
+    with pytest.raises(ValueError, match="packed_weight must be"):
+        per_sample_linear(x, alpha, w, pb)
+    with pytest.raises(ValueError, match="packed_bias must be"):
+        per_sample_linear(x, alpha, pw, pb[:, :3])
+    with pytest.raises(TypeError, match="x must be"):
+        per_sample_linear(x.int(), alpha, pw, pb)
+    with pytest.raises(ValueError, match="task_weights must be"):
+        pack_weights(w, tw[:, :3])
+    with pytest.raises(ValueError, match="x must be"):
+        per_sample_linear(x[0], alpha, pw, pb)
+
+
+def test_declared_op_compiles_without_graph_breaks():
+    x, alpha, w, tw, b, tb = _problem(4, 3, 16, 8, 2)
+    pw, pb = pack_weights(w, tw, b, tb)
+    compiled = torch.compile(lambda x, a: per_sample_linear(x, a, pw, pb, strategy="stacked") * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(x, alpha), 2 * per_sample_linear(x, alpha, pw, pb, strategy="stacked"))
+
+
+def _compiled_variants(kernel) -> int:
+    """Number of compiled specializations of a Triton kernel (device_caches[device][0] is the kernel cache)."""
+    return sum(len(entry[0]) for entry in kernel.device_caches.values())
+
+
+@pytest.mark.gpu
+def test_triton_kernel_does_not_recompile_per_batch_size():
+    from merging_kernels.ops.per_sample_linear import _psl_stacked_kernel
+
+    x, alpha, w, tw, b, tb = _problem(300, None, 64, 64, 4, device="cuda")
+    pw, pb = pack_weights(w, tw, b, tb)
+    for batch in (65, 128):  # one call per tile configuration first
+        per_sample_linear(x[:batch], alpha[:batch], pw, pb, strategy="stacked", backend="triton")
+    before = _compiled_variants(_psl_stacked_kernel)
+    for batch in (66, 97, 129, 160, 255, 300):
+        per_sample_linear(x[:batch], alpha[:batch], pw, pb, strategy="stacked", backend="triton")
+    assert _compiled_variants(_psl_stacked_kernel) == before
+
+
+# ------------------------------------------------------------------ the other per-sample layers
+
+
+def test_per_sample_layer_norm_matches_per_sample_loop():
+    g = torch.Generator().manual_seed(1)
+    x, alpha = torch.randn(4, 3, 10, generator=g), torch.randn(4, 2, generator=g)
+    pw, pb = torch.randn(3, 10, generator=g), torch.randn(3, 10, generator=g)
+    y = per_sample_layer_norm(x, alpha, pw, pb, 1e-5)
+    for i in range(4):
+        a1 = torch.cat([torch.ones(1), alpha[i]])
+        torch.testing.assert_close(y[i], F.layer_norm(x[i], (10,), a1 @ pw, a1 @ pb, 1e-5), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups,stride,padding", [(1, 1, 1), (2, 2, 0)])
+def test_per_sample_conv2d_matches_per_sample_loop(groups, stride, padding):
+    g = torch.Generator().manual_seed(2)
+    x, alpha = torch.randn(3, 4, 7, 6, generator=g), torch.randn(3, 2, generator=g)
+    pw, pb = torch.randn(3, 6, 4 // groups, 3, 3, generator=g), torch.randn(3, 6, generator=g)
+    y = per_sample_conv2d(x, alpha, pw, pb, stride=stride, padding=padding, groups=groups)
+    for i in range(3):
+        a1 = torch.cat([torch.ones(1), alpha[i]])
+        w = torch.einsum("t,t...->...", a1, pw)
+        expected = F.conv2d(x[i:i + 1], w, a1 @ pb, stride, padding, 1, groups)
+        torch.testing.assert_close(y[i:i + 1], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_blocks_of_samples_sharing_a_row_equal_repeated_rows():
+    torch.manual_seed(3)
+    base, experts = torch.nn.Linear(6, 5), [torch.nn.Linear(6, 5) for _ in range(2)]
+    ln_base, ln_experts = torch.nn.LayerNorm(5), [torch.nn.LayerNorm(5) for _ in range(2)]
+    for m in ln_experts:
+        torch.nn.init.normal_(m.weight)
+        torch.nn.init.normal_(m.bias)
+    conv_base, conv_experts = torch.nn.Conv2d(2, 3, 3, padding=1), [torch.nn.Conv2d(2, 3, 3, padding=1)
+                                                                     for _ in range(2)]
+    coeffs = Coefficients(2)
+    lin = PerSampleLinear.from_modules(base, experts, coeffs)
+    ln = PerSampleLayerNorm(ln_base, ln_experts, coeffs)
+    conv = PerSampleConv2d(conv_base, conv_experts, coeffs)
+    table = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.3, 0.7]])
+    x, img = torch.randn(3 * 4, 2, 6), torch.randn(3 * 4, 2, 5, 5)
+    coeffs.set(table)  # one row per block of 4 samples
+    grouped = (ln(lin(x)), conv(img))
+    coeffs.set(table.repeat_interleave(4, dim=0))
+    rows = (ln(lin(x)), conv(img))
+    for a, b in zip(grouped, rows):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    coeffs.set(torch.ones(5, 2))
+    with pytest.raises(ValueError, match="not a multiple of alpha's 5 rows"):
+        lin(x)
+    coeffs.clear()
+    with pytest.raises(RuntimeError, match="no coefficients set"):
+        lin(x)

@@ -1,0 +1,190 @@
+"""SE-Merging: the wrapped model against static merges, the experts themselves and plain forward passes."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from merging_kernels import task_arithmetic, ties_merging
+from merging_kernels.methods.se_merging import coefficients_from_scores, expert_scores, se_merge
+
+
+class TinyNet(nn.Module):
+    """Linear, LayerNorm, Conv2d and token inputs (B, T, D), all batch-first."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.embed = nn.Linear(12, 16)
+        self.norm = nn.LayerNorm(16)
+        self.hidden = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 5)
+
+    def forward(self, x):  # x: (B, T, 12)
+        b, t, _ = x.shape
+        c = self.conv(x.reshape(b * t, 1, 3, 4)).reshape(b, t, 24)[..., :16]
+        h = torch.relu(self.hidden(self.norm(self.embed(x) + c)))
+        return self.out(h.mean(1))
+
+
+def _family(k=3, seed=0, scale=0.1):
+    torch.manual_seed(seed)
+    base = TinyNet().eval()
+    experts = []
+    for _ in range(k):
+        e = copy.deepcopy(base)
+        with torch.no_grad():
+            for p in e.parameters():
+                p.add_(scale * torch.randn_like(p))
+        experts.append(e)
+    return base, experts
+
+
+def _load(base, state):
+    m = copy.deepcopy(base)
+    m.load_state_dict(state)
+    return m
+
+
+@pytest.mark.parametrize("strategy", [None, "stacked", "materialize"])
+def test_constant_alpha_equals_static_task_arithmetic(strategy):
+    base, experts = _family()
+    x = torch.randn(6, 4, 12)
+    model = se_merge(base, experts, base_method="ta", lam=[0.2, 0.5, 0.3], strategy=strategy)
+    static = _load(base, task_arithmetic(base.state_dict(), [e.state_dict() for e in experts], [0.2, 0.5, 0.3]))
+    torch.testing.assert_close(model(x, alpha=model.static_alpha(6)), static(x), rtol=1e-5, atol=1e-5)
+
+
+def test_constant_alpha_equals_static_ties():
+    base, experts = _family(k=4)
+    x = torch.randn(5, 3, 12)
+    model = se_merge(base, experts, base_method="ties", lam=0.7, density=0.3)
+    static = _load(base, ties_merging(base.state_dict(), [e.state_dict() for e in experts], density=0.3, scale=0.7))
+    torch.testing.assert_close(model(x, alpha=model.static_alpha(5)), static(x), rtol=1e-5, atol=1e-5)
+
+
+def test_one_hot_alpha_reproduces_each_expert_and_zero_the_base():
+    base, experts = _family()
+    x = torch.randn(4, 2, 12)
+    model = se_merge(base, experts)
+    torch.testing.assert_close(model(x, alpha=torch.zeros(4, 3)), base(x), rtol=1e-5, atol=1e-5)
+    for k, expert in enumerate(experts):
+        alpha = torch.zeros(4, 3)
+        alpha[:, k] = 1
+        torch.testing.assert_close(model(x, alpha=alpha), expert(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_alpha_rows_equal_separate_static_merges():
+    """Each sample runs through its own θ0 + Σ α_k τ_k: compare with one static model per sample."""
+    base, experts = _family()
+    x = torch.randn(3, 2, 12)
+    alpha = torch.tensor([[0.9, 0.05, 0.05], [0.0, 1.2, -0.2], [0.3, 0.3, 0.3]])
+    y = se_merge(base, experts)(x, alpha=alpha)
+    for i in range(3):
+        static = _load(base, task_arithmetic(base.state_dict(), [e.state_dict() for e in experts],
+                                             alpha[i].tolist()))
+        torch.testing.assert_close(y[i:i + 1], static(x[i:i + 1]), rtol=1e-5, atol=1e-5)
+
+
+def test_probe_features_equal_separate_forward_passes():
+    base, experts = _family()
+    x = torch.randn(5, 2, 12)
+    model = se_merge(base, experts, lam=0.3, probe="norm")
+    feats = model.probe_features(x)
+    assert feats.shape == (5, 5, 2 * 16)
+    static = _load(base, task_arithmetic(base.state_dict(), [e.state_dict() for e in experts], 0.3))
+    for i, m in enumerate([base, *experts, static]):
+        captured = []
+        handle = m.norm.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        m(x)
+        handle.remove()
+        torch.testing.assert_close(feats[i], captured[0].reshape(5, -1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("score", ["shift", "closest", "cosine_shift", "cosine_closest"])
+def test_route_gives_a_softmax_scaled_by_total(score):
+    base, experts = _family()
+    x = torch.randn(7, 2, 12)
+    for total, expected in (("one", 1.0), ("lambda", 0.9), (2.5, 2.5)):
+        model = se_merge(base, experts, lam=0.3, score=score, total=total)
+        alpha = model.route(x)
+        assert alpha.shape == (7, 3) and (alpha >= 0).all()
+        torch.testing.assert_close(alpha.sum(1), torch.full((7,), expected), rtol=1e-5, atol=1e-6)
+        assert model(x).shape == (7, 5)
+
+
+def test_routing_finds_the_expert_that_moves_the_sample():
+    """Scores by hand: expert 1 moves sample 0 most, expert 0 sample 1; the merge sits nearest expert 1 for 0."""
+    f0 = torch.zeros(2, 2)
+    fk = torch.tensor([[[1.0, 0.0], [3.0, 0.0]], [[2.0, 0.0], [0.0, 1.0]]])  # (K=2, B=2, F=2)
+    fm = torch.tensor([[1.9, 0.0], [2.5, 0.0]])
+    feats = torch.cat([f0[None], fk, fm[None]])
+    shift = expert_scores(feats, "shift")
+    assert shift.argmax(1).tolist() == [1, 0]
+    assert expert_scores(feats, "closest").argmax(1).tolist() == [1, 0]
+    alpha = coefficients_from_scores(shift, temperature=0.01, total=1.0)
+    torch.testing.assert_close(alpha, torch.tensor([[0.0, 1.0], [1.0, 0.0]]), rtol=0, atol=1e-6)
+    one = coefficients_from_scores(torch.randn(4, 1), temperature=0.5, total=0.7)  # K = 1: all to the one expert
+    torch.testing.assert_close(one, torch.full((4, 1), 0.7))
+
+
+def test_routing_is_one_batched_pass_not_k_passes():
+    base, experts = _family(k=4)
+    model = se_merge(base, experts, probe="hidden")
+    calls = []
+    handle = model.module.embed.register_forward_hook(lambda _m, inputs, _o: calls.append(inputs[0].shape[0]))
+    model.route(torch.randn(3, 2, 12))
+    handle.remove()
+    assert calls == [3 * (4 + 2)]  # θ0, 4 experts and the merge, replicated in one batch
+
+
+def test_untouched_unsupported_layers_are_shared_and_changed_ones_are_refused():
+    class WithEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, idx):
+            return self.lin(self.emb(idx))
+
+    torch.manual_seed(0)
+    base = WithEmbedding()
+    experts = [copy.deepcopy(base) for _ in range(2)]
+    with torch.no_grad():
+        for e in experts:
+            e.lin.weight.add_(torch.randn_like(e.lin.weight))
+    model = se_merge(base, experts)  # the embedding is identical everywhere: shared
+    idx = torch.randint(0, 10, (5, 3))
+    assert model(idx).shape == (5, 3, 3)
+    with torch.no_grad():
+        experts[1].emb.weight.add_(1.0)
+    with pytest.raises(TypeError, match="layer emb .*Embedding"):
+        se_merge(base, experts)
+
+
+def test_errors_on_mismatched_experts_and_bad_arguments():
+    base, experts = _family()
+    other = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="experts\\[1\\] does not match"):
+        se_merge(base, [experts[0], other])
+    wide = copy.deepcopy(experts[0])
+    wide.out = nn.Linear(16, 6)
+    with pytest.raises(ValueError, match="experts\\[0\\].out.weight has shape"):
+        se_merge(base, [wide])
+    with pytest.raises(TypeError, match="experts"):
+        se_merge(base, experts[0])
+    with pytest.raises(ValueError, match="score"):
+        se_merge(base, experts, score="nearest")
+    with pytest.raises(ValueError, match="temperature"):
+        se_merge(base, experts, temperature=0)
+    with pytest.raises(ValueError, match="one value per expert"):
+        se_merge(base, experts, lam=[0.1, 0.2])
+    with pytest.raises(ValueError, match="probe"):
+        se_merge(base, experts, probe="nope")
+    with pytest.raises(ValueError, match="total"):
+        se_merge(base, experts, total="all")
+    model = se_merge(base, experts)
+    with pytest.raises(ValueError, match="alpha must be"):
+        model(torch.randn(2, 2, 12), alpha=torch.ones(2, 2))
