@@ -3,8 +3,9 @@
 from ._dispatch import BACKENDS, available_backends
 from ._native import build_info, native_error
 from .errors import BackendUnavailableError
-from .methods import dare_merging, mudsc_merge, task_arithmetic, ties_merging
+from .methods import dare_merging, mudsc_merge, se_merge, task_arithmetic, ties_merging
 from .ops.linear_assignment import check_assignment, linear_sum_assignment
+from .ops.per_sample_linear import pack_weights, per_sample_linear
 from .ops.similarity import ActivationStats, correlation_matrix, dual_similarity, group_similarity
 from .ops.task_vectors import magnitude_thresholds, merge_task_vectors, streamed_magnitude_thresholds
 
@@ -26,6 +27,9 @@ __all__ = [
     "merge_task_vectors",
     "mudsc_merge",
     "native_error",
+    "pack_weights",
+    "per_sample_linear",
+    "se_merge",
     "streamed_magnitude_thresholds",
     "task_arithmetic",
     "ties_merging",
