@@ -1,0 +1,513 @@
+"""Similarity op family: every backend against the float64 torch references.
+
+The CPU fast path is torch itself (BLAS), so "torch-cpu" is tested as a fast backend; the Triton
+kernels run on CPU under TRITON_INTERPRET=1 (small shapes) and on CUDA (gpu-marked).
+"""
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment as scipy_lsa
+
+import merging_kernels as mk
+from merging_kernels.ops import similarity as sim
+from merging_kernels.ops.similarity import (
+    SIMILARITY,
+    ActivationStats,
+    activation_correlation_torch,
+    activation_moments_torch,
+    activation_stats_hooks,
+    correlation_from_moments,
+    correlation_from_moments_torch,
+    correlation_matrix,
+    correlation_matrix_torch,
+    dual_similarity,
+    group_similarity,
+    group_similarity_torch,
+)
+
+from helpers import fast_backend_params
+
+BACKENDS = [pytest.param("torch", "cpu", id="torch-cpu"), *fast_backend_params(SIMILARITY)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def corr_tol(dtype: torch.dtype, device: str, d: int) -> float:
+    """Allowed |Δ| of a correlation against the float64 reference computed on the same (rounded) input.
+
+    The input's own rounding is not part of the error (the reference sees the same values); what
+    remains is fp32 arithmetic: normalized values and products rounded at 2^-24, summed over d terms
+    (a few ulps times sqrt(d) in practice: 16 ulps·sqrt(d) leaves a margin of ~5x over what we see).
+    On CUDA, 16-bit inputs multiply in tf32: each product of the unit-norm rows is off by ≤ 2·2^-11
+    relatively, so |Δ| ≤ 2·2^-11·Σ|x̂_k ŷ_k| ≤ 2^-10 (Cauchy–Schwarz); allow twice that.
+    """
+    if device == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return 2.0 ** -9
+    return 16 * 2.0 ** -24 * max(d, 1) ** 0.5
+
+
+def _data(n, d, dtype, device, *, seed=0, mean=0.0, std=1.0):
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(n, 3, generator=g) @ torch.randn(3, d, generator=g)  # correlated rows
+    return (mean + std * (latent + torch.randn(n, d, generator=g))).to(dtype).to(device)
+
+
+# --------------------------------------------------------------------------- correlation_matrix
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n, m, d", [(1, 1, 5), (0, 3, 4), (3, 0, 4), (37, 29, 21), (16, 16, 16), (5, 7, 1),
+                                     (4, 6, 0)])
+def test_correlation_matrix_matches_reference(backend, device, dtype, n, m, d):
+    x = _data(n, d, dtype, device, seed=1)
+    y = _data(m, d, dtype, device, seed=2)
+    for other in (None, y):
+        got = correlation_matrix(x, other, backend=backend)
+        want = correlation_matrix_torch(x, other)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert not torch.isnan(got).any()
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=corr_tol(dtype, device, d))
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_correlation_matrix_self_is_symmetric_with_unit_diagonal(backend, device):
+    x = _data(45, 19, torch.float32, device, seed=3)
+    c = correlation_matrix(x, backend=backend)
+    assert torch.equal(c, c.T)
+    assert torch.equal(c.diagonal(), torch.ones(45, device=device))
+    assert float(c.abs().max()) <= 1.0
+
+
+def test_correlation_matrix_torch_blocked_path_large():
+    """n large enough for the blocked upper-triangle GEMM (several blocks) on the torch path."""
+    x = _data(1100, 9, torch.float32, "cpu", seed=4)
+    assert len(sim._block_edges(1100)) > 2
+    got = correlation_matrix(x, backend="torch")
+    torch.testing.assert_close(got.double(), correlation_matrix_torch(x), rtol=0, atol=corr_tol(torch.float32, "cpu", 9))
+    assert torch.equal(got, got.T)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_correlation_matrix_non_contiguous(backend, device):
+    base = _data(24, 40, torch.float32, device, seed=5)
+    x = base[::2, ::2]  # strides (80, 2)
+    y = base[1::2, ::2].T.contiguous().T  # (12, 20) column-major: rows of y are columns in memory
+    assert not x.is_contiguous() and not y.is_contiguous()
+    torch.testing.assert_close(correlation_matrix(x, y, backend=backend).double(), correlation_matrix_torch(x, y),
+                               rtol=0, atol=corr_tol(torch.float32, device, 20))
+    torch.testing.assert_close(correlation_matrix(x, backend=backend).double(), correlation_matrix_torch(x),
+                               rtol=0, atol=corr_tol(torch.float32, device, 20))
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_correlation_matrix_large_mean(backend, device):
+    """Rows with mean 1e4 and std 1: centering before the products keeps full precision."""
+    x = _data(20, 33, torch.float32, device, seed=6, mean=1e4)
+    got = correlation_matrix(x, backend=backend)
+    torch.testing.assert_close(got.double(), correlation_matrix_torch(x), rtol=0, atol=corr_tol(torch.float32, device, 33))
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_correlation_matrix_dead_rows(backend, device):
+    x = _data(10, 17, torch.float32, device, seed=7)
+    x[2] = 0.0
+    x[5] = 1e4 + 0.1  # a constant row with a large value: its float mean must not leave noise
+    x[8] = -3.25
+    y = _data(6, 17, torch.float32, device, seed=8)
+    y[1] = 7.0
+    c = correlation_matrix(x, backend=backend)
+    assert not torch.isnan(c).any()
+    for i in (2, 5, 8):
+        expect = torch.zeros(10, device=device)
+        expect[i] = 1.0
+        assert torch.equal(c[i], expect) and torch.equal(c[:, i], expect)
+    cxy = correlation_matrix(x, y, backend=backend)
+    assert not torch.isnan(cxy).any()
+    assert torch.equal(cxy[[2, 5, 8]], torch.zeros(3, 6, device=device))
+    assert torch.equal(cxy[:, 1], torch.zeros(10, device=device))
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_correlation_of_permuted_copy_recovers_permutation(backend, device):
+    n, d = 40, 64
+    x = _data(n, d, torch.float32, device, seed=9)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    noise = 0.1 * torch.randn(n, d, generator=torch.Generator().manual_seed(2)).to(device)
+    y = x[perm.to(device)] * 3.0 + 5.0 + noise  # correlation is invariant to scale and shift
+    c = correlation_matrix(x, y, backend=backend)
+    rows, cols = mk.linear_sum_assignment(c.cpu(), maximize=True)
+    # x's row i is y's row j where perm[j] = i
+    assert torch.equal(perm[cols], rows)
+
+
+def test_correlation_matrix_errors():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        correlation_matrix(torch.randn(4))
+    with pytest.raises(ValueError, match="y must have as many columns"):
+        correlation_matrix(x, torch.randn(4, 5))
+    with pytest.raises(ValueError, match="y must be 2-D"):
+        correlation_matrix(x, torch.randn(2, 4, 3))
+    with pytest.raises(TypeError, match="x must be"):
+        correlation_matrix(torch.ones(4, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        correlation_matrix(np.ones((4, 3)))
+    bad = x.clone()
+    bad[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        correlation_matrix(bad)
+    bad[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="y contains NaN or Inf"):
+        correlation_matrix(x, bad)
+    with pytest.raises(ValueError, match="eps"):
+        correlation_matrix(x, eps=-1.0)
+    with pytest.raises(ValueError, match="backend"):
+        correlation_matrix(x, backend="cuda")
+
+
+# --------------------------------------------------------------------------- correlation_from_moments
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_correlation_from_moments_matches_reference(backend, device):
+    z = _data(50, 23, torch.float64, device, seed=10)
+    z[:, 4] = 2.5  # a dead unit
+    mean = z.mean(0)
+    second = z.T @ z
+    got = correlation_from_moments(mean, second, 50, backend=backend)
+    want = correlation_from_moments_torch(mean, second, 50)
+    assert got.dtype == torch.float32 and not torch.isnan(got).any()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(want, correlation_matrix_torch(z.T), rtol=0, atol=1e-12)
+    assert got[4, 4] == 1 and float(got[4].abs().sum()) == 1.0
+    # shift invariance: moments of z − k give the same correlation
+    k = z[0]
+    shifted = correlation_from_moments(mean - k, (z - k).T @ (z - k), 50, backend=backend)
+    torch.testing.assert_close(shifted, got, rtol=0, atol=1e-6)
+
+
+def test_correlation_from_moments_errors():
+    with pytest.raises(ValueError, match="mean must be 1-D"):
+        correlation_from_moments(torch.zeros(2, 2), torch.zeros(2, 2), 3)
+    with pytest.raises(ValueError, match="second_moment must be"):
+        correlation_from_moments(torch.zeros(3), torch.zeros(2, 2), 3)
+    with pytest.raises(ValueError, match="count"):
+        correlation_from_moments(torch.zeros(2), torch.zeros(2, 2), 0)
+    with pytest.raises(ValueError, match="second_moment contains NaN"):
+        correlation_from_moments(torch.zeros(2), torch.full((2, 2), float("nan")), 3)
+
+
+# --------------------------------------------------------------------------- ActivationStats
+
+
+def _stream(stats, batches):
+    for batch in batches:
+        stats.update(*batch)
+    return stats
+
+
+def _split(features, sizes):
+    """Split every model's features along the batch dim into the same batches."""
+    out, start = [], 0
+    for s in sizes:
+        out.append([f[start:start + s] for f in features])
+        start += s
+    return out
+
+
+def _check_stats(stats, features, tol_corr, tol_cov_rel):
+    count, mean, cov = activation_moments_torch(*features)
+    assert stats.count == count
+    torch.testing.assert_close(stats.mean(torch.float64), mean, rtol=0,
+                               atol=1e-6 * float(cov.diagonal().max().sqrt()) + 1e-12)
+    scale = float(cov.diagonal().max())
+    got_cov = stats.covariance()
+    assert got_cov.dtype == torch.float32
+    torch.testing.assert_close(got_cov.double(), cov, rtol=0, atol=tol_cov_rel * scale)
+    corr = stats.correlation()
+    assert corr.dtype == torch.float32 and not torch.isnan(corr).any()
+    torch.testing.assert_close(corr.double(), activation_correlation_torch(*features), rtol=0, atol=tol_corr)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("kind", ["flat", "tokens", "conv", "mixed"])
+def test_activation_stats_streaming_equals_one_shot(backend, device, kind):
+    g = torch.Generator().manual_seed(11)
+    n = 60
+    if kind == "flat":
+        features = [torch.randn(n, 7, generator=g), torch.randn(n, 12, generator=g)]
+    elif kind == "tokens":
+        features = [torch.randn(n, 3, 7, generator=g), torch.randn(n, 3, 5, generator=g)]
+    elif kind == "conv":
+        features = [torch.randn(n, 6, 2, 2, generator=g), torch.randn(n, 9, 2, 2, generator=g)]
+    else:  # one model's tokens against another's conv map (4 rows per sample in both), and a third model
+        features = [torch.randn(n, 4, 6, generator=g), torch.randn(n, 5, 2, 2, generator=g),
+                    torch.randn(n, 4, 3, generator=g)]
+    shared = torch.randn(*features[0].shape[:-1], 1, generator=g)  # correlate the models a little
+    features[0] = features[0] + shared
+    features = [f.to(device) for f in features]
+    sizes = [7, 1, 13, 2, 9, 5, 11, 3, 4, 5]  # 10 uneven batches (> the torch path's flush interval)
+    stats = _stream(ActivationStats([_rows_channels(f) for f in features], backend=backend),
+                    _split(features, sizes))
+    tol = corr_tol(torch.float32, device, 64)
+    _check_stats(stats, features, tol, tol)
+
+
+def _rows_channels(f):
+    return f.shape[1] if f.dim() == 4 else f.shape[-1]
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_activation_stats_dtypes(backend, device, dtype):
+    fa = _data(48, 9, dtype, device, seed=12, mean=2.0)
+    fb = _data(48, 14, dtype, device, seed=13, std=3.0)
+    stats = _stream(ActivationStats([9, 14], backend=backend), _split([fa, fb], [16, 16, 16]))
+    # the reference sees the same rounded inputs; float64 features are rounded to fp32 on the fast paths
+    tol = corr_tol(dtype, device, 48) + (2.0 ** -22 if dtype == torch.float64 else 0.0)
+    _check_stats(stats, [fa, fb], tol, tol)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_activation_stats_large_mean_is_stable(backend, device):
+    """Mean 1e4, std 1, fp32 features: E[zzᵀ] − μμᵀ in fp32 loses everything; the shifted moments lose nothing."""
+    g = torch.Generator().manual_seed(14)
+    latent = torch.randn(400, 1, generator=g)
+    fa = (1e4 + latent + 0.5 * torch.randn(400, 6, generator=g)).float().to(device)
+    fb = (-3e4 + 2 * latent + torch.randn(400, 5, generator=g)).float().to(device)
+    stats = _stream(ActivationStats([6, 5], backend=backend), _split([fa, fb], [50] * 8))
+    _check_stats(stats, [fa, fb], 1e-5, 1e-5)
+    # the textbook fp32 accumulator on the same data is far off (what this test guards against)
+    z = torch.cat([fa, fb], 1).cpu()
+    naive = (z.T @ z) / 400 - torch.outer(z.mean(0), z.mean(0))
+    assert float((naive.double() - activation_moments_torch(fa.cpu(), fb.cpu())[2]).abs().max()) > 1.0
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_activation_stats_dead_units(backend, device):
+    fa = _data(30, 6, torch.float32, device, seed=15)
+    fa[:, 1] = 0.0
+    fa[:, 4] = 1e4 + 0.1
+    fb = _data(30, 3, torch.bfloat16, device, seed=16)
+    fb[:, 0] = -7.3
+    stats = _stream(ActivationStats([6, 3], backend=backend), _split([fa, fb], [10, 10, 10]))
+    corr = stats.correlation()
+    assert not torch.isnan(corr).any()
+    for i in (1, 4, 6):
+        expect = torch.zeros(9, device=device)
+        expect[i] = 1.0
+        assert torch.equal(corr[i], expect) and torch.equal(corr[:, i], expect)
+    assert torch.equal(corr.diagonal(), torch.ones(9, device=device))
+    cov = stats.covariance(torch.float64)
+    assert float(cov[[1, 4, 6]].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_activation_stats_total_count_and_empty_batches(backend, device):
+    fa = _data(20, 4, torch.float32, device, seed=17)
+    fb = _data(20, 3, torch.float32, device, seed=18)
+    stats = ActivationStats(7, backend=backend)  # the total: any split across models
+    stats.update(fa[:0], fb[:0])  # nothing yet
+    assert stats.count == 0
+    with pytest.raises(ValueError, match="no rows seen"):
+        stats.correlation()
+    stats.update(fa[:10], fb[:10])
+    stats.update(torch.cat([fa[10:], fb[10:]], 1))  # one tensor of 7 features
+    _check_stats(stats, [fa, fb], corr_tol(torch.float32, device, 20), 1e-6)
+
+
+def test_activation_stats_float64_gram():
+    fa = _data(40, 5, torch.float64, "cpu", seed=19, mean=1e6)
+    fb = _data(40, 4, torch.float64, "cpu", seed=20)
+    stats = _stream(ActivationStats([5, 4], backend="torch", gram_dtype=torch.float64), _split([fa, fb], [15, 25]))
+    count, mean, cov = activation_moments_torch(fa, fb)
+    torch.testing.assert_close(stats.covariance(torch.float64), cov, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats.mean(torch.float64), mean, rtol=1e-14, atol=1e-12)
+
+
+def test_activation_stats_errors():
+    stats = ActivationStats([3, 4])
+    a, b = torch.randn(5, 3), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="expects 2 feature tensors"):
+        stats.update(a)
+    with pytest.raises(ValueError, match=r"features\[1\] \(model 1\) pools to 6 rows"):
+        stats.update(a, torch.randn(6, 4))
+    with pytest.raises(ValueError, match=r"features\[1\] \(model 1\) has 5 channels"):
+        stats.update(a, torch.randn(5, 5))
+    with pytest.raises(ValueError, match=r"features\[0\] \(model 0\) must be"):
+        stats.update(torch.randn(5, 3, 1, 1, 1), b)
+    with pytest.raises(TypeError, match=r"features\[1\]"):
+        stats.update(a, torch.ones(5, 4, dtype=torch.int32))
+    bad = b.clone()
+    bad[2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"features\[1\] \(model 1\) contains NaN or Inf"):
+        stats.update(a, bad)
+    bad = a.clone()
+    bad[0, 0] = float("-inf")
+    with pytest.raises(ValueError, match=r"features\[0\] \(model 0\) contains NaN or Inf"):
+        stats.update(bad, b)
+    assert stats.count == 0  # rejected batches leave no trace
+    with pytest.raises(ValueError, match="num_features"):
+        ActivationStats([3, -1])
+    with pytest.raises(TypeError, match="num_features"):
+        ActivationStats("12")
+    with pytest.raises(ValueError, match="num_features = 7"):
+        ActivationStats(7).update(torch.randn(4, 3))
+    stats.update(a, b)
+    with pytest.raises(ValueError, match="eps"):
+        stats.correlation(eps=-1)
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def _two_models(seed):
+    torch.manual_seed(seed)
+    return [torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)) for _ in range(2)]
+
+
+@pytest.mark.parametrize("use_input", [False, True])
+def test_activation_stats_hooks_feed_and_remove(use_input):
+    models = _two_models(0)
+    hooked = [m[1] for m in models]  # the ReLU: its output, or its input (the pre-activation)
+    stats = ActivationStats([8, 8])
+    batches = [torch.randn(10, 6) for _ in range(3)]
+    with torch.no_grad(), activation_stats_hooks(hooked, stats, input=use_input) as s:
+        assert s is stats
+        for x in batches:
+            for m in models:
+                m(x)
+    assert all(len(m._forward_hooks) == 0 for m in hooked)
+    want = ActivationStats([8, 8])
+    with torch.no_grad():
+        for x in batches:
+            feats = [(m[0](x) if use_input else m[1](m[0](x))) for m in models]
+            want.update(*feats)
+    assert stats.count == 30
+    torch.testing.assert_close(stats.correlation(), want.correlation(), rtol=0, atol=1e-6)
+
+
+def test_activation_stats_hooks_errors_and_cleanup():
+    models = _two_models(1)
+    hooked = [m[0] for m in models]
+    stats = ActivationStats([8, 8])
+    x = torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match="fired twice"):
+        with torch.no_grad(), activation_stats_hooks(hooked, stats):
+            models[0](x)
+            models[0](x)
+    assert all(len(m._forward_hooks) == 0 for m in hooked)
+    with pytest.raises(RuntimeError, match=r"not models \[1\]"):
+        with torch.no_grad(), activation_stats_hooks(hooked, stats):
+            models[0](x)
+    assert all(len(m._forward_hooks) == 0 for m in hooked)
+    with pytest.raises(KeyError):
+        with activation_stats_hooks(hooked, stats):
+            raise KeyError("user error")
+    assert all(len(m._forward_hooks) == 0 for m in hooked)
+    with pytest.raises(TypeError, match=r"modules_per_model\[1\]"):
+        with activation_stats_hooks([hooked[0], "nope"], stats):
+            pass
+    with pytest.raises(TypeError, match="stats must be"):
+        with activation_stats_hooks(hooked, object()):
+            pass
+
+
+# --------------------------------------------------------------------------- dual_similarity
+
+
+def test_dual_similarity():
+    a = torch.rand(5, 6) * 2 - 1
+    b = torch.rand(5, 6) * 2 - 1
+    for w in (0.0, 0.1, 0.5, 0.9, 1.0):
+        got = dual_similarity(a, b, w)
+        torch.testing.assert_close(got.double(), sim.dual_similarity_torch(a, b, w), rtol=0, atol=1e-7)
+        assert float(got.abs().max()) <= 1.0 + 1e-6  # a convex combination stays in [-1, 1]
+    assert torch.equal(dual_similarity(a, b, 1.0), a) and torch.equal(dual_similarity(a, b, 0.0), b)
+    assert dual_similarity(a.double(), b).dtype == torch.float64
+    for w in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="w"):
+            dual_similarity(a, b, w)
+    with pytest.raises(TypeError, match="w"):
+        dual_similarity(a, b, True)
+    with pytest.raises(ValueError, match="same shape"):
+        dual_similarity(a, b.T)
+    with pytest.raises(TypeError, match="s_act"):
+        dual_similarity(a, torch.ones(5, 6, dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------- group_similarity
+
+
+def _scipy_groups(s_cross, s):
+    c = s_cross.double().cpu().numpy()
+    g = c.shape[0] // s
+    scores = np.zeros((g, g))
+    for a in range(g):
+        for b in range(g):
+            block = c[a * s:(a + 1) * s, b * s:(b + 1) * s]
+            r, cols = scipy_lsa(block, maximize=True)
+            scores[a, b] = block[r, cols].sum()
+    return scores
+
+
+@pytest.mark.parametrize("g, s", [(1, 1), (3, 4), (4, 5), (12, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_group_similarity_matches_scipy_loop(g, s, dtype):
+    s_cross = (torch.rand(g * s, g * s, dtype=torch.float64) * 2 - 1).to(dtype)
+    scores, perms = group_similarity(s_cross, s)
+    assert scores.shape == (g, g) and scores.dtype == dtype
+    assert perms.shape == (g, g, s) and perms.dtype == torch.int64
+    want = _scipy_groups(s_cross, s)
+    np.testing.assert_allclose(scores.double().numpy(), want, rtol=1e-6 if dtype == torch.float32 else 1e-12,
+                               atol=1e-6 if dtype == torch.float32 else 1e-12)
+    # every perm is a permutation achieving its score
+    c = s_cross.double()
+    for a in range(g):
+        for b in range(g):
+            p = perms[a, b]
+            assert torch.equal(torch.sort(p).values, torch.arange(s))
+            total = c[a * s + torch.arange(s), b * s + p].sum()
+            assert abs(float(total) - want[a, b]) <= 1e-5
+    if g * s <= 20:  # the torch reference solver is slow; small cases only
+        ref_scores, _ = group_similarity_torch(s_cross, s)
+        np.testing.assert_allclose(ref_scores.numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_group_similarity_recovers_heads():
+    """Heads of B are A's heads permuted (and units permuted within each head): the best pairs are the true ones."""
+    g, s, d = 4, 6, 50
+    x = _data(g * s, d, torch.float32, "cpu", seed=21)
+    head_perm = torch.tensor([2, 0, 3, 1])
+    unit_perms = [torch.randperm(s, generator=torch.Generator().manual_seed(k)) for k in range(g)]
+    # B's head h holds A's head head_perm[h], units shuffled by unit_perms[h]
+    y = torch.cat([x[head_perm[h] * s + unit_perms[h]] for h in range(g)]) + 0.05 * torch.randn(g * s, d)
+    scores, perms = group_similarity(correlation_matrix(x, y), s)
+    rows, cols = mk.linear_sum_assignment(scores, maximize=True)
+    assert torch.equal(head_perm[cols], rows)
+    for h in range(g):
+        a = int(head_perm[h])
+        # A's unit a·s + i matches B's unit h·s + perms[a, h, i], which holds A's unit a·s + unit_perms[h][...]
+        assert torch.equal(unit_perms[h][perms[a, h]], torch.arange(s))
+
+
+def test_group_similarity_errors_and_empty():
+    scores, perms = group_similarity(torch.zeros(0, 0), 3)
+    assert scores.shape == (0, 0) and perms.shape == (0, 0, 3)
+    with pytest.raises(ValueError, match="divide"):
+        group_similarity(torch.zeros(6, 6), 4)
+    with pytest.raises(ValueError, match="square"):
+        group_similarity(torch.zeros(6, 4), 2)
+    with pytest.raises(ValueError, match="group_size"):
+        group_similarity(torch.zeros(6, 6), 0)
+    bad = torch.zeros(4, 4)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        group_similarity(bad, 2)
+    assert group_similarity(torch.rand(4, 4, dtype=torch.float16), 2)[0].dtype == torch.float32
+
+
+def test_exports():
+    for name in ("ActivationStats", "correlation_matrix", "dual_similarity", "group_similarity"):
+        assert getattr(mk, name) is getattr(sim, name)
