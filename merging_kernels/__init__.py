@@ -5,7 +5,6 @@ from ._native import build_info, native_error
 from .errors import BackendUnavailableError
 from .methods import dare_merging, mudsc_merge, se_merge, task_arithmetic, ties_merging
 from .ops.linear_assignment import check_assignment, linear_sum_assignment
-from .ops.similarity import ActivationStats, correlation_matrix, dual_similarity, group_similarity
 from .ops.per_sample_linear import pack_weights, per_sample_linear
 from .ops.similarity import ActivationStats, correlation_matrix, dual_similarity, group_similarity
 from .ops.task_vectors import magnitude_thresholds, merge_task_vectors, streamed_magnitude_thresholds
@@ -14,17 +13,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationStats",
-    "ActivationStats",
     "BACKENDS",
     "BackendUnavailableError",
     "available_backends",
     "build_info",
     "check_assignment",
     "correlation_matrix",
-    "correlation_matrix",
     "dare_merging",
-    "dual_similarity",
-    "group_similarity",
     "dual_similarity",
     "group_similarity",
     "linear_sum_assignment",
