@@ -1,0 +1,170 @@
+"""Per-sample merged linear side by side: each strategy vs the per-sample loop merge tools use today.
+
+    python benchmarks/run_per_sample_linear.py [--device cpu|cuda] [--quick] [--ks 4,8] [--batches 1,16,128]
+
+Shapes: ViT-B-like MLP up-projection, in 768 → out 3072, with bias, K task vectors, B samples of T tokens
+(T = 1: one feature vector per sample; T = 197: a ViT-B/16 sequence). fp32 on CPU, bf16 on CUDA.
+Providers, timed in the same process (median of repeats after a warm-up):
+  loop      FusionBench-style: per sample, build the merged parameters and torch.func.functional_call
+  naive     torch "stacked" as one would write it: concatenate [W0, τ_1..τ_K] per call, one GEMM
+  plain     one F.linear with the base weights (not a merge: the floor any strategy is read against)
+  build     building the B merged weight matrices alone (what materializing must pay)
+  ours:*    merging_kernels.per_sample_linear with strategy auto / stacked / materialize, and lowrank r=16
+Ratios: loop/ours and naive/ours for the auto strategy; at T = 197 also ours / (plain + build).
+On CUDA the stacked Triton kernel's TFLOP/s for its (K+1)-fold work is compared with cuBLAS running the
+same-size GEMM ([B·T, (K+1)·in] x [(K+1)·in, out]) in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+try:
+    import merging_kernels  # noqa: F401
+except ImportError:  # not installed: run from a source checkout
+    sys.path.insert(1, os.path.dirname(HERE))
+from common import device_name, measure  # noqa: E402
+
+from merging_kernels.ops.per_sample_linear import (  # noqa: E402
+    choose_strategy,
+    lowrank_factors,
+    pack_weights,
+    per_sample_linear,
+    per_sample_lowrank_linear,
+)
+
+IN, OUT = 768, 3072
+
+
+def loop_functional_call(module, base_params, task_vectors, x, alpha):
+    """Per sample: θ0 + Σ_k α_k τ_k for every parameter, then a functional call (what merge tools do)."""
+    outs = []
+    for b in range(x.shape[0]):
+        params = {n: p + sum(alpha[b, k] * task_vectors[n][k] for k in range(alpha.shape[1]))
+                  for n, p in base_params.items()}
+        outs.append(torch.func.functional_call(module, params, (x[b:b + 1],)))
+    return torch.cat(outs)
+
+
+def naive_stacked(w0, tw, b0, tb, x, alpha):
+    """Concatenate the weights per call and run one GEMM on the scaled input."""
+    a1 = torch.cat([alpha.new_ones(alpha.shape[0], 1), alpha], 1).to(x.dtype)
+    wcat = torch.cat([w0, *tw], dim=1)  # (out, (K+1)·in), rebuilt every call
+    x3 = x if x.dim() == 3 else x.unsqueeze(1)
+    scaled = (x3.unsqueeze(2) * a1[:, None, :, None]).flatten(2)
+    return F.linear(scaled, wcat) + (b0 + alpha.to(x.dtype) @ tb).unsqueeze(1)
+
+
+def build_weights(packed, alpha):
+    a1 = torch.cat([alpha.new_ones(alpha.shape[0], 1), alpha], 1).to(packed.dtype)
+    return torch.matmul(a1, packed)
+
+
+def run_case(device, dtype, k, batch, tokens, args, lines):
+    g = torch.Generator().manual_seed(0)
+    w0 = (torch.randn(OUT, IN, generator=g) / IN**0.5).to(device, dtype)
+    tw = (0.01 * torch.randn(k, OUT, IN, generator=g)).to(device, dtype)
+    b0 = torch.randn(OUT, generator=g).to(device, dtype)
+    tb = (0.01 * torch.randn(k, OUT, generator=g)).to(device, dtype)
+    x = torch.randn((batch, tokens, IN) if tokens > 1 else (batch, IN), generator=g).to(device, dtype)
+    alpha = torch.rand(batch, k, generator=g).to(device)
+    packed, packed_bias = pack_weights(w0, tw, b0, tb)
+    up, down = lowrank_factors(tw, 16)
+    module = torch.nn.Linear(IN, OUT, device=device, dtype=dtype)
+    base_params = {"weight": w0, "bias": b0}
+    tvs = {"weight": tw, "bias": tb}
+    budget = 4.0 if args.quick else 15.0
+    rep = dict(device=device, repeats=3 if args.quick else 7, budget_s=budget)
+    t = {}
+    with torch.inference_mode():
+        t["plain"] = measure(lambda: F.linear(x, w0, b0), **rep).median_s
+        t["build"] = measure(lambda: build_weights(packed, alpha), **rep).median_s if tokens > 1 else None
+        slow = batch * tokens >= 128 * 197 and args.quick
+        t["loop"] = None if slow else measure(lambda: loop_functional_call(module, base_params, tvs, x, alpha),
+                                              warmup=1, repeats=3, min_repeats=1, device=device,
+                                              budget_s=budget).median_s
+        t["naive"] = None if slow else measure(lambda: naive_stacked(w0, tw, b0, tb, x, alpha), **rep).median_s
+        for strategy in ("auto", "stacked", "materialize"):
+            s = None if strategy == "auto" else strategy
+            t[strategy] = measure(lambda: per_sample_linear(x, alpha, packed, packed_bias, strategy=s),
+                                  **rep).median_s
+        t["lowrank16"] = measure(lambda: per_sample_lowrank_linear(x, alpha, w0, up, down, packed_bias),
+                                 **rep).median_s
+    auto = choose_strategy(batch, tokens, IN, OUT, k, None, torch.device(device).type)
+
+    def ms(v):
+        return "-" if v is None else f"{v * 1e3:9.2f}"
+
+    def ratio(a, b):
+        return "-" if a is None or b is None else f"{a / b:6.1f}x"
+
+    bound = ""
+    if tokens > 1:
+        bound = f"{t['auto'] / (t['plain'] + t['build']):5.2f}"
+    lines.append(f"{k:>2} {batch:>4} {tokens:>4} | {ms(t['loop'])} {ms(t['naive'])} {ms(t['plain'])} {ms(t['build'])} | "
+                 f"{ms(t['auto'])} {auto[:5]:>5} {ms(t['stacked'])} {ms(t['materialize'])} {ms(t['lowrank16'])} | "
+                 f"{ratio(t['loop'], t['auto']):>7} {ratio(t['naive'], t['auto']):>7} {bound:>6}")
+    print(lines[-1], flush=True)
+    return t
+
+
+def gpu_throughput(k, batch, tokens, dtype, lines):
+    """Stacked Triton kernel vs cuBLAS on a GEMM of the same (K+1)-fold size."""
+    g = torch.Generator().manual_seed(0)
+    m = batch * tokens
+    x = torch.randn(batch, tokens, IN, generator=g).to("cuda", dtype)
+    alpha = torch.rand(batch, k, generator=g).cuda()
+    packed, pb = pack_weights((torch.randn(OUT, IN, generator=g) / IN**0.5).cuda().to(dtype),
+                              (0.01 * torch.randn(k, OUT, IN, generator=g)).cuda().to(dtype))
+    a = torch.randn(m, (k + 1) * IN, device="cuda", dtype=dtype)
+    b = torch.randn((k + 1) * IN, OUT, device="cuda", dtype=dtype)
+    flops = 2.0 * m * (k + 1) * IN * OUT
+    ours = measure(lambda: per_sample_linear(x, alpha, packed, pb, strategy="stacked", backend="triton"),
+                   device="cuda", repeats=20).median_s
+    cublas = measure(lambda: a @ b, device="cuda", repeats=20).median_s
+    lines.append(f"{k:>2} {batch:>4} {tokens:>4} | stacked triton {flops / ours / 1e12:7.1f} TFLOP/s   cuBLAS same GEMM "
+                 f"{flops / cublas / 1e12:7.1f} TFLOP/s   ratio {cublas / ours:5.2f}")
+    print(lines[-1], flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--quick", action="store_true", help="fewer repeats; skip the loop at B·T ≥ 128·197")
+    parser.add_argument("--ks", default="4,8")
+    parser.add_argument("--batches", default="1,16,128")
+    parser.add_argument("--tokens", default="1,197")
+    parser.add_argument("--out", default=None, help="also write the table to this file")
+    args = parser.parse_args(argv)
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    lines = [f"# python benchmarks/run_per_sample_linear.py {' '.join(sys.argv[1:])}",
+             f"# {datetime.date.today()}  device: {device_name(args.device)}  dtype: {dtype}  in {IN} out {OUT}",
+             "# times in ms (median); loop = per-sample functional_call, naive = concat+GEMM per call; "
+             "auto = the strategy the cost model picks; bound = auto / (plain + build) at T > 1",
+             " K    B    T |      loop     naive     plain     build |      auto  pick   stacked materializ "
+             " lowrank16 | loop/us naive/us  bound"]
+    print("\n".join(lines), flush=True)
+    for k in map(int, args.ks.split(",")):
+        for tokens in map(int, args.tokens.split(",")):
+            for batch in map(int, args.batches.split(",")):
+                run_case(args.device, dtype, k, batch, tokens, args, lines)
+    if args.device == "cuda":
+        lines.append("# stacked Triton kernel vs cuBLAS at the same (K+1)-fold GEMM size")
+        for k in map(int, args.ks.split(",")):
+            for batch, tokens in ((16, 1), (128, 1), (16, 197), (128, 197)):
+                gpu_throughput(k, batch, tokens, dtype, lines)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
