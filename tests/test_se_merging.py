@@ -188,3 +188,18 @@ def test_errors_on_mismatched_experts_and_bad_arguments():
     model = se_merge(base, experts)
     with pytest.raises(ValueError, match="alpha must be"):
         model(torch.randn(2, 2, 12), alpha=torch.ones(2, 2))
+
+
+def test_compiles_to_one_graph_with_routing_inside():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.LayerNorm(16), nn.Linear(16, 4))
+    experts = [copy.deepcopy(base) for _ in range(3)]
+    with torch.no_grad():
+        for e in experts:
+            for p in e.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    model = se_merge(base, experts, probe="2")
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for batch in (5, 7):
+        x = torch.randn(batch, 12)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)

@@ -56,6 +56,11 @@ BASE_METHODS = ("ta", "ties")
 _SUPPORTED = (nn.Linear, nn.LayerNorm, nn.Conv2d)
 
 
+def _compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling and is_compiling())
+
+
 class _ProbeReached(Exception):
     """Raised by the probe hook to end a routing pass early (nothing after the probe is needed)."""
 
@@ -78,7 +83,15 @@ class SEMergedModel(nn.Module):
         self.register_buffer("probe_table", torch.cat([lam.new_zeros(1, k), torch.eye(k, device=lam.device),
                                                        lam[None]]))
         self.probe, self.score, self.temperature, self.total = probe, score, temperature, total
-        self._probe_module = dict(module.named_modules())[probe]
+        self._captured: list[torch.Tensor] | None = None  # set while a routing pass runs
+        # registered once (not per call) so that torch.compile traces route() without graph breaks
+        dict(module.named_modules())[probe].register_forward_hook(self._probe_hook)
+
+    def _probe_hook(self, _module, _inputs, output):
+        if self._captured is not None:
+            self._captured.append(output[0] if isinstance(output, tuple) else output)
+            if not _compiling():  # eager: nothing after the probe is needed; compiled: run to the end
+                raise _ProbeReached
 
     @property
     def num_tasks(self) -> int:
@@ -102,20 +115,14 @@ class SEMergedModel(nn.Module):
         """(K + 2, B, F) probe features under θ0, each expert θ0 + τ_k, and the static merge, in one pass."""
         k, b = self.num_tasks, x.shape[0]
         replicated = x.repeat(k + 2, *([1] * (x.dim() - 1)))
-        captured = []
-
-        def hook(_module, _inputs, output):
-            captured.append(output[0] if isinstance(output, tuple) else output)
-            raise _ProbeReached
-
-        handle = self._probe_module.register_forward_hook(hook)
+        self._captured = captured = []
         self.coefficients.set(self.probe_table)  # one row per replica of the batch
         try:
             self.module(replicated, *args, **kwargs)
         except _ProbeReached:
             pass
         finally:
-            handle.remove()
+            self._captured = None
             self.coefficients.clear()
         if not captured:
             raise RuntimeError(f"probe module {self.probe!r} did not run in the forward pass")

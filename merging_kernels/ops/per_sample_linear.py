@@ -197,7 +197,11 @@ def choose_strategy(batch: int, tokens: int, in_features: int, out_features: int
     ``lowrank`` is only a candidate when factors exist (``rank`` given), since it changes the result.
     """
     costs = strategy_costs(batch, tokens, in_features, out_features, num_tasks, rank, device_type)
-    return min(STRATEGIES, key=lambda s: (costs.get(s, math.inf), STRATEGIES.index(s)))
+    best = "stacked"  # a plain loop rather than min(key=...), which torch.compile cannot trace
+    for name in STRATEGIES[1:]:
+        if costs.get(name, math.inf) < costs[best]:
+            best = name
+    return best
 
 
 # --------------------------------------------------------------------------- torch strategies
