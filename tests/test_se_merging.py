@@ -164,6 +164,20 @@ def test_untouched_unsupported_layers_are_shared_and_changed_ones_are_refused():
         se_merge(base, experts)
 
 
+def test_batchnorm_with_different_running_statistics_is_refused():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
+    experts = [copy.deepcopy(base) for _ in range(2)]
+    for e in experts:
+        with torch.no_grad():
+            e[0].weight.add_(0.1)
+    se_merge(base, experts)  # BatchNorm untouched: shared
+    experts[0].train()
+    experts[0](torch.randn(8, 4))  # updates its running statistics only
+    with pytest.raises(TypeError, match="layer 1 .*BatchNorm1d.*running_mean"):
+        se_merge(base, experts)
+
+
 def test_errors_on_mismatched_experts_and_bad_arguments():
     base, experts = _family()
     other = nn.Linear(3, 3)

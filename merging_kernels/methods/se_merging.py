@@ -243,17 +243,23 @@ def se_merge(
         _check_same_parameters(base_sd, sd, i)
 
     changed = {n for n in base_sd if any(not torch.equal(sd[n], base_sd[n]) for sd in expert_sds)}
+    # float buffers too (e.g. BatchNorm running statistics): a per-sample model keeps the base's
+    base_buffers = dict(base.named_buffers())
+    expert_buffers = [dict(e.named_buffers()) for e in experts]
+    changed |= {n for n, v in base_buffers.items() if v.is_floating_point()
+                and any(n in eb and not torch.equal(eb[n], v) for eb in expert_buffers)}
     modules = dict(base.named_modules())
     targets = []
     for name, module in modules.items():
         own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+        own += [f"{name}.{b}" if name else b for b, _ in module.named_buffers(recurse=False)]
         if isinstance(module, _SUPPORTED):
-            if own:
+            if any(p in base_sd for p in own):
                 targets.append(name)
         elif any(p in changed for p in own):
             bad = [p for p in own if p in changed]
             raise TypeError(f"layer {name or '<root>'} ({type(module).__name__}) is not supported by se_merge "
-                            f"and its parameters {bad} differ between base and experts; supported layers: "
+                            f"and its parameters/buffers {bad} differ between base and experts; supported layers: "
                             f"{[c.__name__ for c in _SUPPORTED]}")
     if probe is None:
         if not targets:
