@@ -54,7 +54,9 @@ On CUDA, Triton kernels fuse the centering/normalization into the GEMM tiles:
 computes; tf32 would cost ~1e-3 relative error); fp16/bf16 inputs are centered in fp32 and multiplied
 with ``"tf32"`` (tensor cores, fp32 range — an fp16 dot could overflow on centered values — and
 a rounding of the centered values comparable to the inputs' own 16-bit rounding). float64 inputs
-are rounded to fp32 on the fast paths; the ``*_torch`` references compute in float64 throughout.
+are rounded to fp32 by the Triton kernels and by :class:`ActivationStats` (unless
+``gram_dtype=torch.float64``); ``correlation_matrix``'s torch path keeps them in float64. The
+``*_torch`` references compute in float64 throughout.
 GPU timings: none yet (no GPU in the session that wrote this); the kernels are tested on CPU
 under ``TRITON_INTERPRET=1``.
 
@@ -76,8 +78,8 @@ from .._validation import check_float_tensor, check_int, check_real
 SIMILARITY = OpBackends("similarity", cpu=(), cuda=("triton",))
 
 # CPU: Gram products on this many column blocks (upper ones only: nb(nb+1)/2 of nb² products)
-_SYM_MAX_BLOCKS = 4
-_SYM_MIN_BLOCK = 256
+_SYM_MAX_BLOCKS = 2  # measured on 2 cores (MKL): 2 blocks beat 4, whose 256-wide products run slower
+_SYM_MIN_BLOCK = 512
 # torch path: batch Grams accumulate in an fp32 buffer, flushed into the float64 K every this many batches
 _FLUSH_BATCHES = 8
 
@@ -218,13 +220,30 @@ def _row_stats(a: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]
     return mean, torch.where(alive, 1.0 / torch.where(alive, norm, 1.0), 0.0)
 
 
+def _normalized_rows(a: torch.Tensor, eps: float, work: torch.dtype) -> torch.Tensor:
+    """(a − row mean) / ‖a − row mean‖ in ``work`` (dead rows: 0).
+
+    Corrected two-pass mean in ``work``: c = a − mean(a), then c −= mean(c). The first subtraction is
+    exact for entries near the mean (large offsets cost nothing), the correction removes the first
+    mean's rounding, and on a constant row both steps are exact, so it becomes exactly 0 (dead). About
+    half the time of a float64 mean (measured: a float64 reduction of fp32 data is slow in torch).
+    """
+    d = a.shape[1]
+    if d == 0:
+        return torch.zeros(a.shape, dtype=work, device=a.device)
+    c = a.to(work) - a.mean(dim=1, keepdim=True, dtype=work)
+    c -= c.mean(dim=1, keepdim=True)
+    norm = torch.linalg.vector_norm(c, dim=1, keepdim=True)
+    alive = norm > eps * d ** 0.5
+    return c.mul_(torch.where(alive, 1.0 / torch.where(alive, norm, 1.0), 0.0))
+
+
 def _correlation_matrix_fast_torch(x, y, eps):
-    """Normalize in float64, multiply in fp32 (float64 for float64 inputs): BLAS does the GEMM."""
+    """Normalize rows (:func:`_normalized_rows`), multiply in fp32 (float64 for float64 inputs): BLAS does the GEMM."""
     work = torch.float64 if x.dtype == torch.float64 and (y is None or y.dtype == torch.float64) else torch.float32
 
     def normalized(a):
-        mean, inv = _row_stats(a, eps)
-        return ((a.to(torch.float64) - mean[:, None]) * inv[:, None]).to(work)
+        return _normalized_rows(a, eps, work)
 
     xn = normalized(x)
     if y is None:
@@ -624,25 +643,32 @@ class ActivationStats:
         if n == 0:
             return
         z = torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
-        # the row sums double as the NaN/Inf check (a float64 sum of finite fp32/16-bit values is finite)
+        work = self.gram_dtype if self.backend == "torch" else torch.float32
+        if z.dtype == torch.float64 and work == torch.float32:
+            z = z.to(torch.float32)  # the fast paths round float64 features to fp32 (see the class docstring)
+        # column sums in float64 double as the NaN/Inf check (a float64 sum of finite fp32 values is finite);
+        # nothing is changed before the check passes
+        if self._shift is None:
+            total = self._checked_sum(z, rows)
+            # the first batch's mean, as a value of the working dtype: z − k is exact for z near k
+            self._shift = (total / n).to(work).to(torch.float64)
+        if self.backend == "triton":
+            # S: the float64 sum of the fp32 values minus n·k (what the kernel's Gram sees; no shifted copy)
+            self._sum += self._checked_sum(z, rows) - n * self._shift
+            _shifted_gram_add_triton(self._gram, z, self._shift.to(torch.float32))
+        else:
+            c = z.to(work) - self._shift.to(work)
+            self._sum += self._checked_sum(c, rows)
+            self._gram_add_torch(c, work)
+        self.count += n
+
+    def _checked_sum(self, z: torch.Tensor, rows) -> torch.Tensor:
         total = z.sum(dim=0, dtype=torch.float64)
         if not bool(torch.isfinite(total).all()):
             bad = int((~torch.isfinite(total)).nonzero()[0])
             model = next(i for i, end in enumerate(self._model_ends(rows)) if bad < end)
             raise ValueError(f"features[{model}] (model {model}) contains NaN or Inf")
-        work = self.gram_dtype if self.backend == "torch" else torch.float32
-        if self._shift is None:
-            # the first batch's mean, as a value of the working dtype: z − k is exact for z near k
-            self._shift = (total / n).to(work).to(torch.float64)
-        if self.backend == "triton":
-            # S: the float64 sum of the fp32 values minus n·k (what the kernel's Gram sees; no shifted copy)
-            if z.dtype == torch.float64:
-                total = z.to(torch.float32).sum(dim=0, dtype=torch.float64)
-            self._sum += total - n * self._shift
-            _shifted_gram_add_triton(self._gram, z, self._shift.to(torch.float32))
-        else:
-            self._gram_add_torch(z, work)
-        self.count += n
+        return total
 
     @staticmethod
     def _model_ends(rows):
@@ -652,9 +678,8 @@ class ActivationStats:
             ends.append(acc)
         return ends
 
-    def _gram_add_torch(self, z: torch.Tensor, work: torch.dtype) -> None:
-        c = z.to(work) - self._shift.to(work)
-        self._sum += c.sum(dim=0, dtype=torch.float64)
+    def _gram_add_torch(self, c: torch.Tensor, work: torch.dtype) -> None:
+        """K += cᵀc for the shifted batch c (upper blocks), through the fp32 buffer unless work is float64."""
         if work == torch.float64:
             _sym_gram_add_(self._gram, c)
             return
@@ -807,7 +832,7 @@ def group_similarity(s_cross: torch.Tensor, group_size: int, *,
     Raises:
         ValueError: s_cross not square 2-D, group_size not dividing n, NaN/+inf entries, an infeasible block.
     """
-    from .linear_assignment import linear_sum_assignment
+    from .linear_assignment import INVALID_MESSAGE, linear_sum_assignment
 
     s_cross = check_float_tensor(s_cross, "s_cross")
     if s_cross.dim() != 2 or s_cross.shape[0] != s_cross.shape[1]:
@@ -816,8 +841,6 @@ def group_similarity(s_cross: torch.Tensor, group_size: int, *,
     n = s_cross.shape[0]
     if n % s:
         raise ValueError(f"group_size ({s}) must divide the number of units ({n})")
-    if s_cross.numel() and bool((torch.isnan(s_cross) | (s_cross == torch.inf)).any()):
-        raise ValueError("s_cross contains NaN or +inf")
     g = n // s
     out_dtype = torch.float64 if s_cross.dtype == torch.float64 else torch.float32
     if g == 0:
@@ -829,8 +852,10 @@ def group_similarity(s_cross: torch.Tensor, group_size: int, *,
         blocks = blocks.to(torch.float32)
     try:
         _, cols = linear_sum_assignment(blocks, maximize=True, backend=backend)
-    except ValueError as exc:
-        raise ValueError(f"group_similarity: {exc} (problem index = a·g + b for groups a of A, b of B)") from None
+    except ValueError as exc:  # the solver checks the entries (no separate pass over s_cross here)
+        what = "s_cross contains NaN or +inf" if INVALID_MESSAGE in str(exc) else "s_cross"
+        raise ValueError(f"group_similarity: {what}: {exc} (problem index = a·g + b for groups a of A, b of B)") \
+            from None
     scores = blocks.to(torch.float64).gather(2, cols[:, :, None]).sum(dim=(1, 2))
     return scores.reshape(g, g).to(out_dtype), cols.reshape(g, g, s)
 
