@@ -90,9 +90,40 @@ class MuDSCResult:
     sweeps: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
+    spec: PermutationSpec | None = None
+    _states: tuple = ()  # (A's state, B's state aligned to A), for project()
+
     @property
     def total_time(self) -> float:
         return sum(self.timings.values())
+
+    def project(self, which: str, names) -> dict[str, torch.Tensor]:
+        """Parameters of model ``"a"`` or ``"b"`` expressed in the merged model's units.
+
+        For parameters whose output side no group touches -- per-task classifier
+        heads kept beside a merged body (ZipIt's disjoint-task setting): B's
+        input columns are permuted to the alignment, and zipped groups' columns
+        go through that model's block of the unmerge matrix.
+        """
+        if which not in ("a", "b"):
+            raise ValueError(f"which must be 'a' or 'b', got {which!r}")
+        m = 0 if which == "a" else 1
+        state = self._states[m]
+        pax = self.spec.param_axes()
+        out = {}
+        for name in names:
+            if name not in state:
+                raise ValueError(f"parameter {name!r} is not in the models")
+            x = state[name].float()
+            for g, a in pax.get(name, []):
+                if a.role == "out":
+                    raise ValueError(f"parameter {name!r} is on the output side of group {g!r}; project() is for "
+                                     f"parameters whose outputs are not merged (e.g. heads)")
+                if g in self.zips:
+                    n = self.spec[g].size
+                    x = _mix_axis(x, a, self.zips[g][1][m * n:(m + 1) * n].T)
+            out[name] = x.to(state[name].dtype)
+        return out
 
 
 class _Timer:
@@ -260,6 +291,8 @@ class _Alignment:
         self.vec_a = {g.name: _unit_vectors(sd_a, g, g.size) for g in spec} if w > 0 else {}
         self.neigh = {g.name: spec.neighbours(g.name) for g in spec}
         self.obj: dict[str, float] = {}
+        self.version: dict[str, int] = {}  # param -> stamp of its last change (restored on a revert)
+        self._clock = 0
 
     # similarity of one group, in aligned coordinates (rows: A's units, columns: B's aligned units)
     def similarity(self, name: str, w: float, full: bool = False) -> torch.Tensor:
@@ -297,7 +330,14 @@ class _Alignment:
         """New aligned unit k = old aligned unit sigma[k] (B's parameters and the permutation)."""
         for a in self.spec[name].axes:
             self.sd_b[a.param] = permute_axis(self.sd_b[a.param], a, sigma)
+            self._clock += 1
+            self.version[a.param] = self._clock
         self.perms[name] = self.perms[name][sigma]
+
+    def signature(self, unit: tuple[str, ...]) -> tuple:
+        """Identity of every B tensor a unit's similarity reads: unchanged since its last solve means the same
+        answer (a kept change is then the identity, a rejected one is rejected again)."""
+        return tuple(self.version.get(a.param, 0) for n in unit for a in self.spec[n].axes)
 
     def solve(self, unit: tuple[str, ...], w: float, timer: _Timer) -> dict[str, torch.Tensor]:
         """The best relative permutation(s) sigma for a matching unit given the neighbours' alignment."""
@@ -470,19 +510,25 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
     if refine and w > 0 and max_sweeps > 0:
         gen = torch.Generator().manual_seed(seed)
         stall = 0
+        last_solved: dict = {}
         bar = tqdm(total=max_sweeps, desc="MuDSC sweeps", disable=not progress, leave=False)
         for sweep in range(max_sweeps):
             changed = False
             before = history[-1]
             for ui in torch.randperm(len(units), generator=gen).tolist():
                 unit = units[ui]
+                sig = state.signature(unit)
+                if last_solved.get(unit) == sig:
+                    continue  # nothing it reads changed since its last solve
                 sigma = state.solve(unit, float(w), timer)
+                last_solved[unit] = sig
                 if all(bool((sg == torch.arange(sg.numel(), device=sg.device)).all()) for sg in sigma.values()):
                     continue
                 affected = set(unit).union(*(state.neigh[n] for n in unit))
                 old_terms = {h: state.obj[h] for h in affected}
                 saved = {a.param: state.sd_b[a.param] for n in unit for a in spec[n].axes}
                 saved_perms = {n: state.perms[n] for n in unit}
+                saved_versions = {p: state.version.get(p, 0) for p in saved}
                 with timer("rewrite"):
                     for name, sg in sigma.items():
                         state.apply(name, sg)
@@ -492,8 +538,10 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
                 if gain > 1e-7 * max(1.0, abs(before)):
                     state.obj.update(new_terms)
                     changed = True
+                    last_solved[unit] = state.signature(unit)  # re-solving now gives the identity
                 else:  # revert
                     state.sd_b.update(saved)
+                    state.version.update(saved_versions)
                     state.perms.update(saved_perms)
             total = sum(state.obj.values())
             history.append(total)
@@ -527,7 +575,7 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
                 reset_batchnorm(merged, batches)
     if not return_result:
         return merged
-    return MuDSCResult(merged, dict(state.perms), zips, history, sweeps, dict(timer.t))
+    return MuDSCResult(merged, dict(state.perms), zips, history, sweeps, dict(timer.t), spec, (sd_a, state.sd_b))
 
 
 # --------------------------------------------------------------------------- baselines on the same machinery

@@ -1,0 +1,390 @@
+"""MuDSC on real data (scikit-learn's 8x8 digits, offline): accuracy of every method, and speed vs a reference.
+
+    nice python benchmarks/run_mudsc.py [--archs mlp,resnet20,vit] [--pairs 3] [--no-speed] [--speed-only]
+                                        [--workdir DIR] [--out FILE]
+
+Part 1, accuracy. For each architecture (MLP 64-64-64, ResNet-20 at width x0.5, ViT dim 32 / depth 2 /
+4 heads) and each seed pair (A, B trained from different random initializations):
+  (a) "full":  both models on all 10 digits; the whole model is merged (10-way heads merged too);
+  (b) "split": A on digits 0-4, B on 5-9, each with its own 5-way head (ZipIt's disjoint-task setting):
+      the body is merged, the two heads are kept and read the merged features (B's head through B's
+      alignment / unmerge matrix). Joint accuracy: argmax over both heads' 10 logits on all test digits;
+      task accuracy: each head on its own 5 digits.
+Methods: each model alone, the ensemble of both (2x the parameters, an upper reference), plain averaging,
+weight matching (Git Re-Basin: w=1 from the identity, data-free), activation matching (permute, w=0),
+ZipIt (zip, w=0), MuDSC-permute and MuDSC-zip for w in {0, .25, .5, .75, 1} (w=0 rows are activation
+matching and ZipIt), and "w* (val)": per seed pair, the w with the best validation accuracy (the test
+split is never used for a choice). BatchNorm statistics are re-estimated after every merge of the CNN
+(including plain averaging). Calibration: 512 training images of all 10 digits. Every figure is
+mean +- std over the seed pairs; the verdict lines call a difference smaller than the larger std "no
+difference".
+
+Part 2, speed. A wide MLP (64-1024-1024-1024-10) pair trained on the full task: the whole merge
+(MuDSC-zip and MuDSC-permute, w=0.5) with merging_kernels vs the straightforward implementation of
+benchmarks/mudsc_reference.py (scipy in a Python loop, fp32 outer products accumulated in torch, Python
+greedy zip), same inputs, per-stage breakdown, and the merged models' test accuracy side by side.
+
+CPU only, one thread (torch.set_num_threads(1)); trained checkpoints are cached in --workdir (default:
+a folder in the system temp dir) so a second run only merges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+try:
+    import merging_kernels  # noqa: F401
+except ImportError:  # a source checkout
+    sys.path.insert(1, os.path.dirname(HERE))
+
+from merging_kernels.methods.mudsc import average_merge, mudsc_merge  # noqa: E402
+from merging_kernels.models import MLP, ResNet20, ViT  # noqa: E402
+from merging_kernels.permutation_spec import spec_for  # noqa: E402
+
+ARCHS = {
+    "mlp": dict(make=lambda out: MLP(64, [64, 64, 64], out), epochs=60, lr=1e-3, head=("layers.3.weight", "layers.3.bias")),
+    "resnet20": dict(make=lambda out: ResNet20(0.5, out, 1), epochs=12, lr=3e-3, head=("fc.weight", "fc.bias")),
+    "vit": dict(make=lambda out: ViT(8, 2, 32, 2, 4, 64, out), epochs=40, lr=2e-3, head=("head.weight", "head.bias")),
+}
+SEED_PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+WS = (0.0, 0.25, 0.5, 0.75, 1.0)
+BATCH = 64
+CALIB = 512
+
+
+class Digits:
+    def __init__(self):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        x, y = load_digits(return_X_y=True)
+        x = torch.tensor(x / 16.0, dtype=torch.float32).reshape(-1, 8, 8)
+        y = torch.tensor(y)
+        idx = np.arange(len(y))
+        rest, test = train_test_split(idx, test_size=0.25, stratify=y, random_state=0)
+        train, val = train_test_split(rest, test_size=0.2, stratify=y[rest], random_state=0)
+        self.split = {k: (x[v], y[v]) for k, v in (("train", train), ("val", val), ("test", test))}
+        xtr = self.split["train"][0]
+        g = torch.Generator().manual_seed(0)
+        self.calibration = list(xtr[torch.randperm(len(xtr), generator=g)[:CALIB]].split(128))
+
+    def task(self, split, task):
+        """task None: all digits; 0: digits 0-4 (labels 0-4); 1: digits 5-9 (labels 0-4)."""
+        x, y = self.split[split]
+        if task is None:
+            return x, y
+        keep = (y // 5) == task
+        return x[keep], y[keep] - 5 * task
+
+
+def train(arch, data, task, seed):
+    cfg = ARCHS[arch]
+    torch.manual_seed(seed)
+    model = cfg["make"](10 if task is None else 5)
+    x, y = data.task("train", task)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(cfg["epochs"]):
+        model.train()
+        order = torch.randperm(len(y), generator=g)
+        for i in range(0, len(y), BATCH):
+            b = order[i:i + BATCH]
+            loss = torch.nn.functional.cross_entropy(model(x[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def load_or_train(workdir, arch, data, task, seed):
+    path = os.path.join(workdir, f"{arch}-{'full' if task is None else f'task{task}'}-seed{seed}.pt")
+    model = ARCHS[arch]["make"](10 if task is None else 5)
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path))
+        return model.eval(), 0.0
+    start = time.perf_counter()
+    model = train(arch, data, task, seed)
+    torch.save(model.state_dict(), path)
+    return model, time.perf_counter() - start
+
+
+@torch.no_grad()
+def acc(logits, y):
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+@torch.no_grad()
+def eval_full(model, data, split):
+    x, y = data.split[split]
+    return {"acc": acc(model.eval()(x), y)}
+
+
+@torch.no_grad()
+def eval_split(body_a, body_b, data, split):
+    """body_a / body_b: models with A's / B's 5-way head (the same merged body, or two separate models)."""
+    x, y = data.split[split]
+    la, lb = body_a.eval()(x), body_b.eval()(x)
+    out = {"joint": acc(torch.cat([la, lb], 1), y)}
+    for t, logits in ((0, la), (1, lb)):
+        keep = (y // 5) == t
+        out[f"task{'AB'[t]}"] = acc(logits[keep], y[keep] - 5 * t)
+    return out
+
+
+def with_head(model, head_state):
+    import copy
+
+    m = copy.deepcopy(model)
+    sd = m.state_dict()
+    sd.update(head_state)
+    m.load_state_dict(sd)
+    return m.eval()
+
+
+def w_label(mode, w):
+    label = f"MuDSC-{mode} w={w:g}"
+    if w == 0:
+        label += " (= activation matching)" if mode == "permute" else " (= ZipIt)"
+    return label
+
+
+def w_labels(mode):
+    return {w: w_label(mode, w) for w in WS}
+
+
+def method_list():
+    rows = [("average", None)]
+    rows.append(("weight matching (w=1, identity init)", dict(mode="permute", w=1.0, init="identity")))
+    for mode in ("permute", "zip"):
+        for w in WS:
+            rows.append((w_label(mode, w), dict(mode=mode, w=w)))
+    return rows
+
+
+def run_pair(arch, setting, model_a, model_b, data):
+    """{method: {"val": metrics, "test": metrics, "time": s}} for one seed pair."""
+    spec = spec_for(model_a)
+    head = ARCHS[arch]["head"]
+    out = {}
+    calib = data.calibration
+
+    def evaluate(merged, result=None, split_heads=None):
+        res = {}
+        for sp in ("val", "test"):
+            if setting == "full":
+                res[sp] = eval_full(merged, data, sp)
+            else:
+                ha, hb = split_heads
+                res[sp] = eval_split(with_head(merged, ha), with_head(merged, hb), data, sp)
+        return res
+
+    # each model alone and the ensemble
+    for label, models in (("model A alone", (model_a,)), ("model B alone", (model_b,))):
+        res = {}
+        for sp in ("val", "test"):
+            if setting == "full":
+                res[sp] = eval_full(models[0], data, sp)
+            else:
+                t = 0 if label.startswith("model A") else 1
+                x, y = data.task(sp, t)
+                res[sp] = {f"task{'AB'[t]}": acc(models[0](x), y)}
+        out[label] = dict(res, time=0.0)
+    res = {}
+    for sp in ("val", "test"):
+        if setting == "full":
+            x, y = data.split[sp]
+            with torch.no_grad():
+                res[sp] = {"acc": acc(model_a(x).softmax(1) + model_b(x).softmax(1), y)}
+        else:
+            res[sp] = eval_split(model_a, model_b, data, sp)
+    out["ensemble (both models, 2x params)"] = dict(res, time=0.0)
+
+    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    for label, options in method_list():
+        start = time.perf_counter()
+        if options is None:
+            merged = average_merge(model_a, model_b, calib)
+            heads = ({k: sd_a[k] for k in head}, {k: sd_b[k] for k in head})
+        else:
+            result = mudsc_merge(model_a, model_b, spec, calib, progress=False, return_result=True, **options)
+            merged = result.model
+            heads = (result.project("a", head), result.project("b", head)) if setting == "split" else None
+        elapsed = time.perf_counter() - start
+        out[label] = dict(evaluate(merged, split_heads=heads if setting == "split" else None), time=elapsed)
+    # w chosen on validation
+    key = "acc" if setting == "full" else "joint"
+    for mode in ("permute", "zip"):
+        labels = w_labels(mode)
+        best_w = max(WS, key=lambda w: out[labels[w]]["val"][key])
+        out[f"MuDSC-{mode} w* (val; chosen w per pair)"] = dict(out[labels[best_w]], chosen_w=best_w)
+    return out
+
+
+def fmt(values):
+    if not values:
+        return "      -      "
+    m = statistics.mean(values)
+    s = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{m:.3f} ± {s:.3f}"
+
+
+def accuracy_part(args, data, log):
+    for arch in args.archs:
+        for setting in ("full", "split"):
+            pairs = SEED_PAIRS[:args.pairs]
+            results, train_time = [], 0.0
+            for sa, sb in pairs:
+                ta, tb = (None, None) if setting == "full" else (0, 1)
+                ma, t1 = load_or_train(args.workdir, arch, data, ta, sa)
+                mb, t2 = load_or_train(args.workdir, arch, data, tb, sb)
+                train_time += t1 + t2
+                results.append(run_pair(arch, setting, ma, mb, data))
+            cols = ["acc"] if setting == "full" else ["joint", "taskA", "taskB"]
+            log(f"\n== {arch}, {setting}: "
+                + ("both models on digits 0-9, whole model merged" if setting == "full"
+                   else "A on 0-4, B on 5-9, per-task 5-way heads kept, body merged")
+                + f"; {len(pairs)} seed pairs {pairs}; test accuracy mean ± std"
+                + (f"; training {train_time:.0f} s" if train_time else "; cached checkpoints") + " ==")
+            head = f"  {'method':<46}" + "".join(f"{c:>15}" for c in cols) + f"{'val ' + cols[0]:>15}{'merge s':>9}"
+            log(head)
+            for label in results[0]:
+                line = f"  {label:<46}"
+                for c in cols:
+                    line += f"{fmt([r[label]['test'][c] for r in results if c in r[label]['test']]):>15}"
+                line += f"{fmt([r[label]['val'][cols[0]] for r in results if cols[0] in r[label]['val']]):>15}"
+                line += f"{statistics.mean(r[label]['time'] for r in results):9.2f}"
+                if "chosen_w" in results[0][label]:
+                    line += "  w*=" + ",".join(f"{r[label]['chosen_w']:g}" for r in results)
+                log(line)
+            verdicts(results, cols[0], log)
+
+
+def verdicts(results, key, log):
+    def stats(label):
+        v = [r[label]["test"][key] for r in results]
+        return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+    for mode in ("permute", "zip"):
+        labels = w_labels(mode)
+        m0, s0 = stats(labels[0.0])
+        m1, s1 = stats(labels[1.0])
+        best_w = max((0.25, 0.5, 0.75), key=lambda w: stats(labels[w])[0])
+        mb, sb = stats(labels[best_w])
+        spread = max(s0, s1, sb)
+        d0, d1 = mb - m0, mb - m1
+        if d0 > spread and d1 > spread:
+            verdict = "dual space BEATS both single spaces"
+        elif d0 < -spread or d1 < -spread:
+            verdict = "dual space is WORSE than a single space"
+        else:
+            verdict = "no difference (within the spread)"
+        log(f"  verdict {mode}: best dual w={best_w:g} {mb:.3f} vs activation-only {m0:.3f} ({d0:+.3f}), "
+            f"weight-only {m1:.3f} ({d1:+.3f}); spread (max std) {spread:.3f} -> {verdict}")
+        a_m, a_s = stats("average")
+        log(f"           {mode}: vs plain averaging {a_m:.3f}: {mb - a_m:+.3f}")
+
+
+# --------------------------------------------------------------------------- part 2: speed
+
+
+def speed_part(args, data, log):
+    import mudsc_reference as ref
+
+    def make():
+        return MLP(64, [1024, 1024, 1024], 10)
+
+    ARCHS["mlp-wide"] = dict(make=lambda out: MLP(64, [1024, 1024, 1024], out), epochs=10, lr=1e-3,
+                             head=("layers.3.weight", "layers.3.bias"))
+    ma, _ = load_or_train(args.workdir, "mlp-wide", data, None, 0)
+    mb, _ = load_or_train(args.workdir, "mlp-wide", data, None, 1)
+    spec = spec_for(ma)
+    calib = list(data.split["train"][0].split(128))  # the whole training split (1078 images)
+    log(f"\n== speed: MLP 64-1024-1024-1024-10 pair (full task), calibration {sum(len(c) for c in calib)} "
+        f"images in batches of 128, CPU, 1 thread; wall seconds (best of {args.repeats}) ==")
+    log(f"  alone: A {eval_full(ma, data, 'test')['acc']:.3f}, B {eval_full(mb, data, 'test')['acc']:.3f}")
+    stages = ("statistics", "similarity", "assignment", "rewrite")
+    log(f"  {'variant':<44}{'total':>9}" + "".join(f"{s:>12}" for s in stages) + f"{'sweeps':>8}{'test acc':>10}")
+    for mode in ("zip", "permute"):
+        runs = {}
+        for impl in ("merging_kernels", "reference"):
+            best = None
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                if impl == "merging_kernels":
+                    r = mudsc_merge(ma, mb, spec, calib, mode=mode, w=0.5, progress=False, return_result=True)
+                    model, timings, sweeps = r.model, r.timings, r.sweeps
+                else:
+                    model, timings, sweeps = ref.reference_mudsc_merge(ma, mb, spec, calib, mode=mode, w=0.5)
+                total = time.perf_counter() - start
+                if best is None or total < best[0]:
+                    best = (total, timings, sweeps, model)
+            runs[impl] = best
+            total, timings, sweeps, model = best
+            log(f"  {f'MuDSC-{mode} w=0.5 {impl}':<44}{total:9.2f}" + "".join(f"{timings.get(s, 0.0):12.3f}"
+                                                                          for s in stages)
+                + f"{sweeps:8d}{eval_full(model, data, 'test')['acc']:10.3f}")
+        ratio = runs["reference"][0] / runs["merging_kernels"][0]
+        per = "  ".join(f"{s} {runs['reference'][1].get(s, 0) / max(runs['merging_kernels'][1].get(s, 0), 1e-9):.1f}x"
+                        for s in stages)
+        log(f"  MuDSC-{mode}: end to end {ratio:.1f}x faster ({per}) -> "
+            f"{'PASS' if ratio >= 10 else 'FAIL'} (target >= 10x)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--archs", default="mlp,resnet20,vit")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--speed-only", action="store_true")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "merging_kernels_mudsc_digits"))
+    parser.add_argument("--out", default=None, help="also write the output to this file")
+    args = parser.parse_args(argv)
+    args.archs = [a for a in args.archs.split(",") if a]
+    os.makedirs(args.workdir, exist_ok=True)
+    torch.set_num_threads(1)
+    buf = io.StringIO()
+
+    def log(line=""):
+        print(line, flush=True)
+        buf.write(line + "\n")
+
+    try:
+        commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    log(f"# MuDSC on sklearn digits, {datetime.date.today().isoformat()}")
+    log("# command: nice python benchmarks/run_mudsc.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
+    log(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, torch threads 1; "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; torch {torch.__version__}; commit {commit}")
+    start = time.perf_counter()
+    data = Digits()
+    if not args.speed_only:
+        accuracy_part(args, data, log)
+    if not args.no_speed:
+        speed_part(args, data, log)
+    log(f"\n# total {time.perf_counter() - start:.0f} s; load average at the end "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(buf.getvalue())
+
+
+if __name__ == "__main__":
+    main()
