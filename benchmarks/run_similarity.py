@@ -1,0 +1,362 @@
+"""Similarity ops side by side: merging_kernels vs the way MuDSC/ZipIt code does it and vs numpy, in one run.
+
+    python benchmarks/run_similarity.py [--device cpu|cuda] [--quick]
+
+Sections:
+  1. Streaming activation statistics (two models, C features each, batches of 256 rows): ours
+     (ActivationStats: shifted moments, upper-triangle fp32 GEMMs flushed into float64) vs the
+     ZipIt/MuDSC-reference style (per batch: sum += z, outer += zᵀz in fp32 torch; at the end
+     cov = outer/N − μμᵀ, corr = cov/σσᵀ) vs numpy np.corrcoef on all activations at once (not
+     streaming: it must keep every row). A second case adds a mean of 300 to every feature (post-
+     activation features with large offsets) to show what the fp32 textbook formula loses.
+  2. Weight-space correlation between rows (correlation_matrix): self (y None) and cross, vs
+     "torch naive" (normalize in fp32, one matmul) and np.corrcoef; the fp32 matmul of the same
+     shape is listed as the limit (its GFLOP/s is the machine's GEMM throughput).
+  3. group_similarity, 12 heads of 64 (144 assignment problems 64×64 in one batched solve) vs a
+     scipy loop over the 144 blocks.
+Every provider runs on --threads threads (default 1). GFLOP/s counts the useful work of a full product (2·rows·cols·depth), so a path that computes only
+half of a symmetric result can exceed the GEMM limit. "max |Δ|" is against the float64 reference
+computed on the same data. Ratios are peer time / ours from medians taken in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+try:
+    import merging_kernels as mk
+except ImportError:  # not installed: run from a source checkout
+    sys.path.insert(1, os.path.dirname(HERE))
+    import merging_kernels as mk
+
+from common import device_name  # noqa: E402
+from scipy.optimize import linear_sum_assignment as scipy_lsa  # noqa: E402
+
+from merging_kernels.ops import similarity as sim  # noqa: E402
+
+# --------------------------------------------------------------------------- data
+
+
+def activations(n_rows: int, channels: int, models: int, *, mean: float = 0.0, seed: int = 0) -> list[torch.Tensor]:
+    """Features of `models` models on the same inputs: a shared low-rank signal plus noise, ReLU'd, plus `mean`."""
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(n_rows, 32, generator=g)
+    out = []
+    for _ in range(models):
+        f = latent @ torch.randn(32, channels, generator=g) / 32 ** 0.5 + torch.randn(n_rows, channels, generator=g)
+        out.append(torch.relu(f) + mean)
+    return out
+
+
+def weight_rows(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 0.02 * (torch.randn(n, 16, generator=g) @ torch.randn(16, d, generator=g) / 4 + torch.randn(n, d, generator=g))
+
+
+# --------------------------------------------------------------------------- peers
+
+
+def zipit_style_correlation(batches) -> torch.Tensor:
+    """The ZipIt / MuDSC-reference style: fp32 running sums of z and zᵀz, cov = E[zzᵀ] − μμᵀ at the end."""
+    total = outer = None
+    count = 0
+    for feats in batches:
+        z = torch.cat(feats, dim=1).float()
+        if total is None:
+            total = torch.zeros(z.shape[1])
+            outer = torch.zeros(z.shape[1], z.shape[1])
+        total += z.sum(0)
+        outer += z.T @ z
+        count += z.shape[0]
+    mean = total / count
+    cov = outer / count - torch.outer(mean, mean)
+    std = cov.diagonal().clamp(min=0).sqrt()
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return (cov / torch.outer(std, std)).clamp(-1, 1)
+
+
+def ours_streaming(batches, dims) -> torch.Tensor:
+    stats = mk.ActivationStats(dims, backend="torch")
+    for feats in batches:
+        stats.update(*feats)
+    return stats.correlation()
+
+
+def numpy_corrcoef_all(features) -> np.ndarray:
+    z = np.concatenate([f.numpy() for f in features], axis=1)
+    return np.corrcoef(z, rowvar=False)
+
+
+def torch_naive_corr(x, y=None):
+    def norm(a):
+        a = a - a.mean(1, keepdim=True)
+        return a / a.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+    xn = norm(x)
+    return xn @ (xn if y is None else norm(y)).T
+
+
+def numpy_corr(x, y=None):
+    if y is None:
+        return np.corrcoef(x.numpy())
+    n = x.shape[0]
+    return np.corrcoef(x.numpy(), y.numpy())[:n, n:]
+
+
+# --------------------------------------------------------------------------- timer
+
+
+@dataclasses.dataclass
+class Timing:
+    wall: float  # median seconds
+    cpu: float  # median process CPU seconds
+    repeats: int
+
+
+def measure(fn, *, repeats=7, budget_s=20.0) -> Timing:
+    """Medians of wall clock and process CPU time after a warm-up call (fewer repeats, at least 3, once
+    the budget is spent). With one thread the CPU time excludes time spent descheduled by other jobs."""
+    fn()
+    walls, cpus = [], []
+    spent = 0.0
+    while len(walls) < repeats and (len(walls) < 3 or spent < budget_s):
+        gc.collect()
+        gc.disable()
+        try:
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            t1, c1 = time.perf_counter(), time.process_time()
+        finally:
+            gc.enable()
+        walls.append(t1 - t0)
+        cpus.append(c1 - c0)
+        spent += t1 - t0
+    return Timing(statistics.median(walls), statistics.median(cpus), len(walls))
+
+
+# --------------------------------------------------------------------------- table
+
+
+def fmt_ms(s):
+    ms = s * 1e3
+    return f"{ms:.3f}" if ms < 1 else (f"{ms:.2f}" if ms < 100 else f"{ms:.0f}")
+
+
+def fmt_x(x):
+    return "-" if x is None else (f"{x:.2f}x" if x < 10 else f"{x:.1f}x")
+
+
+def table(header, rows):
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    left = {0, 1, 2}
+    lines = ["  ".join(h.ljust(w) if i in left else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))),
+             "  ".join("-" * w for w in widths)]
+    previous = None
+    for r in rows:
+        if previous is not None and (r[0], r[1]) != previous:
+            lines.append("")
+        previous = (r[0], r[1])
+        lines.append("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines)
+
+
+HEADER = ["op", "case", "provider", "cpu ms", "wall ms", "GFLOP/s", "peer1/ours", "peer2/ours", "reps",
+          "max |Δ| vs fp64"]
+
+
+def add_rows(rows, op, case, results, flops, peers, targets):
+    """results: {provider: (Timing, max_err)}; the first provider is ours; peers: the two names for the ratio columns."""
+    ours = next(iter(results))
+    t_ours = results[ours][0].cpu
+    for name, (timing, err) in results.items():
+        ratios = []
+        for p in (list(peers) + [None, None])[:2]:
+            if name == ours and p in results:
+                ratios.append(fmt_x(results[p][0].cpu / t_ours))
+            else:
+                ratios.append("-")
+        gflops = f"{flops / timing.cpu / 1e9:.1f}" if flops else "-"
+        rows.append([op, case, name, fmt_ms(timing.cpu), fmt_ms(timing.wall), gflops, *ratios, str(timing.repeats),
+                     "-" if err is None else f"{err:.1e}"])
+        print(f"  {op:<18} {case:<28} {name:<26} cpu {fmt_ms(timing.cpu):>9} ms  wall {fmt_ms(timing.wall):>9} ms",
+              flush=True)
+    for p in peers:
+        if p in results:
+            targets.append((f"{op} {case}: ours no slower than {p}", results[p][0].cpu >= t_ours,
+                            fmt_x(results[p][0].cpu / t_ours) + " (CPU time)"))
+
+
+def err_vs(got, want) -> float:
+    got = torch.as_tensor(np.asarray(got)) if not isinstance(got, torch.Tensor) else got
+    return float((got.double() - want.double()).abs().max())
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def section_streaming(quick, rows, targets, budget):
+    channels = [512] if quick else [512, 1024]
+    batches_n = 8 if quick else 16
+    batch = 256
+    for c in channels:
+        for mean in (0.0, 300.0):
+            feats = activations(batch * batches_n, c, 2, mean=mean, seed=c)
+            batches = [[f[i * batch:(i + 1) * batch] for f in feats] for i in range(batches_n)]
+            want = sim.activation_correlation_torch(*feats)
+            case = f"M=2 C={c} {batches_n}x{batch} rows" + (f" mean+{mean:g}" if mean else "")
+            results = {}
+            for name, fn in (("ours (ActivationStats)", lambda: ours_streaming(batches, [c, c])),
+                             ("zipit-style fp32 torch", lambda: zipit_style_correlation(batches)),
+                             ("numpy corrcoef (all rows)", lambda: numpy_corrcoef_all(feats))):
+                err = err_vs(fn(), want)
+                results[name] = (measure(fn, repeats=5 if quick else 7, budget_s=budget), err)
+            D = 2 * c
+            add_rows(rows, "activation corr", case, results, 2.0 * batch * batches_n * D * D,
+                     ["zipit-style fp32 torch", "numpy corrcoef (all rows)"], targets)
+            if mean:
+                ok = results["ours (ActivationStats)"][1] <= 1e-5
+                targets.append((f"activation corr {case}: ours within 1e-5 of float64", ok,
+                                f"{results['ours (ActivationStats)'][1]:.1e}; zipit-style "
+                                f"{results['zipit-style fp32 torch'][1]:.1e}"))
+
+
+def section_weights(quick, rows, targets, budget):
+    shapes = [(1024, 2048)] if quick else [(1024, 2048), (2048, 4096)]
+    for n, d in shapes:
+        x = weight_rows(n, d, seed=1)
+        y = weight_rows(n, d, seed=2)
+        for label, other in (("self", None), ("cross", y)):
+            want = sim.correlation_matrix_torch(x, other)
+            case = f"{label} n={n} d={d}"
+            yy = x if other is None else other
+            results = {}
+            for name, fn in (("ours (correlation_matrix)", lambda: mk.correlation_matrix(x, other, backend="torch")),
+                             ("torch naive fp32", lambda: torch_naive_corr(x, other)),
+                             ("numpy corrcoef", lambda: numpy_corr(x, other))):
+                err = err_vs(fn(), want)
+                results[name] = (measure(fn, repeats=5 if quick else 7, budget_s=budget), err)
+            results["limit: fp32 matmul x@yT"] = (measure(lambda: x @ yy.T, repeats=5 if quick else 7, budget_s=budget),
+                                                  None)
+            add_rows(rows, "weight corr", case, results, 2.0 * n * n * d, ["torch naive fp32", "numpy corrcoef"],
+                     targets)
+
+
+def section_groups(quick, rows, targets, budget):
+    cases = [(12, 64)] if quick else [(12, 64), (16, 64), (32, 32)]
+    for g, s in cases:
+        n = g * s
+        x = weight_rows(n, 256, seed=3)
+        y = x[torch.randperm(n, generator=torch.Generator().manual_seed(0))] + 0.01 * torch.randn(n, 256)
+        s_cross = sim.correlation_matrix_torch(x, y)  # float64
+        s_np = s_cross.numpy()
+
+        def scipy_loop():
+            scores = np.empty((g, g))
+            for a in range(g):
+                for b in range(g):
+                    block = s_np[a * s:(a + 1) * s, b * s:(b + 1) * s]
+                    r, c = scipy_lsa(block, maximize=True)
+                    scores[a, b] = block[r, c].sum()
+            return scores
+
+        want = torch.from_numpy(scipy_loop())
+        results = {}
+        for name, fn in (("ours (group_similarity)", lambda: mk.group_similarity(s_cross, s)[0]),
+                         ("scipy loop", scipy_loop)):
+            results[name] = (measure(fn, repeats=5 if quick else 7, budget_s=budget), err_vs(fn(), want))
+        add_rows(rows, "group similarity", f"{g} heads x {s} ({g * g} problems)", results, 0, ["scipy loop"], targets)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _version(package):
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:
+        return "?"
+
+
+def _commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../merging_kernels/ops/similarity.py"],
+                               cwd=HERE, capture_output=True, text=True).stdout.strip()
+        return out + (" (+ uncommitted changes to similarity.py)" if dirty else "")
+    except Exception:
+        return "unknown commit"
+
+
+def machine_line(device):
+    try:
+        load = "load average %.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        load = "load average unknown"
+    gpu = f"; GPU {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    return f"{device_name('cpu')}{gpu}; {load}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="one size per section, fewer repeats")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads for torch, numpy's BLAS and _C's OpenMP (default 1: every provider on one "
+                             "core, ratios immune to other jobs on a shared machine)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=args.threads)
+    except ImportError:  # numpy's BLAS then uses its default thread count
+        print("# threadpoolctl is not installed: numpy's BLAS threads are not limited")
+    if args.device == "cuda":
+        print("the CUDA section is not written yet: the Triton kernels have not been run on a GPU")
+        return 1
+    print(f"# merging_kernels similarity, {datetime.date.today().isoformat()}")
+    print(f"# command: python benchmarks/run_similarity.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"# machine: {machine_line(args.device)}")
+    print(f"# versions: torch {torch.__version__}, numpy {np.__version__}, scipy {_version('scipy')}; "
+          f"merging_kernels at {_commit()}")
+    print(f"# times: medians of process CPU time and of wall clock after a warm-up call; {args.threads} thread(s)")
+    print("# for torch, numpy's BLAS and _C's OpenMP. Ratios and GFLOP/s use CPU time (with one thread it")
+    print("# excludes time spent descheduled on a shared machine).")
+    rows: list[list[str]] = []
+    targets: list[tuple[str, bool, str]] = []
+    budget = 5.0 if args.quick else 20.0
+    print("\n== streaming activation statistics ==", flush=True)
+    section_streaming(args.quick, rows, targets, budget)
+    print("\n== weight-space correlation ==", flush=True)
+    section_weights(args.quick, rows, targets, budget)
+    print("\n== group similarity ==", flush=True)
+    section_groups(args.quick, rows, targets, budget)
+    print("\n## results (peer1/peer2: the ratio of each peer's time to ours; for activation corr peer1 = zipit-style,")
+    print("## peer2 = numpy; weight corr: peer1 = torch naive, peer2 = numpy; groups: peer1 = scipy loop)")
+    print(table(HEADER, rows))
+    print("\n## targets")
+    for what, ok, detail in targets:
+        print(f"{'PASS' if ok else 'FAIL'}  {what}  ({detail})")
+    print(f"\n# machine at the end: {machine_line(args.device)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
