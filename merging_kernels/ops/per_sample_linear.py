@@ -321,14 +321,32 @@ if triton is not None:
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _stacked_config(rows: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a few fixed tile shapes chosen by row count,
-    so the kernel compiles a bounded number of variants and never per batch size."""
+# Shared memory the software pipeline may use per program (H100/A100 allow ~227/163 KB per block).
+_SHARED_BUDGET = 144 << 10
+
+
+def _stacked_config(rows: int, num_tasks: int, element_size: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) from a few fixed tile shapes.
+
+    Tiles depend on the row count (bucketed) and the dtype, never on the exact batch size, so the
+    kernel compiles a bounded number of variants. The pipeline keeps ``num_stages`` copies of one x
+    tile and K+1 weight tiles in shared memory, so the stage count shrinks as K grows (checked by
+    compiling for sm_90 with triton 3.6: e.g. fp32, K=8, 16x64x32 tiles use 150 KB at 3 stages).
+    """
+    block_k = 32 if element_size == 4 else 64
+    block_n = 64 if element_size == 4 else 128
     if rows <= 16:
-        return 16, 128, 64, 4, 4
-    if rows <= 64:
-        return 64, 128, 64, 4, 3
-    return 128, 128, 64, 8, 3
+        block_m, warps = 16, 4
+    elif rows <= 64:
+        block_m, warps = 64, 4
+    else:
+        block_m, warps = 128, 8
+    per_stage = (block_m * block_k + num_tasks * block_k * block_n) * element_size
+    while per_stage > _SHARED_BUDGET and block_n > 32:
+        block_n //= 2
+        per_stage = (block_m * block_k + num_tasks * block_k * block_n) * element_size
+    stages = max(1, min(3, _SHARED_BUDGET // per_stage))
+    return block_m, block_n, block_k, warps, stages
 
 
 def _dot_dtype(dtype: torch.dtype):
@@ -345,7 +363,7 @@ def _stacked_triton(x3, alpha, packed_weight, packed_bias):
     x2 = x3.reshape(b * t, i)
     m = x2.shape[0]
     y = torch.empty((m, out), dtype=x3.dtype, device=x3.device)
-    block_m, block_n, block_k, warps, stages = _stacked_config(m)
+    block_m, block_n, block_k, warps, stages = _stacked_config(m, kp1, x3.element_size())
     bias = packed_bias if packed_bias is not None else packed_weight  # a dummy pointer when HAS_BIAS is off
     grid = (triton.cdiv(m, block_m) * triton.cdiv(out, block_n),)
     _psl_stacked_kernel[grid](
