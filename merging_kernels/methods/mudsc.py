@@ -65,12 +65,8 @@ from torch import nn
 from ..ops.linear_assignment import linear_sum_assignment
 from ..permutation_spec import Axis, PermutationSpec, permute_axis, spec_for
 
-try:
-    from ..ops.similarity import (ActivationStats, activation_stats_hooks, correlation_matrix, dual_similarity,
-                                  group_similarity)
-except ImportError:  # pragma: no cover - until the op module lands
-    from ._similarity_standin import (ActivationStats, activation_stats_hooks, correlation_matrix, dual_similarity,
-                                      group_similarity)
+from ..ops.similarity import (ActivationStats, activation_stats_hooks, correlation_matrix, dual_similarity,
+                              group_similarity)
 
 __all__ = ["MuDSCResult", "activation_matching_merge", "average_merge", "mudsc_merge", "reset_batchnorm",
            "weight_matching_merge", "zipit_merge"]
@@ -181,13 +177,6 @@ def _unit_vectors(state, group, n: int) -> torch.Tensor:
     return torch.cat(parts, 1)
 
 
-def _paired_correlation(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Pearson correlation of row i of x with row i of y, for every i (the diagonal of correlation_matrix)."""
-    x = x - x.mean(1, keepdim=True)
-    y = y - y.mean(1, keepdim=True)
-    return (x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1) + eps)
-
-
 def _mix_axis(t: torch.Tensor, axis: Axis, mat: torch.Tensor) -> torch.Tensor:
     """Apply ``mat`` (n_new, n_old) to the units along ``axis`` of ``t``."""
     dim = axis.dim % t.dim()
@@ -288,7 +277,14 @@ class _Alignment:
         self.s_act_full = s_act_full
         self.s_act = {g: s[: spec[g].size, spec[g].size:] for g, s in s_act_full.items()} if s_act_full else {}
         self.perms = {g.name: torch.arange(g.size, device=_first(sd_a).device) for g in spec}
+        self.sd_a = sd_a
         self.vec_a = {g.name: _unit_vectors(sd_a, g, g.size) for g in spec} if w > 0 else {}
+        self.row_stats = {}
+        for g in spec if w > 0 else ():
+            vb = _unit_vectors(sd_b, g, g.size)
+            va = self.vec_a[g.name]
+            self.row_stats[g.name] = (va.mean(1), (va - va.mean(1, keepdim=True)).norm(dim=1), vb.mean(1),
+                                      (vb - vb.mean(1, keepdim=True)).norm(dim=1), va.shape[1])
         self.neigh = {g.name: spec.neighbours(g.name) for g in spec}
         self.obj: dict[str, float] = {}
         self.version: dict[str, int] = {}  # param -> stamp of its last change (restored on a revert)
@@ -319,12 +315,31 @@ class _Alignment:
         g = self.spec[name]
         val = 0.0
         if self.w > 0:
-            vb = _unit_vectors(self.sd_b, g, g.size)
-            val += self.w * float(_paired_correlation(self.vec_a[name], vb).sum())
+            # Pearson of A's unit i with B's aligned unit i, without gathering B's vectors: a row's mean and
+            # centered norm do not change when neighbours permute entries within it, only its position does
+            mean_a, norm_a, mean_b, norm_b, length = self.row_stats[name]
+            perm = self.perms[name]
+            dot = self._row_dots(g)
+            corr = (dot - length * mean_a * mean_b[perm]) / (norm_a * norm_b[perm] + 1e-8)
+            val += self.w * float(corr.sum())
         if self.w < 1:
             perm = self.perms[name]
             val += (1 - self.w) * float(self.s_act[name].gather(1, perm[:, None]).sum())
         return val
+
+    def _row_dots(self, g) -> torch.Tensor:
+        """(n,): Σ over every weight of the group of A's entry times aligned B's entry, per unit."""
+        dot = None
+        for a in g.axes:
+            if a.param.endswith(_STAT_SUFFIXES):
+                continue
+            ta, tb = self.sd_a[a.param], self.sd_b[a.param]
+            dim = a.dim % ta.dim()
+            prod = ta.float() * tb.float()
+            others = [d for d in range(prod.dim()) if d != dim]
+            part = (prod.sum(others) if others else prod).reshape(a.outer, g.size, a.inner).sum((0, 2))
+            dot = part if dot is None else dot + part
+        return dot
 
     def apply(self, name: str, sigma: torch.Tensor):
         """New aligned unit k = old aligned unit sigma[k] (B's parameters and the permutation)."""
