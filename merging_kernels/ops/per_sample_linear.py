@@ -269,18 +269,20 @@ except Exception:  # pragma: no cover - exercised where triton is missing
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["M", "T"])
+    @triton.jit(do_not_specialize=["M", "T", "num_tasks"])
     def _psl_stacked_kernel(
-        x_ptr, a_ptr, w_ptr, b_ptr, y_ptr, M, N, IN, T,
+        x_ptr, a_ptr, w_ptr, b_ptr, y_ptr, M, N, IN, T, num_tasks,
         stride_xm, stride_xk, stride_ab, stride_ak, stride_wn, stride_wt, stride_wk,
         stride_bt, stride_bn, stride_ym, stride_yn,
-        NUM_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         """y[m] = Σ_{t=0..K} (α[m // T, t] x[m]) W_tᵀ (+ the mixed bias), α_0 = 1.
 
-        Each x tile is loaded once per reduction step and rescaled per task in registers, so the
-        (K+1)-fold GEMM reads x once and each weight tile once per output tile.
+        One flat reduction loop over (task, k-block) pairs, so the software pipeline sees a single
+        loop and its shared memory does not grow with K (K is a run-time argument: one compiled
+        kernel serves every K). The x tile is rescaled per (row, task) in registers on its way to
+        tl.dot; it is re-read once per task, from L2, while each weight tile is read once.
         """
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -300,20 +302,22 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
         w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
-        for k0 in range(0, IN, BLOCK_K):
-            k_ok = (k0 + ks) < IN
-            x = tl.load(x_rows + (k0 + ks)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w_mask = k_ok[:, None] & col_ok[None, :]
-            w = tl.load(w_cols + (k0 + ks)[:, None] * stride_wk, mask=w_mask, other=0.0)
-            acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
-            for t in tl.static_range(1, NUM_TASKS):
-                a_t = tl.load(a_ptr + sample * stride_ab + (t - 1) * stride_ak, mask=row_ok, other=0.0)
-                xs = (x.to(tl.float32) * a_t.to(tl.float32)[:, None]).to(DOT_DTYPE)
-                w = tl.load(w_cols + t * stride_wt + (k0 + ks)[:, None] * stride_wk, mask=w_mask, other=0.0)
-                acc = tl.dot(xs, w.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        steps = tl.cdiv(IN, BLOCK_K)
+        for step in range(0, (num_tasks + 1) * steps):
+            t = step // steps
+            k = (step - t * steps) * BLOCK_K + ks
+            k_ok = k < IN
+            x = tl.load(x_rows + k[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            task = tl.zeros([BLOCK_M], dtype=tl.int32) + t  # a tensor, also in the interpreter
+            a = tl.load(a_ptr + sample * stride_ab + (task - 1) * stride_ak, mask=row_ok & (task > 0), other=0.0)
+            a = tl.where(task > 0, a.to(tl.float32), 1.0)  # slot 0 is the base: x itself (exact)
+            xs = (x.to(tl.float32) * a[:, None]).to(DOT_DTYPE)
+            w = tl.load(w_cols + t * stride_wt + k[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :],
+                        other=0.0)
+            acc = tl.dot(xs, w.to(DOT_DTYPE), acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols * stride_bn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            for t in tl.static_range(1, NUM_TASKS):
+            for t in range(1, num_tasks + 1):
                 a_t = tl.load(a_ptr + sample * stride_ab + (t - 1) * stride_ak, mask=row_ok, other=0.0)
                 b_t = tl.load(b_ptr + t * stride_bt + cols * stride_bn, mask=col_ok, other=0.0)
                 acc += a_t.to(tl.float32)[:, None] * b_t.to(tl.float32)[None, :]
@@ -321,32 +325,19 @@ if triton is not None:
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-# Shared memory the software pipeline may use per program (H100/A100 allow ~227/163 KB per block).
-_SHARED_BUDGET = 144 << 10
+def _stacked_config(rows: int, element_size: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): three tile shapes by row count, per dtype.
 
-
-def _stacked_config(rows: int, num_tasks: int, element_size: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) from a few fixed tile shapes.
-
-    Tiles depend on the row count (bucketed) and the dtype, never on the exact batch size, so the
-    kernel compiles a bounded number of variants. The pipeline keeps ``num_stages`` copies of one x
-    tile and K+1 weight tiles in shared memory, so the stage count shrinks as K grows (checked by
-    compiling for sm_90 with triton 3.6: e.g. fp32, K=8, 16x64x32 tiles use 150 KB at 3 stages).
+    Tiles depend on the row bucket and the dtype, never on the exact batch size or K, so the kernel
+    compiles at most three variants per dtype. Shared memory is num_stages x (x tile + one weight
+    tile), whatever K is (checked by compiling for sm_90 with triton 3.6).
     """
     block_k = 32 if element_size == 4 else 64
-    block_n = 64 if element_size == 4 else 128
     if rows <= 16:
-        block_m, warps = 16, 4
-    elif rows <= 64:
-        block_m, warps = 64, 4
-    else:
-        block_m, warps = 128, 8
-    per_stage = (block_m * block_k + num_tasks * block_k * block_n) * element_size
-    while per_stage > _SHARED_BUDGET and block_n > 32:
-        block_n //= 2
-        per_stage = (block_m * block_k + num_tasks * block_k * block_n) * element_size
-    stages = max(1, min(3, _SHARED_BUDGET // per_stage))
-    return block_m, block_n, block_k, warps, stages
+        return 16, 128, block_k, 4, 4
+    if rows <= 64:
+        return 64, 128, block_k, 4, 4
+    return 128, 128, block_k, 8, 3
 
 
 def _dot_dtype(dtype: torch.dtype):
@@ -363,16 +354,16 @@ def _stacked_triton(x3, alpha, packed_weight, packed_bias):
     x2 = x3.reshape(b * t, i)
     m = x2.shape[0]
     y = torch.empty((m, out), dtype=x3.dtype, device=x3.device)
-    block_m, block_n, block_k, warps, stages = _stacked_config(m, kp1, x3.element_size())
+    block_m, block_n, block_k, warps, stages = _stacked_config(m, x3.element_size())
     bias = packed_bias if packed_bias is not None else packed_weight  # a dummy pointer when HAS_BIAS is off
     grid = (triton.cdiv(m, block_m) * triton.cdiv(out, block_n),)
     _psl_stacked_kernel[grid](
-        x2, alpha, packed_weight, bias, y, m, out, i, t,
+        x2, alpha, packed_weight, bias, y, m, out, i, t, kp1 - 1,
         x2.stride(0), x2.stride(1), alpha.stride(0), alpha.stride(1),
         packed_weight.stride(0), packed_weight.stride(1), packed_weight.stride(2),
         bias.stride(0) if packed_bias is not None else 0, bias.stride(1) if packed_bias is not None else 0,
         y.stride(0), y.stride(1),
-        NUM_TASKS=kp1, HAS_BIAS=packed_bias is not None, DOT_DTYPE=_dot_dtype(x3.dtype),
+        HAS_BIAS=packed_bias is not None, DOT_DTYPE=_dot_dtype(x3.dtype),
         # float32 follows torch's matmul setting: IEEE unless the user allowed TF32
         PRECISION="tf32" if x3.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages,
