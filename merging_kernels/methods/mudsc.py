@@ -37,7 +37,8 @@ are merged unit by unit:
    permutations and re-solve; keep a change only when the total objective
    (sum over groups of the matched similarities) increases; stop after
    ``patience`` sweeps that gain nothing, at a fixed point (a sweep that
-   changes nothing), or after ``max_sweeps``.
+   changes nothing), or after ``max_sweeps``. A unit none of whose B tensors
+   changed since its last solve is not solved again (it would give the same answer).
 5. **Rewrite.** θ = α θ_A + (1 - α) P θ_B for permuted parameters, and
    Σ_m M_m θ_m U_m for zipped ones (m over the two models).
 6. **BatchNorm reset** (``reset_bn``): running statistics re-estimated on the
