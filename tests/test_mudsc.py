@@ -204,3 +204,16 @@ def test_bad_arguments():
         mudsc_merge(a, b, spec, _calib(), w=1.5, progress=False)
     with pytest.raises(ValueError, match="calibration"):
         mudsc_merge(a, b, spec, None, w=0.5, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["permute", "zip"])
+def test_project_heads_into_merged_units(mode):
+    """Per-task heads kept beside a merged body: B's head, projected, reads the merged features like A's."""
+    a, b, spec, _ = _permuted_pair("mlp")
+    head = ("layers.2.weight", "layers.2.bias")
+    result = mudsc_merge(a, b, spec, _calib(), mode=mode, w=0.5, progress=False, return_result=True)
+    ha, hb = result.project("a", head), result.project("b", head)
+    for k in head:
+        torch.testing.assert_close(hb[k], ha[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="layers.0.weight"):
+        result.project("a", ["layers.0.weight"])  # output side of a group: not a head
