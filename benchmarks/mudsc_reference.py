@@ -1,9 +1,11 @@
 """A straightforward MuDSC, written the way the public reference code works, for the speed comparison only.
 
-Not part of the package. Same algorithm and decisions as
+Not part of the package. Same algorithm as
 :func:`merging_kernels.methods.mudsc.mudsc_merge` (same similarity, same
 activation-only start, same sweep order for a seed, same acceptance rule,
-same greedy zip), implemented plainly:
+same greedy zip), implemented plainly; its similarities are float64 (numpy)
+where the fast path's are float32, so near-ties may break differently and the
+sweeps may take a slightly different path (the runner prints both accuracies):
 
 * statistics: forward hooks keep each batch's features; per batch and group,
   z = [f_A, f_B] (rows x 2n, fp32) and E[z zᵀ], E[z] accumulated in fp32 torch

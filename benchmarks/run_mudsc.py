@@ -32,10 +32,14 @@ a folder in the system temp dir) so a second run only merges.
 
 from __future__ import annotations
 
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # one thread for numpy/scipy too,
+    os.environ.setdefault(_var, "1")  # as for torch: CPU-time ratios compare single-threaded work
+
 import argparse
 import datetime
 import io
-import os
 import platform
 import shlex
 import statistics
@@ -393,7 +397,8 @@ def main(argv=None):
         commit = "?"
     log(f"# MuDSC on sklearn digits, {datetime.date.today().isoformat()}")
     log("# command: nice python benchmarks/run_mudsc.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
-    log(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, torch threads 1; "
+    log(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, torch threads 1, "
+        f"OMP/OpenBLAS/MKL threads {os.environ.get('OPENBLAS_NUM_THREADS')}; "
         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; torch {torch.__version__}; commit {commit}")
     start = time.perf_counter()
     data = Digits()

@@ -118,7 +118,8 @@ class MuDSCResult:
                                      f"parameters whose outputs are not merged (e.g. heads)")
                 if g in self.zips:
                     n = self.spec[g].size
-                    x = _mix_axis(x, a, self.zips[g][1][m * n:(m + 1) * n].T)
+                    cluster = self.zips[g][1].argmax(1)[m * n:(m + 1) * n]
+                    x = _scatter_units(x, a, cluster, None, n)
             out[name] = x.to(state[name].dtype)
         return out
 
@@ -178,14 +179,32 @@ def _unit_vectors(state, group, n: int) -> torch.Tensor:
     return torch.cat(parts, 1)
 
 
-def _mix_axis(t: torch.Tensor, axis: Axis, mat: torch.Tensor) -> torch.Tensor:
-    """Apply ``mat`` (n_new, n_old) to the units along ``axis`` of ``t``."""
+def _scatter_units(t: torch.Tensor, axis: Axis, index: torch.Tensor, scale: torch.Tensor | None,
+                   n_new: int) -> torch.Tensor:
+    """Along ``axis``: new unit c = Σ over old units u with index[u] = c of scale[u] · unit u.
+
+    A merge or unmerge matrix block of the greedy zip has one non-zero per old unit, so applying it is
+    this scatter-add (O(size) instead of a dense matmul).
+    """
     dim = axis.dim % t.dim()
     shape = t.shape
     n_old = shape[dim] // (axis.outer * axis.inner)
-    v = t.reshape(*shape[:dim], axis.outer, n_old, axis.inner, *shape[dim + 1:]).movedim(dim + 1, -1)
-    v = (v @ mat.T.to(v.dtype)).movedim(-1, dim + 1)
-    return v.reshape(*shape[:dim], axis.outer * mat.shape[0] * axis.inner, *shape[dim + 1:])
+    v = t.reshape(*shape[:dim], axis.outer, n_old, axis.inner, *shape[dim + 1:])
+    if scale is not None:
+        v = v * scale.to(v.dtype).view([n_old if d == dim + 1 else 1 for d in range(v.dim())])
+    out_shape = list(v.shape)
+    out_shape[dim + 1] = n_new
+    y = v.new_zeros(out_shape).index_add_(dim + 1, index.to(v.device), v)
+    return y.reshape(*shape[:dim], axis.outer * n_new * axis.inner, *shape[dim + 1:])
+
+
+def _zip_maps(zips):
+    """group -> (cluster of each of the 2n units, its weight in the merge matrix)."""
+    maps = {}
+    for g, (merge, unmerge) in zips.items():
+        cluster = unmerge.argmax(1)
+        maps[g] = (cluster, merge[cluster, torch.arange(cluster.numel(), device=cluster.device)])
+    return maps
 
 
 def greedy_zip(sim: torch.Tensor, alpha: float = 0.5, factor: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -422,6 +441,7 @@ def _collect_statistics(model_a, model_b, spec, batches, backend, timer, progres
 
 def _rewrite(sd_a, sd_b, spec, zips, alpha):
     out = {}
+    maps = _zip_maps(zips)
     pax = spec.param_axes()
     for name, ta in sd_a.items():
         tb = sd_b[name]
@@ -437,10 +457,10 @@ def _rewrite(sd_a, sd_b, spec, zips, alpha):
         for m, (t, wm) in enumerate(((ta, alpha), (tb, 1.0 - alpha))):
             x = t.float()
             for g, a in zaxes:
-                merge, unmerge = zips[g]
+                cluster, weight = maps[g]
                 n = spec[g].size
-                mat = merge[:, m * n:(m + 1) * n] if a.role == "out" else unmerge[m * n:(m + 1) * n].T
-                x = _mix_axis(x, a, mat)
+                block = slice(m * n, (m + 1) * n)
+                x = _scatter_units(x, a, cluster[block], weight[block] if a.role == "out" else None, n)
             if not zipped_out:
                 x = x * wm
             acc = x if acc is None else acc + x
