@@ -408,6 +408,8 @@ def _correlation_matrix_triton(x, y, eps):
                                              and y.dtype in (torch.float16, torch.bfloat16))
     if same:
         bn = bm
+    if not triton_interpreting() and (d % 16 or x.stride(0) % 16 or y.stride(0) % 16):
+        bk = 16  # rows not 16-aligned (scalar loads): BLOCK_K=32 spills in the K loop (sm_90, triton 3.6)
     grid = (triton.cdiv(n, bm), triton.cdiv(m, bn))
     _corr_gemm_kernel[grid](x, y, mx, rx, my, ry, out, n, m, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                             out.stride(0), out.stride(1), SELF=same, PRECISION=_dot_precision(x.dtype, y.dtype),
@@ -422,7 +424,11 @@ def _shifted_gram_add_triton(k64: torch.Tensor, z: torch.Tensor, shift32: torch.
     if triton_interpreting():
         block_d, block_r, warps, stages = 16, 16, 1, 1
     else:
-        block_d, block_r, warps, stages = (128, 32, 8, 3) if z.dtype in (torch.float16, torch.bfloat16) \
+        if z.stride(1) != 1:  # strided columns (scalar loads) spill on sm_90; a copy is O(rows·D) beside O(rows·D²)
+            z = z.contiguous()
+        # 128-wide 16-bit tiles only with 16-aligned rows: otherwise the float64 K update spills (triton 3.6)
+        aligned = D % 16 == 0 and z.stride(0) % 16 == 0
+        block_d, block_r, warps, stages = (128, 32, 8, 3) if z.dtype in (torch.float16, torch.bfloat16) and aligned \
             else (64, 32, 4, 3)
     tiles = triton.cdiv(D, block_d)
     _shifted_gram_kernel[(tiles, tiles)](z, shift32, k64, rows, D, z.stride(0), z.stride(1), k64.stride(0),
