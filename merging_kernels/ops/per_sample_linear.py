@@ -330,13 +330,14 @@ def _stacked_config(rows: int, element_size: int) -> tuple[int, int, int, int, i
 
     Tiles depend on the row bucket and the dtype, never on the exact batch size or K, so the kernel
     compiles at most three variants per dtype. Shared memory is num_stages x (x tile + one weight
-    tile), whatever K is (checked by compiling for sm_90 with triton 3.6).
+    tile), whatever K is. Checked by compiling for sm_90 with triton 3.6 and ptxas -v: 18-92 KB of
+    shared memory, no register spills, for fp32 (ieee/tf32), fp16 and bf16.
     """
     block_k = 32 if element_size == 4 else 64
     if rows <= 16:
         return 16, 128, block_k, 4, 4
     if rows <= 64:
-        return 64, 128, block_k, 4, 4
+        return 64, 128, block_k, 8, 4  # 4 warps spilled here (ptxas: 388 B bf16, 44 B fp32)
     return 128, 128, block_k, 8, 3
 
 
