@@ -298,6 +298,8 @@ class _Alignment:
         self.s_act = {g: s[: spec[g].size, spec[g].size:] for g, s in s_act_full.items()} if s_act_full else {}
         self.perms = {g.name: torch.arange(g.size, device=_first(sd_a).device) for g in spec}
         self.sd_a = sd_a
+        self.sd_b0 = dict(sd_b)  # B as given
+        self._within: dict = {}
         self.vec_a = {g.name: _unit_vectors(sd_a, g, g.size) for g in spec} if w > 0 else {}
         self.row_stats = {}
         for g in spec if w > 0 else ():
@@ -316,8 +318,17 @@ class _Alignment:
         s_w = s_a = None
         if w > 0:
             vb = _unit_vectors(self.sd_b, g, g.size)
-            s_w = correlation_matrix(torch.cat([self.vec_a[name], vb]), None, backend=self.backend) if full \
-                else correlation_matrix(self.vec_a[name], vb, backend=self.backend)
+            s_w = correlation_matrix(self.vec_a[name], vb, backend=self.backend)
+            if full:
+                # the within-model blocks do not depend on the alignment (neighbours permute the entries of
+                # every unit vector alike; the group's own permutation only reorders B's units)
+                if name not in self._within:
+                    vb0 = _unit_vectors(self.sd_b0, g, g.size)
+                    self._within[name] = (correlation_matrix(self.vec_a[name], None, backend=self.backend),
+                                          correlation_matrix(vb0, None, backend=self.backend))
+                s_aa, s_bb0 = self._within[name]
+                perm = self.perms[name]
+                s_w = torch.cat([torch.cat([s_aa, s_w], 1), torch.cat([s_w.T, s_bb0[perm][:, perm]], 1)], 0)
         if w < 1:
             perm = self.perms[name]
             if full:
