@@ -73,6 +73,7 @@ __all__ = ["MuDSCResult", "activation_matching_merge", "average_merge", "mudsc_m
            "weight_matching_merge", "zipit_merge"]
 
 _STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+_EPS = 1e-8
 STAGES = ("statistics", "similarity", "assignment", "rewrite", "bn_reset")
 
 
@@ -167,16 +168,25 @@ def _device(model: nn.Module) -> torch.device:
 # --------------------------------------------------------------------------- small helpers (plain torch)
 
 
+def _weight_axes(group):
+    """The axes whose entries enter the weight-space similarity (BN running statistics excluded)."""
+    axes = [a for a in group.axes if not a.param.endswith(_STAT_SUFFIXES)]
+    if not axes:
+        raise ValueError(f"group {group.name!r} permutes no weights (only running statistics): weight-space "
+                         f"similarity is undefined for it; use w=0")
+    return axes
+
+
+def _part(state, a: Axis, n: int) -> torch.Tensor:
+    """(n, d): each unit's entries of one parameter along one axis."""
+    t = state[a.param]
+    t = t.movedim(a.dim % t.dim(), 0).reshape(a.outer, n, a.inner, -1)
+    return t.permute(1, 0, 2, 3).reshape(n, -1).float()
+
+
 def _unit_vectors(state, group, n: int) -> torch.Tensor:
     """(n, D): for each unit, every weight its permutation touches (running statistics excluded)."""
-    parts = []
-    for a in group.axes:
-        if a.param.endswith(_STAT_SUFFIXES):
-            continue
-        t = state[a.param]
-        t = t.movedim(a.dim % t.dim(), 0).reshape(a.outer, n, a.inner, -1)
-        parts.append(t.permute(1, 0, 2, 3).reshape(n, -1).float())
-    return torch.cat(parts, 1)
+    return torch.cat([_part(state, a, n) for a in _weight_axes(group)], 1)
 
 
 def _scatter_units(t: torch.Tensor, axis: Axis, index: torch.Tensor, scale: torch.Tensor | None,
@@ -307,6 +317,17 @@ class _Alignment:
             va = self.vec_a[g.name]
             self.row_stats[g.name] = (va.mean(1), (va - va.mean(1, keepdim=True)).norm(dim=1), vb.mean(1),
                                       (vb - vb.mean(1, keepdim=True)).norm(dim=1), va.shape[1])
+        # Pearson correlation of concatenated vectors = Σ over parameters of products of the normalized parts;
+        # a part changes only when a group permuting its parameter's other axes moves, so the sweeps keep
+        # each part's product and recompute only those whose neighbours moved
+        self.pax = spec.param_axes()
+        self.a_hat = {}
+        for g in spec if w > 0 else ():
+            mean_a, norm_a = self.row_stats[g.name][:2]
+            self.a_hat[g.name] = [(a, (_part(sd_a, a, g.size) - mean_a[:, None]) / (norm_a[:, None] + _EPS))
+                                  for a in _weight_axes(g)]
+        self.perm_version = {g.name: 0 for g in spec}
+        self._part_cache: dict = {}
         self.neigh = {g.name: spec.neighbours(g.name) for g in spec}
         self.obj: dict[str, float] = {}
         self.version: dict[str, int] = {}  # param -> stamp of its last change (restored on a revert)
@@ -317,8 +338,7 @@ class _Alignment:
         g = self.spec[name]
         s_w = s_a = None
         if w > 0:
-            vb = _unit_vectors(self.sd_b, g, g.size)
-            s_w = correlation_matrix(self.vec_a[name], vb, backend=self.backend)
+            s_w = self._weight_cross(name)
             if full:
                 # the within-model blocks do not depend on the alignment (neighbours permute the entries of
                 # every unit vector alike; the group's own permutation only reorders B's units)
@@ -342,6 +362,30 @@ class _Alignment:
             return s_w
         return dual_similarity(s_w, s_a, w)
 
+    def _weight_cross(self, name: str) -> torch.Tensor:
+        """(n, n) Pearson correlation of A's unit vectors with B's aligned ones, from cached per-part products."""
+        g = self.spec[name]
+        n = g.size
+        mean_b, norm_b = self.row_stats[name][2:4]
+        perm = self.perms[name]
+        total = None
+        for a, a_hat in self.a_hat[name]:
+            key = tuple(self.perm_version[h] for h, other in self.pax[a.param] if other is not a)
+            hit = self._part_cache.get((name, a))
+            if hit is not None and hit[0] == key:
+                gram, perm_then = hit[1], hit[2]
+                if not torch.equal(perm_then, perm):  # only this group's own order moved: reorder columns
+                    pos = torch.empty_like(perm_then)
+                    pos[perm_then] = torch.arange(n, device=perm.device)
+                    gram = gram[:, pos[perm]]
+                    self._part_cache[(name, a)] = (key, gram, perm)
+            else:
+                b_hat = (_part(self.sd_b, a, n) - mean_b[perm, None]) / (norm_b[perm, None] + _EPS)
+                gram = a_hat @ b_hat.T
+                self._part_cache[(name, a)] = (key, gram, perm)
+            total = gram if total is None else total + gram
+        return total
+
     def objective(self, name: str) -> float:
         g = self.spec[name]
         val = 0.0
@@ -351,7 +395,7 @@ class _Alignment:
             mean_a, norm_a, mean_b, norm_b, length = self.row_stats[name]
             perm = self.perms[name]
             dot = self._row_dots(g)
-            corr = (dot - length * mean_a * mean_b[perm]) / (norm_a * norm_b[perm] + 1e-8)
+            corr = (dot - length * mean_a * mean_b[perm]) / ((norm_a + _EPS) * (norm_b[perm] + _EPS))
             val += self.w * float(corr.sum())
         if self.w < 1:
             perm = self.perms[name]
@@ -379,6 +423,20 @@ class _Alignment:
             self._clock += 1
             self.version[a.param] = self._clock
         self.perms[name] = self.perms[name][sigma]
+        self._clock += 1
+        self.perm_version[name] = self._clock
+
+    def snapshot(self, unit: tuple[str, ...]):
+        params = {a.param for n in unit for a in self.spec[n].axes}
+        return ({p: self.sd_b[p] for p in params}, {p: self.version.get(p, 0) for p in params},
+                {n: self.perms[n] for n in unit}, {n: self.perm_version[n] for n in unit})
+
+    def restore(self, snap):
+        sd, versions, perms, perm_versions = snap
+        self.sd_b.update(sd)
+        self.version.update(versions)
+        self.perms.update(perms)
+        self.perm_version.update(perm_versions)
 
     def signature(self, unit: tuple[str, ...]) -> tuple:
         """Identity of every B tensor a unit's similarity reads: unchanged since its last solve means the same
@@ -530,7 +588,7 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
         spec = spec_for(model_a)
     spec.check(model_a, model_b)
     batches = _reiterable(calibration)
-    needs_acts = w < 1 or init == "activation" or mode == "zip" and w < 1
+    needs_acts = w < 1 or init == "activation"
     if needs_acts and batches is None:
         raise ValueError("calibration data is needed for activation similarity (w < 1 or init='activation')")
 
@@ -573,9 +631,7 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
                     continue
                 affected = set(unit).union(*(state.neigh[n] for n in unit))
                 old_terms = {h: state.obj[h] for h in affected}
-                saved = {a.param: state.sd_b[a.param] for n in unit for a in spec[n].axes}
-                saved_perms = {n: state.perms[n] for n in unit}
-                saved_versions = {p: state.version.get(p, 0) for p in saved}
+                snap = state.snapshot(unit)
                 with timer("rewrite"):
                     for name, sg in sigma.items():
                         state.apply(name, sg)
@@ -587,9 +643,7 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
                     changed = True
                     last_solved[unit] = state.signature(unit)  # re-solving now gives the identity
                 else:  # revert
-                    state.sd_b.update(saved)
-                    state.version.update(saved_versions)
-                    state.perms.update(saved_perms)
+                    state.restore(snap)
             total = sum(state.obj.values())
             history.append(total)
             sweeps = sweep + 1
