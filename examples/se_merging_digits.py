@@ -39,10 +39,10 @@ lives in a layer SE-Merging supports) plus one linear 10-class head per task.
      the probe layer, score, temperature and total chosen on validation only
      (ablation table printed: stage 1 probe x score x total at T = 0.5,
      stage 2 the temperature for each score's best probe and total);
-   - SE-Merging with a calibrated shift (harness-only routing rule, se_merge's
-     forward): ||f_k(x) - f_0(x)|| divided by expert k's mean shift over
-     unlabeled calibration images (the validation images of all tasks, task
-     ids unused). The raw shift is dominated by how much each expert moved
+   - SE-Merging with a calibrated shift (se_merge + SEMergedModel.calibrate):
+     ||f_k(x) - f_0(x)|| divided by expert k's mean shift over unlabeled
+     calibration images (the validation images of all tasks, task ids
+     unused). The raw shift is dominated by how much each expert moved
      overall; dividing by it asks which expert reacts to *this* sample more
      than it usually does;
    - oracle: the true task id, alpha = one-hot(task) * total.
@@ -75,7 +75,7 @@ import tempfile
 import time
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -109,7 +109,7 @@ TIES_LAMBDA_GRID = (0.3, 0.5, 0.7, 1.0, 1.5, 2.0)
 TIES_DENSITY_GRID = (0.1, 0.2, 0.5)
 
 SCORES = ("shift", "closest", "cosine_shift", "cosine_closest")  # se_merge's routing rules
-# harness-only score (not in se_merge): the shift ||f_k - f_0|| divided by expert k's mean shift over unlabeled
+# score "shift" after SEMergedModel.calibrate: ||f_k - f_0|| divided by expert k's mean shift over unlabeled
 # calibration samples (the validation images of all tasks, task ids unused) -- removes each expert's overall scale
 CALIBRATED = "shift_calibrated"
 ALL_SCORES = SCORES + (CALIBRATED,)
@@ -768,7 +768,7 @@ def run_backbone(kind: str, args, grids: dict, impl: str, cross_check: bool, wor
     keys = [(K, m) for K in K_SETS for m in METHODS]
     out(f"\nAblation (validation split, seed {seed0}; {len(table)} configurations in "
         f"{time.perf_counter() - t_abl:.0f} s): task identification (id) and mean accuracy (acc) of SE-Merging")
-    out("(scores: " + ", ".join(SCORES) + f" as in se_merge; {CALIBRATED}: harness only, see the docstring)")
+    out("(scores: " + ", ".join(SCORES) + f" as in se_merge; {CALIBRATED}: shift after SEMergedModel.calibrate on unlabeled validation images)")
     head = f"{'probe':<9} {'score':<17} {'T':>4} {'total':<7} " + " ".join(
         f"{f'K{K} {METHOD_LABEL[m]}':>13}" for K, m in keys) + f" {'mean acc':>9}"
     for title, cfgs in ((f"stage 1: probe x score x total at T = {STAGE1_TEMPERATURE:g}", stage1),
@@ -832,8 +832,16 @@ def run_backbone(kind: str, args, grids: dict, impl: str, cross_check: bool, wor
                 engine = s["engines"][m]
                 engine.calibrate(engine.features(s["val"][0], (calibrated.probe,)))  # unlabeled validation images
                 alpha = engine.alpha(engine.features(xt, (calibrated.probe,)), calibrated)
+                if impl == "se_merge":  # the library's calibrate + route; the reference is the cross-check
+                    model = engine.build(replace(calibrated, score="shift")).calibrate(s["val"][0])
+                    with torch.no_grad():
+                        routed = model.route(xt)
+                        route_diffs.append((routed - alpha).abs().max().item())
+                        alpha, features = routed, model(xt)
+                else:
+                    features = engine.forward(xt, alpha)
                 add(f"SE-Merging on {METHOD_LABEL[m]}, calibrated shift", per_task_accuracy(
-                    engine.forward(xt, alpha), yt, tt, tr.heads, tasks), task_id_accuracy(alpha, tt, tasks))
+                    features, yt, tt, tr.heads, tasks), task_id_accuracy(alpha, tt, tasks))
             for m in METHODS:
                 engine = s["engines"][m]
                 oracle = F.one_hot(tt, len(DOMAIN_NAMES))[:, :K].float() * engine.total(default)

@@ -217,3 +217,24 @@ def test_compiles_to_one_graph_with_routing_inside():
     for batch in (5, 7):
         x = torch.randn(batch, 12)
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_removes_an_experts_overall_scale():
+    """An expert fine-tuned 10x harder wins every sample on raw shift scores; calibrated, it does not."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    experts = [copy.deepcopy(base) for _ in range(2)]
+    with torch.no_grad():
+        for e, scale in zip(experts, (1.0, 0.1)):
+            for p in e.parameters():
+                p.add_(scale * torch.randn_like(p))
+    model = se_merge(base, experts, probe="0")
+    x = torch.randn(400, 8)
+    assert (model.route(x).argmax(1) == 1).float().mean() == 0  # the big expert always wins
+    raw = expert_scores(model.probe_features(x), "shift")
+    model.calibrate([x[:150], x[150:]])  # batches or one tensor: the same scales
+    torch.testing.assert_close(model.score_scale, raw.abs().mean(0), rtol=1e-5, atol=0)
+    share = (model.route(x).argmax(1) == 1).float().mean().item()
+    assert 0.2 < share < 0.8
+    with pytest.raises(ValueError, match="at least one"):
+        model.calibrate([])

@@ -26,17 +26,24 @@ choice an explicit argument:
    - ``"cosine_shift"``: cos(f_m − f_0, f_k − f_0), whether the merge moved the
      sample in expert k's direction;
    - ``"cosine_closest"``: cos(f_m, f_k).
-   Scores are standardized per sample over the K experts.
+   Each expert's scores are divided by its typical size on unlabeled data
+   (:meth:`SEMergedModel.calibrate`; 1 until called), then standardized per
+   sample over the K experts.
 4. α(x) = softmax(score / temperature) · total, where total = Σ_k λ_k
    (``"lambda"``, keeps the static merge's scale), 1 (``"one"``, a convex mix
    of experts) or a number.
 5. The sample runs through the model with per-sample merged layers
    (:mod:`merging_kernels.layers`, backed by the fused op).
 
-The defaults (probe = the last per-sample layer, score
-"shift", temperature 0.5, total "one") were chosen on validation splits of
-the digits benchmark in ``examples/se_merging_digits.py``; choose yours on
-validation data too.
+Defaults, chosen on validation splits of the digits benchmark
+(``examples/se_merging_digits.py``, results in ``benchmarks/results/``):
+probe = the first per-sample layer (also the cheapest: the routing pass stops
+there), score ``"shift"``, temperature 0.5, total ``"lambda"``. Call
+:meth:`SEMergedModel.calibrate` on unlabeled inputs before use: it divides
+each expert's score by its typical size, which mattered more than any other
+choice there. "closest" identified tasks *below* chance on that benchmark
+(the sample's own expert moves it most, so the merge lies farthest from it);
+choose on your own validation data.
 """
 
 from __future__ import annotations
@@ -80,6 +87,7 @@ class SEMergedModel(nn.Module):
         self.coefficients = coefficients
         self.register_buffer("lam", lam)
         k = lam.shape[0]  # coefficient rows of a routing pass: θ0, each expert, the static merge
+        self.register_buffer("score_scale", torch.ones(k, dtype=torch.float32, device=lam.device))
         self.register_buffer("probe_table", torch.cat([lam.new_zeros(1, k), torch.eye(k, device=lam.device),
                                                        lam[None]]))
         self.probe, self.score, self.temperature, self.total = probe, score, temperature, total
@@ -130,9 +138,37 @@ class SEMergedModel(nn.Module):
 
     @torch.no_grad()
     def route(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Per-sample coefficients α(x) (B, K): softmax(standardized scores / temperature) · total."""
-        return coefficients_from_scores(expert_scores(self.probe_features(x, *args, **kwargs), self.score),
-                                        self.temperature, self.total)
+        """Per-sample coefficients α(x) (B, K): softmax(standardized scores / temperature) · total.
+
+        Scores are divided by the per-expert scales of :meth:`calibrate` (1 until it is called).
+        """
+        scores = expert_scores(self.probe_features(x, *args, **kwargs), self.score) / self.score_scale
+        return coefficients_from_scores(scores, self.temperature, self.total)
+
+    @torch.no_grad()
+    def calibrate(self, inputs, *args, **kwargs) -> SEMergedModel:
+        """Set each expert's score scale to its mean |score| over unlabeled ``inputs``; returns self.
+
+        Some experts move every sample's representation more than others (they were fine-tuned
+        harder); with raw scores they then win most samples whatever the sample's task. Dividing
+        expert k's score by its typical size over a calibration set (no labels, no task ids: e.g.
+        a mix of validation inputs) removes that bias. On the digits benchmark this raised task
+        identification from 0.69 to 0.996 (MLP, K = 4) and accuracy from 0.820 to 0.870.
+
+        Args:
+            inputs: a tensor (N, ...) of inputs, or an iterable of such batches.
+        """
+        batches = [inputs] if isinstance(inputs, torch.Tensor) else inputs
+        total = torch.zeros_like(self.score_scale)
+        count = 0
+        for batch in batches:
+            scores = expert_scores(self.probe_features(batch, *args, **kwargs), self.score)
+            total += scores.abs().sum(0).to(total)
+            count += scores.shape[0]
+        if count == 0:
+            raise ValueError("calibrate needs at least one input sample")
+        self.score_scale.copy_((total / count).clamp_min(torch.finfo(total.dtype).tiny))
+        return self
 
 
 def expert_scores(features: torch.Tensor, score: str) -> torch.Tensor:
@@ -187,7 +223,7 @@ def se_merge(
     probe: str | None = None,
     score: str = "shift",
     temperature: float = 0.5,
-    total: str | float = "one",
+    total: str | float = "lambda",
     strategy: str | None = None,
     backend: str | None = None,
     rank: int | None = None,
@@ -201,7 +237,7 @@ def se_merge(
         lam: static coefficient(s) λ: one number, or K numbers (task arithmetic only); for TIES the scale.
         density: TIES trim density (fraction of each tensor's task vector kept).
         probe: name (as in ``named_modules()``) of the module whose output is the routing
-            representation; default: the last supported layer in registration order.
+            representation; default: the first supported layer in registration order.
         score, temperature, total: the routing rule (module docstring, steps 3–4).
         strategy: per-sample linear strategy (None: chosen per call by the cost model).
         backend: op backend ("torch", "triton" or None for the fastest).
@@ -264,7 +300,7 @@ def se_merge(
     if probe is None:
         if not targets:
             raise ValueError("the model has no supported layer to merge per sample")
-        probe = targets[-1]
+        probe = targets[0]
     if probe not in modules:
         raise ValueError(f"probe {probe!r} is not a module of the model; e.g. {list(modules)[1:6]}")
 
