@@ -13,7 +13,8 @@ Part 1, accuracy. For each architecture (MLP 64-64-64, ResNet-20 at width x0.5, 
 Methods: each model alone, the ensemble of both (2x the parameters, an upper reference), plain averaging,
 weight matching (Git Re-Basin: w=1 from the identity, data-free), activation matching (permute, w=0),
 ZipIt (zip, w=0), MuDSC-permute and MuDSC-zip for w in {0, .25, .5, .75, 1} (w=0 rows are activation
-matching and ZipIt), and "w* (val)": per seed pair, the w with the best validation accuracy (the test
+matching and ZipIt; every MuDSC row starts from the activation-only matching, as the paper does, so its
+w=1 row -- weight-space refinement from that start -- differs from Git Re-Basin's identity start), and "w* (val)": per seed pair, the w with the best validation accuracy (the test
 split is never used for a choice). BatchNorm statistics are re-estimated after every merge of the CNN
 (including plain averaging). Calibration: 512 training images of all 10 digits. Every figure is
 mean +- std over the seed pairs; the verdict lines call a difference smaller than the larger std "no
@@ -178,7 +179,7 @@ def method_list():
     rows.append(("weight matching (w=1, identity init)", dict(mode="permute", w=1.0, init="identity")))
     for mode in ("permute", "zip"):
         for w in WS:
-            rows.append((w_label(mode, w), dict(mode=mode, w=w)))
+            rows.append((w_label(mode, w), dict(mode=mode, w=w, init="activation")))
     return rows
 
 
