@@ -116,6 +116,7 @@ ALL_SCORES = SCORES + (CALIBRATED,)
 STAGE1_TEMPERATURE = 0.5
 TEMPERATURES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 TOTALS = ("lambda", "one")
+LOWRANK_RANKS = (4, 16)  # se_merge(rank=r): each linear task vector as a truncated SVD (the lowrank strategy)
 
 # probe layers (named_modules names whose output is the routing representation), shallow to deep
 PROBES = dict(mlp=("fc1", "fc2", "fc3"), vit=("embed", "blocks.0", "norm"))
@@ -547,9 +548,9 @@ class Engine:
     def total(self, cfg: Config) -> float:
         return self.static_total if cfg.total == "lambda" else 1.0
 
-    def build(self, cfg: Config | None) -> nn.Module:
+    def build(self, cfg: Config | None, rank: int | None = None) -> nn.Module:
         se_merge = load_se_merge()
-        options = dict(base_method=self.method, lam=self.lam)
+        options = dict(base_method=self.method, lam=self.lam, rank=rank)
         if self.method == "ties":
             options["density"] = self.density
         if cfg is not None:
@@ -842,6 +843,13 @@ def run_backbone(kind: str, args, grids: dict, impl: str, cross_check: bool, wor
                     features = engine.forward(xt, alpha)
                 add(f"SE-Merging on {METHOD_LABEL[m]}, calibrated shift", per_task_accuracy(
                     features, yt, tt, tr.heads, tasks), task_id_accuracy(alpha, tt, tasks))
+                if impl == "se_merge" and m == "ta":  # the accuracy cost of low-rank task vectors
+                    for rank in LOWRANK_RANKS:
+                        model = engine.build(replace(calibrated, score="shift"), rank=rank).calibrate(s["val"][0])
+                        with torch.no_grad():
+                            alpha_r = model.route(xt)
+                            add(f"  same, linear task vectors at rank {rank}", per_task_accuracy(
+                                model(xt), yt, tt, tr.heads, tasks), task_id_accuracy(alpha_r, tt, tasks))
             for m in METHODS:
                 engine = s["engines"][m]
                 oracle = F.one_hot(tt, len(DOMAIN_NAMES))[:, :K].float() * engine.total(default)
