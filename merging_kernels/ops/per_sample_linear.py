@@ -47,6 +47,7 @@ compiled once per (dtype, K, tile config) and never per batch size.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -228,16 +229,46 @@ def _stacked_torch(x3, alpha, packed_weight, packed_bias):
     return y if mix is None else y.add_(mix.unsqueeze(1))
 
 
+_workspaces = threading.local()
+
+
+def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat scratch tensor kept per thread on CPU (freshly allocated per call on other devices).
+
+    The per-sample weights of a chunk are tens of MB; on CPU a fresh allocation of that size is
+    returned to the OS after each call and page-faulted in again on the next, which cost more than
+    building the weights (16 × 768 × 3072 fp32: 140 ms per call with fresh buffers, 103 ms with this
+    one; plain linear 88 ms). CUDA's caching allocator already reuses memory. Released by
+    :func:`release_workspaces`.
+    """
+    if device.type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    cache = getattr(_workspaces, "tensors", None)
+    if cache is None:
+        cache = _workspaces.tensors = {}
+    buf = cache.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = cache[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def release_workspaces() -> None:
+    """Free this thread's CPU scratch memory of the materialize strategy (at most ~64 MB per dtype)."""
+    _workspaces.tensors = {}
+
+
 def _materialize_torch(x3, alpha, packed_weight, packed_bias):
     b, t, i = x3.shape
     out, kp1, _ = packed_weight.shape
     a1 = _alpha1(alpha, packed_weight.dtype)
     y = x3.new_empty((b, t, out))
     per_sample = out * i * packed_weight.element_size()
-    chunk = max(1, MATERIALIZE_CHUNK_BYTES // max(per_sample, 1))
+    chunk = min(b, max(1, MATERIALIZE_CHUNK_BYTES // max(per_sample, 1)))
+    scratch = _workspace(out * chunk * i, packed_weight.dtype, x3.device)
     for start in range(0, b, chunk):  # chunks of samples bound the workspace; not a loop over samples
         stop = min(b, start + chunk)
-        w = torch.matmul(a1[start:stop], packed_weight)  # (out, chunk, in): Σ_t α_t W_t per sample
+        w = scratch[:out * (stop - start) * i].view(out, stop - start, i)  # contiguous for matmul's out=
+        torch.matmul(a1[start:stop], packed_weight, out=w)  # Σ_t α_t W_t for each sample of the chunk
         torch.bmm(x3[start:stop], w.permute(1, 2, 0), out=y[start:stop])
     mix = _bias_mix(a1, packed_bias, x3.dtype)
     return y if mix is None else y.add_(mix.unsqueeze(1))
@@ -601,5 +632,6 @@ __all__ = [
     "per_sample_linear",
     "per_sample_linear_torch",
     "per_sample_lowrank_linear",
+    "release_workspaces",
     "strategy_costs",
 ]
