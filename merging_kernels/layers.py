@@ -21,6 +21,7 @@ cost model turns into a few large GEMMs instead of many small ones.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -41,7 +42,11 @@ class Coefficients:
 
     def __init__(self, num_tasks: int):
         self.num_tasks = num_tasks
-        self.alpha: torch.Tensor | None = None
+        self._local = threading.local()  # per thread: two threads may run one model with their own α
+
+    @property
+    def alpha(self) -> torch.Tensor | None:
+        return getattr(self._local, "alpha", None)
 
     def set(self, alpha: torch.Tensor) -> None:
         """R rows of coefficients (R, K): one per sample, or one per block of consecutive samples."""
@@ -50,20 +55,34 @@ class Coefficients:
             raise ValueError(f"alpha must be a (B, {self.num_tasks}) tensor, got {shape}")
         if not alpha.is_floating_point():
             raise TypeError(f"alpha must be a float tensor, got {alpha.dtype}")
-        self.alpha = alpha
+        self._local.alpha = alpha
 
     def clear(self) -> None:
-        self.alpha = None
+        self._local.alpha = None
 
     def rows_for(self, x: torch.Tensor, layer: str) -> torch.Tensor:
         """The coefficients, after checking that x's leading dimension is a multiple of their rows."""
         if self.alpha is None:
             raise RuntimeError(f"{layer}: no coefficients set; call the merged model (or Coefficients.set) first")
-        rows = self.alpha.shape[0]
+        alpha = self.alpha
+        rows = alpha.shape[0]
         if x.dim() == 0 or (x.shape[0] % rows if rows else x.shape[0]):
             raise ValueError(f"{layer}: input's leading dimension {x.shape[0] if x.dim() else None} is not a "
                              f"multiple of alpha's {rows} rows")
-        return self.alpha
+        return alpha
+
+
+def _match_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Under autocast the previous op may hand us a lower-precision x: compute in the weights' dtype.
+    Outside autocast a mismatch is the caller's error and the op says so."""
+    if x.dtype != dtype and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return x.to(dtype)
+    return x
+
+
+def _tokens(shape: torch.Size, rows: int) -> int:
+    """Rows of x (all dims but the last) per coefficient row; explicit, since reshape(-1) fails when empty."""
+    return shape[:-1].numel() // rows if rows else 0
 
 
 def _deltas(base: nn.Module, experts: Sequence[nn.Module], name: str):
@@ -75,21 +94,28 @@ def _deltas(base: nn.Module, experts: Sequence[nn.Module], name: str):
 
 
 class PerSampleLinear(nn.Module):
-    """nn.Linear with per-sample weights W0 + Σ_k α_k τ_k (bias likewise): :func:`per_sample_linear`."""
+    """nn.Linear with per-sample weights W0 + Σ_k α_k τ_k (bias likewise): :func:`per_sample_linear`.
+
+    With ``rank`` r, only W0 and rank-r factors of each τ_k are kept (the ``lowrank`` strategy, always;
+    ``strategy`` does not apply); otherwise the packed exact weights, with the strategy chosen per call.
+    """
 
     def __init__(self, weight, task_weights, bias, task_biases, coefficients: Coefficients, *,
                  strategy: str | None = None, backend: str | None = None, rank: int | None = None, name: str = ""):
         super().__init__()
-        packed, packed_bias = pack_weights(weight, task_weights, bias, task_biases)
-        self.register_buffer("packed_weight", packed)
-        self.register_buffer("packed_bias", packed_bias)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.coefficients = coefficients
         self.strategy, self.backend, self.rank, self.name = strategy, backend, rank, name
-        if rank is not None:
+        if rank is None:
+            packed, packed_bias = pack_weights(weight, task_weights, bias, task_biases)
+            self.register_buffer("packed_weight", packed)
+        else:  # the memory saving is the point: W0 and the factors only
+            _, packed_bias = pack_weights(weight[:, :0], task_weights[:, :, :0], bias, task_biases)
             up, down = lowrank_factors(task_weights, rank)
+            self.register_buffer("base_weight", weight.detach().clone().contiguous())
             self.register_buffer("up", up)
             self.register_buffer("down", down)
+        self.register_buffer("packed_bias", packed_bias)
 
     @classmethod
     def from_modules(cls, base: nn.Linear, experts: Sequence[nn.Linear], coefficients: Coefficients, **kwargs):
@@ -99,19 +125,22 @@ class PerSampleLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.coefficients.rows_for(x, self.name or "PerSampleLinear")
+        weights = self.packed_weight if self.rank is None else self.base_weight
+        x = _match_dtype(x, weights.dtype)
         shape = x.shape
-        x3 = x.reshape(alpha.shape[0], -1, shape[-1])  # (rows, tokens, in); tokens = T (× block size)
+        x3 = x.reshape(alpha.shape[0], _tokens(shape, alpha.shape[0]), shape[-1])  # (rows, tokens, in); tokens = T (× block size)
         if self.rank is not None:
-            y = per_sample_lowrank_linear(x3, alpha.to(x.dtype), self.packed_weight[:, 0], self.up, self.down,
+            y = per_sample_lowrank_linear(x3, alpha.to(x.dtype), self.base_weight, self.up, self.down,
                                           self.packed_bias)
         else:
             y = per_sample_linear(x3, alpha, self.packed_weight, self.packed_bias, strategy=self.strategy,
                                   backend=self.backend)
-        return y.view(*shape[:-1], self.out_features)
+        return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
+        tasks = self.coefficients.num_tasks
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"tasks={self.packed_weight.shape[1] - 1}, strategy={self.strategy}, rank={self.rank}")
+                f"tasks={tasks}, strategy={self.strategy}, rank={self.rank}")
 
 
 class PerSampleLayerNorm(nn.Module):
@@ -129,7 +158,9 @@ class PerSampleLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.coefficients.rows_for(x, self.name or "PerSampleLayerNorm")
-        xg = x.reshape(alpha.shape[0], -1, x.shape[-1])
+        if self.packed_weight is not None:
+            x = _match_dtype(x, self.packed_weight.dtype)
+        xg = x.reshape(alpha.shape[0], _tokens(x.shape, alpha.shape[0]), x.shape[-1])
         return per_sample_layer_norm(xg, alpha, self.packed_weight, self.packed_bias, self.eps).view(x.shape)
 
 
@@ -150,6 +181,11 @@ class PerSampleConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.coefficients.rows_for(x, self.name or "PerSampleConv2d")
+        x = _match_dtype(x, self.packed_weight.dtype)
+        if x.shape[0] == 0:  # a grouped conv cannot have 0 groups: the base filters give the empty output
+            bias = None if self.packed_bias is None else self.packed_bias[0]
+            return torch.nn.functional.conv2d(x, self.packed_weight[0], bias, self.stride, self.padding,
+                                              self.dilation, self.groups)
         if x.shape[0] != alpha.shape[0]:  # blocks of rows share a row of α; filters are small: expand
             alpha = alpha.repeat_interleave(x.shape[0] // alpha.shape[0], dim=0)
         return per_sample_conv2d(x, alpha, self.packed_weight, self.packed_bias, stride=self.stride,

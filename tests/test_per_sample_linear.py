@@ -95,14 +95,15 @@ def test_zero_alpha_is_the_base_layer_and_one_hot_is_each_expert(backend, device
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_samples_are_independent(backend, device):
+@pytest.mark.parametrize("strategy", ["stacked", "materialize"])
+def test_samples_are_independent(backend, device, strategy):
     """A sample's output depends only on its own alpha row (no leaking across the batch)."""
     x, alpha, w, tw, b, tb = _problem(5, 2, 16, 24, 3, device=device)
     pw, pb = pack_weights(w, tw, b, tb)
-    y = per_sample_linear(x, alpha, pw, pb, strategy="stacked", backend=backend)
+    y = per_sample_linear(x, alpha, pw, pb, strategy=strategy, backend=backend)
     alpha2 = alpha.clone()
     alpha2[2] += 5.0
-    y2 = per_sample_linear(x, alpha2, pw, pb, strategy="stacked", backend=backend)
+    y2 = per_sample_linear(x, alpha2, pw, pb, strategy=strategy, backend=backend)
     keep = [0, 1, 3, 4]
     assert torch.equal(y[keep], y2[keep])
     assert not torch.allclose(y[2], y2[2])
@@ -270,3 +271,107 @@ def test_blocks_of_samples_sharing_a_row_equal_repeated_rows():
     coeffs.clear()
     with pytest.raises(RuntimeError, match="no coefficients set"):
         lin(x)
+
+
+# ------------------------------------------------------------------ edge cases found in review
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_many_row_and_column_tiles(backend, device):
+    """M = 1200 rows (several 128-row tiles and a partial GROUP_M group) and several column tiles."""
+    x, alpha, w, tw, b, tb = _problem(300, 4, 8, 150, 2, device=device)
+    pw, pb = pack_weights(w, tw, b, tb)
+    expected = _oracle(x, alpha, w, tw, b, tb)
+    for strategy in ("stacked", "materialize"):
+        y = per_sample_linear(x, alpha, pw, pb, strategy=strategy, backend=backend)
+        assert (y.double() - expected).abs().max().item() < 1e-4
+
+
+def test_float64_keeps_float64_accuracy():
+    x, alpha, w, tw, b, tb = _problem(5, 3, 16, 12, 3, dtype=torch.float64)
+    b = b * 1e3
+    alpha = alpha.double()
+    pw, pb = pack_weights(w, tw, b, tb)
+    expected = per_sample_linear_torch(x, alpha, w, tw, b, tb)
+    for strategy in ("stacked", "materialize"):
+        y = per_sample_linear(x, alpha, pw, pb, strategy=strategy)
+        assert y.dtype == torch.float64
+        assert (y - expected).abs().max().item() < 1e-9
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_float16_does_not_overflow_when_the_result_fits(backend, device):
+    """α·x = 1e5 is not a float16, but every product and the output are."""
+    x, alpha, w, tw, b, tb = _problem(4, None, 16, 8, 2, device=device)
+    x = (x.sign() * 2000).half()
+    alpha = torch.full_like(alpha, 50.0)
+    w, tw = (w * 1e-3).half(), (tw * 1e-4).half()
+    pw, pb = pack_weights(w, tw)
+    expected = per_sample_linear_torch(x.double(), alpha.double(), w.double(), tw.double())
+    assert expected.abs().max() < 6e4
+    for strategy in ("stacked", "materialize"):
+        y = per_sample_linear(x, alpha, pw, strategy=strategy, backend=backend)
+        assert torch.isfinite(y).all(), strategy
+        torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=1e-2 * expected.abs().max().item())
+
+
+def test_workspace_survives_inference_mode():
+    x, alpha, w, tw, b, tb = _problem(4, 6, 16, 8, 2)
+    pw, pb = pack_weights(w, tw, b, tb)
+    with torch.inference_mode():
+        first = per_sample_linear(x, alpha, pw, pb, strategy="materialize")
+    with torch.no_grad():
+        second = per_sample_linear(x, alpha, pw, pb, strategy="materialize")
+    torch.testing.assert_close(first, second)
+
+
+def test_packed_weights_with_other_strides():
+    x, alpha, w, tw, b, tb = _problem(3, 2, 16, 8, 2)
+    pw, pb = pack_weights(w, tw, b, tb)
+    odd = torch.cat([w[None], tw]).transpose(0, 1)  # (out, K+1, in), not contiguous
+    assert not odd.is_contiguous()
+    for strategy in ("stacked", "materialize"):
+        torch.testing.assert_close(per_sample_linear(x, alpha, odd, pb, strategy=strategy),
+                                   per_sample_linear(x, alpha, pw, pb, strategy=strategy))
+
+
+def test_zero_input_features_give_the_bias_mix():
+    alpha = torch.randn(3, 2)
+    pw, pb = pack_weights(torch.empty(4, 0), torch.empty(2, 4, 0), torch.randn(4), torch.randn(2, 4))
+    y = per_sample_linear(torch.empty(3, 0), alpha, pw, pb)
+    torch.testing.assert_close(y, pb[0] + alpha @ pb[1:])
+
+
+def test_lowrank_checks_devices_and_dtypes():
+    x, alpha, w, tw, b, tb = _problem(3, None, 8, 6, 2)
+    up, down = lowrank_factors(tw, 2)
+    with pytest.raises(ValueError, match="up is on meta"):
+        per_sample_lowrank_linear(x, alpha, w, up.to("meta"), down)
+    with pytest.raises(TypeError, match="packed_bias"):
+        per_sample_lowrank_linear(x, alpha, w, up, down, torch.zeros(3, 6, dtype=torch.int64))
+
+
+def test_layers_accept_empty_batches():
+    torch.manual_seed(0)
+    coeffs = Coefficients(2)
+    lin = PerSampleLinear.from_modules(torch.nn.Linear(6, 5), [torch.nn.Linear(6, 5) for _ in range(2)], coeffs)
+    ln = PerSampleLayerNorm(torch.nn.LayerNorm(5), [torch.nn.LayerNorm(5) for _ in range(2)], coeffs)
+    conv = PerSampleConv2d(torch.nn.Conv2d(2, 3, 3), [torch.nn.Conv2d(2, 3, 3) for _ in range(2)], coeffs)
+    coeffs.set(torch.zeros(0, 2))
+    assert lin(torch.zeros(0, 6)).shape == (0, 5)
+    assert ln(lin(torch.zeros(0, 4, 6))).shape == (0, 4, 5)
+    assert conv(torch.zeros(0, 2, 5, 5)).shape == (0, 3, 3, 3)
+    coeffs.set(torch.zeros(2, 2))
+    assert lin(torch.zeros(2, 0, 6)).shape == (2, 0, 5)
+
+
+def test_layer_low_rank_keeps_only_the_factors():
+    torch.manual_seed(0)
+    coeffs = Coefficients(2)
+    base, experts = torch.nn.Linear(12, 10), [torch.nn.Linear(12, 10) for _ in range(2)]
+    exact = PerSampleLinear.from_modules(base, experts, coeffs)
+    full_rank = PerSampleLinear.from_modules(base, experts, coeffs, rank=10)
+    assert not hasattr(full_rank, "packed_weight") and full_rank.up.shape == (10, 20)
+    coeffs.set(torch.randn(4, 2))
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(full_rank(x), exact(x), rtol=1e-4, atol=1e-4)

@@ -238,3 +238,100 @@ def test_calibration_removes_an_experts_overall_scale():
     assert 0.2 < share < 0.8
     with pytest.raises(ValueError, match="at least one"):
         model.calibrate([])
+
+
+def test_unchanged_layers_stay_plain_and_the_default_probe_is_the_first_changed_one():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    experts = [copy.deepcopy(base) for _ in range(2)]
+    with torch.no_grad():
+        for e in experts:
+            e[2].weight.add_(torch.randn_like(e[2].weight))
+    model = se_merge(base, experts)
+    kinds = [type(m).__name__ for m in model.module]
+    assert kinds == ["Linear", "LayerNorm", "PerSampleLinear"] and model.probe == "2"
+    alpha = model.route(torch.randn(64, 6))
+    assert alpha.std(0).max() > 1e-3  # routing reacts to the samples (not λ for everyone)
+
+
+def test_forward_requires_one_alpha_row_per_sample():
+    base, experts = _family()
+    model = se_merge(base, experts)
+    with pytest.raises(ValueError, match=r"alpha must be \(B, K\) = \(4, 3\)"):
+        model(torch.randn(4, 2, 12), alpha=torch.ones(2, 3))
+
+
+def test_threads_keep_their_own_coefficients():
+    import threading
+
+    base, experts = _family()
+    model = se_merge(base, experts)
+    x = torch.randn(8, 2, 12)
+    alphas = [torch.rand(8, 3) for _ in range(4)]
+    expected = [model(x, alpha=a) for a in alphas]
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(20):
+                results[i] = model(x, alpha=alphas[i])
+                assert torch.equal(results[i], expected[i])
+        except Exception as exc:  # collected: an assert in a thread would be lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:1]
+
+
+def test_float64_models_merge_in_float64():
+    base, experts = _family()
+    base, experts = base.double(), [e.double() for e in experts]
+    x = torch.randn(3, 2, 12, dtype=torch.float64)
+    model = se_merge(base, experts, lam=0.3)
+    static = _load(base, task_arithmetic(base.state_dict(), [e.state_dict() for e in experts], 0.3))
+    assert (model(x, alpha=model.static_alpha(3)) - static(x)).abs().max() < 1e-12
+
+
+def test_runs_under_autocast():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    experts = [copy.deepcopy(base) for _ in range(2)]
+    with torch.no_grad():
+        for e in experts:
+            for p in e.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    model = se_merge(base, experts)
+    x = torch.randn(5, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x, alpha=model.static_alpha(5))
+    torch.testing.assert_close(y.float(), model(x, alpha=model.static_alpha(5)), rtol=2e-2, atol=2e-2)
+
+
+def test_low_rank_option_matches_exact_at_full_rank():
+    base, experts = _family()
+    x = torch.randn(4, 2, 12)
+    exact, low = se_merge(base, experts), se_merge(base, experts, rank=16)
+    alpha = torch.rand(4, 3)
+    torch.testing.assert_close(low(x, alpha=alpha), exact(x, alpha=alpha), rtol=1e-4, atol=1e-4)
+
+
+def test_subclasses_of_supported_layers_are_refused_when_changed():
+    class WithAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
+    torch.manual_seed(0)
+    base = WithAttention()
+    experts = [copy.deepcopy(base) for _ in range(2)]
+    with torch.no_grad():
+        experts[0].attn.out_proj.weight.add_(0.1)
+    with pytest.raises(TypeError, match="layer attn.out_proj .*NonDynamicallyQuantizableLinear"):
+        se_merge(base, experts)

@@ -49,6 +49,8 @@ choose on your own validation data.
 from __future__ import annotations
 
 import copy
+import numbers
+import threading
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -91,13 +93,14 @@ class SEMergedModel(nn.Module):
         self.register_buffer("probe_table", torch.cat([lam.new_zeros(1, k), torch.eye(k, device=lam.device),
                                                        lam[None]]))
         self.probe, self.score, self.temperature, self.total = probe, score, temperature, total
-        self._captured: list[torch.Tensor] | None = None  # set while a routing pass runs
+        self._local = threading.local()  # the routing pass's captured features, per calling thread
         # registered once (not per call) so that torch.compile traces route() without graph breaks
         dict(module.named_modules())[probe].register_forward_hook(self._probe_hook)
 
     def _probe_hook(self, _module, _inputs, output):
-        if self._captured is not None:
-            self._captured.append(output[0] if isinstance(output, tuple) else output)
+        captured = getattr(self._local, "captured", None)
+        if captured is not None:
+            captured.append(output[0] if isinstance(output, tuple) else output)
             if not _compiling():  # eager: nothing after the probe is needed; compiled: run to the end
                 raise _ProbeReached
 
@@ -110,8 +113,18 @@ class SEMergedModel(nn.Module):
         return self.lam.expand(batch, -1)
 
     def forward(self, x: torch.Tensor, *args, alpha: torch.Tensor | None = None, **kwargs):
+        """Run the model with per-sample coefficients: routed (:meth:`route`) or given, alpha (B, K).
+
+        Inference only: the per-sample ops have no autograd formula. Safe to call from several
+        threads (coefficients are kept per thread).
+        """
         if alpha is None:
             alpha = self.route(x, *args, **kwargs)
+        elif not isinstance(alpha, torch.Tensor) or alpha.shape != (x.shape[0], self.num_tasks):
+            shape = tuple(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__
+            raise ValueError(f"alpha must be (B, K) = ({x.shape[0]}, {self.num_tasks}), got {shape}")
+        elif alpha.device != x.device:
+            raise ValueError(f"alpha is on {alpha.device} but x is on {x.device}")
         self.coefficients.set(alpha)
         try:
             return self.module(x, *args, **kwargs)
@@ -120,17 +133,29 @@ class SEMergedModel(nn.Module):
 
     @torch.no_grad()
     def probe_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """(K + 2, B, F) probe features under θ0, each expert θ0 + τ_k, and the static merge, in one pass."""
+        """(K + 2, B, F) probe features under θ0, each expert θ0 + τ_k, and the static merge, in one pass.
+
+        The batch is replicated K + 2 times, and so is every tensor in ``args``/``kwargs`` whose leading
+        dimension is B (e.g. an attention mask). In eager mode the pass stops at the probe; under
+        torch.compile it runs the whole replicated model (an exception cannot end a compiled graph).
+        """
         k, b = self.num_tasks, x.shape[0]
-        replicated = x.repeat(k + 2, *([1] * (x.dim() - 1)))
-        self._captured = captured = []
+
+        def replicate(v):
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b:
+                return v.repeat(k + 2, *([1] * (v.dim() - 1)))
+            return v
+
+        args = tuple(replicate(a) for a in args)
+        kwargs = {name: replicate(v) for name, v in kwargs.items()}
+        self._local.captured = captured = []
         self.coefficients.set(self.probe_table)  # one row per replica of the batch
         try:
-            self.module(replicated, *args, **kwargs)
+            self.module(replicate(x), *args, **kwargs)
         except _ProbeReached:
             pass
         finally:
-            self._captured = None
+            self._local.captured = None
             self.coefficients.clear()
         if not captured:
             raise RuntimeError(f"probe module {self.probe!r} did not run in the forward pass")
@@ -196,8 +221,10 @@ def coefficients_from_scores(scores: torch.Tensor, temperature: float, total: fl
 
 def _task_vectors(base_sd, expert_sds, names, base_method: str, lam: torch.Tensor, density: float):
     """name -> (K, *shape) task vectors that the per-sample layers mix (see the module docstring, step 1)."""
-    deltas = {n: torch.stack([sd[n].detach().float() - base_sd[n].detach().float() for sd in expert_sds])
-              for n in names}
+    def acc(t):  # float32 for 16-bit parameters, float64 stays float64
+        return t.detach().to(torch.promote_types(t.dtype, torch.float32))
+
+    deltas = {n: torch.stack([acc(sd[n]) - acc(base_sd[n]) for sd in expert_sds]) for n in names}
     if base_method == "ta":
         return deltas
     thresholds = magnitude_thresholds([base_sd[n].detach() for n in names],
@@ -289,8 +316,8 @@ def se_merge(
     for name, module in modules.items():
         own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
         own += [f"{name}.{b}" if name else b for b, _ in module.named_buffers(recurse=False)]
-        if isinstance(module, _SUPPORTED):
-            if any(p in base_sd for p in own):
+        if type(module) in _SUPPORTED:  # exact types: a subclass may read its parameters from outside
+            if any(p in changed for p in own):  # unchanged layers stay ordinary shared layers
                 targets.append(name)
         elif any(p in changed for p in own):
             bad = [p for p in own if p in changed]
@@ -299,7 +326,7 @@ def se_merge(
                             f"{[c.__name__ for c in _SUPPORTED]}")
     if probe is None:
         if not targets:
-            raise ValueError("the model has no supported layer to merge per sample")
+            raise ValueError("no supported layer differs between base and experts: nothing to merge per sample")
         probe = targets[0]
     if probe not in modules:
         raise ValueError(f"probe {probe!r} is not a module of the model; e.g. {list(modules)[1:6]}")
@@ -348,15 +375,17 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _lambda_vector(lam, k: int, base_method: str) -> torch.Tensor:
-    if isinstance(lam, (int, float)) and not isinstance(lam, bool):
-        return torch.full((k,), check_real(lam, "lam"), dtype=torch.float32)
+    if isinstance(lam, torch.Tensor) and lam.dim() == 0:
+        lam = lam.item()
+    if isinstance(lam, numbers.Real) and not isinstance(lam, bool):
+        return torch.full((k,), check_real(lam, "lam"), dtype=torch.float64)  # cast per use
     if isinstance(lam, (Sequence, torch.Tensor)) and not isinstance(lam, str):
         if base_method == "ties":
             raise ValueError("for base_method='ties', lam is TIES' single scale; per-task lam needs 'ta'")
         values = [check_real(float(v), f"lam[{i}]") for i, v in enumerate(lam)]
         if len(values) != k:
             raise ValueError(f"lam must have one value per expert ({k}), got {len(values)}")
-        return torch.tensor(values, dtype=torch.float32)
+        return torch.tensor(values, dtype=torch.float64)
     raise TypeError(f"lam must be a number or a sequence of numbers, got {type(lam).__name__}")
 
 

@@ -15,13 +15,17 @@ from the shapes with the cost model below, ``strategy=`` overrides it):
 
 - ``"stacked"``: y = Σ_{t=0..K} (α_t ⊙ x) W_tᵀ with α_0 = 1, one GEMM over the
   (K+1)-fold reduction dimension: (K+1)·B·T·in·out MACs, every weight read
-  once per batch whatever B is. On CUDA a Triton kernel reads each x tile once
-  and scales it per (sample, task) in registers; on CPU the scaled input
-  [x, α_1 x, …, α_K x] (B·T, (K+1)·in) meets the packed weights in one BLAS GEMM.
+  once per batch whatever B is. On CUDA a Triton kernel accumulates x W_tᵀ per
+  task in float32 and adds it to the output tile scaled by each row's α_t, so
+  nothing is rounded or overflows on the way (x tiles are re-read per task,
+  from L2); on CPU the scaled input [x, α_1 x, …, α_K x] (B·T, (K+1)·in) meets
+  the packed weights in one BLAS GEMM (float16 instead computes the K+1
+  products and mixes them in float32, since α·x could overflow float16).
 - ``"materialize"``: W_b = W0 + Σ_k α_bk τ_k for every sample (one GEMM over K),
   then a batched GEMM: K·B·in·out + B·T·in·out MACs, best when T ≫ K.
-  Samples are processed in chunks so the per-sample weights stay in cache-sized
-  pieces of memory (at most ``MATERIALIZE_CHUNK_BYTES``).
+  Samples are processed in chunks so the per-sample weights stay within
+  ``MATERIALIZE_CHUNK_BYTES`` (64 MB on CPU, 1 GB on CUDA; one sample's weights
+  if they are larger).
 - ``"lowrank"``: with τ_k ≈ U_k V_k (rank r, :func:`lowrank_factors`),
   y = x W0ᵀ + Σ_k α_bk (x V_kᵀ) U_kᵀ as three GEMMs over all K at once (the
   multi-adapter LoRA pattern): B·T·(in·out + K·r·(in+out)) MACs. Approximate
@@ -41,7 +45,8 @@ materializes every sample's weights in float64-capable plain torch.
 The op is declared with ``torch.library`` (``merging_kernels::per_sample_linear``
 and ``merging_kernels::per_sample_lowrank_linear``) with fake implementations,
 so models that call it work under ``torch.compile``; the Triton kernel is
-compiled once per (dtype, K, tile config) and never per batch size.
+compiled once per (dtype, tile config) and never per batch size or K. The ops are
+for inference: they have no autograd formula (backward raises).
 """
 
 from __future__ import annotations
@@ -59,8 +64,9 @@ from .._validation import check_choice, check_float_tensor, check_int
 PER_SAMPLE_LINEAR = OpBackends("per_sample_linear", cpu=(), cuda=("triton",))
 STRATEGIES = ("stacked", "materialize", "lowrank")
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Per-sample weights are built this many bytes at a time (materialize strategy).
-MATERIALIZE_CHUNK_BYTES = 64 << 20
+# Per-sample weights are built this many bytes at a time (materialize strategy), per device type: on CPU
+# a cache-friendly piece kept as a per-thread workspace; on CUDA enough for many samples of large layers.
+MATERIALIZE_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
 # MACs one element of memory traffic is worth (the machine balance), per device type: a strategy's
 # cost is max(MACs / balance, elements moved). Rough, but the strategies differ by integer factors.
 MACHINE_BALANCE = {"cpu": 10.0, "cuda": 200.0}
@@ -208,6 +214,11 @@ def choose_strategy(batch: int, tokens: int, in_features: int, out_features: int
 # --------------------------------------------------------------------------- torch strategies
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit inputs, the input's dtype otherwise (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _alpha1(alpha: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[1, α] (B, K+1): slot 0 is the base layer's coefficient."""
     return torch.cat([alpha.new_ones((alpha.shape[0], 1)), alpha], dim=1).to(dtype)
@@ -216,15 +227,20 @@ def _alpha1(alpha: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _bias_mix(alpha1: torch.Tensor, packed_bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     if packed_bias is None:
         return None
-    return (alpha1.to(torch.float32) @ packed_bias.to(torch.float32)).to(dtype)  # (B, out)
+    acc = _acc_dtype(packed_bias.dtype)
+    return (alpha1.to(acc) @ packed_bias.to(acc)).to(dtype)  # (B, out)
 
 
 def _stacked_torch(x3, alpha, packed_weight, packed_bias):
     b, t, i = x3.shape
     out, kp1, _ = packed_weight.shape
     a1 = _alpha1(alpha, x3.dtype)
-    scaled = (x3.unsqueeze(2) * a1[:, None, :, None]).reshape(b * t, kp1 * i)  # [x, α_1 x, …, α_K x]
-    y = F.linear(scaled, packed_weight.view(out, kp1 * i)).view(b, t, out)
+    if x3.dtype == torch.float16:  # α·x may overflow float16: the K+1 products, mixed in float32
+        z = F.linear(x3.reshape(b * t, i), packed_weight.view(out * kp1, i)).view(b, t, out, kp1)
+        y = torch.einsum("btok,bk->bto", z.float(), _alpha1(alpha, torch.float32)).to(x3.dtype)
+    else:
+        scaled = (x3.unsqueeze(2) * a1[:, None, :, None]).reshape(b * t, kp1 * i)  # [x, α_1 x, …, α_K x]
+        y = F.linear(scaled, packed_weight.view(out, kp1 * i)).view(b, t, out)
     mix = _bias_mix(a1, packed_bias, x3.dtype)
     return y if mix is None else y.add_(mix.unsqueeze(1))
 
@@ -248,12 +264,14 @@ def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Te
         cache = _workspaces.tensors = {}
     buf = cache.get(dtype)
     if buf is None or buf.numel() < numel:
-        buf = cache[dtype] = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+            buf = cache[dtype] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 
 def release_workspaces() -> None:
-    """Free this thread's CPU scratch memory of the materialize strategy (at most ~64 MB per dtype)."""
+    """Free this thread's CPU scratch memory of the materialize strategy (one chunk of per-sample weights
+    per dtype: ``MATERIALIZE_CHUNK_BYTES``, or one sample's weights if that is larger)."""
     _workspaces.tensors = {}
 
 
@@ -263,7 +281,8 @@ def _materialize_torch(x3, alpha, packed_weight, packed_bias):
     a1 = _alpha1(alpha, packed_weight.dtype)
     y = x3.new_empty((b, t, out))
     per_sample = out * i * packed_weight.element_size()
-    chunk = min(b, max(1, MATERIALIZE_CHUNK_BYTES // max(per_sample, 1)))
+    budget = MATERIALIZE_CHUNK_BYTES.get(x3.device.type, MATERIALIZE_CHUNK_BYTES["cuda"])
+    chunk = min(b, max(1, budget // max(per_sample, 1)))
     scratch = _workspace(out * chunk * i, packed_weight.dtype, x3.device)
     for start in range(0, b, chunk):  # chunks of samples bound the workspace; not a loop over samples
         stop = min(b, start + chunk)
@@ -308,12 +327,15 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        """y[m] = Σ_{t=0..K} (α[m // T, t] x[m]) W_tᵀ (+ the mixed bias), α_0 = 1.
+        """y[m] = Σ_{t=0..K} α[m // T, t] (x[m] W_tᵀ) (+ the mixed bias), α_0 = 1.
 
-        One flat reduction loop over (task, k-block) pairs, so the software pipeline sees a single
-        loop and its shared memory does not grow with K (K is a run-time argument: one compiled
-        kernel serves every K). The x tile is rescaled per (row, task) in registers on its way to
-        tl.dot; it is re-read once per task, from L2, while each weight tile is read once.
+        One flat loop over (task, k-block) pairs, so the software pipeline sees a single loop and its
+        shared memory does not grow with K (a run-time argument: one compiled kernel serves every K).
+        x W_tᵀ is accumulated in float32 per task and added to the output tile scaled by each row's
+        α_t at the task's last k-block: scaling the float32 partial product rather than x keeps x
+        exact in tl.dot and cannot overflow a 16-bit input type. x tiles are re-read once per task
+        (from L2); weight tiles once. Addresses are a 64-bit base per program plus 32-bit offsets
+        within the tile (fewer registers than 64-bit pointers per element).
         """
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -324,28 +346,37 @@ if triton is not None:
         pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
         pid_n = (pid % (GROUP_M * num_n)) // size_m
 
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        local_m = tl.arange(0, BLOCK_M)
+        local_n = tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
+        rows = pid_m * BLOCK_M + local_m
+        cols = pid_n * BLOCK_N + local_n
         row_ok = rows < M
         col_ok = cols < N
         sample = (rows // T).to(tl.int64)
+        x_base = x_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_xm
+        w_base = w_ptr + (pid_n * BLOCK_N).to(tl.int64) * stride_wn
+        x_offsets = local_m[:, None] * stride_xm + ks[None, :] * stride_xk  # int32 within the tile
+        w_offsets = ks[:, None] * stride_wk + local_n[None, :] * stride_wn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
-        w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         steps = tl.cdiv(IN, BLOCK_K)
         for step in range(0, (num_tasks + 1) * steps):
             t = step // steps
-            k = (step - t * steps) * BLOCK_K + ks
-            k_ok = k < IN
-            x = tl.load(x_rows + k[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            task = tl.zeros([BLOCK_M], dtype=tl.int32) + t  # a tensor, also in the interpreter
-            a = tl.load(a_ptr + sample * stride_ab + (task - 1) * stride_ak, mask=row_ok & (task > 0), other=0.0)
-            a = tl.where(task > 0, a.to(tl.float32), 1.0)  # slot 0 is the base: x itself (exact)
-            xs = (x.to(tl.float32) * a[:, None]).to(DOT_DTYPE)
-            w = tl.load(w_cols + t * stride_wt + k[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :],
+            k0 = (step - t * steps) * BLOCK_K
+            k_ok = (k0 + ks) < IN
+            x = tl.load(x_base + k0.to(tl.int64) * stride_xk + x_offsets, mask=row_ok[:, None] & k_ok[None, :],
                         other=0.0)
-            acc = tl.dot(xs, w.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            w = tl.load(w_base + (t.to(tl.int64) * stride_wt + k0.to(tl.int64) * stride_wk) + w_offsets,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            part = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), part, input_precision=PRECISION)
+            task = tl.zeros([BLOCK_M], dtype=tl.int32) + t  # a tensor, also in the interpreter
+            last = (tl.zeros([BLOCK_M], dtype=tl.int32) + k0 + BLOCK_K) >= IN  # the task's last k-block
+            a = tl.load(a_ptr + sample * stride_ab + (task - 1) * stride_ak, mask=row_ok & (task > 0) & last,
+                        other=0.0)
+            a = tl.where(task > 0, a.to(tl.float32), 1.0)  # slot 0 is the base layer
+            acc = tl.where(last[:, None], acc + a[:, None] * part, acc)
+            part = tl.where(last[:, None], 0.0, part)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols * stride_bn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             for t in range(1, num_tasks + 1):
@@ -360,16 +391,22 @@ def _stacked_config(rows: int, element_size: int) -> tuple[int, int, int, int, i
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): three tile shapes by row count, per dtype.
 
     Tiles depend on the row bucket and the dtype, never on the exact batch size or K, so the kernel
-    compiles at most three variants per dtype. Shared memory is num_stages x (x tile + one weight
-    tile), whatever K is. Checked by compiling for sm_90 with triton 3.6 and ptxas -v: 18-92 KB of
-    shared memory, no register spills, for fp32 (ieee/tf32), fp16 and bf16.
+    compiles at most three variants per dtype. Chosen by compiling for sm_90 with triton 3.6 and
+    reading ptxas -v: the two float32 accumulators (output and per-task part) leave no room for
+    128x128 tiles; these use 10-72 KB of shared memory and spill no registers (fp32 ieee/tf32, bf16,
+    fp16). Their speed has not been measured on a GPU yet.
     """
-    block_k = 32 if element_size == 4 else 64
+    if element_size == 4:
+        if rows <= 16:
+            return 16, 64, 32, 4, 3
+        if rows <= 64:
+            return 64, 64, 32, 8, 3
+        return 128, 64, 32, 8, 2
     if rows <= 16:
-        return 16, 128, block_k, 4, 4
+        return 16, 128, 64, 4, 3
     if rows <= 64:
-        return 64, 128, block_k, 8, 4  # 4 warps spilled here (ptxas: 388 B bf16, 44 B fp32)
-    return 128, 128, block_k, 8, 3
+        return 64, 128, 64, 8, 3
+    return 128, 64, 64, 8, 3
 
 
 def _dot_dtype(dtype: torch.dtype):
@@ -409,10 +446,14 @@ def _stacked_triton(x3, alpha, packed_weight, packed_bias):
 def _run(x: torch.Tensor, alpha: torch.Tensor, packed_weight: torch.Tensor, packed_bias: torch.Tensor | None,
          strategy: str, backend: str) -> torch.Tensor:
     x3 = x if x.dim() == 3 else x.unsqueeze(1)
-    if x3.shape[0] * x3.shape[1] == 0 or packed_weight.shape[0] == 0:
-        y = x3.new_zeros((*x3.shape[:2], packed_weight.shape[0]))
+    b, t, i = x3.shape
+    out, kp1, _ = packed_weight.shape
+    if strategy == "auto":  # decided here, on concrete shapes, so torch.compile adds no guards for it
+        strategy = choose_strategy(b, t, i, out, kp1 - 1, None, x.device.type)
+    if b * t * out == 0 or i == 0:  # nothing to multiply: the bias mix (or nothing)
+        y = x3.new_zeros((b, t, out))
         if packed_bias is not None and y.numel():
-            y += _bias_mix(_alpha1(alpha, torch.float32), packed_bias, x3.dtype).unsqueeze(1)
+            y += _bias_mix(_alpha1(alpha, packed_bias.dtype), packed_bias, x3.dtype).unsqueeze(1)
     elif strategy == "stacked" and backend == "triton":
         y = _stacked_triton(x3, alpha, packed_weight, packed_bias)
     elif strategy == "stacked":
@@ -484,8 +525,8 @@ def per_sample_linear(
             for NaN (that would cost a host sync); NaN propagates to the sample's outputs as in F.linear.
         packed_weight: (out, K+1, in) from :func:`pack_weights`, in x's dtype and on its device.
         packed_bias: (K+1, out) from :func:`pack_weights`, or None.
-        strategy: ``"stacked"``, ``"materialize"`` or None (:func:`choose_strategy`). The ``lowrank``
-            strategy takes factors instead: :func:`per_sample_lowrank_linear`.
+        strategy: ``"stacked"``, ``"materialize"``, or None / ``"auto"`` (:func:`choose_strategy`, decided
+            inside the op). The ``lowrank`` strategy takes factors instead: :func:`per_sample_lowrank_linear`.
         backend: ``"triton"`` (CUDA), ``"torch"`` or None (fastest available).
 
     Returns:
@@ -505,17 +546,17 @@ def per_sample_linear(
             raise ValueError(f"packed_bias must be ({kp1}, {out}), got shape {tuple(packed_bias.shape)}")
         if packed_bias.device != x.device:
             raise ValueError(f"packed_bias is on {packed_bias.device} but x is on {x.device}")
-    tokens = x.shape[1] if x.dim() == 3 else 1
     if strategy is None:
-        strategy = choose_strategy(x.shape[0], tokens, in_features, out, kp1 - 1, None, x.device.type)
-    check_choice(strategy, "strategy", ("stacked", "materialize"))
+        strategy = "auto"
+    check_choice(strategy, "strategy", ("auto", "stacked", "materialize"))
     chosen = resolve_backend(PER_SAMPLE_LINEAR, backend, x.device)
     if x.dtype == torch.float64 and chosen == "triton":
         chosen = "torch"  # tl.dot has no float64 tensor-core path worth having; cuBLAS does it
-    if packed_weight.stride(-1) != 1:
+    if not packed_weight.is_contiguous():  # the CPU GEMM views it as (out, (K+1)·in): costs a copy per call
         packed_weight = packed_weight.contiguous()
-    if alpha.dtype != torch.float32:
-        alpha = alpha.float()
+    acc = _acc_dtype(x.dtype)
+    if alpha.dtype != acc:
+        alpha = alpha.to(acc)
     return _run_op(x, alpha, packed_weight, packed_bias, strategy, chosen)
 
 
@@ -548,8 +589,13 @@ def per_sample_lowrank_linear(
         raise ValueError(f"up must be ({out}, {kr}), got shape {tuple(up.shape)}")
     if up.dtype != x.dtype or down.dtype != x.dtype:
         raise TypeError(f"up/down must be {x.dtype} like x, got {up.dtype}/{down.dtype}")
-    if packed_bias is not None and packed_bias.shape != (num_tasks + 1, out):
-        raise ValueError(f"packed_bias must be ({num_tasks + 1}, {out}), got shape {tuple(packed_bias.shape)}")
+    if packed_bias is not None:
+        check_float_tensor(packed_bias, "packed_bias")
+        if packed_bias.shape != (num_tasks + 1, out):
+            raise ValueError(f"packed_bias must be ({num_tasks + 1}, {out}), got shape {tuple(packed_bias.shape)}")
+    for name, t in (("weight", weight), ("up", up), ("down", down), ("packed_bias", packed_bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     return _run_lowrank_op(x, alpha.to(x.dtype), weight, up, down, packed_bias)
 
 
@@ -571,8 +617,11 @@ def per_sample_layer_norm(
         x: (B, ..., D); alpha: (B, K); packed_weight / packed_bias: (K+1, D) or None (no affine term).
     """
     check_float_tensor(x, "x")
+    check_float_tensor(alpha, "alpha")
     if x.dim() < 2:
         raise ValueError(f"x must be (B, ..., D), got shape {tuple(x.shape)}")
+    if alpha.dim() != 2:
+        raise ValueError(f"alpha must be (B, K), got shape {tuple(alpha.shape)}")
     d = x.shape[-1]
     for name, p in (("packed_weight", packed_weight), ("packed_bias", packed_bias)):
         if p is not None and (p.dim() != 2 or p.shape != (alpha.shape[1] + 1, d)):
@@ -580,12 +629,13 @@ def per_sample_layer_norm(
     if alpha.dim() != 2 or alpha.shape[0] != x.shape[0]:
         raise ValueError(f"alpha must be (B, K) with B = {x.shape[0]}, got shape {tuple(alpha.shape)}")
     y = F.layer_norm(x, (d,), None, None, eps)
-    a1 = _alpha1(alpha, torch.float32)
+    acc = _acc_dtype(x.dtype)
+    a1 = _alpha1(alpha, _acc_dtype(x.dtype))
     view = (x.shape[0],) + (1,) * (x.dim() - 2) + (d,)
     if packed_weight is not None:
-        y = y * (a1 @ packed_weight.float()).to(x.dtype).view(view)
+        y = y * (a1 @ packed_weight.to(acc)).to(x.dtype).view(view)
     if packed_bias is not None:
-        y = y + (a1 @ packed_bias.float()).to(x.dtype).view(view)
+        y = y + (a1 @ packed_bias.to(acc)).to(x.dtype).view(view)
     return y
 
 
@@ -607,16 +657,21 @@ def per_sample_conv2d(
         packed_bias: (K+1, C_out) or None. Padding modes other than zeros are not supported.
     """
     check_float_tensor(x, "x")
+    check_float_tensor(alpha, "alpha")
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    if packed_weight.dim() != 5 or packed_weight.shape[2] * groups != x.shape[1]:
+        raise ValueError(f"packed_weight must be (K+1, C_out, C_in / groups, kh, kw) with C_in = {x.shape[1]}, "
+                         f"groups = {groups}; got shape {tuple(packed_weight.shape)}")
     if alpha.dim() != 2 or alpha.shape[0] != x.shape[0] or packed_weight.shape[0] != alpha.shape[1] + 1:
         raise ValueError(f"alpha must be (B, K) with B = {x.shape[0]} and K + 1 = {packed_weight.shape[0]}, "
                          f"got shape {tuple(alpha.shape)}")
     b = x.shape[0]
     kp1, c_out = packed_weight.shape[:2]
-    a1 = _alpha1(alpha, torch.float32)
-    w = (a1 @ packed_weight.reshape(kp1, -1).float()).to(x.dtype).view(b * c_out, *packed_weight.shape[2:])
-    bias = None if packed_bias is None else (a1 @ packed_bias.float()).to(x.dtype).reshape(b * c_out)
+    acc = _acc_dtype(x.dtype)
+    a1 = _alpha1(alpha, acc)
+    w = (a1 @ packed_weight.reshape(kp1, -1).to(acc)).to(x.dtype).view(b * c_out, *packed_weight.shape[2:])
+    bias = None if packed_bias is None else (a1 @ packed_bias.to(acc)).to(x.dtype).reshape(b * c_out)
     y = F.conv2d(x.reshape(1, b * x.shape[1], *x.shape[2:]), w, bias, stride, padding, dilation, groups * b)
     return y.view(b, c_out, *y.shape[2:])
 
