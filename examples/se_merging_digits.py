@@ -119,7 +119,7 @@ TOTALS = ("lambda", "one")
 LOWRANK_RANKS = (4, 16)  # se_merge(rank=r): each linear task vector as a truncated SVD (the lowrank strategy)
 
 # probe layers (named_modules names whose output is the routing representation), shallow to deep
-PROBES = dict(mlp=("fc1", "fc2", "fc3"), vit=("embed", "blocks.0", "norm"))
+PROBES = dict(mlp=("fc1", "fc2", "fc3"), vit=("embed", "blocks.0.attn.q", "blocks.0", "norm"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
