@@ -375,3 +375,13 @@ def test_layer_low_rank_keeps_only_the_factors():
     coeffs.set(torch.randn(4, 2))
     x = torch.randn(4, 12)
     torch.testing.assert_close(full_rank(x), exact(x), rtol=1e-4, atol=1e-4)
+
+
+def test_materialize_in_blocks_of_output_rows(monkeypatch):
+    from merging_kernels.ops import per_sample_linear as module
+
+    monkeypatch.setitem(module.MATERIALIZE_CHUNK_BYTES, "cpu", 16 * 5 * 24 * 4 * 2)  # 32 rows per block
+    x, alpha, w, tw, b, tb = _problem(5, 3, 24, 70, 2)  # 70 rows: blocks of 32, 32, 6
+    pw, pb = pack_weights(w, tw, b, tb)
+    y = per_sample_linear(x, alpha, pw, pb, strategy="materialize")
+    assert (y.double() - _oracle(x, alpha, w, tw, b, tb)).abs().max().item() < 1e-5

@@ -23,9 +23,8 @@ from the shapes with the cost model below, ``strategy=`` overrides it):
   products and mixes them in float32, since α·x could overflow float16).
 - ``"materialize"``: W_b = W0 + Σ_k α_bk τ_k for every sample (one GEMM over K),
   then a batched GEMM: K·B·in·out + B·T·in·out MACs, best when T ≫ K.
-  Samples are processed in chunks so the per-sample weights stay within
-  ``MATERIALIZE_CHUNK_BYTES`` (64 MB on CPU, 1 GB on CUDA; one sample's weights
-  if they are larger).
+  Output rows are processed in blocks so the per-sample weights stay within
+  ``MATERIALIZE_CHUNK_BYTES`` (64 MB on CPU, 1 GB on CUDA; at least 16 rows).
 - ``"lowrank"``: with τ_k ≈ U_k V_k (rank r, :func:`lowrank_factors`),
   y = x W0ᵀ + Σ_k α_bk (x V_kᵀ) U_kᵀ as three GEMMs over all K at once (the
   multi-adapter LoRA pattern): B·T·(in·out + K·r·(in+out)) MACs. Approximate
@@ -251,7 +250,7 @@ _workspaces = threading.local()
 def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A flat scratch tensor kept per thread on CPU (freshly allocated per call on other devices).
 
-    The per-sample weights of a chunk are tens of MB; on CPU a fresh allocation of that size is
+    A block of per-sample weights is tens of MB; on CPU a fresh allocation of that size is
     returned to the OS after each call and page-faulted in again on the next, which cost more than
     building the weights (16 × 768 × 3072 fp32: 140 ms per call with fresh buffers, 103 ms with this
     one; plain linear 88 ms). CUDA's caching allocator already reuses memory. Released by
@@ -270,8 +269,8 @@ def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Te
 
 
 def release_workspaces() -> None:
-    """Free this thread's CPU scratch memory of the materialize strategy (one chunk of per-sample weights
-    per dtype: ``MATERIALIZE_CHUNK_BYTES``, or one sample's weights if that is larger)."""
+    """Free this thread's CPU scratch memory of the materialize strategy (one block of per-sample weights
+    per dtype: ``MATERIALIZE_CHUNK_BYTES``, or 16 output rows for every sample if that is larger)."""
     _workspaces.tensors = {}
 
 
@@ -279,16 +278,24 @@ def _materialize_torch(x3, alpha, packed_weight, packed_bias):
     b, t, i = x3.shape
     out, kp1, _ = packed_weight.shape
     a1 = _alpha1(alpha, packed_weight.dtype)
-    y = x3.new_empty((b, t, out))
-    per_sample = out * i * packed_weight.element_size()
     budget = MATERIALIZE_CHUNK_BYTES.get(x3.device.type, MATERIALIZE_CHUNK_BYTES["cuda"])
-    chunk = min(b, max(1, budget // max(per_sample, 1)))
-    scratch = _workspace(out * chunk * i, packed_weight.dtype, x3.device)
-    for start in range(0, b, chunk):  # chunks of samples bound the workspace; not a loop over samples
-        stop = min(b, start + chunk)
-        w = scratch[:out * (stop - start) * i].view(out, stop - start, i)  # contiguous for matmul's out=
-        torch.matmul(a1[start:stop], packed_weight, out=w)  # Σ_t α_t W_t for each sample of the chunk
-        torch.bmm(x3[start:stop], w.permute(1, 2, 0), out=y[start:stop])
+    # Blocks of output rows, every sample at once: the packed weights are read once per call (blocks
+    # of samples would re-read all of them per block: 20% slower at B = 128 on CPU), and no loop
+    # ever runs over samples. At least 16 rows per block, so very large batches may exceed the budget.
+    rows = max(1, budget // max(b * i * packed_weight.element_size(), 1))
+    rows = out if rows >= out else max(16, rows // 16 * 16)
+    scratch = _workspace(min(rows, out) * b * i, packed_weight.dtype, x3.device)
+    if rows >= out:
+        w = scratch.view(out, b, i)  # contiguous, for matmul's out=
+        torch.matmul(a1, packed_weight, out=w)  # Σ_t α_t W_t for every sample: (out, B, in)
+        y = torch.bmm(x3, w.permute(1, 2, 0))
+    else:
+        y = x3.new_empty((b, t, out))
+        for start in range(0, out, rows):
+            stop = min(out, start + rows)
+            w = scratch[:(stop - start) * b * i].view(stop - start, b, i)
+            torch.matmul(a1, packed_weight[start:stop], out=w)
+            y[:, :, start:stop] = torch.bmm(x3, w.permute(1, 2, 0))
     mix = _bias_mix(a1, packed_bias, x3.dtype)
     return y if mix is None else y.add_(mix.unsqueeze(1))
 
