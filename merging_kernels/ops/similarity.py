@@ -622,65 +622,112 @@ class ActivationStats:
         if self.num_features is not None and len(features) != len(self.num_features):
             raise ValueError(f"update expects {len(self.num_features)} feature tensors (one per model), "
                              f"got {len(features)}")
-        rows = []
+        shapes: list[tuple[int, int]] = []  # (rows, channels) of each feature, pooled (no copy made here)
+        checked = []
         for i, f in enumerate(features):
             f = check_float_tensor(f, f"features[{i}] (model {i})")
             if f.dim() not in (2, 3, 4):
                 raise ValueError(f"features[{i}] (model {i}) must be (N, C), (N, T, C) or (N, C, H, W), "
                                  f"got shape {tuple(f.shape)}")
-            r = _feature_rows(f)
-            if self.num_features is not None and r.shape[1] != self.num_features[i]:
-                raise ValueError(f"features[{i}] (model {i}) has {r.shape[1]} channels, expected "
+            ch = f.shape[1] if f.dim() == 4 else f.shape[-1]
+            nr = f.shape[0] * (f.shape[2] * f.shape[3] if f.dim() == 4 else f.shape[1] if f.dim() == 3 else 1)
+            if self.num_features is not None and ch != self.num_features[i]:
+                raise ValueError(f"features[{i}] (model {i}) has {ch} channels, expected "
                                  f"{self.num_features[i]}")
-            if rows and r.shape[0] != rows[0].shape[0]:
-                raise ValueError(f"features[{i}] (model {i}) pools to {r.shape[0]} rows but features[0] to "
-                                 f"{rows[0].shape[0]}: every model must see the same batch")
-            if rows and r.device != rows[0].device:
-                raise ValueError(f"features[{i}] (model {i}) is on {r.device}, features[0] on {rows[0].device}")
-            rows.append(r)
-        D = sum(r.shape[1] for r in rows)
+            if shapes and nr != shapes[0][0]:
+                raise ValueError(f"features[{i}] (model {i}) pools to {nr} rows but features[0] to "
+                                 f"{shapes[0][0]}: every model must see the same batch")
+            if checked and f.device != checked[0].device:
+                raise ValueError(f"features[{i}] (model {i}) is on {f.device}, features[0] on {checked[0].device}")
+            shapes.append((nr, ch))
+            checked.append(f)
+        chans = [ch for _, ch in shapes]
+        D = sum(chans)
         if D != self.dim:
             raise ValueError(f"the features have {D} channels in all, expected num_features = {self.dim}")
+        device = checked[0].device
         if self.device is None:
-            self._setup(rows[0].device)
-        elif rows[0].device != self.device:
-            raise ValueError(f"features are on {rows[0].device}, the statistics on {self.device}")
-        n = rows[0].shape[0]
+            self._setup(device)
+        elif device != self.device:
+            raise ValueError(f"features are on {device}, the statistics on {self.device}")
+        n = shapes[0][0]
         if n == 0:
             return
+        if self.backend != "triton":
+            self._update_torch(checked, chans, n)
+            return
+        rows = [_feature_rows(f) for f in checked]
         z = torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
-        work = self.gram_dtype if self.backend == "torch" else torch.float32
-        if z.dtype == torch.float64 and work == torch.float32:
-            z = z.to(torch.float32)  # the fast paths round float64 features to fp32 (see the class docstring)
+        if z.dtype == torch.float64:
+            z = z.to(torch.float32)  # the Triton path rounds float64 features to fp32 (see the class docstring)
         # column sums in float64 double as the NaN/Inf check (a float64 sum of finite fp32 values is finite);
         # nothing is changed before the check passes
+        total = self._checked_sum(z, chans)
         if self._shift is None:
-            total = self._checked_sum(z, rows)
-            # the first batch's mean, as a value of the working dtype: z − k is exact for z near k
-            self._shift = (total / n).to(work).to(torch.float64)
-        if self.backend == "triton":
-            # S: the float64 sum of the fp32 values minus n·k (what the kernel's Gram sees; no shifted copy)
-            self._sum += self._checked_sum(z, rows) - n * self._shift
-            _shifted_gram_add_triton(self._gram, z, self._shift.to(torch.float32))
-        else:
-            c = z.to(work) - self._shift.to(work)
-            self._sum += self._checked_sum(c, rows)
-            self._gram_add_torch(c, work)
+            # the first batch's mean, as an fp32 value: z − k is exact for z near k
+            self._shift = (total / n).to(torch.float32).to(torch.float64)
+        # S: the float64 sum of the fp32 values minus n·k (what the kernel's Gram sees; no shifted copy)
+        self._sum += total - n * self._shift
+        _shifted_gram_add_triton(self._gram, z, self._shift.to(torch.float32))
         self.count += n
 
-    def _checked_sum(self, z: torch.Tensor, rows) -> torch.Tensor:
+    def _update_torch(self, features, chans: list[int], n: int) -> None:
+        """The torch path: the features are copied once into one buffer (no pooled copies, no concatenation),
+        shifted in place, summed, and its Gram added by BLAS.
+
+        The buffer is (D, rows) when a feature is a conv map (its channel planes are copied as contiguous
+        runs; a channels-last (rows, D) copy would be a slow transpose), else (rows, D). Column sums are
+        fp32 reductions of the shifted values (a float64 reduction first converts the whole batch to
+        float64 in torch: measured slower than the GEMM for small D), accumulated in float64 across
+        batches; a finite fp32 sum also proves every value finite (a float64 sum is taken only when it is
+        not, to tell NaN/Inf from fp32 overflow).
+        """
+        work = self.gram_dtype
+        cols = any(f.dim() == 4 for f in features)  # layout: (D, rows) if True, else (rows, D)
+        c = torch.empty((self.dim, n) if cols else (n, self.dim), dtype=work, device=self.device)
+        off = 0
+        for f, C in zip(features, chans):
+            if cols:
+                dst = c[off:off + C]
+                if f.dim() == 4:
+                    dst.view(C, f.shape[0], f.shape[2], f.shape[3]).copy_(f.permute(1, 0, 2, 3))
+                else:
+                    dst.view(C, *f.shape[:-1]).copy_(f.movedim(-1, 0))
+            else:
+                c[:, off:off + C].view(*f.shape).copy_(f)
+            off += C
+        axis = 1 if cols else 0
+        shift = self._shift
+        if shift is None:  # the first batch's mean, as a value of the working dtype: z − k is exact for z near k
+            shift = (self._column_sum(c, axis, chans) / n).to(work).to(torch.float64)
+        c.sub_(shift.to(work)[:, None] if cols else shift.to(work))
+        total = self._column_sum(c, axis, chans)
+        # nothing is changed before the checks pass
+        self._shift = shift
+        self._sum += total
+        self._gram_add_torch(c.T if cols else c, work)
+        self.count += n
+
+    def _column_sum(self, c: torch.Tensor, axis: int, chans) -> torch.Tensor:
+        """Σ over rows of the buffer, float64 (D,); ValueError naming the model for NaN/Inf."""
+        total = c.sum(dim=axis)
+        if not bool(torch.isfinite(total).all()):  # NaN/Inf in the batch, or an fp32 sum that overflowed
+            total = self._checked_sum(c.T if axis == 1 else c, chans)
+        return total.to(torch.float64)
+
+    def _checked_sum(self, z: torch.Tensor, chans) -> torch.Tensor:
         total = z.sum(dim=0, dtype=torch.float64)
         if not bool(torch.isfinite(total).all()):
             bad = int((~torch.isfinite(total)).nonzero()[0])
-            model = next(i for i, end in enumerate(self._model_ends(rows)) if bad < end)
+            model = next(i for i, end in enumerate(self._model_ends(chans)) if bad < end)
             raise ValueError(f"features[{model}] (model {model}) contains NaN or Inf")
         return total
 
     @staticmethod
-    def _model_ends(rows):
+    def _model_ends(chans):
         ends, acc = [], 0
-        for r in rows:
-            acc += r.shape[1]
+        for ch in chans:
+            acc += ch
             ends.append(acc)
         return ends
 
