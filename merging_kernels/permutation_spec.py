@@ -247,6 +247,14 @@ class PermutationSpec:
             if g.group_size is not None and (g.group_size < 1 or size % g.group_size):
                 raise ValueError(f"group {g.name!r}: group_size {g.group_size} does not divide its {size} units")
             g.size = size
+        claimed: dict[tuple[str, int], str] = {}  # the constructor's check, again with dims normalized
+        for g in self:
+            for a in g.axes:
+                key = (a.param, a.dim % first[a.param].dim())
+                if key in claimed:
+                    raise ValueError(f"parameter {a.param!r} dim {key[1]} is permuted by both groups "
+                                     f"{claimed[key]!r} and {g.name!r}")
+                claimed[key] = g.name
         for g in self:
             if g.heads_with is not None and self.groups[g.heads_with].size != g.size:
                 raise ValueError(f"groups {g.name!r} and {g.heads_with!r} share heads but have {g.size} and "

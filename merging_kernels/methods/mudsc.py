@@ -35,9 +35,10 @@ are merged unit by unit:
    Re-Basin's weight matching, data-free); sweep over the groups in a random
    order, recompute each one's dual similarity with its neighbours' current
    permutations and re-solve; keep a change only when the total objective
-   (sum over groups of the matched similarities) increases; stop after
-   ``patience`` sweeps that gain nothing, at a fixed point (a sweep that
-   changes nothing), or after ``max_sweeps``. A unit none of whose B tensors
+   (sum over groups of the matched similarities) increases; stop at a fixed
+   point (a sweep that changes nothing), after ``patience`` sweeps whose total
+   gain is below the tolerance (rare: an accepted change always gains), or
+   after ``max_sweeps``. A unit none of whose B tensors
    changed since its last solve is not solved again (it would give the same answer).
 5. **Rewrite.** θ = α θ_A + (1 - α) P θ_B for permuted parameters, and
    Σ_m M_m θ_m U_m for zipped ones (m over the two models).
@@ -290,23 +291,42 @@ def reset_batchnorm(model: nn.Module, calibration: Iterable) -> bool:
     """Re-estimate every BatchNorm's running statistics on the calibration batches (cumulative average).
 
     Mutates ``model`` (as its name does not say: it is the point); returns whether
-    it had any BatchNorm. The model's train/eval mode is restored.
+    it had any BatchNorm. Only the BatchNorm layers run in train mode (Dropout and
+    the like stay in eval mode, so they do not skew the statistics); every
+    module's mode is restored. The statistics are replaced only after a full pass.
+
+    Raises:
+        ValueError: ``calibration`` yielded no batch (the statistics would be wiped).
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return False
-    was_training = model.training
-    momenta = [bn.momentum for bn in bns]
+    modes = {m: m.training for m in model.modules()}
+    saved = [(copy.deepcopy(bn.running_mean), copy.deepcopy(bn.running_var), bn.momentum) for bn in bns]
+    model.eval()
     for bn in bns:
         bn.reset_running_stats()
-        bn.momentum = None
-    model.train()
-    with torch.no_grad():
-        for batch in calibration:
-            model(_batch_input(batch).to(_device(model)))
-    for bn, mom in zip(bns, momenta):
-        bn.momentum = mom
-    model.train(was_training)
+        bn.momentum = None  # a cumulative average over the calibration batches
+        bn.train()
+    count = 0
+    try:
+        with torch.no_grad():
+            for batch in calibration:
+                model(_batch_input(batch).to(_device(model)))
+                count += 1
+        if count == 0:
+            raise ValueError("calibration yielded no batch: cannot re-estimate the BatchNorm statistics")
+    except BaseException:
+        for bn, (mean, var, _) in zip(bns, saved):  # leave the model as it was
+            if mean is not None:
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+        raise
+    finally:
+        for bn, (_, _, momentum) in zip(bns, saved):
+            bn.momentum = momentum
+        for m, training in modes.items():
+            m.train(training)
     return True
 
 
@@ -601,7 +621,14 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
         raise ValueError("max_sweeps must be >= 0 and patience >= 1")
     if spec is None:
         spec = spec_for(model_a)
+    if not isinstance(spec, PermutationSpec):
+        raise TypeError(f"spec must be a PermutationSpec (or None for a reference model), got "
+                        f"{type(spec).__name__}; calibration is the fourth argument")
+    if init == "identity" and not (refine and w > 0 and max_sweeps > 0):
+        raise ValueError("init='identity' only starts the refinement, which does not run here (refine=False, "
+                         "w=0 or max_sweeps=0): nothing would be matched. Use init='activation', or refine with w > 0")
     spec.check(model_a, model_b)
+    _check_same_devices_and_dtypes(model_a, model_b)
     batches = _reiterable(calibration)
     needs_acts = w < 1 or init == "activation"
     if needs_acts and batches is None:
@@ -699,7 +726,10 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
 
 def average_merge(model_a: nn.Module, model_b: nn.Module, calibration=None, *, alpha: float = 0.5,
                   reset_bn: bool = True) -> nn.Module:
-    """Plain averaging α θ_A + (1 − α) θ_B (no alignment), with the optional BatchNorm reset."""
+    """Plain averaging α θ_A + (1 − α) θ_B (no alignment), with the BatchNorm reset (like ``mudsc_merge``)."""
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    _check_same_devices_and_dtypes(model_a, model_b)
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     for k in sd_a:
         if k not in sd_b or sd_a[k].shape != sd_b[k].shape:
@@ -707,9 +737,25 @@ def average_merge(model_a: nn.Module, model_b: nn.Module, calibration=None, *, a
     merged = copy.deepcopy(model_a)
     merged.load_state_dict({k: torch.lerp(sd_b[k].float(), v.float(), alpha).to(v.dtype)
                             if v.is_floating_point() else v.clone() for k, v in sd_a.items()})
-    if reset_bn and calibration is not None:
+    if reset_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in merged.modules()):
+        if calibration is None:
+            raise ValueError("reset_bn needs calibration data (or pass reset_bn=False)")
         reset_batchnorm(merged, _reiterable(calibration))
     return merged
+
+
+def _check_same_devices_and_dtypes(model_a: nn.Module, model_b: nn.Module) -> None:
+    """Both models' floating tensors on one device and of one dtype (ValueError naming the first mismatch)."""
+    ref = None
+    for label, model in (("model_a", model_a), ("model_b", model_b)):
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            if ref is None:
+                ref = (t.device, t.dtype, f"{label}.{name}")
+            elif (t.device, t.dtype) != ref[:2]:
+                raise ValueError(f"{label}.{name} is {t.dtype} on {t.device} but {ref[2]} is {ref[1]} on "
+                                 f"{ref[0]}: move/cast both models to one device and dtype first")
 
 
 def weight_matching_merge(model_a, model_b, spec=None, calibration=None, **options):
