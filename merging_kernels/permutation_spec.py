@@ -44,6 +44,7 @@ Example: a user model ``Net`` with ``self.fc1 = nn.Linear(784, 256)``,
                          activations=[ActivationPoint("act")]),
     ])
     spec.check(net_a, net_b)        # ValueError naming any missing / mismatched parameter
+    verify_spec(spec, net_a, x)     # permuting any one group must leave net_a's output unchanged
 
 A conv net whose last conv (C channels, 4x4 map) is flattened into a Linear
 would add ``in_axis("fc.weight", inner=16)`` to that conv's group.
@@ -52,6 +53,8 @@ Builders for the reference models of :mod:`merging_kernels.models` are
 """
 
 from __future__ import annotations
+
+import copy
 
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -318,6 +321,41 @@ def random_permutations(spec: PermutationSpec, generator: torch.Generator | None
         within = torch.stack([torch.randperm(s, generator=generator) for _ in range(heads)])
         perms[g.name] = (hp[:, None] * s + within).reshape(-1)
     return perms
+
+
+def verify_spec(spec: PermutationSpec, model: nn.Module, example_input, *, seed: int = 0,
+                rtol: float = 1e-4, atol: float = 1e-5) -> PermutationSpec:
+    """Check that permuting each group of ``spec`` leaves ``model``'s function unchanged; returns ``spec``.
+
+    Each group (with the groups that share its heads) is permuted alone by a random permutation and
+    the output on ``example_input`` compared with the original, in eval mode. A group that forgets a
+    parameter (a bias, a norm, a consumer's columns) changes the function: the error names it. Run it
+    once on a new spec before merging with it.
+
+    Raises:
+        ValueError: naming the first group whose permutation changes the model's output.
+    """
+    spec.check(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            reference = model(example_input)
+            perms = random_permutations(spec, torch.Generator().manual_seed(seed))
+            state = model.state_dict()
+            probe = copy.deepcopy(model)
+            for g in spec:
+                tied = {g.name} | ({g.heads_with} if g.heads_with else set()) | \
+                    {h.name for h in spec if h.heads_with == g.name}
+                probe.load_state_dict(apply_permutations(state, spec, {n: perms[n] for n in tied}))
+                out = probe(example_input)
+                if not torch.allclose(out, reference, rtol=rtol, atol=atol):
+                    err = (out - reference).abs().max().item()
+                    raise ValueError(f"permuting group {g.name!r} changes the model's output (max |diff| {err:.3g}): "
+                                     f"a parameter its units touch is missing from its axes, or an axis is wrong")
+    finally:
+        model.train(was_training)
+    return spec
 
 
 # ---------------------------------------------------------------------- reference models

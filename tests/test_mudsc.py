@@ -279,3 +279,33 @@ def test_one_axis_claimed_twice_through_a_negative_dim_is_refused():
     ])
     with pytest.raises(ValueError, match="permuted by both groups"):
         spec.check(a)
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_verify_spec_accepts_the_ready_specs_and_names_an_incomplete_group(name):
+    from merging_kernels.permutation_spec import verify_spec
+
+    a, _, spec, _ = _permuted_pair(name)
+    verify_spec(spec, a, torch.rand(4, 8, 8))
+    if name == "mlp":
+        broken = PermutationSpec([
+            PermutationGroup("h0", [out_axis("layers.0.weight", 0), in_axis("layers.1.weight", 1)]),  # no bias
+        ])
+        with pytest.raises(ValueError, match="permuting group 'h0' changes"):
+            verify_spec(broken, a, torch.rand(4, 8, 8))
+
+
+def test_greedy_zip_validates_its_input():
+    with pytest.raises(ValueError, match="n >= 1"):
+        greedy_zip(torch.empty(0, 0))
+    sim = torch.rand(4, 4)
+    sim[0, 1] = float("-inf")
+    with pytest.raises(ValueError, match="finite off the diagonal"):
+        greedy_zip(sim)
+    diag_inf = torch.rand(4, 4).fill_diagonal_(float("inf"))
+    greedy_zip(diag_inf)  # the diagonal is ignored
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\)"):
+        greedy_zip(torch.rand(4, 4), alpha=1.0)
+    a, b, spec, _ = _permuted_pair("mlp")
+    with pytest.raises(ValueError, match="mode='zip'"):
+        mudsc_merge(a, b, spec, _calib(), mode="zip", alpha=0.0, progress=False)

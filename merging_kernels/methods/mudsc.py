@@ -239,11 +239,15 @@ def greedy_zip(sim: torch.Tensor, alpha: float = 0.5, factor: float = 0.5) -> tu
     The loop is sequential by nature and runs on the CPU in numpy (lower
     per-call overhead than torch for these 2n-long vector steps).
     """
+    if sim.dim() != 2 or sim.shape[0] != sim.shape[1] or sim.shape[0] % 2 or sim.shape[0] == 0:
+        raise ValueError(f"sim must be (2n, 2n) with n >= 1, got {tuple(sim.shape)}")
     m = sim.shape[0]
-    if sim.dim() != 2 or m != sim.shape[1] or m % 2:
-        raise ValueError(f"sim must be (2n, 2n), got {tuple(sim.shape)}")
-    if bool(torch.isnan(sim).any()):
-        raise ValueError("sim contains NaN")
+    off_diagonal = sim[~torch.eye(m, dtype=torch.bool, device=sim.device)]
+    if not bool(torch.isfinite(off_diagonal).all()):
+        raise ValueError("sim must be finite off the diagonal (NaN or ±inf found)")
+    if not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"alpha must be in (0, 1) for a zip (a merged unit may come from one model only), "
+                         f"got {alpha}")
     n = m // 2
     s = sim.detach().to(device="cpu", dtype=torch.float32).numpy().copy()
     np.fill_diagonal(s, -np.inf)
@@ -613,6 +617,9 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
         raise ValueError(f"w must be in [0, 1], got {w}")
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if mode == "zip" and not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"alpha must be in (0, 1) with mode='zip' (units merged within one model would get "
+                         f"weight 0), got {alpha}")
     if init == "auto":
         init = "identity" if w == 1 else "activation"
     if init not in ("activation", "identity"):
