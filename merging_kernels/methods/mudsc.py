@@ -66,11 +66,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..ops.linear_assignment import linear_sum_assignment
+from ..ops.zip_matching import greedy_zip
 from ..permutation_spec import Axis, PermutationSpec, permute_axis, spec_for
 
 from ..ops.similarity import (ActivationStats, activation_stats_hooks, correlation_matrix, dual_similarity,
@@ -222,73 +222,6 @@ def _zip_maps(zips):
         cluster = unmerge.argmax(1)
         maps[g] = (cluster, merge[cluster, torch.arange(cluster.numel(), device=cluster.device)])
     return maps
-
-
-def greedy_zip(sim: torch.Tensor, alpha: float = 0.5, factor: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """ZipIt-style greedy matching of 2n units (A's then B's) into n merged units.
-
-    ``sim`` (2n, 2n): similarities (the diagonal is ignored). Repeatedly the most
-    similar remaining pair is merged (the first maximum in row-major order); the
-    merged unit's similarity to every other is the minimum of its members' times
-    ``factor``. Returns the merge matrix M (n, 2n) (each row averages its
-    members, A's weighted by α and B's by 1 − α, normalized) and the unmerge
-    matrix U (2n, n) (U[u, c] = 1 when u belongs to merged unit c).
-
-    Keeps each row's maximum, so a step costs O(n) plus the rows whose maximum
-    it invalidated (O(n²) in all, against O(n³) for a full argmax per step).
-    The loop is sequential by nature and runs on the CPU in numpy (lower
-    per-call overhead than torch for these 2n-long vector steps).
-    """
-    if sim.dim() != 2 or sim.shape[0] != sim.shape[1] or sim.shape[0] % 2 or sim.shape[0] == 0:
-        raise ValueError(f"sim must be (2n, 2n) with n >= 1, got {tuple(sim.shape)}")
-    m = sim.shape[0]
-    off_diagonal = sim[~torch.eye(m, dtype=torch.bool, device=sim.device)]
-    if not bool(torch.isfinite(off_diagonal).all()):
-        raise ValueError("sim must be finite off the diagonal (NaN or ±inf found)")
-    if not 0.0 < float(alpha) < 1.0:
-        raise ValueError(f"alpha must be in (0, 1) for a zip (a merged unit may come from one model only), "
-                         f"got {alpha}")
-    n = m // 2
-    s = sim.detach().to(device="cpu", dtype=torch.float32).numpy().copy()
-    np.fill_diagonal(s, -np.inf)
-    rows = np.arange(m)
-    rowarg = s.argmax(1)
-    rowmax = s[rows, rowarg]
-    pairs = []
-    for _ in range(n):
-        i = int(rowmax.argmax())
-        j = int(rowarg[i])
-        merged = np.minimum(s[i], s[j])
-        merged *= factor
-        merged[i] = merged[j] = -np.inf
-        s[i] = merged
-        s[:, i] = merged
-        s[j] = -np.inf
-        s[:, j] = -np.inf
-        pairs.append((i, j))
-        rowmax[j] = -np.inf
-        stale = np.flatnonzero((rowarg == i) | (rowarg == j))
-        stale = stale[stale != j]
-        if i not in stale:
-            stale = np.append(stale, i)
-        sub = s[stale]
-        arg = sub.argmax(1)
-        rowarg[stale] = arg
-        rowmax[stale] = sub[np.arange(stale.size), arg]
-        up = merged > rowmax
-        rowmax[up] = merged[up]
-        rowarg[up] = i
-    owner = np.arange(m)
-    for i, j in pairs:
-        owner[owner == j] = i
-    cluster = torch.from_numpy(np.searchsorted(np.unique(owner), owner)).to(sim.device)
-    u = torch.zeros(m, n, device=sim.device)
-    u[torch.arange(m, device=sim.device), cluster] = 1.0
-    weight = torch.cat([torch.full((n,), float(alpha), device=sim.device),
-                        torch.full((n,), 1.0 - float(alpha), device=sim.device)])
-    merge = u.T * weight
-    merge = merge / merge.sum(1, keepdim=True).clamp_min(1e-30)
-    return merge, u
 
 
 def reset_batchnorm(model: nn.Module, calibration: Iterable) -> bool:

@@ -1,0 +1,37 @@
+"""The greedy zip op: the fast path against the O(n³) reference, ties included."""
+
+import pytest
+import torch
+
+from merging_kernels.ops.zip_matching import greedy_zip, greedy_zip_torch
+
+
+@pytest.mark.parametrize("kind", ["uniform", "integer ties", "all equal", "correlation"])
+@pytest.mark.parametrize("n", [1, 2, 7, 33])
+def test_fast_path_equals_reference(kind, n):
+    g = torch.Generator().manual_seed(n)
+    if kind == "uniform":
+        s = torch.rand(2 * n, 2 * n, generator=g)
+    elif kind == "integer ties":
+        s = torch.randint(0, 3, (2 * n, 2 * n), generator=g).float()
+    elif kind == "all equal":
+        s = torch.ones(2 * n, 2 * n)
+    else:
+        f = torch.randn(2 * n, 50, generator=g)
+        s = torch.corrcoef(f)
+    s = (s + s.T) / 2
+    for alpha, factor in ((0.5, 0.5), (0.3, 1.0)):
+        merge, unmerge = greedy_zip(s, alpha, factor)
+        merge_ref, unmerge_ref = greedy_zip_torch(s, alpha, factor)
+        assert torch.equal(unmerge, unmerge_ref)
+        torch.testing.assert_close(merge, merge_ref)
+        assert merge.shape == (n, 2 * n) and unmerge.shape == (2 * n, n)
+        assert torch.equal(unmerge.sum(1), torch.ones(2 * n))  # every unit in exactly one merged unit
+        torch.testing.assert_close(merge.sum(1), torch.ones(n))  # merge rows are weighted averages
+
+
+def test_reference_validates_like_the_fast_path():
+    with pytest.raises(ValueError, match="n >= 1"):
+        greedy_zip_torch(torch.empty(0, 0))
+    with pytest.raises(TypeError, match="sim must be a torch.Tensor"):
+        greedy_zip([[0.0, 1.0], [1.0, 0.0]])
