@@ -335,3 +335,17 @@ def test_subclasses_of_supported_layers_are_refused_when_changed():
         experts[0].attn.out_proj.weight.add_(0.1)
     with pytest.raises(TypeError, match="layer attn.out_proj .*NonDynamicallyQuantizableLinear"):
         se_merge(base, experts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", [None, "stacked", "materialize"])
+def test_cuda_model_matches_cpu(strategy):
+    base, experts = _family()
+    x, unlabeled = torch.randn(6, 3, 12), torch.randn(32, 3, 12)
+    cpu = se_merge(base, experts, strategy=strategy).calibrate(unlabeled)
+    gpu = se_merge(copy.deepcopy(base).cuda(), [copy.deepcopy(e).cuda() for e in experts], strategy=strategy)
+    gpu.calibrate(unlabeled.cuda())
+    torch.testing.assert_close(gpu.score_scale.cpu(), cpu.score_scale, rtol=1e-3, atol=1e-5)
+    alpha = torch.rand(6, 3)
+    torch.testing.assert_close(gpu(x.cuda(), alpha=alpha.cuda()).cpu(), cpu(x, alpha=alpha), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gpu.route(x.cuda()).cpu(), cpu.route(x), rtol=1e-3, atol=1e-4)
