@@ -309,3 +309,22 @@ def test_greedy_zip_validates_its_input():
     a, b, spec, _ = _permuted_pair("mlp")
     with pytest.raises(ValueError, match="mode='zip'"):
         mudsc_merge(a, b, spec, _calib(), mode="zip", alpha=0.0, progress=False)
+
+
+def test_a_shared_activation_module_gets_an_explanation():
+    class SharedReLU(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.out = torch.nn.Linear(64, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+            self.act = torch.nn.ReLU()  # used after fc1 and after fc2
+
+        def forward(self, x):
+            return self.out(self.act(self.fc2(self.act(self.fc1(x.flatten(1))))))
+
+    spec = PermutationSpec([
+        PermutationGroup("h1", [out_axis("fc1.weight"), out_axis("fc1.bias"), in_axis("fc2.weight")],
+                         activations=[ActivationPoint("act")]),
+    ])
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="shared between layers"):
+        mudsc_merge(SharedReLU(), SharedReLU(), spec, _calib(), w=0.0, progress=False)

@@ -461,13 +461,23 @@ def _collect_statistics(model_a, model_b, spec, batches, backend, timer, progres
         was = model_a.training, model_b.training
         model_a.eval()
         model_b.eval()
-        with torch.no_grad():
-            for batch in tqdm(batches, desc="MuDSC statistics", disable=not progress, leave=False):
-                x = _batch_input(batch).to(device)
-                model_a(x)
-                model_b(x)
-        model_a.train(was[0])
-        model_b.train(was[1])
+        try:
+            with torch.no_grad():
+                for batch in tqdm(batches, desc="MuDSC statistics", disable=not progress, leave=False):
+                    x = _batch_input(batch).to(device)
+                    model_a(x)
+                    model_b(x)
+        except RuntimeError as exc:
+            if "fired twice" not in str(exc):
+                raise
+            hooked = sorted({p.module for g in spec for p in g.activations})
+            raise ValueError(f"an activation point runs more than once per forward pass (one of {hooked[:8]}): "
+                             "a module shared between layers, such as one nn.ReLU used twice, cannot tell its "
+                             "calls apart; hook the consuming layer instead (ActivationPoint(..., input=True)) "
+                             "or give each use its own module") from exc
+        finally:
+            model_a.train(was[0])
+            model_b.train(was[1])
     with timer("similarity"):
         out = {}
         for name, sts in stats.items():
