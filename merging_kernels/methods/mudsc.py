@@ -546,7 +546,8 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
         return_result: return a :class:`MuDSCResult` (model, matchings, objective history, timings).
 
     Returns:
-        The merged model (a deep copy of ``model_a`` with merged parameters), or a :class:`MuDSCResult`.
+        The merged model (a deep copy of ``model_a`` with merged parameters, in ``model_a``'s train/eval
+        mode), or a :class:`MuDSCResult`.
 
     Raises:
         ValueError: models that do not match the spec (naming the parameter), bad arguments, missing
@@ -668,7 +669,9 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
                 reset_batchnorm(merged, batches)
     if not return_result:
         return merged
-    return MuDSCResult(merged, dict(state.perms), zips, history, sweeps, dict(timer.t), spec, (sd_a, state.sd_b))
+    # copies: project() must not change if model_a or model_b is trained afterwards
+    states = ({k: v.clone() for k, v in sd_a.items()}, {k: v.clone() for k, v in state.sd_b.items()})
+    return MuDSCResult(merged, dict(state.perms), zips, history, sweeps, dict(timer.t), spec, states)
 
 
 # --------------------------------------------------------------------------- baselines on the same machinery
