@@ -317,6 +317,115 @@ def test_activation_stats_total_count_and_empty_batches(backend, device):
     _check_stats(stats, [fa, fb], corr_tol(torch.float32, device, 20), 1e-6)
 
 
+needs_ssyrk = pytest.mark.skipif(sim._ssyrk is None, reason="scipy's BLAS has no ssyrk")
+
+
+@needs_ssyrk
+@pytest.mark.parametrize("rows, d", [(1, 1), (3, 5), (17, 33), (129, 70), (1000, 257)])
+@pytest.mark.parametrize("layout", ["C", "F"])
+def test_syrk_upper_add_equals_gemm(rows, d, layout):
+    """acc += cᵀc by ssyrk (Fortran views, beta = 1, in place): the upper triangle equals a GEMM's, the lower is untouched."""
+    g = torch.Generator().manual_seed(rows * 1000 + d)
+    c = torch.randn(rows, d, generator=g) + 2.0
+    if layout == "F":  # what the conv path passes: the transpose of a (D, rows) buffer
+        c = c.T.contiguous().T
+    acc = torch.randn(d, d, generator=g)
+    upper = torch.ones(d, d, dtype=torch.bool).triu()
+    acc[~upper] = float("nan")  # the strictly lower triangle must stay as it is
+    before = acc.clone()
+    ptr = acc.data_ptr()
+    assert sim._syrk_upper_add_(acc, c)
+    assert acc.data_ptr() == ptr
+    ref = before.double() + c.double().T @ c.double()
+    gemm = before + c.T @ c  # plain torch fp32 GEMM: the error it makes bounds ours
+    gemm_err = float((gemm.double() - ref)[upper].abs().max())
+    err = float((acc.double() - ref)[upper].abs().max())
+    assert err <= 4 * gemm_err + 1e-6 * float(ref[upper].abs().max())
+    assert torch.isnan(acc[~upper]).all()
+
+
+@needs_ssyrk
+def test_syrk_upper_add_refuses_strided_input():
+    c = torch.randn(10, 12)[:, ::2]  # neither C- nor F-contiguous: the caller uses the GEMM path
+    acc = torch.zeros(6, 6)
+    assert not sim._syrk_upper_add_(acc, c)
+    assert torch.equal(acc, torch.zeros(6, 6))
+
+
+@needs_ssyrk
+@pytest.mark.parametrize("kind", ["flat", "conv", "mixed"])
+def test_activation_stats_syrk_path_equals_gemm_path(monkeypatch, kind):
+    """The ssyrk path (1 torch and BLAS thread) and the GEMM path give the same statistics: odd shapes, non-contiguous
+    features, streaming over uneven batches (more than the flush interval), both buffer layouts."""
+    g = torch.Generator().manual_seed(21)
+    n = 97
+    if kind == "flat":  # non-contiguous: a column slice and a transposed buffer
+        features = [(3.0 + torch.randn(n, 31, generator=g))[:, ::2], torch.randn(37, n, generator=g).T]
+    elif kind == "conv":  # a channels-last map (non-contiguous in NCHW terms)
+        features = [torch.randn(n, 3, 3, 13, generator=g).permute(0, 3, 1, 2), torch.randn(n, 6, 3, 3, generator=g)]
+    else:
+        features = [torch.randn(n, 9, 5, generator=g)[:, ::3], torch.randn(n, 7, 1, 3, generator=g)]
+    features[0].add_(0.5 * features[1].reshape(n, -1)[:, :1].reshape((n,) + (1,) * (features[0].dim() - 1)))
+    assert not all(f.is_contiguous() for f in features)
+    sizes = [13, 1, 20, 2, 9, 5, 17, 3, 4, 11, 12]  # 11 uneven batches, 97 rows
+    calls = []
+    real = sim._syrk_upper_add_
+
+    def counted(acc, c):
+        assert real(acc, c)
+        calls.append(c.shape)
+        return True
+
+    results = {}
+    for use in (True, False):
+        monkeypatch.setattr(sim, "_use_syrk", lambda c, use=use: use)
+        monkeypatch.setattr(sim, "_syrk_upper_add_", counted)
+        stats = _stream(ActivationStats([_rows_channels(f) for f in features], backend="torch"),
+                        _split(features, sizes))
+        results[use] = stats
+        tol = corr_tol(torch.float32, "cpu", 64)
+        _check_stats(stats, features, tol, tol)
+    assert len(calls) == len(sizes)  # every batch went through ssyrk on the first pass, none on the second
+    syrk, gemm = results[True], results[False]
+    scale = float(gemm.covariance(torch.float64).diagonal().max())
+    torch.testing.assert_close(syrk.covariance(torch.float64), gemm.covariance(torch.float64), rtol=0,
+                               atol=1e-6 * scale)
+    torch.testing.assert_close(syrk.correlation(), gemm.correlation(), rtol=0, atol=1e-5)
+    assert torch.equal(syrk.covariance(), syrk.covariance().T)
+
+
+@needs_ssyrk
+def test_activation_stats_syrk_path_features_requiring_grad(monkeypatch):
+    monkeypatch.setattr(sim, "_use_syrk", lambda c: True)
+    w = torch.randn(5, 5, requires_grad=True)
+    fa = torch.randn(40, 5) @ w
+    fb = torch.randn(10, 3, 2, 2, requires_grad=True)  # conv: the (D, rows) buffer layout
+    stats = _stream(ActivationStats([5]), _split([fa], [15, 25]))
+    _check_stats(stats, [fa.detach()], 1e-5, 1e-5)
+    stats = _stream(ActivationStats([3]), _split([fb], [3, 7]))
+    _check_stats(stats, [fb.detach()], 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 128, 129, 300])
+def test_mirror_upper_triangle(n):
+    a = torch.randn(n, n, dtype=torch.float64)
+    got = sim._mirror_upper_triangle(a, tile=128)
+    assert torch.equal(got, torch.triu(a) + torch.triu(a, 1).T)
+
+
+def test_activation_stats_syrk_only_with_one_thread():
+    c = torch.zeros(4, 300)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert not sim._use_syrk(c)  # 2 torch threads: GEMM (OpenBLAS's and torch's threads would fight)
+        torch.set_num_threads(1)
+        assert sim._use_syrk(c) == (sim._ssyrk is not None and sim._scipy_blas_threads() == 1)
+        assert not sim._use_syrk(c.double())
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_activation_stats_float64_gram():
     fa = _data(40, 5, torch.float64, "cpu", seed=19, mean=1e6)
     fb = _data(40, 4, torch.float64, "cpu", seed=20)

@@ -27,9 +27,11 @@ z zᵀ in fp32 and computes E[z zᵀ] − μμᵀ at the end: catastrophic cance
 per-unit value k (the first batch's mean, rounded to fp32): the accumulators hold
 S = Σ (z − k) and K = Σ (z − k)(z − k)ᵀ, so that cov = K/N − (S/N)(S/N)ᵀ with S/N ≈ 0 — no
 cancellation for stationary data, constant units give exactly 0, and z − k is exact in fp32 for
-values near k (Sterbenz). The per-batch Gram is an fp32 GEMM (BLAS on CPU, the Triton kernel on
-GPU) added into a float64 K; only the upper triangle of tiles is computed (K is symmetric): 10 of
-16 block products on CPU, about half the tiles on GPU.
+values near k (Sterbenz). The per-batch Gram is an fp32 product (BLAS on CPU, the Triton kernel on
+GPU) added into a float64 K; only the upper triangle is computed (K is symmetric): on CPU BLAS ssyrk
+(one triangle, scipy's BLAS) when torch and that BLAS run one thread each — 1.2-1.8x faster per
+update than the GEMM — else GEMMs on the blocks on and above the diagonal (3 of 4 for D ≥ 1024);
+about half the tiles on GPU. The lower triangle is filled in only when a full matrix is asked for.
 
 Backends (``SIMILARITY``): on CPU the fast path *is* torch — its work is GEMM, which BLAS does as well
 as anything we could write, so there is no native kernel (one would have to beat BLAS, measured).
@@ -82,6 +84,39 @@ _SYM_MAX_BLOCKS = 2  # measured on 2 cores (MKL): 2 blocks beat 4, whose 256-wid
 _SYM_MIN_BLOCK = 512
 # torch path: batch Grams accumulate in an fp32 buffer, flushed into the float64 K every this many batches
 _FLUSH_BATCHES = 8
+
+try:  # scipy is a dependency, but its BLAS may lack ssyrk (or fail to load): then the GEMM path is used
+    from scipy.linalg.blas import ssyrk as _ssyrk
+except Exception:  # pragma: no cover
+    _ssyrk = None
+_blas_threads_fn: object = False  # scipy's OpenBLAS get_num_threads (ctypes), None if not found; False: not looked up
+
+
+def _scipy_blas_threads() -> int | None:
+    """The thread count of scipy's BLAS (the OpenBLAS its wheels bundle), None when it cannot be read."""
+    global _blas_threads_fn
+    if _blas_threads_fn is False:
+        _blas_threads_fn = None
+        try:
+            import ctypes
+            import glob
+            import os
+
+            import scipy
+            libs = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs")
+            for path in sorted(glob.glob(os.path.join(libs, "libscipy_openblas*.so*"))):
+                lib = ctypes.CDLL(path)  # already loaded by scipy.linalg: the same library, not a second copy
+                for name in ("scipy_openblas_get_num_threads", "openblas_get_num_threads"):
+                    fn = getattr(lib, name, None)
+                    if fn is not None:
+                        fn.restype = ctypes.c_int
+                        _blas_threads_fn = fn
+                        break
+                if _blas_threads_fn is not None:
+                    break
+        except Exception:  # pragma: no cover - another scipy build: thread count unknown
+            _blas_threads_fn = None
+    return None if _blas_threads_fn is None else int(_blas_threads_fn())
 
 
 # --------------------------------------------------------------------------- torch references
@@ -195,6 +230,63 @@ def _sym_gram_add_(acc: torch.Tensor, c: torch.Tensor) -> list[int]:
             sj = slice(edges[j], edges[j + 1])
             acc[si, sj].addmm_(c[:, si].T, c[:, sj])
     return edges
+
+
+def _use_syrk(c: torch.Tensor) -> bool:
+    """Whether :func:`_syrk_upper_add_` is the faster way to add cᵀc for this (rows, D) fp32 CPU batch (measured).
+
+    Only when torch runs one thread and so does scipy's BLAS (its own thread pool: OPENBLAS_NUM_THREADS /
+    OMP_NUM_THREADS). With 2 threads each (2 cores), OpenBLAS's and torch's OpenMP threads, taking turns batch
+    after batch, fight over the cores (an update with D = 256 measured 7-25x slower), and below D ≈ 256 OpenBLAS's
+    ssyrk is not threaded and loses to the 2-thread GEMM anyway; with torch at 1 thread and OpenBLAS at more, ssyrk
+    would use more cores than torch was given. A BLAS whose thread count cannot be read keeps the GEMM.
+    """
+    return (_ssyrk is not None and c.device.type == "cpu" and c.dtype == torch.float32
+            and torch.get_num_threads() == 1 and _scipy_blas_threads() == 1)
+
+
+def _syrk_upper_add_(acc: torch.Tensor, c: torch.Tensor) -> bool:
+    """acc += cᵀc on the upper triangle only, by BLAS ssyrk in place (the strictly lower triangle is not touched).
+
+    acc: (D, D) C-contiguous float32 CPU; c: (rows, D) float32 CPU, C- or F-contiguous. BLAS wants Fortran
+    order: acc's memory read as Fortran is accᵀ, whose lower triangle is acc's upper one (lower=1); a C-contiguous
+    c is passed as cᵀ (a Fortran (D, rows) A, trans=0: A·Aᵀ), an F-contiguous c as itself (trans=1: AᵀA). No copy
+    is made. Returns False (nothing done) when the layouts do not allow that.
+    """
+    if acc.shape[0] == 0:
+        return True
+    out = acc.detach().numpy().T
+    a = c.detach().numpy()  # features that require grad: the statistics are not differentiable
+    if not out.flags.f_contiguous:
+        return False
+    if a.flags.c_contiguous:
+        a, trans = a.T, 0
+    elif a.flags.f_contiguous:
+        trans = 1
+    else:
+        return False
+    res = _ssyrk(1.0, a, beta=1.0, c=out, trans=trans, lower=1, overwrite_c=1)
+    if res.ctypes.data != out.ctypes.data:  # f2py copied c after all (not seen): write the result back
+        out[...] = res
+    return True
+
+
+def _mirror_upper_triangle(a: torch.Tensor, tile: int = 128) -> torch.Tensor:
+    """A new symmetric matrix from a's upper triangle (the strictly lower one is ignored).
+
+    By tiles of ``tile``: transposed copies of the tiles above the diagonal, triu + triuᵀ within diagonal
+    tiles (D = 2048, float64, 1 thread: 21 ms, as the block mirror; whole-matrix triu(a) + triu(a, 1)ᵀ: 57 ms).
+    """
+    full = a.clone()
+    n = a.shape[0]
+    for i in range(0, n, tile):
+        si = slice(i, i + tile)
+        d = full[si, si]
+        d.copy_(torch.triu(d) + torch.triu(d, 1).T)
+        for j in range(i + tile, n, tile):
+            sj = slice(j, j + tile)
+            full[sj, si] = full[si, sj].T
+    return full
 
 
 def _mirror_upper_blocks_(a: torch.Tensor, edges: Sequence[int]) -> torch.Tensor:
@@ -595,7 +687,6 @@ class ActivationStats:
         self._gram: torch.Tensor | None = None  # Σ (z − k)(z − k)ᵀ, float64 (upper tiles/blocks valid)
         self._pending: torch.Tensor | None = None  # torch path: fp32 batch Grams not yet in _gram
         self._pending_batches = 0
-        self._edges: list[int] = _block_edges(self.dim)
         if device is not None:
             self._setup(torch.device(device))
 
@@ -738,7 +829,8 @@ class ActivationStats:
             return
         if self._pending is None:
             self._pending = torch.zeros((self.dim, self.dim), dtype=torch.float32, device=self.device)
-        _sym_gram_add_(self._pending, c)
+        if not (_use_syrk(c) and _syrk_upper_add_(self._pending, c)):
+            _sym_gram_add_(self._pending, c)
         self._pending_batches += 1
         if self._pending_batches >= _FLUSH_BATCHES:
             self._flush()
@@ -756,11 +848,9 @@ class ActivationStats:
             raise ValueError("no rows seen yet: call update() with at least one non-empty batch")
 
     def _full_gram(self) -> torch.Tensor:
-        """Σ (z − k)(z − k)ᵀ, float64, both triangles."""
+        """Σ (z − k)(z − k)ᵀ, float64, both triangles (from the upper one: the only one every path keeps)."""
         self._flush()
-        if self.backend == "triton":
-            return torch.triu(self._gram) + torch.triu(self._gram, 1).T
-        return _mirror_upper_blocks_(self._gram.clone(), self._edges)
+        return _mirror_upper_triangle(self._gram)
 
     def mean(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(D,) mean of the features (float32 by default; pass float64 for large means)."""
