@@ -104,10 +104,12 @@ def in_axis(param: str, dim: int = 1, *, outer: int = 1, inner: int = 1) -> Axis
 @dataclass(frozen=True)
 class ActivationPoint:
     """A module whose output (or input, with ``input=True``) carries the group's units in its last
-    dimension ((N, C), (N, T, C)) or in dim 1 ((N, C, H, W))."""
+    dimension ((N, C), (N, T, C)) or in dim 1 ((N, C, H, W)); for any other layout, e.g. a Conv1d's
+    (N, C, L), say where with ``channel_dim`` (1 there)."""
 
     module: str
     input: bool = False
+    channel_dim: int | None = None
 
 
 @dataclass

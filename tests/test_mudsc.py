@@ -328,3 +328,29 @@ def test_a_shared_activation_module_gets_an_explanation():
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="shared between layers"):
         mudsc_merge(SharedReLU(), SharedReLU(), spec, _calib(), w=0.0, progress=False)
+
+
+def test_conv1d_units_in_dim_1_with_channel_dim():
+    """(N, C, L) activations: without channel_dim the last dim would be read as units; with it, recovered."""
+
+    class Net1d(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act, self.out = torch.nn.Conv1d(1, 6, 3, padding=1), torch.nn.ReLU(), \
+                torch.nn.Conv1d(6, 2, 1)
+
+        def forward(self, x):
+            return self.out(self.act(self.conv(x.reshape(x.shape[0], 1, -1))))
+
+    spec = PermutationSpec([
+        PermutationGroup("c", [out_axis("conv.weight"), out_axis("conv.bias"), in_axis("out.weight")],
+                         activations=[ActivationPoint("act", channel_dim=1)]),
+    ])
+    torch.manual_seed(0)
+    a = Net1d().eval()
+    spec.check(a)
+    perms = random_permutations(spec, torch.Generator().manual_seed(3))
+    b = Net1d().eval()
+    b.load_state_dict(apply_permutations(a.state_dict(), spec, perms))
+    result = mudsc_merge(a, b, spec, _calib(), w=0.0, progress=False, return_result=True)
+    assert torch.equal(result.perms["c"], torch.argsort(perms["c"]))

@@ -456,7 +456,8 @@ def _collect_statistics(model_a, model_b, spec, batches, backend, timer, progres
             stats[g.name] = []
             for p in g.activations:
                 st = ActivationStats([g.size, g.size], device=device, backend=backend)
-                stack.enter_context(activation_stats_hooks((mods_a[p.module], mods_b[p.module]), st, input=p.input))
+                stack.enter_context(activation_stats_hooks((mods_a[p.module], mods_b[p.module]), st, input=p.input,
+                                                           channel_dim=p.channel_dim))
                 stats[g.name].append(st)
         was = model_a.training, model_b.training
         model_a.eval()

@@ -880,8 +880,12 @@ class ActivationStats:
 
 @contextlib.contextmanager
 def activation_stats_hooks(modules_per_model: Sequence[torch.nn.Module], stats: ActivationStats, *,
-                           input: bool = False) -> Iterator[ActivationStats]:
+                           input: bool = False, channel_dim: int | None = None) -> Iterator[ActivationStats]:
     """Feed ``stats`` from forward hooks: one module per model, its output (or ``input[0]`` if input=True).
+
+    ``channel_dim``: where the units are, when it is not the layout :meth:`ActivationStats.update`
+    assumes ((N, C), (N, T, C) or (N, C, H, W)); e.g. 1 for a Conv1d's (N, C, L) output. That dim is
+    moved last and the rest pooled.
 
     Each hook keeps its model's feature of the current batch (detached); when all M have fired,
     ``stats.update(*features)`` runs and the buffers are cleared. Run the models on the same batch
@@ -912,7 +916,13 @@ def activation_stats_hooks(modules_per_model: Sequence[torch.nn.Module], stats: 
             if buffered[i] is not None:
                 raise RuntimeError(f"modules_per_model[{i}] (model {i}) fired twice before every model ran the "
                                    "batch once: run the models on the same batch in turn")
-            buffered[i] = value.detach()
+            value = value.detach()
+            if channel_dim is not None:
+                if not -value.dim() <= channel_dim < value.dim():
+                    raise ValueError(f"channel_dim {channel_dim} is out of range for modules_per_model[{i}]'s "
+                                     f"{what} of shape {tuple(value.shape)}")
+                value = value.movedim(channel_dim, -1).reshape(-1, value.shape[channel_dim])
+            buffered[i] = value
             if all(b is not None for b in buffered):
                 batch = list(buffered)
                 buffered[:] = [None] * len(buffered)
