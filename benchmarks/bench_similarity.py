@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import merging_kernels as mk  # noqa: E402
+from peers import group_similarity_scipy_loop  # noqa: E402
 from run_similarity import (  # noqa: E402
     activations,
     numpy_corr,
@@ -26,7 +27,6 @@ from run_similarity import (  # noqa: E402
     weight_rows,
     zipit_style_correlation,
 )
-from scipy.optimize import linear_sum_assignment as scipy_lsa  # noqa: E402
 
 from merging_kernels.ops import similarity as sim  # noqa: E402
 
@@ -70,16 +70,9 @@ def test_weight_correlation(benchmark, provider, kind):
 def test_group_similarity(benchmark, provider):
     g, s = 12, 64
     s_cross = (torch.rand(g * s, g * s, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2 - 1)
-    c = s_cross.numpy()
 
     def scipy_loop():
-        out = np.empty((g, g))
-        for a in range(g):
-            for b in range(g):
-                block = c[a * s:(a + 1) * s, b * s:(b + 1) * s]
-                r, cols = scipy_lsa(block, maximize=True)
-                out[a, b] = block[r, cols].sum()
-        return out
+        return group_similarity_scipy_loop(s_cross, s)
 
     benchmark.group = "group similarity 12 heads x 64"
     fn = (lambda: mk.group_similarity(s_cross, s)[0].numpy()) if provider == "ours" else scipy_loop

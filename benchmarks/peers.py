@@ -207,3 +207,21 @@ def dare_linear_naive(base: StateDict, experts: Sequence[StateDict], weights: Se
             total += lam * (delta * mask / keep)
         merged[name] = theta0 + total
     return merged
+
+
+def group_similarity_scipy_loop(s_cross, group_size: int):
+    """Best within-group matching score for every pair of groups, one scipy solve per pair (what
+    group matching of attention heads costs in a Python loop). ``s_cross`` (n, n) numpy or torch."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    c = np.asarray(s_cross.cpu().numpy() if hasattr(s_cross, "cpu") else s_cross, dtype=np.float64)
+    s = group_size
+    g = c.shape[0] // s
+    scores = np.empty((g, g))
+    for a in range(g):
+        for b in range(g):
+            block = c[a * s:(a + 1) * s, b * s:(b + 1) * s]
+            rows, cols = linear_sum_assignment(block, maximize=True)
+            scores[a, b] = block[rows, cols].sum()
+    return scores

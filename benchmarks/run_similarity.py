@@ -44,7 +44,7 @@ except ImportError:  # not installed: run from a source checkout
     import merging_kernels as mk
 
 from common import device_name  # noqa: E402
-from scipy.optimize import linear_sum_assignment as scipy_lsa  # noqa: E402
+from peers import group_similarity_scipy_loop  # noqa: E402
 
 from merging_kernels.ops import similarity as sim  # noqa: E402
 
@@ -264,14 +264,8 @@ def section_groups(quick, rows, targets, budget):
         s_cross = sim.correlation_matrix_torch(x, y)  # float64
         s_np = s_cross.numpy()
 
-        def scipy_loop():
-            scores = np.empty((g, g))
-            for a in range(g):
-                for b in range(g):
-                    block = s_np[a * s:(a + 1) * s, b * s:(b + 1) * s]
-                    r, c = scipy_lsa(block, maximize=True)
-                    scores[a, b] = block[r, c].sum()
-            return scores
+        def scipy_loop(s_np=s_np, s=s):
+            return group_similarity_scipy_loop(s_np, s)
 
         want = torch.from_numpy(scipy_loop())
         results = {}
