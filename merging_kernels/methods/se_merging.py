@@ -37,8 +37,10 @@ choice an explicit argument:
 
 Defaults, chosen on validation splits of the digits benchmark
 (``examples/se_merging_digits.py``, results in ``benchmarks/results/``):
-probe = the first per-sample layer (also the cheapest: the routing pass stops
-there), score ``"shift"``, temperature 0.5, total ``"lambda"``. Call
+probe = the first per-sample layer, i.e. the first supported layer the
+experts changed (also the cheapest: the routing pass stops there; on the
+small ViT a deeper layer identified tasks better, so choose it on validation
+data), score ``"shift"``, temperature 0.5, total ``"lambda"``. Call
 :meth:`SEMergedModel.calibrate` on unlabeled inputs before use: it divides
 each expert's score by its typical size, which mattered more than any other
 choice there. "closest" identified tasks *below* chance on that benchmark
@@ -264,7 +266,8 @@ def se_merge(
         lam: static coefficient(s) λ: one number, or K numbers (task arithmetic only); for TIES the scale.
         density: TIES trim density (fraction of each tensor's task vector kept).
         probe: name (as in ``named_modules()``) of the module whose output is the routing
-            representation; default: the first supported layer in registration order.
+            representation; default: the first per-sample layer (the first supported layer the
+            experts changed, in registration order).
         score, temperature, total: the routing rule (module docstring, steps 3–4).
         strategy: per-sample linear strategy (None: chosen per call by the cost model).
         backend: op backend ("torch", "triton" or None for the fastest).
