@@ -94,6 +94,46 @@ def measure(fn: Callable[[], object], *, device: str | torch.device = "cpu", war
     return Timing(statistics.median(times), times)
 
 
+@dataclass
+class CpuTiming:
+    wall: float  # median wall-clock seconds
+    cpu: float  # median CPU seconds of the process (all threads)
+    repeats: int
+
+
+def measure_cpu(fn: Callable[[], object], *, repeats: int = 7, min_repeats: int = 3, budget_s: float = 20.0,
+                warmup: int = 1, collect_each: bool = True) -> CpuTiming:
+    """Medians of wall-clock and process CPU time of ``fn()`` after ``warmup`` calls.
+
+    On a machine shared with other jobs the wall clock of a single-threaded call includes time the
+    thread spent descheduled; its CPU time does not. ``repeats`` timed calls, fewer (never below
+    ``min_repeats``) once ``budget_s`` is spent. The garbage collector is off during each call and
+    run before each one (``collect_each``) or once before the first (a collection between repeats
+    leaves caches cold, which some callers do not want to time).
+    """
+    for _ in range(warmup):
+        fn()
+    walls: list[float] = []
+    cpus: list[float] = []
+    spent = 0.0
+    if not collect_each:
+        gc.collect()
+    while len(walls) < repeats and (len(walls) < min_repeats or spent < budget_s):
+        if collect_each:
+            gc.collect()
+        gc.disable()
+        try:
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            t1, c1 = time.perf_counter(), time.process_time()
+        finally:
+            gc.enable()
+        walls.append(t1 - t0)
+        cpus.append(c1 - c0)
+        spent += t1 - t0
+    return CpuTiming(statistics.median(walls), statistics.median(cpus), len(walls))
+
+
 # --------------------------------------------------------------------------- bytes models
 
 

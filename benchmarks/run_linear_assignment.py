@@ -20,12 +20,9 @@ peer time / native time from the same run; PASS/FAIL lines restate the targets.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
-import gc
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -40,6 +37,7 @@ except ImportError:  # not installed: run from a source checkout
     sys.path.insert(1, os.path.dirname(HERE))
     import merging_kernels as mk
 
+from common import measure_cpu  # noqa: E402
 from merging_kernels.ops import linear_assignment as la  # noqa: E402
 
 try:
@@ -142,40 +140,14 @@ def single_solvers():
 # --------------------------------------------------------------------------- timing
 
 
-@dataclasses.dataclass
-class Timing:
-    wall: float  # median wall-clock seconds
-    cpu: float  # median CPU seconds of the process (all threads)
-    repeats: int
-
-
 def timed(fn, quick, first_s=0.0):
-    """Medians of wall-clock and process CPU time over repeats after a warm-up call (fewer for slow calls).
-
-    On a machine shared with other jobs the wall clock of a single-threaded call includes time the
-    thread spent descheduled; its CPU time does not. Both are reported.
-    """
-    if first_s > 5.0:  # seconds per call: no warm-up, two repeats
-        repeats, warmup = 2, 0
-    else:
-        repeats, warmup = (3 if quick else 7), 1
-    for _ in range(warmup):
-        fn()
-    walls, cpus = [], []
-    spent = 0.0
-    gc.collect()
-    while len(walls) < repeats and (len(walls) < 2 or spent < (5.0 if quick else 20.0)):
-        gc.disable()  # (no gc.collect() between repeats: it leaves caches cold and times cold calls)
-        try:
-            c0, t0 = time.process_time(), time.perf_counter()
-            fn()
-            t1, c1 = time.perf_counter(), time.process_time()
-        finally:
-            gc.enable()
-        walls.append(t1 - t0)
-        cpus.append(c1 - c0)
-        spent += t1 - t0
-    return Timing(statistics.median(walls), statistics.median(cpus), len(walls))
+    """Medians of wall-clock and process CPU time over repeats after a warm-up call (fewer for slow calls:
+    no warm-up and two repeats above 5 s per call); see common.measure_cpu."""
+    if first_s > 5.0:
+        return measure_cpu(fn, repeats=2, min_repeats=2, budget_s=5.0 if quick else 20.0, warmup=0,
+                           collect_each=False)
+    return measure_cpu(fn, repeats=3 if quick else 7, min_repeats=2, budget_s=5.0 if quick else 20.0, warmup=1,
+                       collect_each=False)
 
 
 def fmt_ms(s):

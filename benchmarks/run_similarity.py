@@ -22,15 +22,11 @@ computed on the same data. Ratios are peer time / ours from medians taken in thi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
-import gc
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
@@ -43,7 +39,7 @@ except ImportError:  # not installed: run from a source checkout
     sys.path.insert(1, os.path.dirname(HERE))
     import merging_kernels as mk
 
-from common import device_name  # noqa: E402
+from common import device_name, measure_cpu  # noqa: E402
 from peers import group_similarity_scipy_loop  # noqa: E402
 
 from merging_kernels.ops import similarity as sim  # noqa: E402
@@ -120,32 +116,10 @@ def numpy_corr(x, y=None):
 # --------------------------------------------------------------------------- timer
 
 
-@dataclasses.dataclass
-class Timing:
-    wall: float  # median seconds
-    cpu: float  # median process CPU seconds
-    repeats: int
-
-
-def measure(fn, *, repeats=7, budget_s=20.0) -> Timing:
+def measure(fn, *, repeats=7, budget_s=20.0):
     """Medians of wall clock and process CPU time after a warm-up call (fewer repeats, at least 3, once
     the budget is spent). With one thread the CPU time excludes time spent descheduled by other jobs."""
-    fn()
-    walls, cpus = [], []
-    spent = 0.0
-    while len(walls) < repeats and (len(walls) < 3 or spent < budget_s):
-        gc.collect()
-        gc.disable()
-        try:
-            c0, t0 = time.process_time(), time.perf_counter()
-            fn()
-            t1, c1 = time.perf_counter(), time.process_time()
-        finally:
-            gc.enable()
-        walls.append(t1 - t0)
-        cpus.append(c1 - c0)
-        spent += t1 - t0
-    return Timing(statistics.median(walls), statistics.median(cpus), len(walls))
+    return measure_cpu(fn, repeats=repeats, min_repeats=3, budget_s=budget_s, warmup=1, collect_each=True)
 
 
 # --------------------------------------------------------------------------- table
