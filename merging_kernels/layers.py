@@ -130,7 +130,7 @@ class PerSampleLinear(nn.Module):
         shape = x.shape
         x3 = x.reshape(alpha.shape[0], _tokens(shape, alpha.shape[0]), shape[-1])  # (rows, tokens, in); tokens = T (× block size)
         if self.rank is not None:
-            y = per_sample_lowrank_linear(x3, alpha.to(x.dtype), self.base_weight, self.up, self.down,
+            y = per_sample_lowrank_linear(x3, alpha, self.base_weight, self.up, self.down,
                                           self.packed_bias)
         else:
             y = per_sample_linear(x3, alpha, self.packed_weight, self.packed_bias, strategy=self.strategy,

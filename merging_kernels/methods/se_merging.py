@@ -221,7 +221,7 @@ def coefficients_from_scores(scores: torch.Tensor, temperature: float, total: fl
     return torch.softmax(z / temperature, dim=1) * total
 
 
-def _task_vectors(base_sd, expert_sds, names, base_method: str, lam: torch.Tensor, density: float):
+def _task_vectors(base_sd, expert_sds, names, base_method: str, density: float):
     """name -> (K, *shape) task vectors that the per-sample layers mix (see the module docstring, step 1)."""
     def acc(t):  # float32 for 16-bit parameters, float64 stays float64
         return t.detach().to(torch.promote_types(t.dtype, torch.float32))
@@ -335,7 +335,7 @@ def se_merge(
         raise ValueError(f"probe {probe!r} is not a module of the model; e.g. {list(modules)[1:6]}")
 
     param_names = [f"{t}.{p}" if t else p for t in targets for p, _ in modules[t].named_parameters(recurse=False)]
-    taus = _task_vectors(base_sd, expert_sds, param_names, base_method, lam_t, density)
+    taus = _task_vectors(base_sd, expert_sds, param_names, base_method, density)
 
     model = copy.deepcopy(base).eval()
     coefficients = Coefficients(k)

@@ -62,7 +62,6 @@ from .._validation import check_choice, check_float_tensor, check_int
 
 PER_SAMPLE_LINEAR = OpBackends("per_sample_linear", cpu=(), cuda=("triton",))
 STRATEGIES = ("stacked", "materialize", "lowrank")
-FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Per-sample weights are built this many bytes at a time (materialize strategy), per device type: on CPU
 # a cache-friendly piece kept as a per-thread workspace; on CUDA enough for many samples of large layers.
 MATERIALIZE_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
@@ -233,12 +232,12 @@ def _bias_mix(alpha1: torch.Tensor, packed_bias: torch.Tensor | None, dtype: tor
 def _stacked_torch(x3, alpha, packed_weight, packed_bias):
     b, t, i = x3.shape
     out, kp1, _ = packed_weight.shape
-    a1 = _alpha1(alpha, x3.dtype)
+    a1 = _alpha1(alpha, _acc_dtype(x3.dtype))
     if x3.dtype == torch.float16:  # α·x may overflow float16: the K+1 products, mixed in float32
         z = F.linear(x3.reshape(b * t, i), packed_weight.view(out * kp1, i)).view(b, t, out, kp1)
-        y = torch.einsum("btok,bk->bto", z.float(), _alpha1(alpha, torch.float32)).to(x3.dtype)
+        y = torch.einsum("btok,bk->bto", z.float(), a1).to(x3.dtype)
     else:
-        scaled = (x3.unsqueeze(2) * a1[:, None, :, None]).reshape(b * t, kp1 * i)  # [x, α_1 x, …, α_K x]
+        scaled = (x3.unsqueeze(2) * a1.to(x3.dtype)[:, None, :, None]).reshape(b * t, kp1 * i)  # [x, α_1 x, …]
         y = F.linear(scaled, packed_weight.view(out, kp1 * i)).view(b, t, out)
     mix = _bias_mix(a1, packed_bias, x3.dtype)
     return y if mix is None else y.add_(mix.unsqueeze(1))
@@ -283,8 +282,8 @@ def _materialize_torch(x3, alpha, packed_weight, packed_bias):
     # of samples would re-read all of them per block: 20% slower at B = 128 on CPU), and no loop
     # ever runs over samples. At least 16 rows per block, so very large batches may exceed the budget.
     rows = max(1, budget // max(b * i * packed_weight.element_size(), 1))
-    rows = out if rows >= out else max(16, rows // 16 * 16)
-    scratch = _workspace(min(rows, out) * b * i, packed_weight.dtype, x3.device)
+    rows = out if rows >= out else min(out, max(16, rows // 16 * 16))
+    scratch = _workspace(rows * b * i, packed_weight.dtype, x3.device)
     if rows >= out:
         w = scratch.view(out, b, i)  # contiguous, for matmul's out=
         torch.matmul(a1, packed_weight, out=w)  # Σ_t α_t W_t for every sample: (out, B, in)
@@ -507,8 +506,6 @@ def _check_x_alpha(x, alpha, in_features: int, num_tasks: int, dtype: torch.dtyp
         raise ValueError(f"x has {x.shape[-1]} input features but the weights expect {in_features}")
     if alpha.dim() != 2 or alpha.shape != (x.shape[0], num_tasks):
         raise ValueError(f"alpha must be (B, K) = ({x.shape[0]}, {num_tasks}), got shape {tuple(alpha.shape)}")
-    if x.dtype not in FAST_DTYPES and x.dtype != torch.float64:
-        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if dtype != x.dtype:
         raise TypeError(f"x is {x.dtype} but the packed weights are {dtype}: pack them in x's dtype")
     if alpha.device != x.device:
