@@ -42,6 +42,16 @@ def device_name(device: str | torch.device = "cpu") -> str:
     return f"{model} ({torch.get_num_threads()} threads, {os.cpu_count()} cores visible)"
 
 
+def machine_line(device: str | torch.device = "cpu") -> str:
+    """The CPU (and GPU) and the load average, for the header and footer of a benchmark run."""
+    try:
+        load = "load average %.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        load = "load average unknown"
+    gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.device(device).type == "cuda" else ""
+    return f"{device_name('cpu')}{gpu}; {load}"
+
+
 def synchronize(device: str | torch.device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import time
 
@@ -37,13 +36,8 @@ except ImportError:  # not installed: run from a source checkout
     sys.path.insert(1, os.path.dirname(HERE))
     import merging_kernels as mk
 
-from common import measure_cpu  # noqa: E402
+from common import machine_line, measure_cpu  # noqa: E402
 from merging_kernels.ops import linear_assignment as la  # noqa: E402
-
-try:
-    from common import device_name  # noqa: E402  (benchmarks/common.py)
-except ImportError:  # pragma: no cover - a checkout without the shared benchmark helpers
-    device_name = None
 
 from scipy.optimize import linear_sum_assignment as scipy_lsa  # noqa: E402
 
@@ -311,16 +305,6 @@ def _commit():
         return out + (" (+ uncommitted changes)" if dirty else "")
     except Exception:
         return "unknown commit"
-
-
-def machine_line(device):
-    cpu = device_name("cpu") if device_name else platform.processor()
-    try:
-        load = "load average %.2f %.2f %.2f" % os.getloadavg()
-    except OSError:
-        load = "load average unknown"
-    gpu = f"; GPU {torch.cuda.get_device_name()}" if device == "cuda" else ""
-    return f"{cpu}{gpu}; {load}; {os.cpu_count()} cores visible"
 
 
 def main(argv=None) -> int:

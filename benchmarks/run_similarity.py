@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import subprocess
 import sys
 
@@ -39,7 +38,7 @@ except ImportError:  # not installed: run from a source checkout
     sys.path.insert(1, os.path.dirname(HERE))
     import merging_kernels as mk
 
-from common import device_name, measure_cpu  # noqa: E402
+from common import machine_line, measure_cpu  # noqa: E402
 from peers import group_similarity_scipy_loop  # noqa: E402
 
 from merging_kernels.ops import similarity as sim  # noqa: E402
@@ -270,15 +269,6 @@ def _commit():
         return out + (" (+ uncommitted changes to similarity.py)" if dirty else "")
     except Exception:
         return "unknown commit"
-
-
-def machine_line(device):
-    try:
-        load = "load average %.2f %.2f %.2f" % os.getloadavg()
-    except OSError:
-        load = "load average unknown"
-    gpu = f"; GPU {torch.cuda.get_device_name()}" if device == "cuda" else ""
-    return f"{device_name('cpu')}{gpu}; {load}"
 
 
 def main(argv=None) -> int:
