@@ -85,6 +85,13 @@ def _tokens(shape: torch.Size, rows: int) -> int:
     return shape[:-1].numel() // rows if rows else 0
 
 
+def _packed(base_param: torch.Tensor | None, task_vectors: torch.Tensor | None) -> torch.Tensor | None:
+    """(K+1, *shape): the base parameter in slot 0, then its K task vectors (None without a parameter)."""
+    if base_param is None:
+        return None
+    return torch.cat([base_param.detach()[None], task_vectors.to(base_param)]).contiguous()
+
+
 def _deltas(base: nn.Module, experts: Sequence[nn.Module], name: str):
     """(K, *shape) task vectors of parameter ``name`` (None when the base has no such parameter)."""
     p0 = getattr(base, name)
@@ -144,17 +151,24 @@ class PerSampleLinear(nn.Module):
 
 
 class PerSampleLayerNorm(nn.Module):
-    """nn.LayerNorm (1-D normalized shape) with per-sample affine parameters."""
+    """nn.LayerNorm (1-D normalized shape) with per-sample affine parameters.
 
-    def __init__(self, base: nn.LayerNorm, experts: Sequence[nn.LayerNorm], coefficients: Coefficients,
-                 name: str = ""):
+    ``task_weights`` / ``task_biases``: (K, D) task vectors of the base's affine parameters (None where
+    the base has none).
+    """
+
+    def __init__(self, base: nn.LayerNorm, task_weights, task_biases, coefficients: Coefficients, name: str = ""):
         super().__init__()
         if len(base.normalized_shape) != 1:
             raise TypeError(f"{name}: per-sample LayerNorm supports a 1-D normalized_shape, got {base.normalized_shape}")
         self.eps, self.coefficients, self.name = base.eps, coefficients, name
-        for attr in ("weight", "bias"):
-            p0, tau = _deltas(base, experts, attr)
-            self.register_buffer(f"packed_{attr}", None if p0 is None else torch.cat([p0[None], tau]).contiguous())
+        self.register_buffer("packed_weight", _packed(base.weight, task_weights))
+        self.register_buffer("packed_bias", _packed(base.bias, task_biases))
+
+    @classmethod
+    def from_modules(cls, base: nn.LayerNorm, experts: Sequence[nn.LayerNorm], coefficients: Coefficients,
+                     name: str = ""):
+        return cls(base, _deltas(base, experts, "weight")[1], _deltas(base, experts, "bias")[1], coefficients, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.coefficients.rows_for(x, self.name or "PerSampleLayerNorm")
@@ -165,19 +179,24 @@ class PerSampleLayerNorm(nn.Module):
 
 
 class PerSampleConv2d(nn.Module):
-    """nn.Conv2d (zero padding) with per-sample filters, run as one grouped convolution."""
+    """nn.Conv2d (zero padding) with per-sample filters, run as one grouped convolution.
 
-    def __init__(self, base: nn.Conv2d, experts: Sequence[nn.Conv2d], coefficients: Coefficients, name: str = ""):
+    ``task_weights``: (K, C_out, C_in / groups, kh, kw); ``task_biases``: (K, C_out) or None.
+    """
+
+    def __init__(self, base: nn.Conv2d, task_weights, task_biases, coefficients: Coefficients, name: str = ""):
         super().__init__()
         if base.padding_mode != "zeros" or isinstance(base.padding, str):
             raise TypeError(f"{name}: per-sample Conv2d supports numeric zero padding only "
                             f"(got padding={base.padding!r}, padding_mode={base.padding_mode!r})")
         self.coefficients, self.name = coefficients, name
         self.stride, self.padding, self.dilation, self.groups = base.stride, base.padding, base.dilation, base.groups
-        w0, tw = _deltas(base, experts, "weight")
-        b0, tb = _deltas(base, experts, "bias")
-        self.register_buffer("packed_weight", torch.cat([w0[None], tw]).contiguous())
-        self.register_buffer("packed_bias", None if b0 is None else torch.cat([b0[None], tb]).contiguous())
+        self.register_buffer("packed_weight", _packed(base.weight, task_weights))
+        self.register_buffer("packed_bias", _packed(base.bias, task_biases))
+
+    @classmethod
+    def from_modules(cls, base: nn.Conv2d, experts: Sequence[nn.Conv2d], coefficients: Coefficients, name: str = ""):
+        return cls(base, _deltas(base, experts, "weight")[1], _deltas(base, experts, "bias")[1], coefficients, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.coefficients.rows_for(x, self.name or "PerSampleConv2d")

@@ -255,8 +255,8 @@ def test_blocks_of_samples_sharing_a_row_equal_repeated_rows():
                                                                      for _ in range(2)]
     coeffs = Coefficients(2)
     lin = PerSampleLinear.from_modules(base, experts, coeffs)
-    ln = PerSampleLayerNorm(ln_base, ln_experts, coeffs)
-    conv = PerSampleConv2d(conv_base, conv_experts, coeffs)
+    ln = PerSampleLayerNorm.from_modules(ln_base, ln_experts, coeffs)
+    conv = PerSampleConv2d.from_modules(conv_base, conv_experts, coeffs)
     table = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.3, 0.7]])
     x, img = torch.randn(3 * 4, 2, 6), torch.randn(3 * 4, 2, 5, 5)
     coeffs.set(table)  # one row per block of 4 samples
@@ -355,8 +355,9 @@ def test_layers_accept_empty_batches():
     torch.manual_seed(0)
     coeffs = Coefficients(2)
     lin = PerSampleLinear.from_modules(torch.nn.Linear(6, 5), [torch.nn.Linear(6, 5) for _ in range(2)], coeffs)
-    ln = PerSampleLayerNorm(torch.nn.LayerNorm(5), [torch.nn.LayerNorm(5) for _ in range(2)], coeffs)
-    conv = PerSampleConv2d(torch.nn.Conv2d(2, 3, 3), [torch.nn.Conv2d(2, 3, 3) for _ in range(2)], coeffs)
+    ln = PerSampleLayerNorm.from_modules(torch.nn.LayerNorm(5), [torch.nn.LayerNorm(5) for _ in range(2)], coeffs)
+    conv = PerSampleConv2d.from_modules(torch.nn.Conv2d(2, 3, 3), [torch.nn.Conv2d(2, 3, 3) for _ in range(2)],
+                                        coeffs)
     coeffs.set(torch.zeros(0, 2))
     assert lin(torch.zeros(0, 6)).shape == (0, 5)
     assert ln(lin(torch.zeros(0, 4, 6))).shape == (0, 4, 5)

@@ -351,24 +351,13 @@ def se_merge(
             new = PerSampleLinear(old.weight.detach(), tv("weight"), None if old.bias is None else old.bias.detach(),
                                   tv("bias"), coefficients, strategy=strategy, backend=backend, rank=rank, name=name)
         elif isinstance(old, nn.LayerNorm):
-            new = PerSampleLayerNorm(old, [_shifted(old, tv, j) for j in range(k)], coefficients, name=name)
+            new = PerSampleLayerNorm(old, tv("weight"), tv("bias"), coefficients, name=name)
         else:
-            new = PerSampleConv2d(old, [_shifted(old, tv, j) for j in range(k)], coefficients, name=name)
+            new = PerSampleConv2d(old, tv("weight"), tv("bias"), coefficients, name=name)
         _replace(model, name, new)
     lam_dev = lam_t.to(next(iter(base_sd.values())).device) if base_sd else lam_t
     return SEMergedModel(model, coefficients, lam_dev, probe=probe, score=score, temperature=temperature,
                          total=total_value).eval()
-
-
-def _shifted(module: nn.Module, tv, j: int) -> nn.Module:
-    """A copy of ``module`` with parameters θ0 + τ_j (for layers built from modules)."""
-    out = copy.deepcopy(module)
-    with torch.no_grad():
-        for p_name, p in out.named_parameters(recurse=False):
-            t = tv(p_name)
-            if t is not None:
-                p.add_(t[j])
-    return out
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
