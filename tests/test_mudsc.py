@@ -354,3 +354,23 @@ def test_conv1d_units_in_dim_1_with_channel_dim():
     b.load_state_dict(apply_permutations(a.state_dict(), spec, perms))
     result = mudsc_merge(a, b, spec, _calib(), w=0.0, progress=False, return_result=True)
     assert torch.equal(result.perms["c"], torch.argsort(perms["c"]))
+
+
+@pytest.mark.parametrize("mode", ["permute", "zip"])
+def test_merge_matrix_gives_the_merged_rows_from_both_models(mode):
+    torch.manual_seed(3)
+    a, b = MLP(64, [24, 16], 10).eval(), MLP(64, [24, 16], 10).eval()
+    spec = spec_for(a)
+    result = mudsc_merge(a, b, spec, _calib(), mode=mode, w=0.5, alpha=0.3, progress=False, return_result=True)
+    m = result.merge_matrix("hidden0")
+    assert m.shape == (24, 48)
+    torch.testing.assert_close(m.sum(1), torch.ones(24))
+    # layers.0's input columns are the raw pixels (no group), so its merged rows are exactly M @ [rows of A; of B]
+    for param in ("layers.0.weight", "layers.0.bias"):
+        both = torch.cat([a.state_dict()[param], b.state_dict()[param]])
+        torch.testing.assert_close(result.model.state_dict()[param], (m @ both.reshape(48, -1)).reshape(
+            result.model.state_dict()[param].shape), rtol=1e-5, atol=1e-6)
+    if mode == "permute":
+        assert torch.equal(m[torch.arange(24), torch.arange(24)], torch.full((24,), 0.3))
+    with pytest.raises(ValueError, match="no group"):
+        result.merge_matrix("hidden9")

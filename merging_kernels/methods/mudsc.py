@@ -96,11 +96,35 @@ class MuDSCResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     spec: PermutationSpec | None = None
+    alpha: float = 0.5
     _states: tuple = ()  # (A's state, B's state aligned to A), for project()
 
     @property
     def total_time(self) -> float:
         return sum(self.timings.values())
+
+    def merge_matrix(self, group: str) -> torch.Tensor:
+        """(n, 2n) float32: merged unit c of ``group`` = Σ_u M[c, u] · unit u of [A's units; B's units as given].
+
+        A permuted group has α at (c, c) and 1 − α at (c, n + perms[c]); a zipped group has its
+        greedy-zip merge matrix with the columns of B put back in B's own unit order. The weights that
+        turn the two models' per-unit statistics into the merged unit's (REPAIR-style corrections).
+        """
+        if self.spec is None or group not in self.spec.groups:
+            raise ValueError(f"no group {group!r} in this merge")
+        perm = self.perms[group]
+        n = perm.numel()
+        if group in self.zips:
+            aligned = self.zips[group][0].float()
+            out = torch.empty_like(aligned)
+            out[:, :n] = aligned[:, :n]
+            out[:, n + perm] = aligned[:, n:]
+            return out
+        out = torch.zeros(n, 2 * n, device=perm.device)
+        rows = torch.arange(n, device=perm.device)
+        out[rows, rows] = self.alpha
+        out[rows, n + perm] = 1.0 - self.alpha
+        return out
 
     def project(self, which: str, names) -> dict[str, torch.Tensor]:
         """Parameters of model ``"a"`` or ``"b"`` expressed in the merged model's units.
@@ -672,7 +696,7 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
         return merged
     # copies: project() must not change if model_a or model_b is trained afterwards
     states = ({k: v.clone() for k, v in sd_a.items()}, {k: v.clone() for k, v in state.sd_b.items()})
-    return MuDSCResult(merged, dict(state.perms), zips, history, sweeps, dict(timer.t), spec, states)
+    return MuDSCResult(merged, dict(state.perms), zips, history, sweeps, dict(timer.t), spec, float(alpha), states)
 
 
 # --------------------------------------------------------------------------- baselines on the same machinery
