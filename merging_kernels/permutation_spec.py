@@ -20,8 +20,9 @@ projections such as a qkv weight of 3·d rows (``outer = 3``).
 Residual connections tie the units of every layer that writes to (or reads
 from) the same stream into **one** group: a ResNet stage (stem or shortcut,
 every block's last conv and BN, the next consumers' inputs), a transformer's
-residual stream. Mark such groups ``residual=True``; :func:`mudsc_merge` in
-``mode="zip"`` permutes them rather than zipping (see the method).
+residual stream. Mark such groups ``residual=True``: :func:`mudsc_merge` in
+``mode="zip"`` zips them with one merge/unmerge pair for the whole stream
+unless ``zip_residual=False`` (see the method).
 
 Attention heads (and GroupNorm groups) add structure: with ``group_size=s``
 the n = g·s units form g blocks (heads) of s units; units move only within a
@@ -55,6 +56,7 @@ Builders for the reference models of :mod:`merging_kernels.models` are
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -199,6 +201,25 @@ class PermutationSpec:
             units.append(unit)
         return units
 
+    def without_params(self, params) -> "PermutationSpec":
+        """A copy of the spec with every axis of ``params`` dropped (group names, sizes and flags kept).
+
+        Raises ValueError when a dropped parameter is on the output side of a group (its units would no
+        longer be produced consistently) or a group would be left with no axes.
+        """
+        params = set(params)
+        groups = []
+        for g in self:
+            for a in g.axes:
+                if a.param in params and a.role == "out":
+                    raise ValueError(f"parameter {a.param!r} produces the units of group {g.name!r} (an output-side "
+                                     f"axis): only parameters that consume merged units (heads) can be left out")
+            axes = [a for a in g.axes if a.param not in params]
+            if not axes:
+                raise ValueError(f"group {g.name!r} would have no axes left")
+            groups.append(dataclasses.replace(g, axes=axes))
+        return PermutationSpec(groups)
+
     # ------------------------------------------------------------------ validation
     def check(self, model_a, model_b=None) -> "PermutationSpec":
         """Validate against one or two models (``nn.Module`` or state dicts); fill in group sizes.
@@ -230,8 +251,10 @@ class PermutationSpec:
             for g in self:
                 for a in g.axes:
                     if tuple(first[a.param].shape) != tuple(sd_b[a.param].shape):
+                        hint = ("; a per-task head (other class count) can be left out of the merge with "
+                                "mudsc_merge(..., exclude=[...])" if a.role == "in" else "")
                         raise ValueError(f"parameter {a.param!r} has shape {tuple(first[a.param].shape)} in model_a "
-                                         f"but {tuple(sd_b[a.param].shape)} in model_b")
+                                         f"but {tuple(sd_b[a.param].shape)} in model_b{hint}")
         for g in self:
             size = None
             for a in g.axes:

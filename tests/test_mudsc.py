@@ -1,5 +1,7 @@
 """MuDSC and its permutation specs: exact recovery of permuted copies, heads, zip, BN reset, validation."""
 
+import copy
+
 import pytest
 import torch
 
@@ -47,10 +49,12 @@ def test_random_permutation_preserves_function(name):
 
 @pytest.mark.parametrize("name", list(MAKERS))
 @pytest.mark.parametrize("w", [0.0, 0.5])
-@pytest.mark.parametrize("mode", ["permute", "zip"])
+@pytest.mark.parametrize("mode", ["permute", "zip", "zip_residual"])
 def test_merge_with_own_permutation_recovers_function(name, w, mode):
     a, b, spec, perms = _permuted_pair(name)
-    result = mudsc_merge(a, b, spec, _calib(), mode=mode, w=w, reset_bn=False, progress=False, return_result=True)
+    options = {"permute": dict(mode="permute"), "zip": dict(mode="zip", zip_residual=False),
+               "zip_residual": dict(mode="zip")}[mode]  # residual streams are zipped by default
+    result = mudsc_merge(a, b, spec, _calib(), w=w, reset_bn=False, progress=False, return_result=True, **options)
     x = torch.randn(32, 8, 8)
     torch.testing.assert_close(result.model.eval()(x), a(x), rtol=1e-5, atol=1e-5)
     # permute mode finds the inverse permutation of every group (residual-tied and heads included); with w = 0,
@@ -59,8 +63,10 @@ def test_merge_with_own_permutation_recovers_function(name, w, mode):
         for g, p in perms.items():
             inverse = torch.argsort(p)
             assert torch.equal(result.perms[g], inverse), g
-    if mode == "zip":
+    if mode.startswith("zip"):
         assert result.zips, "zip mode zipped no group"
+        residual = {g.name for g in spec if g.residual}
+        assert bool(residual & set(result.zips)) == (mode == "zip_residual" and bool(residual))
     assert set(result.timings) >= {"statistics", "similarity", "assignment", "rewrite"}
 
 
@@ -218,6 +224,50 @@ def test_project_heads_into_merged_units(mode):
         torch.testing.assert_close(hb[k], ha[k], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="layers.0.weight"):
         result.project("a", ["layers.0.weight"])  # output side of a group: not a head
+
+
+@pytest.mark.parametrize("name, head, mode", [("mlp", ("layers.2.weight", "layers.2.bias"), "permute"),
+                                              ("mlp", ("layers.2.weight", "layers.2.bias"), "zip"),
+                                              ("resnet20", ("fc.weight", "fc.bias"), "zip_residual"),
+                                              ("vit", ("head.weight", "head.bias"), "permute")])
+def test_excluded_heads_may_differ_in_class_count(name, head, mode):
+    """B = a permuted copy of A's body with its own 7-way head: the merged body is A's function, A's head is kept,
+    and B's head projected into the merged units reproduces B; the heads take no part in the similarity."""
+    a, b_body, spec, _ = _permuted_pair(name)
+    torch.manual_seed(5)
+    b = MAKERS[name]()
+    weight = b.state_dict()[head[0]]
+    state = dict(b_body.state_dict())
+    state[head[0]] = torch.randn(7, weight.shape[1])
+    state[head[1]] = torch.randn(7)
+    module = head[0].rsplit(".", 1)[0]
+    parent, child = (module.rsplit(".", 1) + [None])[:2] if "." in module else ("", module)
+    holder = b.get_submodule(parent) if parent else b
+    setattr(holder, child, torch.nn.Linear(weight.shape[1], 7))
+    b.load_state_dict(state)
+    b.eval()
+    options = dict(mode="zip") if mode == "zip_residual" else dict(mode=mode, zip_residual=False)
+    with pytest.raises(ValueError, match="exclude="):
+        mudsc_merge(a, b, spec, _calib(), w=0.5, reset_bn=False, progress=False, **options)
+    result = mudsc_merge(a, b, spec, _calib(), w=0.5, reset_bn=False, progress=False, return_result=True,
+                         exclude=head, **options)
+    x = torch.randn(16, 8, 8)
+    torch.testing.assert_close(result.model.eval()(x), a(x), rtol=1e-4, atol=1e-5)
+    with_b_head = copy.deepcopy(b)
+    merged_state = dict(result.model.state_dict())
+    merged_state.update(result.project("b", head))
+    with_b_head.load_state_dict(merged_state)
+    torch.testing.assert_close(with_b_head.eval()(x), b(x), rtol=1e-4, atol=1e-5)
+
+
+def test_exclude_is_validated():
+    a, b, spec, _ = _permuted_pair("mlp")
+    with pytest.raises(ValueError, match="layers.9.weight"):
+        mudsc_merge(a, b, spec, _calib(), exclude=["layers.9.weight"], progress=False)
+    with pytest.raises(ValueError, match="output-side"):
+        mudsc_merge(a, b, spec, _calib(), exclude=["layers.0.weight"], progress=False)
+    with pytest.raises(TypeError, match="exclude"):
+        mudsc_merge(a, b, spec, _calib(), exclude="layers.2.weight", progress=False)
 
 
 # ------------------------------------------------------------------ from review: weighting, BN reset, validation

@@ -18,18 +18,19 @@ are merged unit by unit:
    the best within-head matchings (one batched assignment), one assignment of
    heads (summed over groups tied by ``heads_with``), then the units within
    each matched pair of heads. ``mode="zip"`` (ZipIt-style): after the
-   permutation alignment, every *zippable* group -- neither residual-tied nor
-   headed -- is re-matched by the greedy zip on its full 2n x 2n similarity
-   (-inf diagonal; repeatedly merge the most similar remaining pair, within
-   or across models; a merged unit's similarity to the rest is the minimum
-   of its members' times ``zip_factor``) into n merged units: a merge matrix
-   M (n x 2n) for producers and an unmerge matrix U (2n x n) for consumers.
-   Residual-tied and head groups stay permuted in zip mode: zipping a
-   residual stream needs merge/unmerge matrices at every layer that reads or
-   writes it (ZipIt's full graph treatment); we keep the stream aligned by a
-   permutation and zip the block-internal units (MLP hidden layers, ResNet
-   block interiors, ViT MLPs), which is where models with the same
-   architecture differ most.
+   permutation alignment, every *zippable* group is re-matched by the greedy
+   zip on its full 2n x 2n similarity (-inf diagonal; repeatedly merge the
+   most similar remaining pair, within or across models; a merged unit's
+   similarity to the rest is the minimum of its members' times
+   ``zip_factor``) into n merged units: a merge matrix M (n x 2n) for every
+   parameter that produces, normalizes or is added to the units, and an
+   unmerge matrix U (2n x n) for every parameter that consumes them.
+   Zippable: every group without heads; residual-tied groups unless
+   ``zip_residual=False`` (ZipIt's full treatment: one M and U for every layer
+   that writes or reads the stream -- exact for a model zipped with a
+   permuted copy of itself, an approximation otherwise, notably under a
+   LayerNorm, whose statistics run across the merged units). Head groups stay
+   permuted: a zipped query/key unit would change the heads' dot products.
 4. **Refinement** (``refine``; w > 0). Start from the activation-only
    matching (w = 0; or from the identity for ``w = 1``, which is then Git
    Re-Basin's weight matching, data-free); sweep over the groups in a random
@@ -97,7 +98,7 @@ class MuDSCResult:
 
     spec: PermutationSpec | None = None
     alpha: float = 0.5
-    _states: tuple = ()  # (A's state, B's state aligned to A), for project()
+    _states: tuple = ()  # (A's state, B's state) as given, for project()
 
     @property
     def total_time(self) -> float:
@@ -130,30 +131,18 @@ class MuDSCResult:
         """Parameters of model ``"a"`` or ``"b"`` expressed in the merged model's units.
 
         For parameters whose output side no group touches -- per-task classifier
-        heads kept beside a merged body (ZipIt's disjoint-task setting): B's
-        input columns are permuted to the alignment, and zipped groups' columns
-        go through that model's block of the unmerge matrix.
+        heads kept beside a merged body (ZipIt's disjoint-task setting), e.g. the
+        ``exclude``-d ones: B's input columns are permuted to the alignment, and
+        zipped groups' columns go through that model's block of the unmerge matrix.
         """
         if which not in ("a", "b"):
             raise ValueError(f"which must be 'a' or 'b', got {which!r}")
-        m = 0 if which == "a" else 1
-        state = self._states[m]
-        pax = self.spec.param_axes()
-        out = {}
+        state = self._states[0 if which == "a" else 1]
         for name in names:
             if name not in state:
                 raise ValueError(f"parameter {name!r} is not in the models")
-            x = state[name].float()
-            for g, a in pax.get(name, []):
-                if a.role == "out":
-                    raise ValueError(f"parameter {name!r} is on the output side of group {g!r}; project() is for "
-                                     f"parameters whose outputs are not merged (e.g. heads)")
-                if g in self.zips:
-                    n = self.spec[g].size
-                    cluster = self.zips[g][1].argmax(1)[m * n:(m + 1) * n]
-                    x = _scatter_units(x, a, cluster, None, n)
-            out[name] = x.to(state[name].dtype)
-        return out
+        return {name: _project(state[name], name, 0 if which == "a" else 1, self.spec, self.perms, self.zips)
+                for name in names}
 
 
 class _Timer:
@@ -237,6 +226,22 @@ def _scatter_units(t: torch.Tensor, axis: Axis, index: torch.Tensor, scale: torc
     out_shape[dim + 1] = n_new
     y = v.new_zeros(out_shape).index_add_(dim + 1, index.to(v.device), v)
     return y.reshape(*shape[:dim], axis.outer * n_new * axis.inner, *shape[dim + 1:])
+
+
+def _project(t: torch.Tensor, name: str, model: int, spec: PermutationSpec, perms, zips) -> torch.Tensor:
+    """A consumer parameter of model 0 (A) or 1 (B), as given, expressed in the merged units."""
+    x = t.float()
+    for g, a in spec.param_axes().get(name, []):
+        if a.role == "out":
+            raise ValueError(f"parameter {name!r} is on the output side of group {g!r}; only parameters whose "
+                             f"outputs are not merged (e.g. heads) can be projected")
+        if model == 1:
+            x = permute_axis(x, a, perms[g])
+        if g in zips:
+            n = spec[g].size
+            cluster = zips[g][1].argmax(1)[model * n:(model + 1) * n]
+            x = _scatter_units(x, a, cluster, None, n)
+    return x.to(t.dtype)
 
 
 def _zip_maps(zips):
@@ -515,11 +520,13 @@ def _collect_statistics(model_a, model_b, spec, batches, backend, timer, progres
     return out
 
 
-def _rewrite(sd_a, sd_b, spec, zips, alpha):
+def _rewrite(sd_a, sd_b, spec, zips, alpha, skip=()):
     out = {}
     maps = _zip_maps(zips)
     pax = spec.param_axes()
     for name, ta in sd_a.items():
+        if name in skip:
+            continue
         tb = sd_b[name]
         if not ta.is_floating_point():
             out[name] = ta.clone()
@@ -547,8 +554,8 @@ def _rewrite(sd_a, sd_b, spec, zips, alpha):
 def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None = None, calibration=None, *,
                 mode: str = "permute", w: float = 0.5, alpha: float = 0.5, refine: bool = True,
                 max_sweeps: int = 100, patience: int = 5, init: str = "auto", zip_factor: float = 0.5,
-                reset_bn: bool = True, progress: bool = True, backend: str | None = None, seed: int = 0,
-                return_result: bool = False):
+                zip_residual: bool = True, exclude: Iterable[str] = (), reset_bn: bool = True,
+                progress: bool = True, backend: str | None = None, seed: int = 0, return_result: bool = False):
     """Merge two models of one architecture trained from different initializations (MuDSC).
 
     Args:
@@ -564,6 +571,13 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
         init: ``"activation"`` (activation-only matching), ``"identity"``, or ``"auto"`` (identity when
             w = 1, else activation).
         zip_factor: the ZipIt factor applied to a merged unit's similarities.
+        zip_residual: in zip mode, zip residual-tied groups too (ZipIt's full treatment; else they are
+            permuted). On digits it raised ResNet-20 merges by 4-8 points of validation accuracy and
+            changed nothing measurable on the small ViT (benchmarks/results/cpu-mudsc-*.txt).
+        exclude: names of parameters that are not merged: per-task classifier heads, which may differ in
+            shape between the two models (class counts). They take no part in the similarity; the merged
+            model keeps model A's, expressed in the merged units, and ``result.project("b", exclude)``
+            gives B's. Only parameters that consume a group's units (input side) can be excluded.
         reset_bn: re-estimate BatchNorm running statistics on ``calibration`` after merging.
         progress: tqdm bars for the statistics pass and the sweeps.
         backend: passed to the ops (similarity, assignment).
@@ -603,6 +617,16 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
     if init == "identity" and not (refine and w > 0 and max_sweeps > 0):
         raise ValueError("init='identity' only starts the refinement, which does not run here (refine=False, "
                          "w=0 or max_sweeps=0): nothing would be matched. Use init='activation', or refine with w > 0")
+    if isinstance(exclude, str):
+        raise TypeError("exclude must be a collection of parameter names, not one string")
+    exclude = tuple(exclude)
+    sd_a = {k: v.detach() for k, v in model_a.state_dict().items()}
+    sd_b = {k: v.detach() for k, v in model_b.state_dict().items()}
+    for k in exclude:
+        if k not in sd_a or k not in sd_b:
+            raise ValueError(f"exclude: parameter {k!r} is not in both models")
+    spec.check(model_a)
+    full_spec, spec = spec, spec.without_params(exclude) if exclude else spec
     spec.check(model_a, model_b)
     _check_same_devices_and_dtypes(model_a, model_b)
     batches = _reiterable(calibration)
@@ -611,11 +635,10 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
         raise ValueError("calibration data is needed for activation similarity (w < 1 or init='activation')")
 
     timer = _Timer()
-    sd_a = {k: v.detach() for k, v in model_a.state_dict().items()}
-    sd_b = {k: v.detach() for k, v in model_b.state_dict().items()}
     for k in sd_a:
-        if k not in sd_b or sd_a[k].shape != sd_b[k].shape:
-            raise ValueError(f"parameter {k!r} is missing from model_b or has another shape")
+        if k not in exclude and (k not in sd_b or sd_a[k].shape != sd_b[k].shape):
+            raise ValueError(f"parameter {k!r} is missing from model_b or has another shape (pass it in exclude= "
+                             f"if it is a per-task head)")
     s_act = _collect_statistics(model_a, model_b, spec, batches, backend, timer, progress) if needs_acts else None
 
     state = _Alignment(spec, sd_a, sd_b, s_act, float(w), backend)
@@ -675,14 +698,16 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
     zips = {}
     if mode == "zip":
         for g in spec:
-            if g.residual or g.group_size is not None:
+            if (g.residual and not zip_residual) or g.group_size is not None:
                 continue
             with timer("similarity"):
                 sim = state.similarity(g.name, float(w), full=True)
             with timer("assignment"):
                 zips[g.name] = greedy_zip(sim, alpha, zip_factor)
     with timer("rewrite"):
-        merged_sd = _rewrite(sd_a, state.sd_b, spec, zips, float(alpha))
+        merged_sd = _rewrite(sd_a, state.sd_b, spec, zips, float(alpha), skip=exclude)
+        for name in exclude:  # A's head reads the merged units
+            merged_sd[name] = _project(sd_a[name], name, 0, full_spec, state.perms, zips)
         merged = copy.deepcopy(model_a)
         merged.load_state_dict(merged_sd)
     if reset_bn:
@@ -695,8 +720,9 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
     if not return_result:
         return merged
     # copies: project() must not change if model_a or model_b is trained afterwards
-    states = ({k: v.clone() for k, v in sd_a.items()}, {k: v.clone() for k, v in state.sd_b.items()})
-    return MuDSCResult(merged, dict(state.perms), zips, history, sweeps, dict(timer.t), spec, float(alpha), states)
+    states = ({k: v.clone() for k, v in sd_a.items()}, {k: v.clone() for k, v in sd_b.items()})
+    return MuDSCResult(merged, dict(state.perms), zips, history, sweeps, dict(timer.t), full_spec, float(alpha),
+                       states)
 
 
 # --------------------------------------------------------------------------- baselines on the same machinery
