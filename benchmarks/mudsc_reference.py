@@ -186,7 +186,7 @@ def _apply_matrix(t, a, mat):
 
 
 def reference_mudsc_merge(model_a, model_b, spec, calibration, *, mode="permute", w=0.5, alpha=0.5,
-                          max_sweeps=100, patience=5, zip_factor=0.5, seed=0, reset_bn=True):
+                          max_sweeps=100, patience=5, zip_factor=0.5, zip_residual=True, seed=0, reset_bn=True):
     """Returns (merged model, per-stage seconds, sweeps)."""
     t = {"statistics": 0.0, "similarity": 0.0, "assignment": 0.0, "rewrite": 0.0, "bn_reset": 0.0}
     spec.check(model_a, model_b)
@@ -231,7 +231,7 @@ def reference_mudsc_merge(model_a, model_b, spec, calibration, *, mode="permute"
     mats = {}
     for g in spec:
         n = g.size
-        if mode == "zip" and not g.residual and g.group_size is None:
+        if mode == "zip" and (zip_residual or not g.residual) and g.group_size is None:
             mats[g.name] = reference_greedy_zip(ref.sim(g.name, w, full=True), alpha, zip_factor)
         else:
             eye = torch.eye(n)
