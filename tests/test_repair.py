@@ -120,7 +120,7 @@ def test_repaired_statistics_equal_targets(name, residual, mode):
     a, b = _pair(name)
     calib = _calib()
     spec = _spec(name, a)
-    result = mudsc_merge(a, b, spec, calib, mode=mode, w=0.5, progress=False, return_result=True)
+    result = mudsc_merge(a, b, spec, calib, mode=mode, w=0.5, progress=False, return_result=True, repair=False)
     if mode == "zip":
         assert result.zips
     producers = repair_producers(a, spec, residual=residual)
@@ -152,7 +152,7 @@ def test_producers_of_the_reference_models():
 def test_merge_with_permuted_copy_then_repair_keeps_function(name, mode):
     a, b, spec = _permuted_pair(name)
     calib = _calib()
-    result = mudsc_merge(a, b, spec, calib, mode=mode, w=0.5, progress=False, return_result=True)
+    result = mudsc_merge(a, b, spec, calib, mode=mode, w=0.5, progress=False, return_result=True, repair=False)
     x = torch.randn(40, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), a(x), rtol=1e-5, atol=1e-5)
@@ -165,7 +165,7 @@ def test_merge_with_permuted_copy_then_repair_keeps_function(name, mode):
 def test_model_merged_with_itself():
     a, _ = _pair("vit")
     calib = _calib()
-    result = mudsc_merge(a, a, None, calib, progress=False, return_result=True)  # model_b is model_a
+    result = mudsc_merge(a, a, None, calib, progress=False, return_result=True, repair=False)  # model_b is model_a
     x = torch.randn(16, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(repair(None, a, a, result, calib, eps=1e-10)(x), a(x), rtol=1e-4, atol=1e-4)
@@ -175,7 +175,7 @@ def test_model_merged_with_itself():
 def test_endpoints_untouched_copy_by_default_and_modes_kept():
     a, b = _pair("vit")
     calib = _calib()
-    result = mudsc_merge(a, b, None, calib, progress=False, return_result=True)
+    result = mudsc_merge(a, b, None, calib, progress=False, return_result=True, repair=False)
     merged = result.model
     a.train()
     merged.train()
@@ -198,7 +198,7 @@ def test_endpoints_untouched_copy_by_default_and_modes_kept():
 def test_spec_and_matrices_pair_and_one_shot_iterator_give_the_same_result():
     a, b = _pair("mlp")
     calib = _calib()
-    result = mudsc_merge(a, b, None, calib, mode="zip", progress=False, return_result=True)
+    result = mudsc_merge(a, b, None, calib, mode="zip", progress=False, return_result=True, repair=False)
     ref = repair(None, a, b, result, calib)
     matrices = {g.name: result.merge_matrix(g.name) for g in result.spec}
     other = repair(result.model, a, b, (result.spec, matrices), iter(calib))
@@ -213,7 +213,7 @@ def test_spec_and_matrices_pair_and_one_shot_iterator_give_the_same_result():
 def test_bad_inputs_raise_named_errors():
     a, b = _pair("mlp")
     calib = _calib()
-    result = mudsc_merge(a, b, None, calib, progress=False, return_result=True)
+    result = mudsc_merge(a, b, None, calib, progress=False, return_result=True, repair=False)
     m = result.model
     with pytest.raises(ValueError, match="calibration"):
         repair(m, a, b, result, [])
@@ -271,7 +271,7 @@ def test_shared_producer_is_rejected():
 def test_dead_units_give_finite_weights():
     a, b = _pair("mlp")
     calib = _calib()
-    result = mudsc_merge(a, b, None, calib, progress=False, return_result=True)
+    result = mudsc_merge(a, b, None, calib, progress=False, return_result=True, repair=False)
     merged = copy.deepcopy(result.model)
     with torch.no_grad():
         merged.layers[0].weight[3] = 0.0  # merged unit 3 constant (dead): only its mean moves
@@ -302,7 +302,7 @@ def test_bias_free_producers_warn_or_get_a_bias():
     torch.manual_seed(0)
     a, b = ResNet20(0.25, 10, 1).eval(), ResNet20(0.25, 10, 1).eval()
     calib = _calib(sizes=(16, 16))
-    result = mudsc_merge(a, b, None, calib, w=0.0, progress=False, return_result=True)
+    result = mudsc_merge(a, b, None, calib, w=0.0, progress=False, return_result=True, repair=False)
     with pytest.warns(UserWarning, match="without a bias"):
         out = repair(None, a, b, result, calib, residual=True)
     for k, v in out.state_dict().items():
@@ -321,7 +321,7 @@ def test_bias_free_producers_warn_or_get_a_bias():
 def test_cuda_matches_cpu():
     a, b = _pair("vit")
     calib = _calib()
-    result = mudsc_merge(a, b, None, calib, progress=False, return_result=True)
+    result = mudsc_merge(a, b, None, calib, progress=False, return_result=True, repair=False)
     ref = repair(None, a, b, result, calib, residual=True)
     ac, bc = copy.deepcopy(a).cuda(), copy.deepcopy(b).cuda()
     mc = copy.deepcopy(result.model).cuda()
@@ -329,3 +329,19 @@ def test_cuda_matches_cpu():
     out = repair(mc, ac, bc, (result.spec, matrices), [x.cuda() for x in calib], residual=True)
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(out.state_dict()[k].cpu(), v, rtol=1e-3, atol=1e-4)
+
+
+def test_mudsc_merge_repairs_models_without_batchnorm_by_default():
+    """mudsc_merge(repair=None) corrects an MLP's producers (same result as calling repair), and leaves BN nets alone."""
+    torch.manual_seed(0)
+    a, b = MLP(64, [24, 16], 10).eval(), MLP(64, [24, 16], 10).eval()
+    calib = [torch.randn(32, 8, 8) for _ in range(3)]
+    plain = mudsc_merge(a, b, None, calib, progress=False, return_result=True, repair=False)
+    auto = mudsc_merge(a, b, None, calib, progress=False, return_result=True)
+    assert auto.timings["repair"] > 0 and plain.timings["repair"] == 0
+    expected = repair(None, a, b, plain, calib)
+    x = torch.randn(16, 8, 8)
+    torch.testing.assert_close(auto.model(x), expected(x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain.model(x), expected(x), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="repair needs calibration"):
+        mudsc_merge(a, b, None, None, w=1.0, progress=False, repair=True)

@@ -45,6 +45,12 @@ are merged unit by unit:
    Σ_m M_m θ_m U_m for zipped ones (m over the two models).
 6. **BatchNorm reset** (``reset_bn``): running statistics re-estimated on the
    calibration set (REPAIR/ZipIt do this; merged CNNs need it).
+7. **REPAIR** (``repair``; by default for models without BatchNorm): every
+   Linear/Conv that produces a group's units is rescaled and shifted so that
+   each merged channel's mean and std on the calibration set are the merge
+   matrix's interpolation of the endpoints' (:mod:`merging_kernels.methods.repair`).
+   On digits it added 1-3 points to every MLP merge and lifted the small ViT
+   from ~0.2 to ~0.4 (still far below the endpoints' 0.96).
 
 The heavy parts run on the ops: :mod:`merging_kernels.ops.similarity`
 (activation statistics and correlations, within-model weight correlations,
@@ -82,7 +88,7 @@ __all__ = ["MuDSCResult", "activation_matching_merge", "average_merge", "mudsc_m
 
 _STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 _EPS = 1e-8
-STAGES = ("statistics", "similarity", "assignment", "rewrite", "bn_reset")
+STAGES = ("statistics", "similarity", "assignment", "rewrite", "bn_reset", "repair")
 
 
 @dataclass
@@ -555,7 +561,7 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
                 mode: str = "permute", w: float = 0.5, alpha: float = 0.5, refine: bool = True,
                 max_sweeps: int = 100, patience: int = 5, init: str = "auto", zip_factor: float = 0.5,
                 zip_residual: bool = True, exclude: Iterable[str] = (), reset_bn: bool = True,
-                progress: bool = True, backend: str | None = None, seed: int = 0, return_result: bool = False):
+                repair: bool | None = None, progress: bool = True, backend: str | None = None, seed: int = 0, return_result: bool = False):
     """Merge two models of one architecture trained from different initializations (MuDSC).
 
     Args:
@@ -579,6 +585,8 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
             model keeps model A's, expressed in the merged units, and ``result.project("b", exclude)``
             gives B's. Only parameters that consume a group's units (input side) can be excluded.
         reset_bn: re-estimate BatchNorm running statistics on ``calibration`` after merging.
+        repair: REPAIR the merged model's producers on ``calibration`` (see
+            :func:`merging_kernels.methods.repair.repair`); None: when the model has no BatchNorm.
         progress: tqdm bars for the statistics pass and the sweeps.
         backend: passed to the ops (similarity, assignment).
         seed: order of the groups in the sweeps.
@@ -710,19 +718,28 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
             merged_sd[name] = _project(sd_a[name], name, 0, full_spec, state.perms, zips)
         merged = copy.deepcopy(model_a)
         merged.load_state_dict(merged_sd)
-    if reset_bn:
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in merged.modules())
+    if reset_bn and has_bn:
         with timer("bn_reset"):
-            has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in merged.modules())
-            if has_bn:
-                if batches is None:
-                    raise ValueError("reset_bn needs calibration data (or pass reset_bn=False)")
-                reset_batchnorm(merged, batches)
-    if not return_result:
-        return merged
+            if batches is None:
+                raise ValueError("reset_bn needs calibration data (or pass reset_bn=False)")
+            reset_batchnorm(merged, batches)
     # copies: project() must not change if model_a or model_b is trained afterwards
     states = ({k: v.clone() for k, v in sd_a.items()}, {k: v.clone() for k, v in sd_b.items()})
-    return MuDSCResult(merged, dict(state.perms), zips, history, sweeps, dict(timer.t), full_spec, float(alpha),
-                       states)
+    result = MuDSCResult(merged, dict(state.perms), zips, history, sweeps, {}, full_spec, float(alpha), states)
+    if repair if repair is not None else not has_bn:
+        if batches is None:
+            if repair:
+                raise ValueError("repair needs calibration data (or pass repair=False)")
+        else:
+            from .repair import repair as repair_producers_of
+
+            with timer("repair"):
+                # the spec without excluded heads: they may differ in shape and produce no group's units
+                matrices = {g.name: result.merge_matrix(g.name) for g in spec}
+                repair_producers_of(merged, model_a, model_b, (spec, matrices), batches, inplace=True)
+    result.timings = dict(timer.t)
+    return result if return_result else merged
 
 
 # --------------------------------------------------------------------------- baselines on the same machinery

@@ -24,9 +24,12 @@ transformers) need the correction REPAIR makes:
    variance v_c in the merged model (already corrected upstream) over the calibration data, and fold
    the affine map y ↦ (y − m_c) · s_c + μ*_c with s_c = σ*_c / sqrt(v_c + eps) into it:
    W'_c = s_c · W_c, b'_c = s_c · (b_c − m_c) + μ*_c. A *dead* merged channel -- constant on the
-   calibration data to float precision (std ≤ 1e-5 · |mean|) -- only gets its mean moved (s_c = 1):
-   its variance cannot be restored by scaling, and a large scale would amplify whatever it does on
-   other data. Every s_c is finite (eps > 0), so no NaN/Inf is produced.
+   calibration data to float precision, or nearly so next to its target (std ≤ 1e-5 · max(|mean|, σ*_c))
+   -- only gets its mean moved (s_c = 1): its variance cannot be restored by scaling, and a large
+   scale would amplify whatever it does on other data. So every s_c is finite and below 1e5, and no
+   NaN/Inf is produced. ``eps`` (default 1e-12) only keeps the division defined; it is small so that a
+   merge whose statistics are already right (a model merged with a permuted copy of itself) is left
+   exactly as it is: a BatchNorm-sized eps (1e-5) would move a channel of variance 1e-3 by 0.5%.
 
 Why layer by layer rather than REPAIR's single pass. REPAIR inserts a BatchNorm-like normalizer
 after every producer that outputs (x − batch mean)/batch std · σ* + μ*, runs the calibration data
@@ -295,7 +298,7 @@ def _merged_statistics(merged, stage: list[str], batches, device) -> dict[str, _
 def _fold(mod: nn.Module, mean, var, target_mean, target_std, eps: float) -> None:
     """y ↦ (y − mean) · s + target_mean folded into the module's weight and bias (s = 1 for dead channels)."""
     std = var.sqrt()
-    dead = std <= _DEAD_RELATIVE_STD * mean.abs()
+    dead = std <= _DEAD_RELATIVE_STD * torch.maximum(mean.abs(), target_std)
     scale = torch.where(dead, torch.ones_like(std), target_std / (var + eps).sqrt())
     w = mod.weight
     w.copy_((w.double() * scale.view([-1] + [1] * (w.dim() - 1))).to(w.dtype))
@@ -376,7 +379,7 @@ def _check_models(merged, model_a, model_b, spec, producers) -> torch.device:
 
 
 def repair(merged: nn.Module | None, model_a: nn.Module, model_b: nn.Module, merge, calibration, *,
-           groups: Iterable[str] | None = None, residual: bool = True, eps: float = 1e-5,
+           groups: Iterable[str] | None = None, residual: bool = True, eps: float = 1e-12,
            add_bias: bool = False, inplace: bool = False, progress: bool = False) -> nn.Module:
     """REPAIR a merged model: each producer's output channels get the endpoints' interpolated mean and std.
 
