@@ -16,7 +16,9 @@ ZipIt (zip, w=0; residual streams zipped too), MuDSC-permute and MuDSC-zip for w
 matching and ZipIt; every MuDSC row starts from the activation-only matching, as the paper does, so its
 w=1 row -- weight-space refinement from that start -- differs from Git Re-Basin's identity start), and "w* (val)": per seed pair, the w with the best validation accuracy (the test
 split is never used for a choice). BatchNorm statistics are re-estimated after every merge of the CNN
-(including plain averaging). Calibration: 512 training images of all 10 digits. Every figure is
+(including plain averaging); the MLP and ViT merges are REPAIRed (mudsc_merge's default for models
+without BatchNorm; plain averaging is not), and two rows show MuDSC-zip w=0.5 without REPAIR and with
+the residual stream permuted instead of zipped. Calibration: 512 training images of all 10 digits. Every figure is
 mean +- std over the seed pairs; the verdict lines call a difference smaller than the larger std "no
 difference".
 
@@ -182,6 +184,9 @@ def method_list():
     for mode in ("permute", "zip"):
         for w in WS:
             rows.append((w_label(mode, w), dict(mode=mode, w=w, init="activation")))
+    rows.append(("MuDSC-zip w=0.5 without REPAIR", dict(mode="zip", w=0.5, init="activation", repair=False)))
+    rows.append(("MuDSC-zip w=0.5 residual stream permuted", dict(mode="zip", w=0.5, init="activation",
+                                                                  zip_residual=False)))
     return rows
 
 
@@ -375,7 +380,8 @@ def speed_part(args, data, log):
                 for _ in range(args.repeats):
                     wall0, cpu0 = time.perf_counter(), time.process_time()
                     if impl == "merging_kernels":
-                        r = mudsc_merge(ma, mb, spec, calib, mode=mode, w=0.5, progress=False, return_result=True)
+                        r = mudsc_merge(ma, mb, spec, calib, mode=mode, w=0.5, progress=False, return_result=True,
+                                        repair=False)  # the reference has no REPAIR: the same algorithm on both
                         model, timings, sweeps = r.model, r.timings, r.sweeps
                     else:
                         model, timings, sweeps = ref.reference_mudsc_merge(ma, mb, spec, calib, mode=mode, w=0.5)
