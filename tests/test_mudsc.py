@@ -8,7 +8,7 @@ import torch
 from merging_kernels.methods.mudsc import average_merge, greedy_zip, mudsc_merge, reset_batchnorm
 from merging_kernels.models import MLP, ResNet20, ViT
 from merging_kernels.permutation_spec import (ActivationPoint, PermutationGroup, PermutationSpec, apply_permutations,
-                                              in_axis, out_axis, random_permutations, spec_for)
+                                              in_axis, out_axis, random_permutations, spec_for, verify_spec)
 
 MAKERS = {
     "mlp": lambda: MLP(64, [24, 16], 10),
@@ -425,3 +425,57 @@ def test_merge_matrix_gives_the_merged_rows_from_both_models(mode):
         assert torch.equal(m[torch.arange(24), torch.arange(24)], torch.full((24,), 0.3))
     with pytest.raises(ValueError, match="no group"):
         result.merge_matrix("hidden9")
+
+
+class _GroupNormNet(torch.nn.Module):
+    """conv(1→16) → GroupNorm(4 groups of 4) → ReLU → conv(16→8) → pool → Linear: the GroupNorm ties channels
+    into groups, so a permutation may only move channels within a group and groups as wholes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 16, 3, padding=1)
+        self.gn = torch.nn.GroupNorm(4, 16)
+        self.act = torch.nn.ReLU()
+        self.conv2 = torch.nn.Conv2d(16, 8, 3, padding=1)
+        self.act2 = torch.nn.ReLU()
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.act(self.gn(self.conv1(x.reshape(-1, 1, 8, 8))))
+        return self.fc(self.act2(self.conv2(x)).mean((2, 3)))
+
+
+def _groupnorm_spec():
+    return PermutationSpec([
+        PermutationGroup("gn", axes=[out_axis("conv1.weight"), out_axis("conv1.bias"), out_axis("gn.weight"),
+                                     out_axis("gn.bias"), in_axis("conv2.weight")],
+                         activations=[ActivationPoint("act")], group_size=4),
+        PermutationGroup("c2", axes=[out_axis("conv2.weight"), out_axis("conv2.bias"), in_axis("fc.weight")],
+                         activations=[ActivationPoint("act2")]),
+    ])
+
+
+@pytest.mark.parametrize("mode", ["permute", "zip"])
+def test_groupnorm_groups_are_matched_as_groups(mode):
+    torch.manual_seed(0)
+    a = _GroupNormNet().eval()
+    with torch.no_grad():
+        a.gn.weight.uniform_(0.5, 1.5)
+        a.gn.bias.uniform_(-0.3, 0.3)
+    spec = verify_spec(_groupnorm_spec(), a, torch.randn(4, 8, 8))
+    # a permutation that breaks a group changes the function: the spec's group_size is what keeps it exact
+    broken = dict(a.state_dict())
+    swap = torch.arange(16)
+    swap[[0, 4]] = swap[[4, 0]]  # channel 0 (group 0) <-> channel 4 (group 1)
+    b = _GroupNormNet().eval()
+    b.load_state_dict(apply_permutations(broken, spec, {"gn": swap}))
+    x = torch.randn(16, 8, 8)
+    assert not torch.allclose(b(x), a(x), atol=1e-3)
+    perms = random_permutations(spec, torch.Generator().manual_seed(3))
+    assert not torch.equal(perms["gn"].view(4, 4) // 4, torch.arange(4).view(4, 1).expand(4, 4))  # groups moved
+    b.load_state_dict(apply_permutations(a.state_dict(), spec, perms))
+    torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-5)
+    result = mudsc_merge(a, b, spec, _calib(), mode=mode, w=0.5, progress=False, return_result=True)
+    torch.testing.assert_close(result.model.eval()(x), a(x), rtol=1e-4, atol=1e-5)
+    assert torch.equal(result.perms["gn"], torch.argsort(perms["gn"]))
+    assert "gn" not in result.zips  # groups stay permuted in zip mode
