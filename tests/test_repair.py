@@ -345,3 +345,36 @@ def test_mudsc_merge_repairs_models_without_batchnorm_by_default():
     assert not torch.allclose(plain.model(x), expected(x), rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="repair needs calibration"):
         mudsc_merge(a, b, None, None, w=1.0, progress=False, repair=True)
+
+
+class _InPlaceResidual(nn.Module):
+    """Residual blocks that add in place (x += f(x)): both blocks' fc1 read the same tensor object, the second
+    one after the first block has written to it, so they cannot be corrected in one stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 6)
+        self.fc1a, self.fc2a = nn.Linear(6, 5), nn.Linear(5, 6)
+        self.fc1b, self.fc2b = nn.Linear(6, 5), nn.Linear(5, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        x += self.fc2a(torch.relu(self.fc1a(x)))
+        x += self.fc2b(torch.relu(self.fc1b(x)))
+        return self.head(x)
+
+
+def test_producers_reading_a_tensor_written_in_place_between_are_separate_stages():
+    torch.manual_seed(0)
+    a, b, merged = _InPlaceResidual(), _InPlaceResidual(), _InPlaceResidual()
+    spec = PermutationSpec([
+        PermutationGroup("ha", [out_axis("fc1a.weight"), out_axis("fc1a.bias"), in_axis("fc2a.weight")]),
+        PermutationGroup("hb", [out_axis("fc1b.weight"), out_axis("fc1b.bias"), in_axis("fc2b.weight")]),
+    ]).check(a)
+    calib = [torch.randn(64, 8) for _ in range(2)]
+    halves = torch.cat([torch.eye(5), torch.eye(5)], 1) / 2
+    out = repair(merged, a, b, (spec, {"ha": halves, "hb": halves}), calib)
+    targets = _targets(a, b, lambda g: halves, repair_producers(a, spec), calib)
+    errors = _max_errors(_output_stats(out, list(targets), calib), targets)
+    assert max(errors) < 1e-4, errors

@@ -200,15 +200,26 @@ def _batch_input(batch):
     raise TypeError(f"calibration batches must be tensors or (input, ...) tuples, got {type(batch).__name__}")
 
 
+def _version(t) -> int | None:
+    """A tensor's version counter (bumped by every in-place write); None where there is none to read."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors (torch.inference_mode) track no version
+        return None
+
+
 def _endpoint_statistics(model_a, model_b, producers, batches, device):
     """Each producer's per-channel mean/std in both models, and the producers grouped into stages.
 
-    A stage is a set of producers that read the identical input tensor in model A's forward pass (so none
-    depends on another); stages are listed in the order their first member runs.
+    A stage is a set of producers that read the identical input tensor in model A's forward pass, not written
+    in place in between (so none depends on another); stages are listed in the order their first member runs.
     """
     moments = [{p.module: _Moments(f"{label}.{p.module}") for p in producers} for label in ("model_a", "model_b")]
     fired: dict[tuple[int, str], int] = {}
-    order: list[tuple[str, object]] = []  # (producer, its input) in model A's first forward pass
+    # (producer, its input, the input's version) in model A's first forward pass
+    order: list[tuple[str, object, int | None]] = []
     record = [True]
 
     def make_hook(m: int, name: str, channel_dim: int):
@@ -219,7 +230,8 @@ def _endpoint_statistics(model_a, model_b, producers, batches, device):
                                  f"between layers): one correction cannot fit both of its uses; leave its group "
                                  f"out (groups=...)")
             if m == 0 and record[0]:
-                order.append((name, args[0] if args else None))
+                inp = args[0] if args else None
+                order.append((name, inp, _version(inp)))
             moments[m][name].update(output, channel_dim)
         return hook
 
@@ -248,15 +260,17 @@ def _endpoint_statistics(model_a, model_b, producers, batches, device):
     if moments[0][producers[0].module].count == 0:
         raise ValueError("calibration batches are empty (0 rows): REPAIR needs calibration data")
     stages: list[list[str]] = []
-    by_input: list[tuple[object, list[str]]] = []
-    for name, inp in order:
-        for seen, stage in by_input:
-            if inp is not None and seen is inp:
+    by_input: list[tuple[object, int | None, list[str]]] = []
+    for name, inp, version in order:
+        # the same tensor object is not enough: an in-place residual add (x += f(x)) between two reads makes
+        # the later producer depend on the earlier one; its version counter tells
+        for seen, seen_version, stage in by_input:
+            if inp is not None and version is not None and seen is inp and seen_version == version:
                 stage.append(name)
                 break
         else:
             stage = [name]
-            by_input.append((inp, stage))
+            by_input.append((inp, version, stage))
             stages.append(stage)
     stats = {}
     for p in producers:
