@@ -378,3 +378,18 @@ def test_producers_reading_a_tensor_written_in_place_between_are_separate_stages
     targets = _targets(a, b, lambda g: halves, repair_producers(a, spec), calib)
     errors = _max_errors(_output_stats(out, list(targets), calib), targets)
     assert max(errors) < 1e-4, errors
+
+
+def test_repair_of_a_merge_with_excluded_heads_of_other_class_counts():
+    """A MuDSCResult whose heads were left out (exclude=) with 10 and 7 classes: repair() takes it as
+    mudsc_merge's own REPAIR does (the heads are neither checked against each other nor producers)."""
+    torch.manual_seed(0)
+    a, b = MLP(64, [24, 16], 10).eval(), MLP(64, [24, 16], 7).eval()
+    calib = _calib()
+    head = ["layers.2.weight", "layers.2.bias"]
+    plain = mudsc_merge(a, b, None, calib, exclude=head, progress=False, return_result=True, repair=False)
+    auto = mudsc_merge(a, b, None, calib, exclude=head, progress=False, return_result=True)
+    assert plain.exclude == tuple(head)
+    out = repair(None, a, b, plain, calib)
+    for k, v in auto.model.state_dict().items():
+        torch.testing.assert_close(out.state_dict()[k], v, rtol=0, atol=0)

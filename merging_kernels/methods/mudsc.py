@@ -104,6 +104,7 @@ class MuDSCResult:
 
     spec: PermutationSpec | None = None
     alpha: float = 0.5
+    exclude: tuple[str, ...] = ()  # parameters left out of the merge (per-task heads; may differ in shape)
     _states: tuple = ()  # (A's state, B's state) as given, for project()
 
     @property
@@ -726,7 +727,8 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
             reset_batchnorm(merged, batches)
     # copies: project() must not change if model_a or model_b is trained afterwards
     states = ({k: v.clone() for k, v in sd_a.items()}, {k: v.clone() for k, v in sd_b.items()})
-    result = MuDSCResult(merged, dict(state.perms), zips, history, sweeps, {}, full_spec, float(alpha), states)
+    result = MuDSCResult(merged, dict(state.perms), zips, history, sweeps, {}, full_spec, float(alpha),
+                         tuple(dict.fromkeys(exclude)), states)
     if repair if repair is not None else not has_bn:
         if batches is None:
             if repair:

@@ -352,7 +352,8 @@ def _unpack(merge):
     if isinstance(merge, MuDSCResult):
         if merge.spec is None:
             raise ValueError("merge: this MuDSCResult carries no spec")
-        return merge.spec
+        # heads left out of the merge (exclude=) may differ in shape between the models: not checked, not producers
+        return merge.spec.without_params(merge.exclude) if merge.exclude else merge.spec
     if isinstance(merge, (tuple, list)) and len(merge) == 2 and isinstance(merge[0], PermutationSpec) \
             and isinstance(merge[1], Mapping):
         return merge[0]
