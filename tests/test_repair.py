@@ -393,3 +393,49 @@ def test_repair_of_a_merge_with_excluded_heads_of_other_class_counts():
     out = repair(None, a, b, plain, calib)
     for k, v in auto.model.state_dict().items():
         torch.testing.assert_close(out.state_dict()[k], v, rtol=0, atol=0)
+
+
+class _LinearBN(nn.Module):
+    """fc1 -> BatchNorm -> fc2 (no BatchNorm after it) -> head: one producer feeds a BN, one reads its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2, self.head = nn.Linear(64, 24), nn.BatchNorm1d(24), nn.Linear(24, 16), \
+            nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.bn(self.fc1(x.flatten(1)))))))
+
+    @staticmethod
+    def spec():
+        bn = [out_axis(f"bn.{k}") for k in ("weight", "bias", "running_mean", "running_var")]
+        return PermutationSpec([
+            PermutationGroup("h1", [out_axis("fc1.weight"), out_axis("fc1.bias")] + bn + [in_axis("fc2.weight")],
+                             [ActivationPoint("fc2", input=True)]),
+            PermutationGroup("h2", [out_axis("fc2.weight"), out_axis("fc2.bias"), in_axis("head.weight")],
+                             [ActivationPoint("head", input=True)]),
+        ])
+
+
+def test_repair_of_a_batchnorm_model_reestimates_its_statistics_stage_by_stage():
+    """mudsc_merge(repair=True) on a BN model: the BN statistics are those of the corrected fc1 (as a fresh
+    reset gives), and fc2, downstream of the BN, meets its targets exactly."""
+    from merging_kernels.methods.mudsc import reset_batchnorm
+
+    torch.manual_seed(0)
+    calib = _calib(sizes=(64, 64, 32))
+    a, b = _LinearBN(), _LinearBN()
+    for m in (a, b):
+        reset_batchnorm(m, calib)
+        m.eval()
+    spec = _LinearBN.spec().check(a)
+    result = mudsc_merge(a, b, spec, calib, w=0.5, progress=False, return_result=True, repair=True)
+    fresh = copy.deepcopy(result.model)
+    reset_batchnorm(fresh, calib)
+    for k in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(result.model.bn, k), getattr(fresh.bn, k))
+    targets = _targets(a, b, result.merge_matrix, repair_producers(a, spec), calib)
+    errors = _max_errors(_output_stats(result.model, list(targets), calib), targets)
+    assert max(errors) < 1e-4, errors
+    # the default (repair=None) leaves BatchNorm models to the BN reset alone
+    assert mudsc_merge(a, b, spec, calib, w=0.5, progress=False, return_result=True).timings["repair"] == 0

@@ -587,7 +587,8 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
             gives B's. Only parameters that consume a group's units (input side) can be excluded.
         reset_bn: re-estimate BatchNorm running statistics on ``calibration`` after merging.
         repair: REPAIR the merged model's producers on ``calibration`` (see
-            :func:`merging_kernels.methods.repair.repair`); None: when the model has no BatchNorm.
+            :func:`merging_kernels.methods.repair.repair`); None: when the model has no BatchNorm. With
+            BatchNorm (``repair=True``), and ``reset_bn``, its statistics are re-estimated after each stage.
         progress: tqdm bars for the statistics pass and the sweeps.
         backend: passed to the ops (similarity, assignment).
         seed: order of the groups in the sweeps.
@@ -739,7 +740,10 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
             with timer("repair"):
                 # the spec without excluded heads: they may differ in shape and produce no group's units
                 matrices = {g.name: result.merge_matrix(g.name) for g in spec}
-                repair_producers_of(merged, model_a, model_b, (spec, matrices), batches, inplace=True)
+                # BatchNorm statistics re-estimated after each stage: a BN fed by a corrected producer would
+                # otherwise normalize with the statistics of its uncorrected outputs
+                repair_producers_of(merged, model_a, model_b, (spec, matrices), batches, inplace=True,
+                                    reset_bn=reset_bn and has_bn)
     result.timings = dict(timer.t)
     return result if return_result else merged
 

@@ -79,7 +79,7 @@ from torch import nn
 
 from .._validation import check_real
 from ..permutation_spec import PermutationSpec
-from .mudsc import MuDSCResult
+from .mudsc import MuDSCResult, reset_batchnorm
 
 __all__ = ["Producer", "repair", "repair_producers"]
 
@@ -395,7 +395,8 @@ def _check_models(merged, model_a, model_b, spec, producers) -> torch.device:
 
 def repair(merged: nn.Module | None, model_a: nn.Module, model_b: nn.Module, merge, calibration, *,
            groups: Iterable[str] | None = None, residual: bool = True, eps: float = 1e-12,
-           add_bias: bool = False, inplace: bool = False, progress: bool = False) -> nn.Module:
+           add_bias: bool = False, reset_bn: bool = False, inplace: bool = False,
+           progress: bool = False) -> nn.Module:
     """REPAIR a merged model: each producer's output channels get the endpoints' interpolated mean and std.
 
     Args:
@@ -420,8 +421,14 @@ def repair(merged: nn.Module | None, model_a: nn.Module, model_b: nn.Module, mer
             warning -- in BatchNorm networks (ResNet) they feed a BatchNorm, whose statistics reset
             (:func:`~merging_kernels.methods.mudsc.reset_batchnorm`, done by ``mudsc_merge``) already
             renormalizes them.
+        reset_bn: re-estimate ``merged``'s BatchNorm running statistics on ``calibration``
+            (:func:`~merging_kernels.methods.mudsc.reset_batchnorm`) before the first stage and after each
+            stage's correction, so that every later stage is measured -- and the result runs -- with
+            statistics of the corrected producers (a BatchNorm fed by a corrected producer would otherwise
+            normalize with its uncorrected outputs' statistics). ``mudsc_merge(repair=True)`` sets it for
+            models with BatchNorm unless ``reset_bn=False``.
         inplace: correct ``merged`` itself (and return it) instead of a copy. On an error its producers
-            are restored.
+            (and, with ``reset_bn``, its BatchNorm statistics) are restored.
         progress: a tqdm bar over the stages.
 
     Returns:
@@ -476,6 +483,8 @@ def repair(merged: nn.Module | None, model_a: nn.Module, model_b: nn.Module, mer
     saved = {p.module: (mods[p.module].weight.detach().clone(),
                         None if mods[p.module].bias is None else mods[p.module].bias.detach().clone())
              for p in producers} if inplace else {}
+    bns = [m for m in target.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if reset_bn else []
+    saved_bn = [copy.deepcopy(dict(m.named_buffers(recurse=False))) for m in bns] if inplace else []
     try:
         for model in (target, model_a, model_b):
             model.eval()
@@ -491,11 +500,15 @@ def repair(merged: nn.Module | None, model_a: nn.Module, model_b: nn.Module, mer
                     w = mods[name].weight
                     mods[name].bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
                                                    requires_grad=w.requires_grad)
+            if bns:
+                reset_batchnorm(target, calibration)
             for stage in tqdm(stages, desc="REPAIR", disable=not progress, leave=False):
                 moments = _merged_statistics(target, stage, calibration, device)
                 for name in stage:
                     mean, var = moments[name].mean_var()
                     _fold(mods[name], mean, var, *targets[name], eps)
+                if bns:
+                    reset_batchnorm(target, calibration)
     except BaseException:
         for name, (w, b) in saved.items():  # inplace: leave the model as it was
             with torch.no_grad():
@@ -504,6 +517,10 @@ def repair(merged: nn.Module | None, model_a: nn.Module, model_b: nn.Module, mer
                     mods[name].bias = None
                 else:
                     mods[name].bias.copy_(b)
+        for bn, buffers in zip(bns, saved_bn):
+            for key, value in buffers.items():
+                if value is not None:
+                    getattr(bn, key).copy_(value)
         raise
     finally:
         for mode in modes:
