@@ -479,3 +479,21 @@ def test_groupnorm_groups_are_matched_as_groups(mode):
     torch.testing.assert_close(result.model.eval()(x), a(x), rtol=1e-4, atol=1e-5)
     assert torch.equal(result.perms["gn"], torch.argsort(perms["gn"]))
     assert "gn" not in result.zips  # groups stay permuted in zip mode
+
+
+def test_model_only_merge_keeps_no_copies_of_the_weights(monkeypatch):
+    """return_result=False: the copies of both state dicts that project() needs are not made (they are two more
+    models' worth of memory); REPAIR, which runs either way, reads only the merge matrices."""
+    import merging_kernels.methods.mudsc as mudsc_module
+
+    made = []
+    original = mudsc_module.MuDSCResult
+
+    def recording(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(mudsc_module, "MuDSCResult", recording)
+    a, b, spec, _ = _permuted_pair("mlp")
+    mudsc_merge(a, b, spec, _calib(), w=0.5, progress=False)
+    assert made and made[-1]._states == ()

@@ -726,8 +726,10 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
             if batches is None:
                 raise ValueError("reset_bn needs calibration data (or pass reset_bn=False)")
             reset_batchnorm(merged, batches)
-    # copies: project() must not change if model_a or model_b is trained afterwards
-    states = ({k: v.clone() for k, v in sd_a.items()}, {k: v.clone() for k, v in sd_b.items()})
+    # copies: project() must not change if model_a or model_b is trained afterwards (only for a returned result:
+    # two more copies of the models' weights that merge_matrix, all the REPAIR below needs, does not read)
+    states = ({k: v.clone() for k, v in sd_a.items()}, {k: v.clone() for k, v in sd_b.items()}) \
+        if return_result else ()
     result = MuDSCResult(merged, dict(state.perms), zips, history, sweeps, {}, full_spec, float(alpha),
                          tuple(dict.fromkeys(exclude)), states)
     if repair if repair is not None else not has_bn:
