@@ -497,3 +497,10 @@ def test_model_only_merge_keeps_no_copies_of_the_weights(monkeypatch):
     a, b, spec, _ = _permuted_pair("mlp")
     mudsc_merge(a, b, spec, _calib(), w=0.5, progress=False)
     assert made and made[-1]._states == ()
+
+
+def test_project_names_one_string_is_rejected():
+    a, b, spec, _ = _permuted_pair("mlp")
+    result = mudsc_merge(a, b, spec, _calib(), w=0.5, progress=False, return_result=True)
+    with pytest.raises(TypeError, match=r"\['layers.2.weight'\]"):
+        result.project("b", "layers.2.weight")  # not read as the names 'l', 'a', 'y', ...

@@ -144,6 +144,12 @@ class MuDSCResult:
         """
         if which not in ("a", "b"):
             raise ValueError(f"which must be 'a' or 'b', got {which!r}")
+        if isinstance(names, str):
+            raise TypeError(f"names must be a collection of parameter names, not one string (got {names!r}; "
+                            f"pass [{names!r}])")
+        if not self._states:
+            raise ValueError("this result keeps no weights to project (mudsc_merge(..., return_result=True) "
+                             "makes one that does)")
         state = self._states[0 if which == "a" else 1]
         for name in names:
             if name not in state:
