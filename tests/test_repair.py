@@ -439,3 +439,29 @@ def test_repair_of_a_batchnorm_model_reestimates_its_statistics_stage_by_stage()
     assert max(errors) < 1e-4, errors
     # the default (repair=None) leaves BatchNorm models to the BN reset alone
     assert mudsc_merge(a, b, spec, calib, w=0.5, progress=False, return_result=True).timings["repair"] == 0
+
+
+def test_bias_free_warning_from_mudsc_merge_names_a_route_that_exists():
+    """mudsc_merge REPAIRs by default but has no add_bias: the warning must not send the user to an argument
+    mudsc_merge rejects; the route it names gives every producer its targets."""
+
+    class NoBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(64, 24, bias=False), nn.ReLU(), nn.Linear(24, 10)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x.flatten(1))))
+
+    torch.manual_seed(0)
+    a, b = NoBias(), NoBias()
+    spec = PermutationSpec([PermutationGroup("h", [out_axis("fc1.weight"), in_axis("fc2.weight")], ["act"])])
+    calib = _calib()
+    with pytest.warns(UserWarning, match=r"repair=False, return_result=True and call repair\(None, .*add_bias=True"):
+        mudsc_merge(a, b, spec, calib, progress=False)
+    with pytest.raises(TypeError, match="add_bias"):
+        mudsc_merge(a, b, spec, calib, progress=False, add_bias=True)
+    result = mudsc_merge(a, b, spec, calib, progress=False, repair=False, return_result=True)
+    out = repair(None, a, b, result, calib, add_bias=True)
+    targets = _targets(a, b, result.merge_matrix, repair_producers(a, spec), calib)
+    assert max(_max_errors(_output_stats(out, list(targets), calib), targets)) < 1e-4

@@ -471,8 +471,10 @@ def repair(merged: nn.Module | None, model_a: nn.Module, model_b: nn.Module, mer
     skipped = [p.module for p in producers if mods_m[p.module].bias is None]
     if skipped and not add_bias:
         warnings.warn(f"REPAIR skips producers without a bias {skipped[:8]}{' ...' if len(skipped) > 8 else ''}: "
-                      f"a correction needs one (pass add_bias=True to add it). In BatchNorm networks these feed a "
-                      f"BatchNorm, whose statistics reset already renormalizes them.", stacklevel=2)
+                      f"a correction needs one (repair(..., add_bias=True) adds it; for a mudsc_merge, merge with "
+                      f"repair=False, return_result=True and call repair(None, model_a, model_b, result, "
+                      f"calibration, add_bias=True)). In BatchNorm networks these feed a BatchNorm, whose "
+                      f"statistics reset already renormalizes them.", stacklevel=2)
         producers = [p for p in producers if p.module not in skipped]
     if not producers:
         return merged if inplace else copy.deepcopy(merged)
