@@ -590,7 +590,8 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
         exclude: names of parameters that are not merged: per-task classifier heads, which may differ in
             shape between the two models (class counts). They take no part in the similarity; the merged
             model keeps model A's, expressed in the merged units, and ``result.project("b", exclude)``
-            gives B's. Only parameters that consume a group's units (input side) can be excluded.
+            gives B's. Parameters that produce a group's units (output side) cannot be excluded; any other
+            (a head's weight, which consumes them, and its bias, in no group) can.
         reset_bn: re-estimate BatchNorm running statistics on ``calibration`` after merging.
         repair: REPAIR the merged model's producers on ``calibration`` (see
             :func:`merging_kernels.methods.repair.repair`); None: when the model has no BatchNorm. With
@@ -649,6 +650,8 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
     needs_acts = w < 1 or init == "activation"
     if needs_acts and batches is None:
         raise ValueError("calibration data is needed for activation similarity (w < 1 or init='activation')")
+    if batches is None and repair:
+        raise ValueError("repair needs calibration data (or pass repair=False)")
 
     timer = _Timer()
     for k in sd_a:
@@ -738,20 +741,16 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
         if return_result else ()
     result = MuDSCResult(merged, dict(state.perms), zips, history, sweeps, {}, full_spec, float(alpha),
                          tuple(dict.fromkeys(exclude)), states)
-    if repair if repair is not None else not has_bn:
-        if batches is None:
-            if repair:
-                raise ValueError("repair needs calibration data (or pass repair=False)")
-        else:
-            from .repair import repair as repair_producers_of
+    if (repair if repair is not None else not has_bn) and batches is not None:  # repair=True without data: refused
+        from .repair import repair as repair_producers_of
 
-            with timer("repair"):
-                # the spec without excluded heads: they may differ in shape and produce no group's units
-                matrices = {g.name: result.merge_matrix(g.name) for g in spec}
-                # BatchNorm statistics re-estimated after each stage: a BN fed by a corrected producer would
-                # otherwise normalize with the statistics of its uncorrected outputs
-                repair_producers_of(merged, model_a, model_b, (spec, matrices), batches, inplace=True,
-                                    reset_bn=reset_bn and has_bn)
+        with timer("repair"):
+            # the spec without excluded heads: they may differ in shape and produce no group's units
+            matrices = {g.name: result.merge_matrix(g.name) for g in spec}
+            # BatchNorm statistics re-estimated after each stage: a BN fed by a corrected producer would
+            # otherwise normalize with the statistics of its uncorrected outputs
+            repair_producers_of(merged, model_a, model_b, (spec, matrices), batches, inplace=True,
+                                reset_bn=reset_bn and has_bn)
     result.timings = dict(timer.t)
     return result if return_result else merged
 

@@ -79,7 +79,7 @@ from torch import nn
 
 from .._validation import check_real
 from ..permutation_spec import PermutationSpec
-from .mudsc import MuDSCResult, reset_batchnorm
+from .mudsc import MuDSCResult, _batch_input, reset_batchnorm
 
 __all__ = ["Producer", "repair", "repair_producers"]
 
@@ -190,14 +190,6 @@ def _channel_dim(mod: nn.Module) -> int:
 
 class _StageDone(Exception):
     """Raised from a hook to skip the rest of a forward pass once the producers it measures have run."""
-
-
-def _batch_input(batch):
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise TypeError(f"calibration batches must be tensors or (input, ...) tuples, got {type(batch).__name__}")
 
 
 def _version(t) -> int | None:
