@@ -596,7 +596,7 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
         repair: REPAIR the merged model's producers on ``calibration`` (see
             :func:`merging_kernels.methods.repair.repair`); None: when the model has no BatchNorm. With
             BatchNorm (``repair=True``), and ``reset_bn``, its statistics are re-estimated after each stage.
-        progress: tqdm bars for the statistics pass and the sweeps.
+        progress: tqdm bars for the statistics pass, the sweeps and REPAIR's stages.
         backend: passed to the ops (similarity, assignment).
         seed: order of the groups in the sweeps.
         return_result: return a :class:`MuDSCResult` (model, matchings, objective history, timings).
@@ -750,7 +750,7 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
             # BatchNorm statistics re-estimated after each stage: a BN fed by a corrected producer would
             # otherwise normalize with the statistics of its uncorrected outputs
             repair_producers_of(merged, model_a, model_b, (spec, matrices), batches, inplace=True,
-                                reset_bn=reset_bn and has_bn)
+                                reset_bn=reset_bn and has_bn, progress=progress)
     result.timings = dict(timer.t)
     return result if return_result else merged
 
