@@ -1,7 +1,7 @@
 """MuDSC on real data (scikit-learn's 8x8 digits, offline): accuracy of every method, and speed vs a reference.
 
     nice python benchmarks/run_mudsc.py [--archs mlp,resnet20,vit] [--pairs 3] [--no-speed] [--speed-only]
-                                        [--workdir DIR] [--out FILE]
+                                        [--alpha-curve] [--workdir DIR] [--out FILE]
 
 Part 1, accuracy. For each architecture (MLP 64-64-64, ResNet-20 at width x0.5, ViT dim 32 / depth 2 /
 4 heads) and each seed pair (A, B trained from different random initializations):
@@ -21,6 +21,10 @@ without BatchNorm; plain averaging is not), and two rows show MuDSC-zip w=0.5 wi
 the residual stream permuted instead of zipped. Calibration: 512 training images of all 10 digits. Every figure is
 mean +- std over the seed pairs; the verdict lines call a difference smaller than the larger std "no
 difference".
+
+Part 1b (--alpha-curve, instead of parts 1 and 2): MLP and ViT, full task, validation accuracy of
+MuDSC-permute w=0.5 at alpha in {.05 ... .95}, without and with REPAIR: the barrier along the aligned
+path.
 
 Part 2, speed. A wide MLP (64-1024-1024-1024-10) pair and a ResNet-20 x2 pair trained on the full task:
 the whole merge (MuDSC-zip and MuDSC-permute, w=0.5) with merging_kernels vs the straightforward
@@ -405,6 +409,33 @@ def speed_part(args, data, log):
                 f"{'PASS' if ratio >= 10 else 'FAIL'} (target >= 10x)")
 
 
+ALPHAS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
+
+
+def alpha_curve_part(args, data, log):
+    """Validation accuracy along the aligned path (MuDSC-permute w=0.5, model A's weight alpha), without and
+    with REPAIR: how high the barrier between the two aligned models is, and how much REPAIR removes."""
+    for arch in args.archs:
+        if arch == "resnet20":
+            continue  # BatchNorm models are renormalized by the BN reset, not by REPAIR
+        pairs = SEED_PAIRS[:args.pairs]
+        log(f"\n== {arch}, full task: validation accuracy along the aligned path (MuDSC-permute w=0.5), "
+            f"{len(pairs)} seed pairs, mean ± std ==")
+        log(f"  {'alpha':>6}{'no REPAIR':>16}{'REPAIR':>16}")
+        acc_at = {}
+        for sa, sb in pairs:
+            ma, _ = load_or_train(args.workdir, arch, data, None, sa)
+            mb, _ = load_or_train(args.workdir, arch, data, None, sb)
+            spec = spec_for(ma)
+            for alpha in ALPHAS:
+                for rep in (False, True):
+                    merged = mudsc_merge(ma, mb, spec, data.calibration, w=0.5, alpha=alpha, repair=rep,
+                                         progress=False)
+                    acc_at.setdefault((alpha, rep), []).append(eval_full(merged, data, "val")["acc"])
+        for alpha in ALPHAS:
+            log(f"  {alpha:>6g}{fmt(acc_at[(alpha, False)]):>16}{fmt(acc_at[(alpha, True)]):>16}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--archs", default="mlp,resnet20,vit")
@@ -412,6 +443,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--speed-only", action="store_true")
+    parser.add_argument("--alpha-curve", action="store_true",
+                        help="only the accuracy along the aligned path vs alpha, with and without REPAIR")
     parser.add_argument("--speed-models", default="mlp-wide,resnet20x2")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "merging_kernels_mudsc_digits"))
     parser.add_argument("--out", default=None, help="also write the output to this file")
@@ -438,9 +471,11 @@ def main(argv=None):
         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; torch {torch.__version__}; commit {commit}")
     start = time.perf_counter()
     data = Digits()
-    if not args.speed_only:
+    if args.alpha_curve:
+        alpha_curve_part(args, data, log)
+    elif not args.speed_only:
         accuracy_part(args, data, log)
-    if not args.no_speed:
+    if not args.no_speed and not args.alpha_curve:
         speed_part(args, data, log)
     log(f"\n# total {time.perf_counter() - start:.0f} s; load average at the end "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
