@@ -52,6 +52,32 @@ def machine_line(device: str | torch.device = "cpu") -> str:
     return f"{device_name('cpu')}{gpu}; {load}"
 
 
+def package_version(name: str) -> str:
+    """The installed distribution's version, or "?" when it is not installed as one."""
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return "?"
+
+
+def commit_line(watched: Sequence[str] = ()) -> str:
+    """Short HEAD commit of this checkout, "+ uncommitted changes" when a ``watched`` path (relative to the
+    repository root) differs from it; "unknown commit" outside a git checkout."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *watched], cwd=root, capture_output=True,
+                               text=True).stdout.strip() if watched else ""
+        return out + (" (+ uncommitted changes)" if dirty else "")
+    except Exception:
+        return "unknown commit"
+
+
 def synchronize(device: str | torch.device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

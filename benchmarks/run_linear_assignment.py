@@ -36,7 +36,7 @@ except ImportError:  # not installed: run from a source checkout
     sys.path.insert(1, os.path.dirname(HERE))
     import merging_kernels as mk
 
-from common import machine_line, measure_cpu  # noqa: E402
+from common import commit_line, machine_line, measure_cpu, package_version  # noqa: E402
 from merging_kernels.ops import linear_assignment as la  # noqa: E402
 
 from scipy.optimize import linear_sum_assignment as scipy_lsa  # noqa: E402
@@ -283,28 +283,9 @@ def gpu_section(quick, targets):
     return table(header, rows)
 
 
-def _version(package):
-    try:
-        from importlib.metadata import version
-
-        return version(package)
-    except Exception:  # not installed as a distribution
-        return "?"
-
-
-def _commit():
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        mine = ["../csrc/cpu/linear_assignment.cpp", "../csrc/cpu/linear_assignment.h", "../csrc/common/lsa_team.h",
-                "../csrc/cuda", "../python/linear_assignment_binding.cpp", "../merging_kernels/ops/linear_assignment.py"]
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", *mine], cwd=HERE, capture_output=True,
-                               text=True).stdout.strip()
-        return out + (" (+ uncommitted changes)" if dirty else "")
-    except Exception:
-        return "unknown commit"
+# uncommitted changes to these mark the commit line
+LSA_SOURCES = ["csrc/cpu/linear_assignment.cpp", "csrc/cpu/linear_assignment.h", "csrc/common/lsa_team.h", "csrc/cuda",
+               "python/linear_assignment_binding.cpp", "merging_kernels/ops/linear_assignment.py"]
 
 
 def main(argv=None) -> int:
@@ -323,9 +304,9 @@ def main(argv=None) -> int:
     print(f"# merging_kernels linear assignment, {datetime.date.today().isoformat()}")
     print(f"# command: python benchmarks/run_linear_assignment.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"# machine: {machine_line(args.device)}")
-    print(f"# versions: torch {torch.__version__}, numpy {np.__version__}, scipy {_version('scipy')}, "
-          f"lap {_version('lap') if lap else 'absent'}, lapjv {_version('lapjv') if lapjv else 'absent'}; "
-          f"merging_kernels at {_commit()}; _C: {info}")
+    print(f"# versions: torch {torch.__version__}, numpy {np.__version__}, scipy {package_version('scipy')}, "
+          f"lap {package_version('lap') if lap else 'absent'}, lapjv {package_version('lapjv') if lapjv else 'absent'}; "
+          f"merging_kernels at {commit_line(LSA_SOURCES)}; _C: {info}")
     print("# times: medians after a warm-up call, of wall clock and of process CPU time; single problems run on one")
     print("# thread in every solver, so their ratios use CPU time (immune to time spent descheduled on a shared")
     print("# machine); the wall clock is listed beside it")

@@ -52,7 +52,6 @@ import io
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,6 +66,7 @@ try:
 except ImportError:  # a source checkout
     sys.path.insert(1, os.path.dirname(HERE))
 
+from common import commit_line  # noqa: E402
 from merging_kernels.methods.mudsc import average_merge, mudsc_merge  # noqa: E402
 from merging_kernels.models import MLP, ResNet20, ViT  # noqa: E402
 from merging_kernels.permutation_spec import spec_for  # noqa: E402
@@ -459,11 +459,7 @@ def main(argv=None):
         print(line, flush=True)
         buf.write(line + "\n")
 
-    try:
-        commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = "?"
+    commit = commit_line(["merging_kernels", "benchmarks"])
     log(f"# MuDSC on sklearn digits, {datetime.date.today().isoformat()}")
     log("# command: nice python benchmarks/run_mudsc.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
     log(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, torch threads 1, "

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -38,7 +37,7 @@ except ImportError:  # not installed: run from a source checkout
     sys.path.insert(1, os.path.dirname(HERE))
     import merging_kernels as mk
 
-from common import machine_line, measure_cpu  # noqa: E402
+from common import commit_line, machine_line, measure_cpu, package_version  # noqa: E402
 from peers import group_similarity_scipy_loop  # noqa: E402
 
 from merging_kernels.ops import similarity as sim  # noqa: E402
@@ -251,24 +250,7 @@ def section_groups(quick, rows, targets, budget):
 # --------------------------------------------------------------------------- main
 
 
-def _version(package):
-    try:
-        from importlib.metadata import version
-
-        return version(package)
-    except Exception:
-        return "?"
-
-
-def _commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../merging_kernels/ops/similarity.py"],
-                               cwd=HERE, capture_output=True, text=True).stdout.strip()
-        return out + (" (+ uncommitted changes to similarity.py)" if dirty else "")
-    except Exception:
-        return "unknown commit"
+SIMILARITY_SOURCES = ["merging_kernels/ops/similarity.py"]  # uncommitted changes to it mark the commit line
 
 
 def main(argv=None) -> int:
@@ -292,8 +274,8 @@ def main(argv=None) -> int:
     print(f"# merging_kernels similarity, {datetime.date.today().isoformat()}")
     print(f"# command: python benchmarks/run_similarity.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"# machine: {machine_line(args.device)}")
-    print(f"# versions: torch {torch.__version__}, numpy {np.__version__}, scipy {_version('scipy')}; "
-          f"merging_kernels at {_commit()}")
+    print(f"# versions: torch {torch.__version__}, numpy {np.__version__}, scipy {package_version('scipy')}; "
+          f"merging_kernels at {commit_line(SIMILARITY_SOURCES)}")
     print(f"# times: medians of process CPU time and of wall clock after a warm-up call; {args.threads} thread(s)")
     print("# for torch, numpy's BLAS and _C's OpenMP. Ratios and GFLOP/s use CPU time (with one thread it")
     print("# excludes time spent descheduled on a shared machine).")
