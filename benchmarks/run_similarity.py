@@ -14,6 +14,10 @@ Sections:
      shape is listed as the limit (its GFLOP/s is the machine's GEMM throughput).
   3. group_similarity, 12 heads of 64 (144 assignment problems 64×64 in one batched solve) vs a
      scipy loop over the 144 blocks.
+--device cuda instead: sections 1 and 2 on the GPU (8 batches of 4096 rows, C up to 2048; n up to 4096,
+d up to 8192),
+ours (Triton) vs the same fp32 work in plain torch, with the fp32 GEMM of the same shape as the limit
+("% of matmul"); wall-clock medians between device synchronizes.
 Every provider runs on --threads threads (default 1). GFLOP/s counts the useful work of a full product (2·rows·cols·depth), so a path that computes only
 half of a symmetric result can exceed the GEMM limit. "max |Δ|" is against the float64 reference
 computed on the same data. Ratios are peer time / ours from medians taken in this run.
@@ -38,6 +42,7 @@ except ImportError:  # not installed: run from a source checkout
     import merging_kernels as mk
 
 from common import commit_line, machine_line, measure_cpu, package_version  # noqa: E402
+from common import measure as measure_wall  # noqa: E402
 from peers import group_similarity_scipy_loop  # noqa: E402
 
 from merging_kernels.ops import similarity as sim  # noqa: E402
@@ -71,8 +76,8 @@ def zipit_style_correlation(batches) -> torch.Tensor:
     for feats in batches:
         z = torch.cat(feats, dim=1).float()
         if total is None:
-            total = torch.zeros(z.shape[1])
-            outer = torch.zeros(z.shape[1], z.shape[1])
+            total = z.new_zeros(z.shape[1])
+            outer = z.new_zeros(z.shape[1], z.shape[1])
         total += z.sum(0)
         outer += z.T @ z
         count += z.shape[0]
@@ -83,8 +88,8 @@ def zipit_style_correlation(batches) -> torch.Tensor:
     return (cov / torch.outer(std, std)).clamp(-1, 1)
 
 
-def ours_streaming(batches, dims) -> torch.Tensor:
-    stats = mk.ActivationStats(dims, backend="torch")
+def ours_streaming(batches, dims, device="cpu", backend="torch") -> torch.Tensor:
+    stats = mk.ActivationStats(dims, device=device, backend=backend)
     for feats in batches:
         stats.update(*feats)
     return stats.correlation()
@@ -174,7 +179,7 @@ def add_rows(rows, op, case, results, flops, peers, targets):
 
 def err_vs(got, want) -> float:
     got = torch.as_tensor(np.asarray(got)) if not isinstance(got, torch.Tensor) else got
-    return float((got.double() - want.double()).abs().max())
+    return float((got.cpu().double() - want.cpu().double()).abs().max())
 
 
 # --------------------------------------------------------------------------- sections
@@ -247,6 +252,53 @@ def section_groups(quick, rows, targets, budget):
         add_rows(rows, "group similarity", f"{g} heads x {s} ({g * g} problems)", results, 0, ["scipy loop"], targets)
 
 
+def section_gpu(quick, targets, device="cuda", backend="triton"):
+    """GPU: ours (Triton) vs the same work in plain fp32 torch, read against the fp32 GEMM of the same shape
+    (the matmul limit: the Gram products are the whole of the work). Returns the table's rows."""
+    header = ["op", "case", "provider", "ms", "TFLOP/s", "% of matmul", "max |Δ| vs fp64"]
+    rows = []
+
+    def add(op, case, flops, results, peer):
+        limit = results["limit: fp32 matmul"][0]
+        for name, (t, err) in results.items():
+            rows.append([op, case, name, f"{t * 1e3:.3f}", f"{flops / t / 1e12:.2f}", f"{100 * limit / t:.0f}%",
+                         "-" if err is None else f"{err:.1e}"])
+            print(f"  {op:<16} {case:<30} {name:<28} {t * 1e3:9.3f} ms", flush=True)
+        ours, other = next(iter(results.values()))[0], results[peer][0]
+        targets.append((f"{op} {case}: ours no slower than {peer}", ours <= other, fmt_x(other / ours)))
+
+    # sizes keep the float64 CPU references (the error column) to seconds
+    batch, batches_n = 4096, (4 if quick else 8)
+    for c in ([512] if quick else [1024, 2048]):
+        feats = activations(batch * batches_n, c, 2, seed=c)
+        want = sim.activation_correlation_torch(*feats)  # float64 on the CPU
+        feats = [f.to(device) for f in feats]
+        batches = [[f[i * batch:(i + 1) * batch] for f in feats] for i in range(batches_n)]
+        zs = [torch.cat(b, 1) for b in batches]
+        case = f"M=2 C={c} {batches_n}x{batch} rows"
+        results = {}
+        for name, fn in (("ours (ActivationStats)", lambda: ours_streaming(batches, [c, c], device, backend)),
+                         ("zipit-style fp32 torch", lambda: zipit_style_correlation(batches)),
+                         ("limit: fp32 matmul", lambda: [z.T @ z for z in zs])):
+            err = None if name.startswith("limit") else err_vs(fn(), want)
+            results[name] = (measure_wall(fn, device=device, repeats=5 if quick else 20).median_s, err)
+        add("activation corr", case, 2.0 * batch * batches_n * (2 * c) ** 2, results, "zipit-style fp32 torch")
+    for n, d in ([(1024, 2048)] if quick else [(2048, 4096), (4096, 8192)]):
+        x, y = weight_rows(n, d, seed=1), weight_rows(n, d, seed=2)
+        for label, other in (("self", None), ("cross", y)):
+            want = sim.correlation_matrix_torch(x, other)
+            xd, od = x.to(device), None if other is None else other.to(device)
+            yy = xd if od is None else od
+            results = {}
+            for name, fn in (("ours (correlation_matrix)", lambda: mk.correlation_matrix(xd, od, backend=backend)),
+                             ("torch naive fp32", lambda: torch_naive_corr(xd, od)),
+                             ("limit: fp32 matmul", lambda: xd @ yy.T)):
+                err = None if name.startswith("limit") else err_vs(fn(), want)
+                results[name] = (measure_wall(fn, device=device, repeats=5 if quick else 20).median_s, err)
+            add("weight corr", f"{label} n={n} d={d}", 2.0 * n * n * d, results, "torch naive fp32")
+    return table(header, rows)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -268,8 +320,8 @@ def main(argv=None) -> int:
         threadpool_limits(limits=args.threads)
     except ImportError:  # numpy's BLAS then uses its default thread count
         print("# threadpoolctl is not installed: numpy's BLAS threads are not limited")
-    if args.device == "cuda":
-        print("the CUDA section is not written yet: the Triton kernels have not been run on a GPU")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device")
         return 1
     print(f"# merging_kernels similarity, {datetime.date.today().isoformat()}")
     print(f"# command: python benchmarks/run_similarity.py {' '.join(argv if argv is not None else sys.argv[1:])}")
@@ -281,6 +333,14 @@ def main(argv=None) -> int:
     print("# excludes time spent descheduled on a shared machine).")
     rows: list[list[str]] = []
     targets: list[tuple[str, bool, str]] = []
+    if args.device == "cuda":  # the GPU section alone (group similarity's batched solves: the assignment runner's)
+        print(f"\n== GPU: {torch.cuda.get_device_name()}; wall-clock medians between device synchronizes ==", flush=True)
+        print(section_gpu(args.quick, targets))
+        print("\n## targets")
+        for what, ok, detail in targets:
+            print(f"{'PASS' if ok else 'FAIL'}  {what}  ({detail})")
+        print(f"\n# machine at the end: {machine_line(args.device)}")
+        return 0
     budget = 5.0 if args.quick else 20.0
     print("\n== streaming activation statistics ==", flush=True)
     section_streaming(args.quick, rows, targets, budget)
