@@ -56,9 +56,8 @@ Builders for the reference models of :mod:`merging_kernels.models` are
 from __future__ import annotations
 
 import copy
-import dataclasses
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import torch
@@ -217,7 +216,7 @@ class PermutationSpec:
             axes = [a for a in g.axes if a.param not in params]
             if not axes:
                 raise ValueError(f"group {g.name!r} would have no axes left")
-            groups.append(dataclasses.replace(g, axes=axes))
+            groups.append(replace(g, axes=axes))
         return PermutationSpec(groups)
 
     # ------------------------------------------------------------------ validation

@@ -568,7 +568,8 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
                 mode: str = "permute", w: float = 0.5, alpha: float = 0.5, refine: bool = True,
                 max_sweeps: int = 100, patience: int = 5, init: str = "auto", zip_factor: float = 0.5,
                 zip_residual: bool = True, exclude: Iterable[str] = (), reset_bn: bool = True,
-                repair: bool | None = None, progress: bool = True, backend: str | None = None, seed: int = 0, return_result: bool = False):
+                repair: bool | None = None, progress: bool = True, backend: str | None = None, seed: int = 0,
+                return_result: bool = False):
     """Merge two models of one architecture trained from different initializations (MuDSC).
 
     Args:
@@ -745,11 +746,9 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
         from .repair import repair as repair_producers_of
 
         with timer("repair"):
-            # the spec without excluded heads: they may differ in shape and produce no group's units
-            matrices = {g.name: result.merge_matrix(g.name) for g in spec}
             # BatchNorm statistics re-estimated after each stage: a BN fed by a corrected producer would
             # otherwise normalize with the statistics of its uncorrected outputs
-            repair_producers_of(merged, model_a, model_b, (spec, matrices), batches, inplace=True,
+            repair_producers_of(merged, model_a, model_b, result, batches, inplace=True,
                                 reset_bn=reset_bn and has_bn, progress=progress)
     result.timings = dict(timer.t)
     return result if return_result else merged
