@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_session.sh build tests        # first call: build _C with CUDA, run the gpu tests
 #   bash benchmarks/gpu_session.sh la similarity psl  # later calls: the CUDA benchmark runners
-#   bash benchmarks/gpu_session.sh task-vectors
+#   bash benchmarks/gpu_session.sh task-vectors mudsc
 #
 # Logs go to $OUT (the device tool's return folder) or ./gpu-logs; copy the benchmark logs into
 # benchmarks/results/<device>-<name>-<date>.txt and commit them (each starts with its command and machine).
@@ -33,7 +33,8 @@ for step in "$@"; do
         similarity) run "similarity-$day" python3 benchmarks/run_similarity.py --device cuda ;;
         psl) run "per-sample-linear-$day" python3 benchmarks/run_per_sample_linear.py --device cuda ;;
         task-vectors) run "task-vectors-$day" python3 benchmarks/run.py --device cuda ;;
-        *) echo "unknown step $step (build, tests, la, similarity, psl, task-vectors)"; exit 2 ;;
+        mudsc) run "mudsc-$day" python3 benchmarks/run_mudsc.py --device cuda ;;
+        *) echo "unknown step $step (build, tests, la, similarity, psl, task-vectors, mudsc)"; exit 2 ;;
     esac
 done
 exit $status

@@ -1,7 +1,7 @@
 """MuDSC on real data (scikit-learn's 8x8 digits, offline): accuracy of every method, and speed vs a reference.
 
     nice python benchmarks/run_mudsc.py [--archs mlp,resnet20,vit] [--pairs 3] [--no-speed] [--speed-only]
-                                        [--alpha-curve] [--workdir DIR] [--out FILE]
+                                        [--alpha-curve] [--device cuda] [--workdir DIR] [--out FILE]
 
 Part 1, accuracy. For each architecture (MLP 64-64-64, ResNet-20 at width x0.5, ViT dim 32 / depth 2 /
 4 heads) and each seed pair (A, B trained from different random initializations):
@@ -35,7 +35,10 @@ immune to time spent descheduled on a shared machine); wall time is listed besid
 forward passes over the calibration set (the same model code in both) are timed alone too, and the
 ratio of the rest is printed: they bound the end-to-end ratio (Amdahl).
 
-CPU only, one thread (torch.set_num_threads(1)); trained checkpoints are cached in --workdir (default:
+Part 2 with --device cuda (instead of parts 1 and 2): the same merges with models and calibration on
+the GPU, wall time per stage, beside our CPU merge and the reference on the CPU.
+
+One CPU thread (torch.set_num_threads(1)); trained checkpoints are cached in --workdir (default:
 a folder in the system temp dir) so a second run only merges.
 """
 
@@ -47,6 +50,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # o
     os.environ.setdefault(_var, "1")  # as for torch: CPU-time ratios compare single-threaded work
 
 import argparse
+import copy
 import datetime
 import io
 import platform
@@ -340,8 +344,6 @@ SPEED_MODELS = {
 def forward_pass_cpu(model_a, model_b, calib, repeats):
     """CPU s of the forward passes any implementation runs: A and B in eval mode, then one model in train
     mode (the BatchNorm reset); best of ``repeats``."""
-    import copy
-
     best = None
     probe = copy.deepcopy(model_a)
     for _ in range(repeats):
@@ -409,6 +411,53 @@ def speed_part(args, data, log):
                 f"{'PASS' if ratio >= 10 else 'FAIL'} (target >= 10x)")
 
 
+def speed_part_cuda(args, data, log):
+    """The same merges with models and calibration on the GPU: wall s per stage (the timer synchronizes),
+    against our CPU merge and the reference on this machine's CPU (one thread each, as in the CPU table)."""
+    import mudsc_reference as ref
+
+    stages = ("statistics", "similarity", "assignment", "rewrite", "bn_reset")
+    calib = list(data.split["train"][0].split(128))
+    calib_gpu = [x.cuda() for x in calib]
+    log(f"\n== speed on {torch.cuda.get_device_name()}: wall s, median of {max(args.repeats, 3)} after a warm-up "
+        f"merge (Triton compiles); CPU rows one thread ==")
+    log(f"  {'variant':<46}{'wall s':>8}" + "".join(f"{s:>11}" for s in stages) + f"{'test acc':>9}")
+    for key, cfg in SPEED_MODELS.items():
+        if key not in args.speed_models:
+            continue
+        ARCHS[key] = cfg
+        ma, _ = load_or_train(args.workdir, key, data, None, 0)
+        mb, _ = load_or_train(args.workdir, key, data, None, 1)
+        spec = spec_for(ma)
+        ga, gb = copy.deepcopy(ma).cuda(), copy.deepcopy(mb).cuda()
+        for mode in ("zip", "permute"):
+            rows = {}
+            for impl in ("gpu", "cpu", "reference"):
+                def merge():
+                    if impl == "reference":
+                        model, timings, _ = ref.reference_mudsc_merge(ma, mb, spec, calib, mode=mode, w=0.5)
+                        return model, timings
+                    a, b, c = (ga, gb, calib_gpu) if impl == "gpu" else (ma, mb, calib)
+                    r = mudsc_merge(a, b, spec, c, mode=mode, w=0.5, progress=False, return_result=True, repair=False)
+                    return r.model, r.timings
+                if impl == "gpu":
+                    merge()  # warm-up: Triton compiles, cuBLAS/cuSOLVER handles
+                runs = []
+                for _ in range(max(args.repeats, 3) if impl == "gpu" else args.repeats):
+                    wall0 = time.perf_counter()
+                    model, timings = merge()
+                    if impl == "gpu":
+                        torch.cuda.synchronize()
+                    runs.append((time.perf_counter() - wall0, timings, model))
+                wall, timings, model = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+                rows[impl] = wall
+                log(f"  {f'{key} MuDSC-{mode} w=0.5 {impl}':<46}{wall:8.3f}"
+                    + "".join(f"{timings.get(s, 0.0):11.3f}" for s in stages)
+                    + f"{eval_full(model.cpu(), data, 'test')['acc']:9.3f}")
+            log(f"  {key} MuDSC-{mode}: GPU {rows['cpu'] / rows['gpu']:.1f}x our CPU merge, "
+                f"{rows['reference'] / rows['gpu']:.1f}x the CPU reference (wall)")
+
+
 ALPHAS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
 
 
@@ -446,6 +495,8 @@ def main(argv=None):
     parser.add_argument("--alpha-curve", action="store_true",
                         help="only the accuracy along the aligned path vs alpha, with and without REPAIR")
     parser.add_argument("--speed-models", default="mlp-wide,resnet20x2")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cuda: the speed part (only) with models and calibration on the GPU")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "merging_kernels_mudsc_digits"))
     parser.add_argument("--out", default=None, help="also write the output to this file")
     args = parser.parse_args(argv)
@@ -469,9 +520,13 @@ def main(argv=None):
     data = Digits()
     if args.alpha_curve:
         alpha_curve_part(args, data, log)
-    elif not args.speed_only:
+    elif not args.speed_only and args.device == "cpu":
         accuracy_part(args, data, log)
-    if not args.no_speed and not args.alpha_curve:
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda needs a CUDA device")
+        speed_part_cuda(args, data, log)
+    elif not args.no_speed and not args.alpha_curve:
         speed_part(args, data, log)
     log(f"\n# total {time.perf_counter() - start:.0f} s; load average at the end "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")

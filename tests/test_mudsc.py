@@ -504,3 +504,23 @@ def test_project_names_one_string_is_rejected():
     result = mudsc_merge(a, b, spec, _calib(), w=0.5, progress=False, return_result=True)
     with pytest.raises(TypeError, match=r"\['layers.2.weight'\]"):
         result.project("b", "layers.2.weight")  # not read as the names 'l', 'a', 'y', ...
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(MAKERS))
+@pytest.mark.parametrize("mode", ["permute", "zip"])
+def test_merge_on_cuda_recovers_permuted_copy_and_matches_cpu(name, mode):
+    # the whole merge on the GPU (Triton statistics, CUDA assignment, REPAIR where the model has no BN)
+    a, b, spec, perms = _permuted_pair(name)
+    calib = _calib()
+    options = dict(mode=mode, reset_bn=False, progress=False, return_result=True)
+    cpu = mudsc_merge(a, b, spec, calib, **options)
+    a_gpu, b_gpu = copy.deepcopy(a).cuda(), copy.deepcopy(b).cuda()
+    gpu = mudsc_merge(a_gpu, b_gpu, spec, [x.cuda() for x in calib], **options)
+    x = torch.randn(32, 8, 8)
+    torch.testing.assert_close(gpu.model.eval()(x.cuda()).cpu(), a(x), rtol=1e-4, atol=1e-4)
+    if mode == "permute":
+        for g, p in perms.items():
+            assert torch.equal(gpu.perms[g].cpu(), torch.argsort(p)), g
+            assert torch.equal(gpu.perms[g].cpu(), cpu.perms[g]), g
+    assert all(t.is_cuda for t in gpu.model.state_dict().values())
