@@ -1,7 +1,8 @@
 """MuDSC on real data (scikit-learn's 8x8 digits, offline): accuracy of every method, and speed vs a reference.
 
     nice python benchmarks/run_mudsc.py [--archs mlp,resnet20,vit] [--pairs 3] [--no-speed] [--speed-only]
-                                        [--alpha-curve] [--device cuda] [--workdir DIR] [--out FILE]
+                                        [--alpha-curve] [--alignment-quality] [--device cuda]
+                                        [--workdir DIR] [--out FILE]
 
 Part 1, accuracy. For each architecture (MLP 64-64-64, ResNet-20 at width x0.5, ViT dim 32 / depth 2 /
 4 heads) and each seed pair (A, B trained from different random initializations):
@@ -25,6 +26,10 @@ difference".
 Part 1b (--alpha-curve, instead of parts 1 and 2): MLP and ViT, full task, validation accuracy of
 MuDSC-permute w=0.5 at alpha in {.05 ... .95}, without and with REPAIR: the barrier along the aligned
 path.
+
+Part 1c (--alignment-quality, instead of parts 1 and 2): per permutation group, the mean activation
+correlation of the cross-model unit pairs that linear assignment matches, beside each unit's best
+correlation within its own model: whether the two models learned alike features at all.
 
 Part 2, speed. A wide MLP (64-1024-1024-1024-10) pair and a ResNet-20 x2 pair trained on the full task:
 the whole merge (MuDSC-zip and MuDSC-permute, w=0.5) with merging_kernels vs the straightforward
@@ -485,6 +490,44 @@ def alpha_curve_part(args, data, log):
             log(f"  {alpha:>6g}{fmt(acc_at[(alpha, False)]):>16}{fmt(acc_at[(alpha, True)]):>16}")
 
 
+def alignment_quality_part(args, data, log):
+    """How alike the two models' units are: per permutation group, the mean activation correlation of
+    cross-model pairs matched by linear assignment (activation matching's objective), beside each unit's
+    best correlation with another unit of its own model. Low cross-model scores next to high within-model
+    ones mean the two models learned different features: no permutation lines them up."""
+    from merging_kernels import linear_sum_assignment
+    from merging_kernels.ops.similarity import ActivationStats, activation_stats_hooks
+
+    for arch in args.archs:
+        pairs = SEED_PAIRS[:args.pairs]
+        log(f"\n== {arch}, full task: matched cross-model correlation / best within-model correlation per "
+            f"group, {len(pairs)} seed pairs, calibration set (no head constraint: an upper bound for q/k groups) ==")
+        scores: dict[str, list] = {}
+        for sa, sb in pairs:
+            ma, _ = load_or_train(args.workdir, arch, data, None, sa)
+            mb, _ = load_or_train(args.workdir, arch, data, None, sb)
+            spec = spec_for(ma)
+            mods = (dict(ma.named_modules()), dict(mb.named_modules()))
+            for g in spec:
+                corr = 0
+                for point in g.activations:
+                    st = ActivationStats([g.size, g.size])
+                    with activation_stats_hooks((mods[0][point.module], mods[1][point.module]), st,
+                                                input=point.input, channel_dim=point.channel_dim), torch.no_grad():
+                        for x in data.calibration:
+                            ma(x)
+                            mb(x)
+                    corr = corr + st.correlation() / len(g.activations)
+                n = g.size
+                cross = corr[:n, n:]
+                rows, cols = linear_sum_assignment(cross, maximize=True)
+                within = corr[:n, :n] - 3 * torch.eye(n)  # a unit's correlation with itself does not count
+                scores.setdefault(g.name, []).append(
+                    (cross[rows, cols].mean().item(), within.max(1).values.mean().item()))
+        for name, vals in scores.items():
+            log(f"  {name:<20}{fmt([v[0] for v in vals]):>16}{fmt([v[1] for v in vals]):>16}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--archs", default="mlp,resnet20,vit")
@@ -494,6 +537,8 @@ def main(argv=None):
     parser.add_argument("--speed-only", action="store_true")
     parser.add_argument("--alpha-curve", action="store_true",
                         help="only the accuracy along the aligned path vs alpha, with and without REPAIR")
+    parser.add_argument("--alignment-quality", action="store_true",
+                        help="only the matched cross-model vs within-model unit correlations per group")
     parser.add_argument("--speed-models", default="mlp-wide,resnet20x2")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="cuda: the speed part (only) with models and calibration on the GPU")
@@ -520,13 +565,15 @@ def main(argv=None):
     data = Digits()
     if args.alpha_curve:
         alpha_curve_part(args, data, log)
+    elif args.alignment_quality:
+        alignment_quality_part(args, data, log)
     elif not args.speed_only and args.device == "cpu":
         accuracy_part(args, data, log)
     if args.device == "cuda":
         if not torch.cuda.is_available():
             parser.error("--device cuda needs a CUDA device")
         speed_part_cuda(args, data, log)
-    elif not args.no_speed and not args.alpha_curve:
+    elif not (args.no_speed or args.alpha_curve or args.alignment_quality):
         speed_part(args, data, log)
     log(f"\n# total {time.perf_counter() - start:.0f} s; load average at the end "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
