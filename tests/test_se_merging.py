@@ -349,3 +349,23 @@ def test_cuda_model_matches_cpu(strategy):
     alpha = torch.rand(6, 3)
     torch.testing.assert_close(gpu(x.cuda(), alpha=alpha.cuda()).cpu(), cpu(x, alpha=alpha), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gpu.route(x.cuda()).cpu(), cpu.route(x), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", [None, "stacked", "materialize"])
+def test_cuda_forward_makes_no_host_sync(strategy):
+    # the inference-loop contract: routing and the per-sample layers stay on the device, batch after batch
+    base, experts = _family()
+    model = se_merge(copy.deepcopy(base).cuda(), [copy.deepcopy(e).cuda() for e in experts], strategy=strategy)
+    model.calibrate(torch.randn(32, 3, 12, device="cuda"))
+    batches = [torch.randn(b, 3, 12, device="cuda") for b in (6, 6, 9)]
+    for x in batches[1:]:  # warm-up: Triton compiles for each batch size outside the checked region
+        model(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            outputs = [model(x) for x in batches]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [tuple(y.shape) for y in outputs] == [(6, 5), (6, 5), (9, 5)]
