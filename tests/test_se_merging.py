@@ -359,8 +359,9 @@ def test_cuda_forward_makes_no_host_sync(strategy):
     model = se_merge(copy.deepcopy(base).cuda(), [copy.deepcopy(e).cuda() for e in experts], strategy=strategy)
     model.calibrate(torch.randn(32, 3, 12, device="cuda"))
     batches = [torch.randn(b, 3, 12, device="cuda") for b in (6, 6, 9)]
-    for x in batches[1:]:  # warm-up: Triton compiles for each batch size outside the checked region
-        model(x)
+    with torch.no_grad():
+        for x in batches[1:]:  # warm-up: Triton compiles for each batch size outside the checked region
+            model(x)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
