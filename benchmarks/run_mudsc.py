@@ -365,18 +365,22 @@ def forward_pass_cpu(model_a, model_b, calib, repeats):
     return best
 
 
+def speed_pairs(args, data):
+    """(key, config, model A, model B, spec) for each chosen speed model: the seed-0/1 pair, full task."""
+    for key, cfg in SPEED_MODELS.items():
+        if key in args.speed_models:
+            ARCHS[key] = cfg
+            ma, _ = load_or_train(args.workdir, key, data, None, 0)
+            mb, _ = load_or_train(args.workdir, key, data, None, 1)
+            yield key, cfg, ma, mb, spec_for(ma)
+
+
 def speed_part(args, data, log):
     import mudsc_reference as ref
 
     stages = ("statistics", "similarity", "assignment", "rewrite", "bn_reset")
     calib = list(data.split["train"][0].split(128))  # the whole training split
-    for key, cfg in SPEED_MODELS.items():
-        if key not in args.speed_models:
-            continue
-        ARCHS[key] = cfg
-        ma, _ = load_or_train(args.workdir, key, data, None, 0)
-        mb, _ = load_or_train(args.workdir, key, data, None, 1)
-        spec = spec_for(ma)
+    for key, cfg, ma, mb, spec in speed_pairs(args, data):
         log(f"\n== speed: {cfg['label']} pair (full task, seeds 0/1), calibration {sum(len(c) for c in calib)} "
             f"images in batches of 128, CPU, 1 thread; best of {args.repeats} by CPU time; stage columns are wall s ==")
         log(f"  alone: A {eval_full(ma, data, 'test')['acc']:.3f}, B {eval_full(mb, data, 'test')['acc']:.3f}; "
@@ -427,13 +431,7 @@ def speed_part_cuda(args, data, log):
     log(f"\n== speed on {torch.cuda.get_device_name()}: wall s, median of {max(args.repeats, 3)} after a warm-up "
         f"merge (Triton compiles); CPU rows one thread ==")
     log(f"  {'variant':<46}{'wall s':>8}" + "".join(f"{s:>11}" for s in stages) + f"{'test acc':>9}")
-    for key, cfg in SPEED_MODELS.items():
-        if key not in args.speed_models:
-            continue
-        ARCHS[key] = cfg
-        ma, _ = load_or_train(args.workdir, key, data, None, 0)
-        mb, _ = load_or_train(args.workdir, key, data, None, 1)
-        spec = spec_for(ma)
+    for key, cfg, ma, mb, spec in speed_pairs(args, data):
         ga, gb = copy.deepcopy(ma).cuda(), copy.deepcopy(mb).cuda()
         for mode in ("zip", "permute"):
             rows = {}
