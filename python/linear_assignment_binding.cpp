@@ -15,6 +15,31 @@ namespace py = pybind11;
 
 namespace merging_kernels {
 
+namespace {
+
+lsa::Options make_options(bool maximize, bool compute_float32, int num_threads, int method) {
+  lsa::Options opt;
+  opt.maximize = maximize;
+  opt.compute_float32 = compute_float32;
+  opt.num_threads = num_threads;
+  opt.method = method;
+  return opt;
+}
+
+py::dict stats_dict(const lsa::Stats& stats) {
+  py::dict info;
+  info["used_sparse"] = stats.used_sparse;
+  info["sparse_fallback"] = stats.sparse_fallback;
+  info["rows_rescanned"] = stats.rows_rescanned;
+  info["rounds"] = stats.rounds;
+  info["free_after_init"] = stats.free_after_init;
+  info["row_scans"] = stats.row_scans;
+  info["arr_steps"] = stats.arr_steps;
+  return info;
+}
+
+}  // namespace
+
 void register_linear_assignment(py::module_& m) {
   using Solver = void (*)(const void*, int, int64_t, int64_t, int64_t, const lsa::Options&, int64_t*, int64_t*, void*,
                          void*, int32_t*, lsa::Stats*);
@@ -24,11 +49,7 @@ void register_linear_assignment(py::module_& m) {
         [solver](std::uintptr_t cost, int dtype, int64_t batch, int64_t nr, int64_t nc, bool maximize,
                  bool compute_float32, int num_threads, int method, std::uintptr_t rows, std::uintptr_t cols,
                  std::uintptr_t u, std::uintptr_t v, std::uintptr_t status) {
-          lsa::Options opt;
-          opt.maximize = maximize;
-          opt.compute_float32 = compute_float32;
-          opt.num_threads = num_threads;
-          opt.method = method;
+          const lsa::Options opt = make_options(maximize, compute_float32, num_threads, method);
           lsa::Stats stats;
           {
             py::gil_scoped_release release;
@@ -36,15 +57,7 @@ void register_linear_assignment(py::module_& m) {
                    reinterpret_cast<int64_t*>(cols), reinterpret_cast<void*>(u), reinterpret_cast<void*>(v),
                    reinterpret_cast<int32_t*>(status), &stats);
           }
-          py::dict info;
-          info["used_sparse"] = stats.used_sparse;
-          info["sparse_fallback"] = stats.sparse_fallback;
-          info["rows_rescanned"] = stats.rows_rescanned;
-          info["rounds"] = stats.rounds;
-          info["free_after_init"] = stats.free_after_init;
-          info["row_scans"] = stats.row_scans;
-          info["arr_steps"] = stats.arr_steps;
-          return info;
+          return stats_dict(stats);
         },
         doc, py::arg("cost"), py::arg("dtype"), py::arg("batch"), py::arg("nr"), py::arg("nc"), py::arg("maximize"),
         py::arg("compute_float32"), py::arg("num_threads"), py::arg("method"), py::arg("rows"), py::arg("cols"),
@@ -57,6 +70,28 @@ void register_linear_assignment(py::module_& m) {
   bind_cpu("lsa_solve_team_serial", &lsa::solve_batch_team_serial,
            "Same contract as lsa_solve_cpu, computed by the CUDA kernels' team algorithm run by one CPU thread "
            "(a check of that code without a GPU; not fast).");
+  m.def(
+      "lsa_solve_team_threads",
+      [](std::uintptr_t cost, int dtype, int64_t batch, int64_t nr, int64_t nc, bool maximize, bool compute_float32,
+         int num_threads, int method, std::uintptr_t rows, std::uintptr_t cols, std::uintptr_t u, std::uintptr_t v,
+         std::uintptr_t status, int lanes) {
+        const lsa::Options opt = make_options(maximize, compute_float32, num_threads, method);
+        lsa::Stats stats;
+        {
+          py::gil_scoped_release release;
+          lsa::solve_batch_team_threads(reinterpret_cast<const void*>(cost), dtype, batch, nr, nc, opt, lanes,
+                                        reinterpret_cast<int64_t*>(rows), reinterpret_cast<int64_t*>(cols),
+                                        reinterpret_cast<void*>(u), reinterpret_cast<void*>(v),
+                                        reinterpret_cast<int32_t*>(status), &stats);
+        }
+        return stats_dict(stats);
+      },
+      "Same contract as lsa_solve_team_serial, the team algorithm run by a team of `lanes` CPU threads per "
+      "problem (1..1024; ValueError otherwise): the CUDA kernels' multi-lane logic checked without a GPU, bit "
+      "for bit equal to lsa_solve_team_serial. Problems run one after another; num_threads is ignored. Slow.",
+      py::arg("cost"), py::arg("dtype"), py::arg("batch"), py::arg("nr"), py::arg("nc"), py::arg("maximize"),
+      py::arg("compute_float32"), py::arg("num_threads"), py::arg("method"), py::arg("rows"), py::arg("cols"),
+      py::arg("u"), py::arg("v"), py::arg("status"), py::arg("lanes"));
 #ifdef MK_WITH_CUDA
   m.def(
       "lsa_solve_cuda",

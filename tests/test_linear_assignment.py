@@ -349,6 +349,107 @@ def test_sparse_path_is_used_and_exact_on_large_problems():
     assert_optimal(cost, rows[0].numpy(), cols[0].numpy(), u[0].numpy(), v[0].numpy())
 
 
+# --------------------------------------------------------------------------- the team algorithm on CPU threads
+
+
+def team_cases():
+    """name -> (costs b x n x m, maximize): what the kernels' team algorithm must solve identically whatever the
+    team size. Team sizes above m leave lanes without a column; 1100 columns turn augmenting row reduction on."""
+    def one(kind, n, m, seed=0):
+        return make_cost(kind, n, m, seed=seed)[None]
+
+    forbidden = make_cost("forbidden", 17, 17, seed=2)
+    to_max = np.where(np.isinf(forbidden), -np.inf, forbidden)
+    return {
+        "empty-0x3": (np.zeros((1, 0, 3)), False),
+        "empty-3x0": (np.zeros((1, 3, 0)), False),
+        "uniform-1x1": (one("uniform", 1, 1), False),
+        "int_ties-2x2": (one("int_ties", 2, 2), False),
+        "uniform-3x3": (one("uniform", 3, 3), False),
+        "uniform-17x17": (one("uniform", 17, 17), False),
+        "uniform-17x17-float32-input": (one("uniform", 17, 17).astype(np.float32), False),
+        "int_ties-32x32": (one("int_ties", 32, 32, seed=7), False),  # reduction transfer, then searches
+        "correlated-64x64": (one("correlated", 64, 64), False),
+        "all_equal-17x17": (one("all_equal", 17, 17), False),
+        "rank1-17x17": (one("rank1", 17, 17), False),
+        "forbidden-17x17": (one("forbidden", 17, 17, seed=1), False),
+        "uniform-5x40": (one("uniform", 5, 40), False),
+        "uniform-40x5": (one("uniform", 40, 5), False),
+        "int_ties-17x3": (one("int_ties", 17, 3), False),
+        "maximize-forbidden-17x17": (to_max[None], True),
+        "maximize-int_ties-9x17": (one("int_ties", 9, 17, seed=3), True),
+        "infeasible-column": (INFEASIBLE["column"][None], False),
+        "infeasible-hall": (INFEASIBLE["hall"][None], False),
+        "infeasible-rect": (INFEASIBLE["rect"][None], False),
+        "batch-of-3": (np.stack([make_cost(k, 17, 17, seed=s) for s, k in enumerate(["uniform", "int_ties",
+                                                                                     "forbidden"])]), False),
+        "wide-uniform-4x1100": (one("uniform", 4, 1100), False),
+        "wide-uniform-40x1100": (one("uniform", 40, 1100), False),
+        "wide-rank1-12x1100": (one("rank1", 12, 1100), False),  # rows evict each other in row reduction
+    }
+
+
+TEAM_CASES = team_cases()
+TEAM_LANES = [2, 3, 5, 8, 32, 64]
+needs_native = pytest.mark.skipif(not NATIVE_CPU, reason="native backend not built")
+
+
+@needs_native
+def test_team_cases_reach_every_phase():
+    """The cases above run reduction transfer (square, rows left free after column reduction), augmenting row
+    reduction with evictions (more steps than rows) and searches after it."""
+    def stats(case):
+        return la._solve_team_serial(torch.from_numpy(TEAM_CASES[case][0]), False, torch.float64, True)[5]
+
+    assert stats("int_ties-32x32")["row_scans"] > 0
+    wide = stats("wide-rank1-12x1100")
+    assert wide["arr_steps"] > 12 and wide["row_scans"] > 0
+    assert stats("wide-uniform-40x1100")["arr_steps"] >= 40
+
+
+@needs_native
+@pytest.mark.parametrize("compute_dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", list(TEAM_CASES))
+def test_thread_team_matches_serial_team(case, compute_dtype):
+    """Every team decision is a (value, index)-lexicographic reduction, so a team of several threads (the
+    kernels' column striding, cross-lane reductions and lane-0 updates between barriers) must reproduce the
+    one-thread run bit for bit, steps included. Outputs of problems that are not ok are unspecified, and so are
+    the duals of empty problems (the public function writes zeros itself)."""
+    cost, maximize = TEAM_CASES[case]
+    t = torch.from_numpy(cost).contiguous()
+    want = la._solve_team_serial(t, maximize, compute_dtype, True)
+    ok = want[4] == 0
+    compared = ("rows", "cols", "u", "v") if min(cost.shape[1:]) > 0 else ("rows", "cols")
+    for lanes in TEAM_LANES:
+        got = la._solve_team_threads(t, maximize, compute_dtype, True, lanes)
+        assert torch.equal(got[4], want[4]), f"status, {lanes} lanes"
+        for name, g, w in zip(compared, got[:4], want[:4]):
+            assert torch.equal(g[ok], w[ok]), f"{name}, {lanes} lanes"
+        assert got[5] == want[5], f"steps, {lanes} lanes"
+
+
+@needs_native
+@pytest.mark.parametrize("case", ["int_ties-32x32", "correlated-64x64", "forbidden-17x17", "uniform-40x5",
+                                  "maximize-forbidden-17x17", "wide-rank1-12x1100"])
+def test_thread_team_is_optimal(case):
+    cost, maximize = TEAM_CASES[case]
+    rows, cols, u, v, status, _ = la._solve_team_threads(torch.from_numpy(cost), maximize, torch.float64, True, 5)
+    assert int(status[0]) == 0
+    assert_optimal(cost[0], rows[0].numpy(), cols[0].numpy(), u[0].numpy(), v[0].numpy(), maximize=maximize)
+
+
+@needs_native
+def test_thread_team_lanes():
+    t = torch.from_numpy(make_cost("uniform", 2, 3))[None]
+    want = la._solve_team_serial(t, False, torch.float64, True)
+    for lanes in (1, 1024):  # the bounds: a team of one thread, a full CUDA block
+        for g, w in zip(la._solve_team_threads(t, False, torch.float64, True, lanes)[:5], want[:5]):
+            assert torch.equal(g, w)
+    for lanes in (0, 1025):
+        with pytest.raises(ValueError, match=r"lanes must be in 1\.\.1024"):
+            la._solve_team_threads(t, False, torch.float64, True, lanes)
+
+
 # --------------------------------------------------------------------------- CUDA
 
 

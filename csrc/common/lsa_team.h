@@ -2,7 +2,8 @@
 // CUDA kernels (csrc/cuda/linear_assignment.cu, team = one thread block, or one warp for small
 // problems), written once against a small Team interface so that the same code also runs on the
 // CPU with a team of one thread (SerialTeam below; bound as _C.lsa_solve_team_serial so the tests
-// exercise this exact code without a GPU).
+// exercise this exact code without a GPU) or of several threads (ThreadTeam in
+// csrc/cpu/lsa_thread_team.h, _C.lsa_solve_team_threads: the multi-lane logic without a GPU).
 //
 // Team interface (every call is made by all threads of the team, in the same order):
 //   int lane(), size()                      this thread's index in the team, the team size
@@ -50,6 +51,26 @@ MK_LSA_HD T infinity() {
 template <class T>
 MK_LSA_HD bool lex_less(T a, int ia, T b, int ib) {
   return a < b || (a == b && ia < ib);
+}
+
+// Merges the (value, index)-two-smallest (b1, j1) <= (b2, j2) into (a1, i1) <= (a2, i2): the combine
+// step of every team's top2 (entries are distinct or empty).
+template <class T>
+MK_LSA_HD void merge_top2(T& a1, int& i1, T& a2, int& i2, T b1, int j1, T b2, int j2) {
+  if (lex_less(b1, j1, a1, i1)) {
+    if (lex_less(a1, i1, b2, j2)) {
+      a2 = a1;
+      i2 = i1;
+    } else {
+      a2 = b2;
+      i2 = j2;
+    }
+    a1 = b1;
+    i1 = j1;
+  } else if (lex_less(b1, j1, a2, i2)) {
+    a2 = b1;
+    i2 = j1;
+  }
 }
 
 // The per-problem memory: the cost matrix (n x m, row-major) and the work vectors.

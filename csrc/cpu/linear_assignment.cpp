@@ -12,6 +12,7 @@
 #include "linear_assignment.h"
 
 #include "common/lsa_team.h"
+#include "lsa_thread_team.h"
 
 #include <algorithm>
 #include <cmath>
@@ -1222,11 +1223,11 @@ int32_t solve_one(const void* cost, int dtype, int64_t nr, int64_t nc, const Opt
   return kOk;
 }
 
-// The CUDA kernels' team algorithm (csrc/common/lsa_team.h) run by a team of one thread: lets the
-// tests check that code on machines without a GPU.
+// The CUDA kernels' team algorithm (csrc/common/lsa_team.h) run by a team of one thread (lanes == 0)
+// or of `lanes` threads: lets the tests check that code on machines without a GPU.
 template <class T>
 int32_t solve_one_team(const void* cost, int dtype, int64_t nr, int64_t nc, const Options& opt, int64_t* rows,
-                       int64_t* cols, T* u_out, T* v_out, Work<T>& w, Stats* stats) {
+                       int64_t* cols, T* u_out, T* v_out, Work<T>& w, Stats* stats, int lanes) {
   const bool transpose = nr > nc;
   const int n = static_cast<int>(transpose ? nc : nr);
   const int m = static_cast<int>(transpose ? nr : nc);
@@ -1247,8 +1248,8 @@ int32_t solve_one_team(const void* cost, int dtype, int64_t nr, int64_t nc, cons
   p.arr_passes = team::arr_passes_for(m);
   long long counters[2] = {0, 0};
   p.counters = counters;
-  team::SerialTeam tm;
-  const int32_t st = team::solve(tm, p);
+  team::SerialTeam serial;
+  const int32_t st = lanes == 0 ? team::solve(serial, p) : team::solve_with_threads(p, lanes);
   if (stats) {
     stats->arr_steps = counters[0];
     stats->row_scans = counters[1];
@@ -1258,17 +1259,21 @@ int32_t solve_one_team(const void* cost, int dtype, int64_t nr, int64_t nc, cons
   return kOk;
 }
 
+// Which solver solve_batch_t runs: the CPU one, or the kernels' team algorithm (team_lanes below).
+enum class Engine { kCpu, kTeam };
+
 template <class T>
 void solve_batch_t(const void* cost, int dtype, int64_t batch, int64_t nr, int64_t nc, const Options& opt,
-                   int64_t* rows, int64_t* cols, T* u, T* v, int32_t* status, Stats* stats, bool serial_team) {
+                   int64_t* rows, int64_t* cols, T* u, T* v, int32_t* status, Stats* stats, Engine engine,
+                   int team_lanes = 0) {
   const int64_t k = std::min(nr, nc);
   const size_t esize = dtype == 1 ? sizeof(double) : sizeof(float);
   const size_t pstride = static_cast<size_t>(nr) * static_cast<size_t>(nc) * esize;
   auto one = [&](int64_t b, Work<T>& w, SparseWork<T>& sw) {
-    if (serial_team) {
+    if (engine == Engine::kTeam) {
       status[b] = solve_one_team<T>(static_cast<const char*>(cost) + b * pstride, dtype, nr, nc, opt, rows + b * k,
                                     cols + b * k, u ? u + b * nr : nullptr, v ? v + b * nc : nullptr, w,
-                                    batch == 1 ? stats : nullptr);
+                                    batch == 1 ? stats : nullptr, team_lanes);
       return;
     }
     status[b] = solve_one<T>(static_cast<const char*>(cost) + b * pstride, dtype, nr, nc, opt, rows + b * k,
@@ -1299,10 +1304,10 @@ void solve_batch(const void* cost, int dtype, int64_t batch, int64_t nr, int64_t
                  int64_t* rows, int64_t* cols, void* u, void* v, int32_t* status, Stats* stats) {
   if (options.compute_float32)
     solve_batch_t<float>(cost, dtype, batch, nr, nc, options, rows, cols, static_cast<float*>(u),
-                         static_cast<float*>(v), status, stats, false);
+                         static_cast<float*>(v), status, stats, Engine::kCpu);
   else
     solve_batch_t<double>(cost, dtype, batch, nr, nc, options, rows, cols, static_cast<double*>(u),
-                          static_cast<double*>(v), status, stats, false);
+                          static_cast<double*>(v), status, stats, Engine::kCpu);
 }
 
 void solve_batch_team_serial(const void* cost, int dtype, int64_t batch, int64_t nr, int64_t nc,
@@ -1310,10 +1315,24 @@ void solve_batch_team_serial(const void* cost, int dtype, int64_t batch, int64_t
                              Stats* stats) {
   if (options.compute_float32)
     solve_batch_t<float>(cost, dtype, batch, nr, nc, options, rows, cols, static_cast<float*>(u),
-                         static_cast<float*>(v), status, stats, true);
+                         static_cast<float*>(v), status, stats, Engine::kTeam);
   else
     solve_batch_t<double>(cost, dtype, batch, nr, nc, options, rows, cols, static_cast<double*>(u),
-                          static_cast<double*>(v), status, stats, true);
+                          static_cast<double*>(v), status, stats, Engine::kTeam);
+}
+
+void solve_batch_team_threads(const void* cost, int dtype, int64_t batch, int64_t nr, int64_t nc,
+                              const Options& options, int lanes, int64_t* rows, int64_t* cols, void* u, void* v,
+                              int32_t* status, Stats* stats) {
+  team::check_lanes(lanes);
+  Options one_at_a_time = options;  // each problem already has a team of threads
+  one_at_a_time.num_threads = 1;
+  if (options.compute_float32)
+    solve_batch_t<float>(cost, dtype, batch, nr, nc, one_at_a_time, rows, cols, static_cast<float*>(u),
+                         static_cast<float*>(v), status, stats, Engine::kTeam, lanes);
+  else
+    solve_batch_t<double>(cost, dtype, batch, nr, nc, one_at_a_time, rows, cols, static_cast<double*>(u),
+                          static_cast<double*>(v), status, stats, Engine::kTeam, lanes);
 }
 
 }  // namespace lsa

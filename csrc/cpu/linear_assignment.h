@@ -59,5 +59,12 @@ void solve_batch_team_serial(const void* cost, int dtype, int64_t batch, int64_t
                              const Options& options, int64_t* rows, int64_t* cols, void* u, void* v, int32_t* status,
                              Stats* stats = nullptr);
 
+// The same run by a team of `lanes` threads per problem (1..1024, else std::invalid_argument), problems
+// one after another: the kernels' multi-lane logic checked without a GPU. Bit for bit the results of
+// solve_batch_team_serial (every team decision is a (value, index) reduction). Test-only, slow.
+void solve_batch_team_threads(const void* cost, int dtype, int64_t batch, int64_t nr, int64_t nc,
+                              const Options& options, int lanes, int64_t* rows, int64_t* cols, void* u, void* v,
+                              int32_t* status, Stats* stats = nullptr);
+
 }  // namespace lsa
 }  // namespace merging_kernels

@@ -24,6 +24,7 @@ using team::kInvalid;
 using team::kNone;
 using team::kOk;
 using team::lex_less;
+using team::merge_top2;
 
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int64_t kSmemBudget = 45 * 1024;  // dynamic shared memory used without an opt-in (48 KiB - scratch)
@@ -38,24 +39,6 @@ struct Scratch {  // double-buffered slots, one per warp
   int idx[2][32];
   int idx2[2][32];
 };
-
-template <class T>
-__device__ __forceinline__ void merge_top2(T& a1, int& i1, T& a2, int& i2, T b1, int j1, T b2, int j2) {
-  if (lex_less(b1, j1, a1, i1)) {
-    if (lex_less(a1, i1, b2, j2)) {
-      a2 = a1;
-      i2 = i1;
-    } else {
-      a2 = b2;
-      i2 = j2;
-    }
-    a1 = b1;
-    i1 = j1;
-  } else if (lex_less(b1, j1, a2, i2)) {
-    a2 = b1;
-    i2 = j1;
-  }
-}
 
 // A thread block as a team (see lsa_team.h). Every reduction: warp shuffles, one slot per warp in
 // shared memory, one __syncthreads, then every thread combines the slots in the same order (so all

@@ -180,6 +180,23 @@ def _solve_team_serial(cost3: torch.Tensor, maximize: bool, compute_dtype: torch
     return rows, cols, u, v, status, stats
 
 
+def _solve_team_threads(cost3: torch.Tensor, maximize: bool, compute_dtype: torch.dtype, want_duals: bool,
+                        lanes: int):
+    """The CUDA kernels' team algorithm run by a team of ``lanes`` CPU threads per problem
+    (_C.lsa_solve_team_threads). Test-only: the serial team never exercises the kernels' multi-lane logic
+    (column striding, cross-lane reductions, lane-0 updates between barriers, lanes with no column), and no
+    GPU is needed for this. Bit for bit :func:`_solve_team_serial`'s results; same returns."""
+    from .._native import native_module
+
+    rows, cols, u, v, status = _outputs(cost3, compute_dtype, want_duals)
+    b, n, m = cost3.shape
+    stats = native_module("cpu").lsa_solve_team_threads(
+        cost3.data_ptr(), 1 if cost3.dtype == torch.float64 else 0, b, n, m, bool(maximize),
+        compute_dtype == torch.float32, 1, METHOD_AUTO, rows.data_ptr(), cols.data_ptr(), _ptr(u), _ptr(v),
+        status.data_ptr(), int(lanes))
+    return rows, cols, u, v, status, stats
+
+
 def _solve_native_cuda(cost3: torch.Tensor, maximize: bool, compute_dtype: torch.dtype, want_duals: bool):
     """Runs _C.lsa_solve_cuda on the current stream; returns (rows, cols, u, v, status)."""
     from .._native import native_module
