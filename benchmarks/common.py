@@ -71,8 +71,10 @@ def commit_line(watched: Sequence[str] = ()) -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", *watched], cwd=root, capture_output=True,
-                               text=True).stdout.strip() if watched else ""
+        status = subprocess.run(["git", "status", "--porcelain", "--", *watched], cwd=root, capture_output=True,
+                                text=True).stdout.splitlines() if watched else []
+        # saved results (the file this run may be writing) are outputs, not code
+        dirty = [line for line in status if not line[3:].startswith("benchmarks/results/")]
         return out + (" (+ uncommitted changes)" if dirty else "")
     except Exception:
         return "unknown commit"
