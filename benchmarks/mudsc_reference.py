@@ -9,7 +9,8 @@ sweeps may take a slightly different path (the runner prints both accuracies):
 
 * statistics: forward hooks keep each batch's features; per batch and group,
   z = [f_A, f_B] (rows x 2n, fp32) and E[z zᵀ], E[z] accumulated in fp32 torch
-  (outer products of the whole 2n block);
+  on the models' device (outer products of the whole 2n block); the rest runs
+  on the CPU (numpy, scipy), the merge matrices are applied on the device;
 * weight similarity: ``numpy.corrcoef`` of the 2n unit vectors (the full
   2n x 2n matrix, float64), the cross block taken from it;
 * assignment: ``scipy.optimize.linear_sum_assignment`` per group, heads by a
@@ -53,7 +54,9 @@ def reference_statistics(model_a, model_b, spec, batches):
                 def hook(module, inp, out, key=(g.name, pi, m), use_input=p.input):
                     feats[key] = (inp[0] if use_input else out).detach()
                 handles.append(mods[m][p.module].register_forward_hook(hook))
-    sums = {(g.name, pi): [torch.zeros(2 * g.size), torch.zeros(2 * g.size, 2 * g.size), 0]
+    device = next(model_a.parameters()).device  # accumulated where the models run, as the reference code does
+    sums = {(g.name, pi): [torch.zeros(2 * g.size, device=device),
+                           torch.zeros(2 * g.size, 2 * g.size, device=device), 0]
             for g in spec for pi in range(len(g.activations))}
     model_a.eval()
     model_b.eval()
@@ -79,7 +82,7 @@ def reference_statistics(model_a, model_b, spec, batches):
             cov = o / c - torch.outer(mean, mean)
             std = torch.sqrt(torch.clamp(torch.diagonal(cov), min=0))
             corr = corr + cov / (torch.outer(std, std) + 1e-8)
-        out[g.name] = (corr / len(g.activations)).numpy()
+        out[g.name] = (corr / len(g.activations)).cpu().numpy()
     return out
 
 
@@ -91,7 +94,7 @@ def _unit_vectors(state, g):
         t = state[a.param]
         t = t.movedim(a.dim % t.dim(), 0).reshape(a.outer, g.size, a.inner, -1)
         parts.append(t.permute(1, 0, 2, 3).reshape(g.size, -1))
-    return torch.cat(parts, 1).double().numpy()
+    return torch.cat(parts, 1).double().cpu().numpy()
 
 
 class _Ref:
@@ -251,7 +254,7 @@ def reference_mudsc_merge(model_a, model_b, spec, calibration, *, mode="permute"
         acc = 0
         for m, (x, wm) in enumerate(((ta.float(), alpha), (ref.sd_b[name].float(), 1 - alpha))):
             for g, a in axes:
-                merge, unmerge = mats[g]
+                merge, unmerge = (mt.to(x.device) for mt in mats[g])
                 n = spec[g].size
                 mat = merge[:, m * n:(m + 1) * n] if a.role == "out" else unmerge[m * n:(m + 1) * n].T
                 x = _apply_matrix(x, a, mat)
