@@ -28,8 +28,9 @@ MuDSC-permute w=0.5 at alpha in {.05 ... .95}, without and with REPAIR: the barr
 path.
 
 Part 1c (--alignment-quality, instead of parts 1 and 2): per permutation group, the mean activation
-correlation of the cross-model unit pairs that linear assignment matches, beside each unit's best
-correlation within its own model: whether the two models learned alike features at all.
+correlation of the cross-model unit pairs that linear assignment matches, each unit's best correlation
+with a unit of the other model, and its best with another unit of its own model: whether the two models
+learned alike features at all (compare the last two: both are unconstrained maxima).
 
 Part 2, speed. A wide MLP (64-1024-1024-1024-10) pair and a ResNet-20 x2 pair trained on the full task:
 the whole merge (MuDSC-zip and MuDSC-permute, w=0.5) with merging_kernels vs the straightforward
@@ -496,16 +497,18 @@ def alpha_curve_part(args, data, log):
 
 def alignment_quality_part(args, data, log):
     """How alike the two models' units are: per permutation group, the mean activation correlation of
-    cross-model pairs matched by linear assignment (activation matching's objective), beside each unit's
-    best correlation with another unit of its own model. Low cross-model scores next to high within-model
-    ones mean the two models learned different features: no permutation lines them up."""
+    cross-model pairs matched by linear assignment (activation matching's objective), each unit's best
+    correlation with a unit of the other model, and its best with another unit of its own model. The last
+    two are like for like (maxima without the one-to-one constraint, which alone lowers the matched mean):
+    low cross-model maxima next to high within-model ones mean the two models learned different features."""
     from merging_kernels import linear_sum_assignment
     from merging_kernels.ops.similarity import ActivationStats, activation_stats_hooks
 
     for arch in args.archs:
         pairs = SEED_PAIRS[:args.pairs]
-        log(f"\n== {arch}, full task: matched cross-model correlation / best within-model correlation per "
-            f"group, {len(pairs)} seed pairs, calibration set (no head constraint: an upper bound for q/k groups) ==")
+        log(f"\n== {arch}, full task: matched cross-model correlation / best cross-model / best within-model "
+            f"correlation per unit, means per group, {len(pairs)} seed pairs, calibration set (no head constraint: "
+            f"an upper bound for q/k groups) ==")
         scores: dict[str, list] = {}
         for sa, sb in pairs:
             ma, _ = load_or_train(args.workdir, arch, data, None, sa)
@@ -526,10 +529,11 @@ def alignment_quality_part(args, data, log):
                 cross = corr[:n, n:]
                 rows, cols = linear_sum_assignment(cross, maximize=True)
                 within = corr[:n, :n] - 3 * torch.eye(n)  # a unit's correlation with itself does not count
-                scores.setdefault(g.name, []).append(
-                    (cross[rows, cols].mean().item(), within.max(1).values.mean().item()))
+                scores.setdefault(g.name, []).append((cross[rows, cols].mean().item(),
+                                                      cross.max(1).values.mean().item(),
+                                                      within.max(1).values.mean().item()))
         for name, vals in scores.items():
-            log(f"  {name:<20}{fmt([v[0] for v in vals]):>16}{fmt([v[1] for v in vals]):>16}")
+            log(f"  {name:<20}" + "".join(f"{fmt([v[i] for v in vals]):>16}" for i in range(3)))
 
 
 def main(argv=None):
