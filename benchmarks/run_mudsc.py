@@ -56,6 +56,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # o
     os.environ.setdefault(_var, "1")  # as for torch: CPU-time ratios compare single-threaded work
 
 import argparse
+import contextlib
 import copy
 import datetime
 import io
@@ -366,6 +367,9 @@ def forward_pass_cpu(model_a, model_b, calib, repeats):
     return best
 
 
+SPEED_STAGES = ("statistics", "similarity", "assignment", "rewrite", "bn_reset")  # no REPAIR in speed rows
+
+
 def speed_pairs(args, data):
     """(key, config, model A, model B, spec) for each chosen speed model: the seed-0/1 pair, full task."""
     for key, cfg in SPEED_MODELS.items():
@@ -379,7 +383,7 @@ def speed_pairs(args, data):
 def speed_part(args, data, log):
     import mudsc_reference as ref
 
-    stages = ("statistics", "similarity", "assignment", "rewrite", "bn_reset")
+    stages = SPEED_STAGES
     calib = list(data.split["train"][0].split(128))  # the whole training split
     for key, cfg, ma, mb, spec in speed_pairs(args, data):
         log(f"\n== speed: {cfg['label']} pair (full task, seeds 0/1), calibration {sum(len(c) for c in calib)} "
@@ -428,7 +432,7 @@ def speed_part_cuda(args, data, log):
     reference (one thread each, as in the CPU table)."""
     import mudsc_reference as ref
 
-    stages = ("statistics", "similarity", "assignment", "rewrite", "bn_reset")
+    stages = SPEED_STAGES
     calib = list(data.split["train"][0].split(128))
     calib_gpu = [x.cuda() for x in calib]
     log(f"\n== speed on {torch.cuda.get_device_name()}: wall s, median of {max(args.repeats, 3)} after a warm-up "
@@ -515,16 +519,18 @@ def alignment_quality_part(args, data, log):
             mb, _ = load_or_train(args.workdir, arch, data, None, sb)
             spec = spec_for(ma)
             mods = (dict(ma.named_modules()), dict(mb.named_modules()))
+            stats = {g.name: [ActivationStats([g.size, g.size]) for _ in g.activations] for g in spec}
+            with contextlib.ExitStack() as hooks, torch.no_grad():  # one calibration pass feeds every group
+                for g in spec:
+                    for point, st in zip(g.activations, stats[g.name]):
+                        hooks.enter_context(activation_stats_hooks(
+                            (mods[0][point.module], mods[1][point.module]), st, input=point.input,
+                            channel_dim=point.channel_dim))
+                for x in data.calibration:
+                    ma(x)
+                    mb(x)
             for g in spec:
-                corr = 0
-                for point in g.activations:
-                    st = ActivationStats([g.size, g.size])
-                    with activation_stats_hooks((mods[0][point.module], mods[1][point.module]), st,
-                                                input=point.input, channel_dim=point.channel_dim), torch.no_grad():
-                        for x in data.calibration:
-                            ma(x)
-                            mb(x)
-                    corr = corr + st.correlation() / len(g.activations)
+                corr = sum(st.correlation() for st in stats[g.name]) / len(stats[g.name])
                 n = g.size
                 cross = corr[:n, n:]
                 rows, cols = linear_sum_assignment(cross, maximize=True)
@@ -553,6 +559,8 @@ def main(argv=None):
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "merging_kernels_mudsc_digits"))
     parser.add_argument("--out", default=None, help="also write the output to this file")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA device")
     args.archs = [a for a in args.archs.split(",") if a]
     args.speed_models = [a for a in args.speed_models.split(",") if a]
     os.makedirs(args.workdir, exist_ok=True)
@@ -578,8 +586,6 @@ def main(argv=None):
     elif not args.speed_only and args.device == "cpu":
         accuracy_part(args, data, log)
     if args.device == "cuda":
-        if not torch.cuda.is_available():
-            parser.error("--device cuda needs a CUDA device")
         speed_part_cuda(args, data, log)
     elif not (args.no_speed or args.alpha_curve or args.alignment_quality):
         speed_part(args, data, log)
