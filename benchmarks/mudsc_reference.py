@@ -239,6 +239,8 @@ def reference_mudsc_merge(model_a, model_b, spec, calibration, *, mode="permute"
         else:
             eye = torch.eye(n)
             mats[g.name] = (torch.cat([alpha * eye, (1 - alpha) * eye], 1), torch.cat([eye, eye], 0))
+    device = next(iter(sd_a.values())).device  # the merge matrices are applied where the weights are
+    mats = {g: (merge.to(device), unmerge.to(device)) for g, (merge, unmerge) in mats.items()}
     t["assignment"] += time.perf_counter() - start
     t["similarity"] = ref.sim_time  # spent inside the sweeps and the zip: moved out of "assignment"
     t["assignment"] -= ref.sim_time
@@ -254,7 +256,7 @@ def reference_mudsc_merge(model_a, model_b, spec, calibration, *, mode="permute"
         acc = 0
         for m, (x, wm) in enumerate(((ta.float(), alpha), (ref.sd_b[name].float(), 1 - alpha))):
             for g, a in axes:
-                merge, unmerge = (mt.to(x.device) for mt in mats[g])
+                merge, unmerge = mats[g]
                 n = spec[g].size
                 mat = merge[:, m * n:(m + 1) * n] if a.role == "out" else unmerge[m * n:(m + 1) * n].T
                 x = _apply_matrix(x, a, mat)
