@@ -20,7 +20,7 @@ def test_fast_path_equals_reference(kind, n):
         f = torch.randn(2 * n, 50, generator=g)
         s = torch.corrcoef(f)
     s = (s + s.T) / 2
-    for alpha, factor in ((0.5, 0.5), (0.3, 1.0)):
+    for alpha, factor in ((0.5, 0.5), (0.3, 1.0), (0.5, 0.0)):  # 0: never re-merge (-inf * 0 must stay -inf)
         merge, unmerge = greedy_zip(s, alpha, factor)
         merge_ref, unmerge_ref = greedy_zip_torch(s, alpha, factor)
         assert torch.equal(unmerge, unmerge_ref)
@@ -35,3 +35,14 @@ def test_reference_validates_like_the_fast_path():
         greedy_zip_torch(torch.empty(0, 0))
     with pytest.raises(TypeError, match="sim must be a torch.Tensor"):
         greedy_zip([[0.0, 1.0], [1.0, 0.0]])
+
+
+@pytest.mark.parametrize("zip_fn", [greedy_zip, greedy_zip_torch])
+def test_factor_is_validated(zip_fn):
+    s = torch.rand(6, 6)
+    for bad in (-0.5, 1.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="factor must be in \\[0, 1\\]"):
+            zip_fn(s, 0.5, bad)
+    for bad in (True, "0.5", None):
+        with pytest.raises(TypeError, match="factor must be a float"):
+            zip_fn(s, 0.5, bad)

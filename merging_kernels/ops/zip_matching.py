@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 
-def _check(sim: torch.Tensor, alpha: float) -> None:
+def _check(sim: torch.Tensor, alpha: float, factor: float) -> None:
     if not isinstance(sim, torch.Tensor):
         raise TypeError(f"sim must be a torch.Tensor, got {type(sim).__name__}")
     if sim.dim() != 2 or sim.shape[0] != sim.shape[1] or sim.shape[0] % 2 or sim.shape[0] == 0:
@@ -32,6 +32,10 @@ def _check(sim: torch.Tensor, alpha: float) -> None:
     if not 0.0 < float(alpha) < 1.0:
         raise ValueError(f"alpha must be in (0, 1) for a zip (a merged unit may come from one model only), "
                          f"got {alpha}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+        raise TypeError(f"factor must be a float, got {type(factor).__name__}")
+    if not 0.0 <= float(factor) <= 1.0:  # NaN fails too; > 1 would reward re-merging, < 0 flips the order
+        raise ValueError(f"factor must be in [0, 1], got {factor}")
 
 
 def _matrices(pairs, m: int, alpha: float, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,14 +56,15 @@ def _matrices(pairs, m: int, alpha: float, device) -> tuple[torch.Tensor, torch.
 
 def greedy_zip_torch(sim: torch.Tensor, alpha: float = 0.5, factor: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference: a full argmax over the remaining (2n, 2n) similarities at every step (O(n³))."""
-    _check(sim, alpha)
+    _check(sim, alpha, factor)
     m = sim.shape[0]
     s = sim.detach().to(device="cpu", dtype=torch.float64).clone()
     s.fill_diagonal_(float("-inf"))
     pairs = []
     for _ in range(m // 2):
         i, j = divmod(int(torch.argmax(s)), m)  # the first maximum in row-major order
-        merged = torch.minimum(s[i], s[j]) * factor
+        merged = torch.minimum(s[i], s[j])
+        merged = torch.where(torch.isneginf(merged), merged, merged * factor)  # used units stay -inf (-inf * 0 is NaN)
         merged[i] = merged[j] = float("-inf")
         s[i], s[:, i] = merged, merged
         s[j], s[:, j] = float("-inf"), float("-inf")
@@ -82,7 +87,7 @@ def greedy_zip(sim: torch.Tensor, alpha: float = 0.5, factor: float = 0.5) -> tu
     The loop is sequential by nature and runs on the CPU in numpy (lower
     per-call overhead than torch for these 2n-long vector steps).
     """
-    _check(sim, alpha)
+    _check(sim, alpha, factor)
     m = sim.shape[0]
     n = m // 2
     s = sim.detach().to(device="cpu", dtype=torch.float32).numpy().copy()
@@ -95,7 +100,7 @@ def greedy_zip(sim: torch.Tensor, alpha: float = 0.5, factor: float = 0.5) -> tu
         i = int(rowmax.argmax())
         j = int(rowarg[i])
         merged = np.minimum(s[i], s[j])
-        merged *= factor
+        np.multiply(merged, factor, out=merged, where=merged != -np.inf)  # used units stay -inf (-inf * 0 is NaN)
         merged[i] = merged[j] = -np.inf
         s[i] = merged
         s[:, i] = merged
