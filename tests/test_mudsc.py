@@ -361,6 +361,36 @@ def test_greedy_zip_validates_its_input():
         mudsc_merge(a, b, spec, _calib(), mode="zip", alpha=0.0, progress=False)
 
 
+def test_scalar_arguments_are_validated_by_name():
+    a, b, spec, _ = _permuted_pair("mlp")
+    for kwargs, error, match in [
+        (dict(w="0.5"), TypeError, "w must be a real number"),
+        (dict(w=float("nan")), ValueError, "w must be finite"),
+        (dict(w=1.5), ValueError, "w must be <= 1"),
+        (dict(alpha=-0.1), ValueError, "alpha must be >= 0"),
+        (dict(mode="zip", zip_factor=-1.0), ValueError, "zip_factor must be >= 0"),
+        (dict(mode="zip", zip_factor=float("nan")), ValueError, "zip_factor must be finite"),
+        (dict(max_sweeps=1.5), TypeError, "max_sweeps must be an int"),
+        (dict(seed=1.5), TypeError, "seed must be an int"),
+        (dict(progress="yes"), TypeError, "progress must be True, False or None"),
+    ]:
+        with pytest.raises(error, match=match):
+            mudsc_merge(a, b, spec, _calib(), **kwargs)
+
+
+def test_zip_factor_zero_never_re_merges_and_still_recovers_the_permuted_copy():
+    a, b, spec, _ = _permuted_pair("mlp")
+    merged = mudsc_merge(a, b, spec, _calib(), mode="zip", zip_factor=0.0, progress=False)
+    x = torch.randn(32, 8, 8)
+    torch.testing.assert_close(merged.eval()(x), a(x), rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_that_does_not_fit_the_model_names_the_batch():
+    a, b, spec, _ = _permuted_pair("mlp")
+    with pytest.raises(ValueError, match="calibration batch 0 does not run through the models"):
+        mudsc_merge(a, b, spec, [torch.rand(4, 3)], w=0.0, progress=False)
+
+
 def test_a_shared_activation_module_gets_an_explanation():
     class SharedReLU(torch.nn.Module):
         def __init__(self):

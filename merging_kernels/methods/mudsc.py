@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -76,6 +77,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .._progress import tqdm_disable
+from .._validation import check_real
 from ..ops.linear_assignment import linear_sum_assignment
 from ..ops.zip_matching import greedy_zip
 from ..permutation_spec import Axis, PermutationSpec, permute_axis, spec_for
@@ -515,14 +518,16 @@ def _collect_statistics(model_a, model_b, spec, batches, backend, timer, progres
         model_a.eval()
         model_b.eval()
         try:
+            index = 0
             with torch.no_grad():
-                for batch in tqdm(batches, desc="MuDSC statistics", disable=not progress, leave=False):
+                for index, batch in enumerate(tqdm(batches, desc="MuDSC statistics", disable=tqdm_disable(progress),
+                                                   leave=False)):
                     x = _batch_input(batch).to(device)
                     model_a(x)
                     model_b(x)
         except RuntimeError as exc:
             if "fired twice" not in str(exc):
-                raise
+                raise ValueError(f"calibration batch {index} does not run through the models: {exc}") from exc
             hooked = sorted({p.module for g in spec for p in g.activations})
             raise ValueError(f"an activation point runs more than once per forward pass (one of {hooked[:8]}): "
                              "a module shared between layers, such as one nn.ReLU used twice, cannot tell its "
@@ -578,7 +583,7 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
                 mode: str = "permute", w: float = 0.5, alpha: float = 0.5, refine: bool = True,
                 max_sweeps: int = 100, patience: int = 5, init: str = "auto", zip_factor: float = 0.5,
                 zip_residual: bool = True, exclude: Iterable[str] = (), reset_bn: bool = True,
-                repair: bool | None = None, progress: bool = True, backend: str | None = None, seed: int = 0,
+                repair: bool | None = None, progress: bool | None = None, backend: str | None = None, seed: int = 0,
                 return_result: bool = False):
     """Merge two models of one architecture trained from different initializations (MuDSC).
 
@@ -607,7 +612,8 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
         repair: REPAIR the merged model's producers on ``calibration`` (see
             :func:`merging_kernels.methods.repair.repair`); None: when the model has no BatchNorm. With
             BatchNorm (``repair=True``), and ``reset_bn``, its statistics are re-estimated after each stage.
-        progress: tqdm bars for the statistics pass, the sweeps and REPAIR's stages.
+        progress: tqdm bars for the statistics pass, the sweeps and REPAIR's stages; None (default): only
+            when stderr is a terminal.
         backend: passed to the ops (similarity, assignment).
         seed: order of the groups in the sweeps.
         return_result: return a :class:`MuDSCResult` (model, matchings, objective history, timings).
@@ -624,10 +630,12 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
 
     if mode not in ("permute", "zip"):
         raise ValueError(f"mode must be 'permute' or 'zip', got {mode!r}")
-    if not 0.0 <= float(w) <= 1.0:
-        raise ValueError(f"w must be in [0, 1], got {w}")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    w = check_real(w, "w", low=0.0, high=1.0)
+    alpha = check_real(alpha, "alpha", low=0.0, high=1.0)
+    zip_factor = check_real(zip_factor, "zip_factor", low=0.0, high=1.0)  # scales a merged unit's similarities
+    for name, value in (("max_sweeps", max_sweeps), ("patience", patience), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if mode == "zip" and not 0.0 < float(alpha) < 1.0:
         raise ValueError(f"alpha must be in (0, 1) with mode='zip' (units merged within one model would get "
                          f"weight 0), got {alpha}")
@@ -687,7 +695,7 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
         gen = torch.Generator().manual_seed(seed)
         stall = 0
         last_solved: dict = {}
-        bar = tqdm(total=max_sweeps, desc="MuDSC sweeps", disable=not progress, leave=False)
+        bar = tqdm(total=max_sweeps, desc="MuDSC sweeps", disable=tqdm_disable(progress), leave=False)
         for sweep in range(max_sweeps):
             changed = False
             before = history[-1]

@@ -77,6 +77,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from .._progress import tqdm_disable
 from .._validation import check_real
 from ..permutation_spec import PermutationSpec
 from .mudsc import MuDSCResult, _batch_input, reset_batchnorm
@@ -388,7 +389,7 @@ def _check_models(merged, model_a, model_b, spec, producers) -> torch.device:
 def repair(merged: nn.Module | None, model_a: nn.Module, model_b: nn.Module, merge, calibration, *,
            groups: Iterable[str] | None = None, residual: bool = True, eps: float = 1e-12,
            add_bias: bool = False, reset_bn: bool = False, inplace: bool = False,
-           progress: bool = False) -> nn.Module:
+           progress: bool | None = False) -> nn.Module:
     """REPAIR a merged model: each producer's output channels get the endpoints' interpolated mean and std.
 
     Args:
@@ -421,7 +422,7 @@ def repair(merged: nn.Module | None, model_a: nn.Module, model_b: nn.Module, mer
             models with BatchNorm unless ``reset_bn=False``.
         inplace: correct ``merged`` itself (and return it) instead of a copy. On an error its producers
             (and, with ``reset_bn``, its BatchNorm statistics) are restored.
-        progress: a tqdm bar over the stages.
+        progress: a tqdm bar over the stages (None: only when stderr is a terminal).
 
     Returns:
         The repaired model, in ``merged``'s train/eval mode (every module's mode is kept; the calibration
@@ -496,7 +497,7 @@ def repair(merged: nn.Module | None, model_a: nn.Module, model_b: nn.Module, mer
                                                    requires_grad=w.requires_grad)
             if bns:
                 reset_batchnorm(target, calibration)
-            for stage in tqdm(stages, desc="REPAIR", disable=not progress, leave=False):
+            for stage in tqdm(stages, desc="REPAIR", disable=tqdm_disable(progress), leave=False):
                 moments = _merged_statistics(target, stage, calibration, device)
                 for name in stage:
                     mean, var = moments[name].mean_var()
