@@ -535,6 +535,16 @@ def test_dual_similarity():
         assert float(got.abs().max()) <= 1.0 + 1e-6  # a convex combination stays in [-1, 1]
     assert torch.equal(dual_similarity(a, b, 1.0), a) and torch.equal(dual_similarity(a, b, 0.0), b)
     assert dual_similarity(a.double(), b).dtype == torch.float64
+    # the term weighted 0 takes no part: its -inf (forbidden pairs) or +inf must not become NaN (-inf * 0)
+    forbidden = b.clone()
+    forbidden[0, 1], forbidden[2, 3] = float("-inf"), float("inf")
+    for fn in (dual_similarity, sim.dual_similarity_torch):
+        assert torch.equal(fn(a, forbidden, 1.0).to(a.dtype), a)
+        assert torch.equal(fn(forbidden, a, 0.0).to(a.dtype), a)
+        assert fn(a, forbidden, 0.5)[0, 1] == float("-inf")
+    out = dual_similarity(a, b, 1.0)
+    out.zero_()
+    assert bool(a.abs().sum() > 0)  # the result is a new tensor, not an alias of s_weight
     for w in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="w"):
             dual_similarity(a, b, w)

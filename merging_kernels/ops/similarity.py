@@ -181,7 +181,11 @@ def activation_correlation_torch(*features: torch.Tensor, eps: float = 1e-8) -> 
 
 
 def dual_similarity_torch(s_weight: torch.Tensor, s_act: torch.Tensor, w: float = 0.5) -> torch.Tensor:
-    """S = w·s_weight + (1 − w)·s_act, in float64."""
+    """S = w·s_weight + (1 − w)·s_act, in float64; at w = 0 or 1 exactly the other term (its ±inf stay out)."""
+    if w == 1.0:
+        return s_weight.to(torch.float64, copy=True)
+    if w == 0.0:
+        return s_act.to(torch.float64, copy=True)
     return w * s_weight.to(torch.float64) + (1.0 - w) * s_act.to(torch.float64)
 
 
@@ -948,7 +952,8 @@ def dual_similarity(s_weight: torch.Tensor, s_act: torch.Tensor, w: float = 0.5)
         w: the weight of the weight-space similarity, in [0, 1].
 
     Returns:
-        A tensor of that shape, in the promoted dtype of the two.
+        A new tensor of that shape, in the promoted dtype of the two. At w = 1 (w = 0) it is exactly
+        ``s_weight`` (``s_act``): the term weighted 0 takes no part, so its ±inf entries do not turn into NaN.
 
     Raises:
         ValueError: w outside [0, 1], shapes or devices that differ. TypeError: non-float inputs.
@@ -962,6 +967,10 @@ def dual_similarity(s_weight: torch.Tensor, s_act: torch.Tensor, w: float = 0.5)
     if s_weight.device != s_act.device:
         raise ValueError(f"s_weight and s_act must be on the same device, got {s_weight.device} and {s_act.device}")
     dtype = torch.promote_types(s_weight.dtype, s_act.dtype)
+    if w == 1.0:  # a term weighted 0 takes no part: its -inf (forbidden pairs) would give NaN as -inf * 0
+        return s_weight.to(dtype, copy=True)
+    if w == 0.0:
+        return s_act.to(dtype, copy=True)
     return torch.add(s_act.to(dtype) * (1.0 - w), s_weight.to(dtype), alpha=w)
 
 
