@@ -261,6 +261,48 @@ def test_forward_requires_one_alpha_row_per_sample():
         model(torch.randn(4, 2, 12), alpha=torch.ones(2, 3))
 
 
+def test_empty_batches_and_inputs_without_a_batch_dimension():
+    base, experts = _family()
+    model = se_merge(base, experts)
+    empty = torch.randn(0, 2, 12)
+    alpha = model.route(empty)
+    assert alpha.shape == (0, 3) and alpha.dtype == torch.float32
+    out = model(empty)
+    assert out.shape == (0, 5)
+    ref = model(torch.randn(4, 2, 12))  # an empty batch changes nothing for the next call
+    model.calibrate([empty, torch.randn(4, 2, 12)])  # empty batches are skipped
+    assert bool(torch.isfinite(model.score_scale).all()) and bool((model.score_scale != 1).any())
+    with pytest.raises(ValueError, match="at least one input sample"):
+        model.calibrate(empty)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        model([[0.0] * 12] * 2)
+    with pytest.raises(ValueError, match="batch dimension"):
+        model.route(torch.tensor(1.0))
+    assert ref.shape == (4, 5)
+
+
+def test_an_input_whose_batch_is_not_dim_0_is_named():
+    class Rows(nn.Module):  # reads any input as rows of 8 features, so a missing batch dim goes unnoticed
+        def __init__(self):
+            super().__init__()
+            self.hidden, self.out = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.hidden(x.reshape(-1, 8))))
+
+    torch.manual_seed(0)
+    base = Rows().eval()
+    experts = [copy.deepcopy(base) for _ in range(2)]
+    with torch.no_grad():
+        for e in experts:
+            for p in e.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    model = se_merge(base, experts)
+    assert model(torch.randn(5, 8)).shape == (5, 3)
+    with pytest.raises(ValueError, match="x must have its batch in dim 0"):
+        model.route(torch.randn(8))  # one sample without its batch dimension: 4 probe rows, not 4 replicas of 8
+
+
 def test_threads_keep_their_own_coefficients():
     import threading
 

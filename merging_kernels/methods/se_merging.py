@@ -120,6 +120,7 @@ class SEMergedModel(nn.Module):
         Inference only: the per-sample ops have no autograd formula. Safe to call from several
         threads (coefficients are kept per thread).
         """
+        _check_batch(x)
         if alpha is None:
             alpha = self.route(x, *args, **kwargs)
         elif not isinstance(alpha, torch.Tensor) or alpha.shape != (x.shape[0], self.num_tasks):
@@ -141,6 +142,7 @@ class SEMergedModel(nn.Module):
         dimension is B (e.g. an attention mask). In eager mode the pass stops at the probe; under
         torch.compile it runs the whole replicated model (an exception cannot end a compiled graph).
         """
+        _check_batch(x)
         k, b = self.num_tasks, x.shape[0]
 
         def replicate(v):
@@ -161,7 +163,12 @@ class SEMergedModel(nn.Module):
             self.coefficients.clear()
         if not captured:
             raise RuntimeError(f"probe module {self.probe!r} did not run in the forward pass")
-        return captured[0].reshape(k + 2, b, -1).float()
+        features = captured[0]
+        if features.dim() == 0 or features.shape[0] % ((k + 2) * b):  # rows must be (replica, sample, ...)
+            raise ValueError(f"x must have its batch in dim 0: the probe {self.probe!r} gave shape "
+                             f"{tuple(features.shape)} for {k + 2} replicas of x of shape {tuple(x.shape)}, "
+                             f"expected a leading size that is a multiple of {(k + 2) * b}")
+        return features.reshape(k + 2, b, -1).float()
 
     @torch.no_grad()
     def route(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -169,6 +176,9 @@ class SEMergedModel(nn.Module):
 
         Scores are divided by the per-expert scales of :meth:`calibrate` (1 until it is called).
         """
+        _check_batch(x)
+        if x.shape[0] == 0:  # nothing to route (an empty feature tensor cannot be reshaped per replica)
+            return torch.zeros((0, self.num_tasks), dtype=torch.float32, device=x.device)
         scores = expert_scores(self.probe_features(x, *args, **kwargs), self.score) / self.score_scale
         return coefficients_from_scores(scores, self.temperature, self.total)
 
@@ -189,6 +199,9 @@ class SEMergedModel(nn.Module):
         total = torch.zeros_like(self.score_scale)
         count = 0
         for batch in batches:
+            _check_batch(batch, "inputs")
+            if batch.shape[0] == 0:
+                continue
             scores = expert_scores(self.probe_features(batch, *args, **kwargs), self.score)
             total += scores.abs().sum(0).to(total)
             count += scores.shape[0]
@@ -196,6 +209,13 @@ class SEMergedModel(nn.Module):
             raise ValueError("calibrate needs at least one input sample")
         self.score_scale.copy_((total / count).clamp_min(torch.finfo(total.dtype).tiny))
         return self
+
+
+def _check_batch(x, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor with the batch in dim 0, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have a batch dimension (dim 0), got a 0-d tensor")
 
 
 def expert_scores(features: torch.Tensor, score: str) -> torch.Tensor:
