@@ -1,5 +1,7 @@
 """Linear assignment: every backend against scipy (and the torch reference), duals as certificates, errors."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -186,6 +188,10 @@ def test_empty(backend, device, method):
         rows, cols, u, v = solve(np.zeros(shape), backend, device, method)
         assert rows.shape == cols.shape == (0,) and u.shape == (shape[0],) and v.shape == (shape[1],)
         assert scipy_lsa(np.zeros(shape))[0].shape == (0,)
+    for shape in [(0, 3, 3), (0, 2, 5), (2, 0, 3), (2, 3, 0)]:  # batches: (B, min(n, m)) even for B = 0
+        rows, cols, u, v = solve(np.zeros(shape), backend, device, method)
+        b, n, m = shape
+        assert rows.shape == cols.shape == (b, min(n, m)) and u.shape == (b, n) and v.shape == (b, m)
 
 
 @pytest.mark.parametrize("backend, device, method", FAST_ONLY)
@@ -196,6 +202,14 @@ def test_float32_compute(backend, device, method):
     r0, c0 = scipy_lsa(cost)
     assert abs(total(cost, rows, cols) - total(cost, r0, c0)) <= 1e-4 * total(cost, r0, c0)
     assert mk.check_assignment(cost, rows, cols, u, v)
+    if method is None:  # the public function checks the range (the forced methods are its internals)
+        huge = make_cost("uniform", 20, 20, seed=6) * 1e200  # finite in float64, inf in float32
+        for maximize in (False, True):
+            with pytest.raises(ValueError, match="beyond float32's range"):
+                solve(huge, backend, device, method, compute_dtype=torch.float32, maximize=maximize)
+    forbidden = np.where(np.eye(200, dtype=bool), np.inf, cost.astype(np.float64))  # +inf is no overflow
+    rows, cols, u, v = solve(forbidden, backend, device, method, compute_dtype=torch.float32)
+    assert np.isfinite(total(forbidden, rows, cols))
 
 
 # --------------------------------------------------------------------------- infeasible and invalid
@@ -311,6 +325,17 @@ def test_bad_arguments():
         mk.linear_sum_assignment(np.zeros((2, 2), dtype=np.complex128))
     with pytest.raises(TypeError, match="maximize"):
         mk.linear_sum_assignment(np.zeros((2, 2)), "yes")
+    cost = make_cost("uniform", 6, 6, seed=3)
+    r, c = mk.linear_sum_assignment(cost, 1)  # scipy takes 0/1 for maximize
+    assert total(cost, r, c) == pytest.approx(total(cost, *scipy_lsa(cost, maximize=True)), rel=1e-12)
+    with pytest.raises(ValueError, match=r"got shape \(\)"):
+        mk.linear_sum_assignment(np.float64(3.0))
+    read_only = cost.copy()
+    read_only.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.from_numpy warns on read-only arrays
+        r, c = mk.linear_sum_assignment(read_only)
+    np.testing.assert_array_equal(c, scipy_lsa(cost)[1])
     with pytest.raises(ValueError, match="compute_dtype"):
         mk.linear_sum_assignment(np.zeros((2, 2)), compute_dtype=torch.float16)
     with pytest.raises(ValueError, match="backend"):

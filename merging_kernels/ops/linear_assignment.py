@@ -21,6 +21,7 @@ the public functions.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -247,7 +248,19 @@ def _as_tensor(cost: Any, name: str = "cost") -> tuple[torch.Tensor, bool]:
         raise TypeError(f"{name} must hold real numbers (bool, int or float), got dtype {array.dtype}")
     if array.dtype.byteorder not in ("=", "|"):
         array = array.astype(array.dtype.newbyteorder("="))
-    return torch.from_numpy(np.ascontiguousarray(array)), False
+    array = np.asarray(array, order="C")  # keeps a 0-d shape (np.ascontiguousarray makes it (1,))
+    if not array.flags.writeable:  # torch.from_numpy warns on read-only arrays; the solver never writes to it
+        array = array.copy()
+    return torch.from_numpy(array), False
+
+
+def _check_fits_float32(t3: torch.Tensor) -> None:
+    """Finite costs beyond float32's range would turn into ±inf (forbidden pairs) in a float32 solve."""
+    finite = torch.isfinite(t3)
+    big = float(torch.where(finite, t3.abs(), 0).amax())
+    if big > torch.finfo(torch.float32).max:
+        raise ValueError(f"cost has finite entries beyond float32's range (largest |cost| {big:.3g}); "
+                         "solve with compute_dtype=torch.float64")
 
 
 def _cost_dtype(t: torch.Tensor) -> torch.dtype:
@@ -293,8 +306,9 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
     t, tensor_in = _as_tensor(cost)
     if t.dim() not in (2, 3):
         raise ValueError(f"cost must be 2-D (n, m) or 3-D (B, n, m), got shape {tuple(t.shape)}")
-    if not isinstance(maximize, (bool, np.bool_)):
+    if not isinstance(maximize, (bool, np.bool_, numbers.Integral)):  # scipy takes 0/1 too; not strings
         raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
+    maximize = bool(maximize)
     if compute_dtype is None:
         compute_dtype = torch.float64
     if compute_dtype not in (torch.float32, torch.float64):
@@ -306,10 +320,12 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
         t3 = t3.to(dtype)
     name = resolve_backend(LINEAR_ASSIGNMENT, backend, t3.device)
     b, n, m = t3.shape
+    if compute_dtype == torch.float32 and dtype == torch.float64 and t3.numel():
+        _check_fits_float32(t3)
 
     if b == 0 or n == 0 or m == 0:
-        rows = torch.empty((b, 0), dtype=torch.int64, device=t3.device)
-        cols = torch.empty((b, 0), dtype=torch.int64, device=t3.device)
+        rows = torch.empty((b, min(n, m)), dtype=torch.int64, device=t3.device)  # (B, k) even for B = 0
+        cols = torch.empty((b, min(n, m)), dtype=torch.int64, device=t3.device)
         u = torch.zeros((b, n), dtype=compute_dtype, device=t3.device)
         v = torch.zeros((b, m), dtype=compute_dtype, device=t3.device)
     elif name == "torch":
@@ -341,6 +357,17 @@ def check_assignment(cost, rows, cols, u, v, maximize: bool = False, *, tol: flo
     prove that no assignment has a better total (weak duality). ``tol``
     defaults to a few thousand ulps of the problem's magnitude (costs and
     duals) in the duals' dtype.
+
+    Args:
+        cost: (n, m) or (B, n, m) costs, as passed to :func:`linear_sum_assignment`.
+        rows, cols: (k,) or (B, k) integer indices, k = min(n, m).
+        u, v: (n,) / (m,) or (B, n) / (B, m) float duals (``return_duals=True``).
+        maximize: whether the assignment maximizes.
+        tol: the slack allowed, in the duals' units (default: see above).
+
+    Returns:
+        True when every problem's certificate holds; False otherwise (wrong shapes included).
+        Tensors and array-likes are accepted alike; nothing is modified.
     """
     c, _ = _as_tensor(cost)
     tensors = [c] + [_as_tensor(x, name)[0] for x, name in ((rows, "rows"), (cols, "cols"), (u, "u"), (v, "v"))]
