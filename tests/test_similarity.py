@@ -10,6 +10,7 @@ import torch
 from scipy.optimize import linear_sum_assignment as scipy_lsa
 
 import merging_kernels as mk
+from merging_kernels._dispatch import triton_interpreting
 from merging_kernels.ops import similarity as sim
 from merging_kernels.ops.similarity import (
     SIMILARITY,
@@ -185,6 +186,56 @@ def test_correlation_from_moments_matches_reference(backend, device):
     k = z[0]
     shifted = correlation_from_moments(mean - k, (z - k).T @ (z - k), 50, backend=backend)
     torch.testing.assert_close(shifted, got, rtol=0, atol=1e-6)
+
+
+@pytest.fixture
+def compiled_scalar_types(monkeypatch):
+    """Under the Triton interpreter, type Python float kernel arguments as compiled Triton does.
+
+    Compiled Triton types a Python float argument as fp32 (``mangle_type(1 / 77) == "fp32"``); the
+    interpreter passes it on as a Python float, computing with it in float64. A kernel that takes a
+    float scale would look exact in the interpreter and round the scale to fp32 on the GPU: with this
+    fixture the interpreter rounds it as the GPU does.
+    """
+    if not triton_interpreting():
+        return
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+        from triton.runtime.jit import mangle_type
+    except ImportError:
+        return
+
+    implicit_cvt = interpreter._implicit_cvt
+
+    def cvt(arg):
+        if isinstance(arg, float):
+            assert mangle_type(arg) == "fp32"
+            return tl.tensor(interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32), tl.float32)
+        return implicit_cvt(arg)
+
+    monkeypatch.setattr(interpreter, "_implicit_cvt", cvt)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("offset", [0.0, 2e2, 2e3])  # the rows' σ is ~2: μ/σ ~ 0, 100, 1000
+def test_correlation_from_moments_raw_moments_large_mean(backend, device, offset, compiled_scalar_types):
+    """Raw (unshifted) moments with |μ|/σ up to ~1e3: cov = M/count − μμᵀ cancels all but ~(σ/μ)² of M/count.
+
+    M/count must be formed in float64: a 1/count rounded to fp32 (relative error up to 2^-24) errs by
+    ~6e-8·(μ/σ)² in the correlation, ~6e-2 at μ/σ = 1e3. The fast path's error against the two-pass
+    float64 correlation must stay within twice that of the float64 torch reference rounded to fp32
+    (the output precision), as in flash-attention's tests.
+    """
+    n, D = 63, 19  # 1/63 in fp32 is off by 5.8e-8 relatively (close to the worst case, 2^-24)
+    z = _data(n, D, torch.float64, device, seed=19, mean=offset)
+    mean, second = z.mean(0), z.T @ z
+    exact = correlation_matrix_torch(z.T)  # two-pass (centered) float64: no cancellation
+    plain = correlation_from_moments_torch(mean, second, n).to(torch.float32)
+    got = correlation_from_moments(mean, second, n, backend=backend)
+    err_plain = float((plain.double() - exact).abs().max())
+    err = float((got.double() - exact).abs().max())
+    assert err <= 2 * err_plain + 2.0 ** -24, (err, err_plain)
 
 
 def test_correlation_from_moments_errors():

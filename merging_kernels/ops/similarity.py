@@ -444,9 +444,15 @@ if triton is not None:
         tl.store(ptrs, old + acc.to(tl.float64), mask=mask)
 
     @triton.jit
-    def _moments_corr_kernel(m_ptr, mean_ptr, inv_ptr, out_ptr, D, smr, smc, inv_count,
+    def _moments_corr_kernel(m_ptr, mean_ptr, inv_ptr, out_ptr, D, smr, smc, count,
                              UPPER: tl.constexpr, BLOCK: tl.constexpr):
-        """corr_ij = (M_ij/count − μ_i μ_j)·r_i·r_j in float64, clamped, diagonal 1; M read at (min, max) if UPPER."""
+        """corr_ij = (M_ij/count − μ_i μ_j)·r_i·r_j in float64, clamped, diagonal 1; M read at (min, max) if UPPER.
+
+        count is an integer argument (i32, i64, or the constexpr 1 compiled Triton makes of the value 1):
+        float64 / int divides in float64. A Python float scale 1/count would be typed fp32 by the compiler
+        (not by the interpreter), and its rounding (up to 2^-24 of M_ij/count) is amplified (μ/σ)² times
+        by the cancellation in M/count − μμᵀ on raw moments.
+        """
         ri = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         rj = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         in_i = ri < D
@@ -465,7 +471,7 @@ if triton is not None:
         mu_j = tl.load(mean_ptr + rj, mask=in_j, other=0.0)
         inv_i = tl.load(inv_ptr + ri, mask=in_i, other=0.0)
         inv_j = tl.load(inv_ptr + rj, mask=in_j, other=0.0)
-        corr = (mij * inv_count - mu_i[:, None] * mu_j[None, :]) * inv_i[:, None] * inv_j[None, :]
+        corr = (mij / count - mu_i[:, None] * mu_j[None, :]) * inv_i[:, None] * inv_j[None, :]
         corr = tl.minimum(tl.maximum(corr, -1.0), 1.0)
         corr = tl.where(r2 == c2, 1.0, corr)
         tl.store(out_ptr + r2 * D + c2, corr.to(tl.float32), mask=mask)
@@ -545,7 +551,7 @@ def _correlation_from_moments_triton(mean, second_moment, count, eps, upper):
     block = 16 if triton_interpreting() else 64
     grid = (triton.cdiv(D, block), triton.cdiv(D, block))
     _moments_corr_kernel[grid](second_moment, mu, inv, out, D, second_moment.stride(0), second_moment.stride(1),
-                               1.0 / count, UPPER=upper, BLOCK=block, num_warps=4)
+                               count, UPPER=upper, BLOCK=block, num_warps=4)
     return out
 
 
