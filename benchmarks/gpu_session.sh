@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # Everything that only a GPU can show, in steps that each fit one 10-minute device call.
 #
-#   bash benchmarks/gpu_session.sh build tests        # first call: build _C with CUDA, run the gpu tests
-#   bash benchmarks/gpu_session.sh la similarity psl  # later calls: the CUDA benchmark runners
-#   bash benchmarks/gpu_session.sh task-vectors mudsc
+#   bash benchmarks/gpu_session.sh build tests-la la   # first call: build _C with CUDA, assignment tests + runner
+#   bash benchmarks/gpu_session.sh similarity mudsc    # later calls: the other runners ...
+#   bash benchmarks/gpu_session.sh tests-rest psl task-vectors
 #
-# ~470 gpu tests; if `tests` does not fit one call (Triton compiles every kernel variant on first use),
-# run its halves in two calls: `tests-la` (the CUDA assignment solver) and `tests-rest` (everything else).
+# A device machine is handed back after ~30 s idle and a later call starts a bare one, so _C does not survive
+# between calls. Every step other than `build` therefore makes sure a CUDA-enabled _C is there first:
+#   - if .device_build/_C*.so was carried (run tool: carry=[".device_build"]), it is copied into the package;
+#   - otherwise _C is built (a minute or two for sm_90 only).
+# `build` leaves the built library in $OUT/device_build/: copy that folder to .device_build/ here (it is
+# git-ignored) and pass carry=[".device_build"] on the later calls to skip their builds.
+#
+# ~470 gpu tests; `tests` may not fit one call (Triton compiles every kernel variant on first use): its
+# halves are `tests-la` (the CUDA assignment solver) and `tests-rest` (everything else). Each test has a
+# 300 s timeout where pytest-timeout is installed, so one hung kernel cannot eat the whole call.
 #
 # Logs go to $OUT (the device tool's return folder) or ./gpu-logs; copy the benchmark logs into
 # benchmarks/results/<device>-<name>-<date>.txt and commit them (each starts with its command and machine).
@@ -28,20 +36,59 @@ run() {  # run NAME COMMAND...: tee the output to $out/NAME.txt, remember a fail
     [ "$rc" -eq 0 ] || status=1
 }
 
+has_cuda_c() {  # the importable _C has its CUDA part
+    python3 -c "import sys, merging_kernels as m; sys.exit(0 if m.build_info().get('cuda') else 1)" 2>/dev/null
+}
+
+build() {
+    [ -d /usr/local/cuda/bin ] && export PATH="/usr/local/cuda/bin:$PATH"
+    export MERGING_KERNELS_CUDA_ARCHS="${MERGING_KERNELS_CUDA_ARCHS:-90}"  # H100 and H200 are sm_90
+    run build python3 -m pip install --no-build-isolation --no-deps -e .
+    if ! has_cuda_c; then  # a CPU-only build would only show later, as skipped or failing gpu tests
+        echo "== build: _C has no CUDA part: $(python3 -c 'import merging_kernels as m; print(m.build_info())' 2>&1)" \
+            | tee -a "$out/build.txt"
+        status=1
+        return 1
+    fi
+    mkdir -p "$out/device_build"
+    cp merging_kernels/_C*.so "$out/device_build/"
+    echo "== build: CUDA _C saved to \$OUT/device_build (carry it as .device_build on later calls)"
+}
+
+ensure_built() {
+    has_cuda_c && return 0
+    if compgen -G ".device_build/_C*.so" >/dev/null; then
+        cp .device_build/_C*.so merging_kernels/
+        if has_cuda_c; then echo "== using the carried .device_build/_C"; return 0; fi
+        echo "== the carried .device_build/_C does not load with CUDA here; building"
+    fi
+    build
+}
+
+pytest_gpu() {  # pytest_gpu NAME ARGS...: the gpu tests, each with a timeout where the plugin exists
+    local name="$1"; shift
+    local timeout=()
+    python3 -c "import pytest_timeout" 2>/dev/null && timeout=(--timeout=300)
+    run "$name" python3 -m pytest -m gpu -q -rs --durations=15 -o addopts="" ${timeout[@]+"${timeout[@]}"} "$@"
+}
+
+steps="build tests tests-la tests-rest la similarity psl task-vectors mudsc"
+for step in "$@"; do  # a typo fails before any build
+    case " $steps " in *" $step "*) ;; *) echo "unknown step $step ($steps)"; exit 2 ;; esac
+done
+
 for step in "$@"; do
+    [ "$step" = build ] || ensure_built || { echo "== no CUDA _C: skipping $step"; continue; }
     case "$step" in
-        build) run build python3 -m pip install --no-build-isolation --no-deps -e . ;;
-        tests) run gpu-tests python3 -m pytest -m gpu -q -rs --durations=15 -o addopts="" tests ;;
-        tests-la) run gpu-tests-la python3 -m pytest -m gpu -q -rs --durations=15 -o addopts="" \
-            tests/test_linear_assignment.py ;;
-        tests-rest) run gpu-tests-rest python3 -m pytest -m gpu -q -rs --durations=15 -o addopts="" tests \
-            --ignore=tests/test_linear_assignment.py ;;
+        build) build ;;
+        tests) pytest_gpu gpu-tests tests ;;
+        tests-la) pytest_gpu gpu-tests-la tests/test_linear_assignment.py ;;
+        tests-rest) pytest_gpu gpu-tests-rest tests --ignore=tests/test_linear_assignment.py ;;
         la) run "linear-assignment-$day" python3 benchmarks/run_linear_assignment.py --device cuda ;;
         similarity) run "similarity-$day" python3 benchmarks/run_similarity.py --device cuda ;;
         psl) run "per-sample-linear-$day" python3 benchmarks/run_per_sample_linear.py --device cuda ;;
         task-vectors) run "task-vectors-$day" python3 benchmarks/run.py --device cuda ;;
         mudsc) run "mudsc-$day" python3 benchmarks/run_mudsc.py --device cuda ;;
-        *) echo "unknown step $step (build, tests, tests-la, tests-rest, la, similarity, psl, task-vectors, mudsc)"; exit 2 ;;
     esac
 done
 exit $status
