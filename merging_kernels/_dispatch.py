@@ -26,6 +26,9 @@ BACKENDS = ("torch", "triton", "native")
 ENV_VAR = "MERGING_KERNELS_BACKEND"
 
 
+_OPS: dict[str, "OpBackends"] = {}
+
+
 @dataclass(frozen=True)
 class OpBackends:
     """The backends an op family implements, per device type, fastest first.
@@ -36,6 +39,9 @@ class OpBackends:
     name: str
     cpu: tuple[str, ...] = ()
     cuda: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        _OPS[self.name] = self  # so that available_backends("task_vectors", ...) finds it by name
 
     def implemented(self, device_type: str) -> tuple[str, ...]:
         fast = self.cuda if device_type == "cuda" else self.cpu if device_type == "cpu" else ()
@@ -137,9 +143,22 @@ def _require(op: OpBackends, backend: str, device_type: str, source: str) -> str
     return backend
 
 
-def available_backends(op: OpBackends, device: torch.device | str) -> list[str]:
-    """The backends of ``op`` that can run on ``device`` here, fastest first."""
-    device_type = torch.device(device).type
+def available_backends(op: OpBackends | str, device: torch.device | str) -> list[str]:
+    """The backends of ``op`` (an op family or its name, e.g. ``"linear_assignment"``) that can run on
+    ``device`` here, fastest first."""
+    if isinstance(op, str):
+        from .ops import linear_assignment, per_sample_linear, similarity, task_vectors  # noqa: F401  (declares them)
+
+        if op not in _OPS:
+            raise ValueError(f"op must be one of {sorted(_OPS)} (or its OpBackends), got {op!r}")
+        op = _OPS[op]
+    elif not isinstance(op, OpBackends):
+        raise TypeError(f"op must be an OpBackends or an op name, got {type(op).__name__}")
+    try:
+        device_type = torch.device(device).type
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be a torch.device or a device string such as 'cpu' or 'cuda', "
+                         f"got {device!r}") from exc
     return [b for b in op.implemented(device_type) if _unavailable_reason(b, device_type) is None]
 
 

@@ -82,3 +82,18 @@ def test_ci_has_every_cpu_backend():
     from merging_kernels.ops.task_vectors import TASK_VECTORS
 
     assert set(_dispatch.available_backends(TASK_VECTORS, "cpu")) == {"torch", "native", "triton"}, mk.build_info()
+
+
+def test_available_backends_by_name_and_bad_arguments(monkeypatch):
+    from merging_kernels.ops.linear_assignment import LINEAR_ASSIGNMENT
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert mk.available_backends("linear_assignment", "cpu") == mk.available_backends(LINEAR_ASSIGNMENT, "cpu")
+    assert mk.available_backends("similarity", "cpu") == ["torch"]
+    assert mk.available_backends("task_vectors", "cpu")[-1] == "torch"
+    with pytest.raises(ValueError, match="op must be one of .*task_vectors"):
+        mk.available_backends("no_such_op", "cpu")
+    with pytest.raises(TypeError, match="op must be an OpBackends"):
+        mk.available_backends(3, "cpu")
+    with pytest.raises(ValueError, match="device must be"):
+        mk.available_backends("similarity", "gpu")
