@@ -4,6 +4,8 @@ The CPU fast path is torch itself (BLAS), so "torch-cpu" is tested as a fast bac
 kernels run on CPU under TRITON_INTERPRET=1 (small shapes) and on CUDA (gpu-marked).
 """
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -140,6 +142,40 @@ def test_correlation_of_permuted_copy_recovers_permutation(backend, device):
     rows, cols = mk.linear_sum_assignment(c.cpu(), maximize=True)
     # x's row i is y's row j where perm[j] = i
     assert torch.equal(perm[cols], rows)
+
+
+@pytest.mark.parametrize("backend, device", [p for p in BACKENDS if "triton" in p.id])
+def test_correlation_matrix_triton_unit_column_stride(backend, device, monkeypatch):
+    """Transposed and column-strided inputs reach the Triton kernel with unit column stride.
+
+    The kernel's column offsets rk·stride are int32: a column stride > 1 overflows once d·stride ≥ 2^31
+    (``correlation_matrix(W.T)`` for a 256k × 8192 W) and forces scalar loads. The launcher copies such
+    inputs to row-major; the result equals the reference and, bit for bit, that of the row-major input.
+    """
+    seen = []
+    kernel = sim._corr_gemm_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                names = inspect.signature(kernel.fn).parameters
+                bound = {**dict(zip(names, args)), **kwargs}
+                seen.append((bound["sxd"], bound["syd"]))  # the column strides
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(sim, "_corr_gemm_kernel", Spy())
+    x = _data(40, 21, torch.float32, device, seed=20).T  # (21, 40), column-major: strides (1, 21)
+    y = _data(80, 27, torch.float32, device, seed=21)[::2].T  # (27, 40): strides (1, 54)
+    assert x.stride() == (1, 21) and y.stride() == (1, 54)
+    for other in (None, y):
+        seen.clear()
+        got = correlation_matrix(x, other, backend=backend)
+        assert seen == [(1, 1)]
+        torch.testing.assert_close(got.double(), correlation_matrix_torch(x, other), rtol=0,
+                                   atol=corr_tol(torch.float32, device, 40))
+        assert torch.equal(got, correlation_matrix(x.contiguous(), None if other is None else y.contiguous(),
+                                                   backend=backend))
 
 
 def test_correlation_matrix_errors():

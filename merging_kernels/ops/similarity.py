@@ -38,7 +38,7 @@ as anything we could write, so there is no native kernel (one would have to beat
 On CUDA, Triton kernels fuse the centering/normalization into the GEMM tiles:
 
 1. ``_corr_gemm_kernel`` (:func:`correlation_matrix`): loads row tiles of x and y in their own
-   dtype, centers and scales them in registers ((x − μ_i)/‖x_i − μ_i‖, statistics from a float64
+   dtype (with unit column stride: transposed or column-strided inputs are copied first), centers and scales them in registers ((x − μ_i)/‖x_i − μ_i‖, statistics from a float64
    prologue), accumulates ``tl.dot`` in fp32 and writes the clamped correlation; for y = None only
    tiles on or above the diagonal are computed, each written twice (itself and its transpose).
    Compared with torch (normalize into a copy, then matmul) it saves one write and read of the
@@ -494,6 +494,14 @@ def _gemm_blocks(sixteen_bit: bool) -> tuple[int, int, int, int, int]:
 
 def _correlation_matrix_triton(x, y, eps):
     same = y is None
+    # Unit column stride for the kernel: its column offsets rk·stride are int32 (a column stride > 1
+    # overflows once d·stride ≥ 2^31, e.g. correlation_matrix(W.T) with W 256k × 8192), and strided
+    # columns mean scalar loads. The copy is O(n·d) beside the O(n·m·d) GEMM (the torch path makes a
+    # normalized copy too). In the interpreter as well: the tests run the kernel as the GPU does.
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if not same and y.stride(-1) != 1:
+        y = y.contiguous()
     mx, rx = _row_stats(x, eps)
     mx, rx = mx.to(torch.float32), rx.to(torch.float32)
     if same:
@@ -513,7 +521,9 @@ def _correlation_matrix_triton(x, y, eps):
     if not triton_interpreting() and (d % 16 or x.stride(0) % 16 or y.stride(0) % 16):
         bk = 16  # rows not 16-aligned (scalar loads): BLOCK_K=32 spills in the K loop (sm_90, triton 3.6)
     grid = (triton.cdiv(n, bm), triton.cdiv(m, bn))
-    _corr_gemm_kernel[grid](x, y, mx, rx, my, ry, out, n, m, d, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+    # d = 1: any column stride is valid and .contiguous() keeps it; only column 0 is read, so pass 1
+    sxd, syd = (x.stride(1), y.stride(1)) if d > 1 else (1, 1)
+    _corr_gemm_kernel[grid](x, y, mx, rx, my, ry, out, n, m, d, x.stride(0), sxd, y.stride(0), syd,
                             out.stride(0), out.stride(1), SELF=same, PRECISION=_dot_precision(x.dtype, y.dtype),
                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out
