@@ -777,9 +777,19 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
 
 def average_merge(model_a: nn.Module, model_b: nn.Module, calibration=None, *, alpha: float = 0.5,
                   reset_bn: bool = True) -> nn.Module:
-    """Plain averaging α θ_A + (1 − α) θ_B (no alignment), with the BatchNorm reset (like ``mudsc_merge``)."""
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    """Plain averaging α θ_A + (1 − α) θ_B (no alignment), with the BatchNorm reset (like ``mudsc_merge``).
+
+    Args:
+        model_a, model_b: two models of one architecture (same parameter names and shapes; not modified).
+        calibration: input batches for the BatchNorm reset (None: keep the averaged statistics).
+        alpha: weight of model A, in [0, 1].
+        reset_bn: re-estimate BatchNorm running statistics on ``calibration``.
+
+    Returns:
+        A deep copy of ``model_a`` holding the average (floating tensors averaged in float32 and cast back
+        to their dtype; integer buffers such as ``num_batches_tracked`` copied from A).
+    """
+    alpha = check_real(alpha, "alpha", low=0.0, high=1.0)
     _check_same_devices_and_dtypes(model_a, model_b)
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     for k in sd_a:
@@ -810,16 +820,29 @@ def _check_same_devices_and_dtypes(model_a: nn.Module, model_b: nn.Module) -> No
 
 
 def weight_matching_merge(model_a, model_b, spec=None, calibration=None, **options):
-    """Git Re-Basin weight matching: ``mudsc_merge`` with w = 1 from the identity (data only for the BN reset)."""
+    """Git Re-Basin weight matching: ``mudsc_merge`` with w = 1 from the identity (data only for the BN reset).
+
+    ``calibration`` may be None for models without BatchNorm. ``options`` are ``mudsc_merge``'s keyword
+    arguments (``mode``, ``alpha``, ``max_sweeps``, ``exclude``, ``return_result``, ...); returns what it
+    returns.
+    """
     options.setdefault("init", "identity")
     return mudsc_merge(model_a, model_b, spec, calibration, w=1.0, **options)
 
 
 def activation_matching_merge(model_a, model_b, spec, calibration, **options):
-    """Activation matching: ``mudsc_merge`` with w = 0 (correlation of activations only)."""
+    """Activation matching: ``mudsc_merge`` with w = 0 (correlation of activations only).
+
+    ``calibration`` (input batches) is required; ``options`` are ``mudsc_merge``'s keyword arguments;
+    returns what it returns.
+    """
     return mudsc_merge(model_a, model_b, spec, calibration, w=0.0, **options)
 
 
 def zipit_merge(model_a, model_b, spec, calibration, **options):
-    """ZipIt (activation-space zip): ``mudsc_merge(mode="zip", w=0)``."""
+    """ZipIt (activation-space zip): ``mudsc_merge(mode="zip", w=0)``.
+
+    ``calibration`` (input batches) is required; ``options`` are ``mudsc_merge``'s keyword arguments
+    (``alpha``, ``zip_factor``, ``zip_residual``, ``exclude``, ``repair``, ...); returns what it returns.
+    """
     return mudsc_merge(model_a, model_b, spec, calibration, mode="zip", w=0.0, **options)
