@@ -38,8 +38,9 @@ as anything we could write, so there is no native kernel (one would have to beat
 On CUDA, Triton kernels fuse the centering/normalization into the GEMM tiles:
 
 1. ``_corr_gemm_kernel`` (:func:`correlation_matrix`): loads row tiles of x and y in their own
-   dtype (with unit column stride: transposed or column-strided inputs are copied first), centers and scales them in registers ((x − μ_i)/‖x_i − μ_i‖, statistics from a float64
-   prologue), accumulates ``tl.dot`` in fp32 and writes the clamped correlation; for y = None only
+   dtype (with unit column stride: transposed or column-strided inputs are copied first), centers
+   and scales them in registers ((x − μ_i)/‖x_i − μ_i‖, statistics from a float64 prologue),
+   accumulates ``tl.dot`` in fp32 and writes the clamped correlation; for y = None only
    tiles on or above the diagonal are computed, each written twice (itself and its transpose).
    Compared with torch (normalize into a copy, then matmul) it saves one write and read of the
    normalized copy and, for y = None, half the FLOPs.
