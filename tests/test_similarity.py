@@ -404,6 +404,24 @@ def test_activation_stats_total_count_and_empty_batches(backend, device):
     _check_stats(stats, [fa, fb], corr_tol(torch.float32, device, 20), 1e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_triton_launches_on_the_tensors_device():
+    """Tensors on cuda:1 while cuda:0 is current: every Triton launch goes to the tensors' device."""
+    dev = "cuda:1"
+    assert torch.cuda.current_device() == 0
+    x = _data(37, 29, torch.float32, dev, seed=22)
+    torch.testing.assert_close(correlation_matrix(x, backend="triton").double(), correlation_matrix_torch(x),
+                               rtol=0, atol=corr_tol(torch.float32, "cuda", 29))
+    z = _data(50, 23, torch.float64, dev, seed=23)
+    mean, second = z.mean(0), z.T @ z
+    torch.testing.assert_close(correlation_from_moments(mean, second, 50, backend="triton").double(),
+                               correlation_from_moments_torch(mean, second, 50), rtol=0, atol=1e-6)
+    fa, fb = _data(40, 6, torch.float32, dev, seed=24), _data(40, 5, torch.float32, dev, seed=25)
+    stats = _stream(ActivationStats([6, 5], backend="triton"), _split([fa, fb], [20, 20]))
+    assert stats.device == torch.device(dev)
+    _check_stats(stats, [fa, fb], corr_tol(torch.float32, "cuda", 40), 1e-6)
+
 needs_ssyrk = pytest.mark.skipif(sim._ssyrk is None, reason="scipy's BLAS has no ssyrk")
 
 
