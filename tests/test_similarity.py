@@ -242,7 +242,9 @@ def compiled_scalar_types(monkeypatch):
     except ImportError:
         return
 
-    implicit_cvt = interpreter._implicit_cvt
+    implicit_cvt = getattr(interpreter, "_implicit_cvt", None)
+    if implicit_cvt is None or not hasattr(interpreter, "TensorHandle"):
+        return  # an interpreter without these internals: the test still runs, with float64 scalars
 
     def cvt(arg):
         if isinstance(arg, float):
