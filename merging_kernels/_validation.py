@@ -54,3 +54,36 @@ def check_choice(value: Any, name: str, choices: tuple) -> Any:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """A real bool: a truthy string such as "no" must not silently switch a flag on."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return value
+
+
+def check_float_dtype(value: Any, name: str) -> torch.dtype:
+    """One of the floating dtypes the kernels compute in (a torch.dtype, not its name)."""
+    if not isinstance(value, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype (e.g. torch.float16), got {type(value).__name__} {value!r}")
+    if value not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {value}")
+    return value
+
+
+def may_overlap(tensor: torch.Tensor) -> bool:
+    """Whether two elements of ``tensor`` may share memory (an expanded or as_strided view).
+
+    Conservative: dims of size > 1 sorted by stride must each step past the extent of the
+    previous ones; the rare layouts that interleave without overlapping count as overlapping.
+    """
+    if tensor.numel() == 0:
+        return False
+    dims = sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride()) if size > 1)
+    extent = 1
+    for stride, size in dims:
+        if stride < extent:
+            return True
+        extent = stride * size
+    return False

@@ -357,3 +357,173 @@ def test_overflowing_task_vector_is_refused_on_every_backend(backend):
     expert = torch.tensor([-3e38, 1.0], dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="non-finite"):
         mk.merge_task_vectors([base], [[expert]], [0.1], backend=backend)
+
+
+# --------------------------------------------------------------------------- input validation (API audit)
+
+CPU_BACKENDS = ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]]
+
+
+def _stream_case():
+    g = torch.Generator().manual_seed(5)
+    bases = [torch.randn(8, 16, generator=g), torch.randn(33, generator=g)]
+    experts = [[b + 0.1 * torch.randn(b.shape, generator=g) for b in bases] for _ in range(3)]
+    return bases, experts
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_streamed_thresholds_equal_in_memory_ones(backend):
+    bases, experts = _stream_case()
+    chunks = lambda: iter([([bases[t]], [[task[t]] for task in experts], [t]) for t in range(2)])  # noqa: E731
+    streamed = mk.streamed_magnitude_thresholds(chunks, num_tasks=3, total_numel=128 + 33, density=0.2,
+                                                backend=backend)
+    in_memory = mk.magnitude_thresholds(bases, experts, density=0.2, trim_scope="model", backend=backend)
+    assert streamed.shape == (1, 3) and torch.equal(streamed, in_memory)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_streamed_thresholds_refuse_a_wrong_total_or_a_one_shot_iterator(backend):
+    bases, experts = _stream_case()
+    chunks = lambda: iter([(bases, experts, [0, 1])])  # noqa: E731
+    for total in (1000, 128, 0):  # more, fewer than the 161 elements yielded; 0 used to give zeros
+        with pytest.raises(ValueError, match="total_numel"):
+            mk.streamed_magnitude_thresholds(chunks, num_tasks=3, total_numel=total, density=0.2, backend=backend)
+    one_shot = iter([(bases, experts, [0, 1])])
+    with pytest.raises(ValueError, match="fresh iterable"):  # the second pass found it exhausted
+        mk.streamed_magnitude_thresholds(lambda: one_shot, num_tasks=3, total_numel=161, density=0.2,
+                                         backend=backend)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(num_tasks=2), ValueError, "num_tasks"),  # the chunks hold 3 experts
+        (dict(num_tasks=4), ValueError, "num_tasks"),
+        (dict(num_tasks=0), ValueError, "num_tasks"),
+        (dict(num_tasks=True), TypeError, "num_tasks"),
+        (dict(total_numel=-1), ValueError, "total_numel"),
+        (dict(total_numel="161"), TypeError, "total_numel"),
+        (dict(density=None), TypeError, "density"),
+        (dict(chunks=[]), TypeError, "chunks"),
+        (dict(chunks=lambda: iter([(1, 2)])), TypeError, "chunks"),
+    ],
+)
+def test_streamed_thresholds_bad_arguments_are_named(kwargs, error, match):
+    bases, experts = _stream_case()
+    args = dict(chunks=lambda: iter([(bases, experts, [0, 1])]), num_tasks=3, total_numel=161, density=0.2)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        mk.streamed_magnitude_thresholds(args.pop("chunks"), **args)
+
+
+def test_magnitude_thresholds_needs_a_density():
+    bases, experts = _stream_case()
+    with pytest.raises(TypeError, match="density"):
+        mk.magnitude_thresholds(bases, experts, density=None)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_user_thresholds_are_used_and_checked(backend):
+    bases, experts = _stream_case()
+    kwargs = dict(density=0.3, trim_scope="model", elect_sign=True, backend=backend)
+    thresholds = mk.magnitude_thresholds(bases, experts, density=0.3, trim_scope="model", backend=backend)
+    given = mk.merge_task_vectors(bases, experts, [1.0] * 3, thresholds=thresholds, **kwargs)
+    selected = mk.merge_task_vectors(bases, experts, [1.0] * 3, **kwargs)
+    for a, b in zip(given, selected):
+        assert torch.equal(a, b)
+    # +inf is a valid threshold (keep nothing): the base comes back
+    nothing = mk.merge_task_vectors(bases, experts, [1.0] * 3, thresholds=torch.full((1, 3), float("inf")),
+                                    **kwargs)
+    for a, b in zip(nothing, bases):
+        assert torch.equal(a, b)
+    bad = [
+        (torch.full((1, 3), float("nan")), ValueError),  # used to return the base silently
+        (torch.tensor([[0.1, -0.5, 0.1]]), ValueError),
+        (torch.full((2, 3), 0.1), ValueError),  # tensor-scope shape for a model-scope merge
+        (torch.ones(1, 3, dtype=torch.int64), TypeError),
+        ([[0.1, 0.1, 0.1]], TypeError),
+    ]
+    for value, error in bad:
+        with pytest.raises(error, match="thresholds"):
+            mk.merge_task_vectors(bases, experts, [1.0] * 3, thresholds=value, **kwargs)
+    with pytest.raises(ValueError, match="thresholds"):  # no trim: they would be ignored
+        mk.merge_task_vectors(bases, experts, [1.0] * 3, thresholds=thresholds, backend=backend)
+
+
+def test_complex_entries_are_refused_and_bool_buffers_copied():
+    b = torch.randn(8, 16)
+    experts = [b + 0.1 * torch.randn_like(b) for _ in range(3)]
+    with pytest.raises(TypeError, match="'w'"):
+        mk.task_arithmetic({"w": b.cfloat()}, [{"w": e.cfloat()} for e in experts])
+    with pytest.raises(TypeError, match="'z'"):
+        mk.ties_merging({"w": b, "z": b.cfloat()}, [{"w": e, "z": e.cfloat()} for e in experts])
+    mask = torch.rand(8, 16) > 0.5
+    merged = mk.task_arithmetic({"w": b, "mask": mask}, [{"w": e, "mask": mask} for e in experts], 0.5)
+    assert torch.equal(merged["mask"], mask)
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda b, e: mk.task_arithmetic(b, e, True), TypeError, "weights"),  # used to count as 1.0
+        (lambda b, e: mk.task_arithmetic(b, e, [True]), TypeError, "weights"),
+        (lambda b, e: mk.task_arithmetic(b, e, {"w": 1.0, "w.typo": 2.0}), ValueError, "w.typo"),
+        (lambda b, e: mk.merge_task_vectors([b["w"]], [[e[0]["w"]]], True), TypeError, "weights"),
+        (lambda b, e: mk.task_arithmetic(b, e, check_finite="no"), TypeError, "check_finite"),
+        (lambda b, e: mk.ties_merging(b, e, normalize="yes"), TypeError, "normalize"),
+        (lambda b, e: mk.dare_merging(b, e, drop_rate=0.5, elect_sign=1), TypeError, "elect_sign"),
+        (lambda b, e: mk.task_arithmetic(b, e, out={}), ValueError, "'w'"),
+        (lambda b, e: mk.task_arithmetic(b, e, out=[torch.zeros(3, 2)]), TypeError, "out"),
+        (lambda b, e: mk.task_arithmetic(b["w"], [e[0]["w"]], out=torch.zeros(2).expand(3, 2)), ValueError, "out"),
+        (lambda b, e: mk.task_arithmetic(b["w"], [e[0]["w"]], out=torch.zeros(4).as_strided((3, 2), (1, 1))),
+         ValueError, "out"),
+        (lambda b, e: mk.task_arithmetic(b, e, out={"w": torch.zeros(3, 2)}, out_dtype=torch.float16), ValueError,
+         "out_dtype"),
+        (lambda b, e: mk.task_arithmetic(b, e, out_dtype="float16"), TypeError, "out_dtype"),
+    ],
+)
+def test_more_bad_input_is_refused_with_a_named_error(call, error, match):
+    base = {"w": torch.zeros(3, 2), "steps": torch.tensor(3)}
+    experts = [{"w": torch.ones(3, 2), "steps": torch.tensor(3)}]
+    with pytest.raises(error, match=match):
+        call(base, experts)
+
+
+def test_weights_may_name_the_copied_buffers_and_out_may_match_out_dtype():
+    base = {"w": torch.zeros(3, 2), "steps": torch.tensor(3)}
+    experts = [{"w": torch.ones(3, 2), "steps": torch.tensor(3)}]
+    merged = mk.task_arithmetic(base, experts, {"w": 0.5, "steps": 1.0})  # e.g. built from every key
+    assert torch.equal(merged["w"], torch.full((3, 2), 0.5)) and torch.equal(merged["steps"], base["steps"])
+    out = {"w": torch.empty(3, 2, dtype=torch.float16)}
+    assert mk.task_arithmetic(base, experts, 0.5, out=out, out_dtype=torch.float16) is out
+    assert torch.equal(out["w"], torch.full((3, 2), 0.5, dtype=torch.float16))
+    strided = torch.zeros(3, 4)[:, ::2]  # not contiguous, no overlap: fine
+    mk.task_arithmetic(base["w"], [experts[0]["w"]], 0.5, out=strided)
+    assert torch.equal(strided, torch.full((3, 2), 0.5))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_results_are_detached_on_every_backend(backend):
+    g = torch.Generator().manual_seed(2)
+    base = torch.nn.Parameter(torch.randn(5, 7, generator=g))
+    experts = [torch.nn.Parameter(base.detach() + torch.randn(5, 7, generator=g)) for _ in range(2)]
+    results = [
+        mk.task_arithmetic(base, experts, 0.5, backend=backend),
+        mk.ties_merging(base, experts, density=0.5, backend=backend),
+        mk.dare_merging(base, experts, drop_rate=0.3, backend=backend),
+        mk.task_arithmetic({"w": base}, [{"w": e} for e in experts], backend=backend)["w"],
+    ]
+    for r in results:
+        assert not r.requires_grad and r.grad_fn is None
+    # an in-place merge into a parameter works too (autograd would refuse to write into a leaf)
+    target = torch.nn.Parameter(torch.zeros(5, 7))
+    mk.task_arithmetic(base, experts, 0.5, out=target, backend=backend)
+    torch.testing.assert_close(target.detach(), results[0])
+
+
+def test_float64_weights_from_python_numbers_are_not_rounded_to_float32():
+    base, experts = torch.zeros(3, dtype=torch.float64), [torch.ones(3, dtype=torch.float64)] * 2
+    expected = torch.full((3,), 0.1 + 0.2, dtype=torch.float64)
+    assert torch.equal(mk.task_arithmetic(base, experts, [0.1, 0.2]), expected)
+    assert torch.equal(mk.task_arithmetic({"w": base}, [{"w": e} for e in experts], {"w": [0.1, 0.2]})["w"], expected)
+    assert torch.equal(mk.merge_task_vectors([base], [[e] for e in experts], [0.1, 0.2])[0], expected)

@@ -54,8 +54,11 @@ def flatten_inputs(base, experts) -> FlatInputs:
         if value.is_floating_point():
             names.append(name)
             bases.append(value)
-        else:
+        elif _copied_as_is(value):
             passthrough[name] = value  # integer buffers (e.g. num_batches_tracked) are not merged
+        else:  # complex or quantized: neither merged nor safe to copy silently from the base
+            raise TypeError(f"base[{name!r}] is {value.dtype}: only floating-point tensors are merged and "
+                            "integer/bool buffers copied from the base")
     expert_lists = []
     for k, expert in enumerate(experts):
         if not isinstance(expert, Mapping):
@@ -65,6 +68,8 @@ def flatten_inputs(base, experts) -> FlatInputs:
         if missing or extra:
             raise ValueError(f"experts[{k}] does not match base: missing {missing[:5]}, unexpected {extra[:5]}")
         for n in passthrough:
+            if not isinstance(expert[n], torch.Tensor):
+                raise TypeError(f"experts[{k}][{n!r}] must be a tensor, got {type(expert[n]).__name__}")
             if expert[n].dtype != base[n].dtype or expert[n].shape != base[n].shape:
                 raise TypeError(f"experts[{k}][{n!r}] has dtype {expert[n].dtype} and shape {tuple(expert[n].shape)}, "
                                 f"base has {base[n].dtype} and {tuple(base[n].shape)}")
@@ -72,12 +77,26 @@ def flatten_inputs(base, experts) -> FlatInputs:
     return FlatInputs(names, bases, expert_lists, passthrough, list(base.keys()))
 
 
+def _copied_as_is(value: torch.Tensor) -> bool:
+    """Integer and bool buffers: copied from the base, not merged."""
+    return value.dtype == torch.bool or not (value.dtype.is_floating_point or value.dtype.is_complex
+                                             or value.is_quantized)
+
+
 def weight_rows(weights, flat: FlatInputs, name: str = "weights") -> torch.Tensor:
-    """Coefficients as (T, K): a number, K numbers, or (state dicts) a mapping name -> number / K numbers."""
+    """Coefficients as (T, K): a number, K numbers, or (state dicts) a mapping name -> number / K numbers.
+
+    A mapping needs an entry for every floating-point tensor; it may also name the integer/bool
+    buffers (copied from the base, their entries unused), but no key that is not in the state dict.
+    """
     num_tasks = len(flat.experts)
     if isinstance(weights, Mapping):
         if flat.single_tensor:
             raise TypeError(f"per-tensor {name} (a mapping) need state dicts")
+        unknown = [n for n in weights if n not in flat.order]
+        if unknown:
+            raise ValueError(f"{name} has entries for {len(unknown)} name(s) not in the state dict: "
+                             f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
         missing = [n for n in flat.names if n not in weights]
         if missing:
             raise ValueError(f"{name} has no entry for tensor(s) {missing[:5]}")
@@ -87,12 +106,20 @@ def weight_rows(weights, flat: FlatInputs, name: str = "weights") -> torch.Tenso
 
 
 def _task_row(value, num_tasks: int, name: str) -> torch.Tensor:
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number or {num_tasks} numbers, got bool")
+    if isinstance(value, numbers.Real):
         return torch.full((num_tasks,), float(value), dtype=torch.float64)
+    expected = f"{name} must be a number or {num_tasks} numbers"
     try:
-        row = torch.as_tensor(value, dtype=torch.float64).flatten()
+        raw = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name} must be a number or {num_tasks} numbers, got {type(value).__name__}") from None
+        raise TypeError(f"{expected}, got {type(value).__name__}") from None
+    if raw.dtype == torch.bool or raw.is_complex():
+        raise TypeError(f"{expected}, got {raw.dtype} values")
+    # from Python numbers directly in float64 (as_tensor alone would round them to float32 first)
+    row = (raw.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value, dtype=torch.float64))
+    row = row.to(torch.float64).flatten()
     if row.numel() != num_tasks:
         raise ValueError(f"{name} must have {num_tasks} entries (one per expert), got {row.numel()}")
     return row

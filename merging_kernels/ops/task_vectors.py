@@ -31,7 +31,15 @@ from dataclasses import dataclass
 import torch
 
 from .._dispatch import OpBackends, resolve_backend
-from .._validation import check_choice, check_float_tensor, check_int, check_real
+from .._validation import (
+    check_bool,
+    check_choice,
+    check_float_dtype,
+    check_float_tensor,
+    check_int,
+    check_real,
+    may_overlap,
+)
 from .philox import dare_keep_mask_torch, drop_threshold
 
 TASK_VECTORS = OpBackends("task_vectors", cpu=("native",), cuda=("triton",))
@@ -601,8 +609,8 @@ def make_spec(*, scale=1.0, density=None, trim_scope="tensor", drop_rate=0.0, se
         trim_scope=check_choice(trim_scope, "trim_scope", TRIM_SCOPES),
         drop_rate=check_real(drop_rate, "drop_rate", low=0.0, high=1.0, high_open=True),
         seed=check_int(seed, "seed", low=0, high=2**64 - 1),
-        elect_sign=bool(elect_sign),
-        normalize=bool(normalize),
+        elect_sign=check_bool(elect_sign, "elect_sign"),
+        normalize=check_bool(normalize, "normalize"),
     )
 
 
@@ -640,9 +648,14 @@ def _check_inputs(bases, experts, names):
 def _weights_matrix(weights, num_tensors: int, num_tasks: int) -> torch.Tensor:
     """Weights as a (T, K) float64 CPU tensor from (K,) or (T, K)."""
     try:
-        w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
+        raw = torch.as_tensor(weights)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"weights must be numbers of shape (K,) or (T, K): {exc}") from None
+    if raw.dtype == torch.bool or raw.is_complex():
+        raise TypeError(f"weights must be real numbers of shape (K,) or (T, K), got {raw.dtype} values")
+    # from Python numbers directly in float64 (as_tensor alone would round them to float32 first)
+    w = (raw.detach() if isinstance(weights, torch.Tensor) else torch.as_tensor(weights, dtype=torch.float64))
+    w = w.to(torch.float64).cpu()
     if w.ndim == 1 and w.shape[0] == num_tasks:
         w = w.expand(num_tensors, num_tasks)
     if w.shape != (num_tensors, num_tasks):
@@ -690,29 +703,44 @@ def merge_task_vectors(
         tensor_keys: 32-bit RNG id per tensor (default: the index); see :func:`.philox.tensor_key`.
         names: tensor names for error messages.
         thresholds: precomputed (S, K) trim thresholds (from :func:`magnitude_thresholds`),
-            e.g. when the model is streamed; S = T (tensor scope) or 1 (model scope).
-        out: T tensors to write into (shapes of the bases); returned. They may be the
-            bases themselves (an in-place merge).
-        out_dtype: dtype of new outputs (default: each base's dtype).
+            e.g. when the model is streamed; S = T (tensor scope) or 1 (model scope). Only with
+            density < 1; magnitudes ≥ 0 or +inf (NaN and negative values are refused).
+        out: T tensors to write into (shapes of the bases, no overlapping memory); returned.
+            They may be the bases themselves (an in-place merge).
+        out_dtype: dtype of new outputs (default: each base's dtype); with ``out``, it must
+            equal the out tensors' dtype.
         check_finite: raise ValueError naming the tensor when any θk − θ0, as computed in
             float32 (float64 for float64 inputs), is NaN/±inf — overflow included.
         backend: ``"torch"``, ``"triton"``, ``"native"`` or None (fastest available).
 
     Returns:
-        T merged tensors (``out`` if given). Inputs are never modified.
+        T merged tensors (``out`` if given), detached from autograd on every backend. Inputs
+        are never modified.
     """
     names, device = _check_inputs(bases, experts, names)
     spec = make_spec(scale=scale, density=density, trim_scope=trim_scope, drop_rate=drop_rate, seed=seed,
                      elect_sign=elect_sign, normalize=normalize)
+    check_finite = check_bool(check_finite, "check_finite")
     num_tensors, num_tasks = len(bases), len(experts)
     w = _weights_matrix(weights, num_tensors, num_tasks)
     keys = _tensor_keys(tensor_keys, num_tensors)
     out_dtypes = _out_dtypes(bases, out, out_dtype, names)
     chosen = _choose_backend(backend, device, bases, out_dtypes)
     seg_of, seg_numel = segments_of([b.numel() for b in bases], spec.trim_scope)
-    if thresholds is not None and spec.trims:
+    if thresholds is not None:
+        if not spec.trims:
+            raise ValueError("thresholds apply only to a trimming merge (density < 1); got density="
+                             f"{spec.density}")
         thresholds = _check_thresholds(thresholds, len(seg_numel), num_tasks, device)
+    # a merge is not differentiable: every backend returns detached tensors (the fast ones write raw memory)
+    with torch.no_grad():
+        return _merge_checked(bases, experts, w, spec, keys, names, out, out_dtypes, chosen, device, seg_of,
+                              seg_numel, thresholds, check_finite)
 
+
+def _merge_checked(bases, experts, w, spec, keys, names, out, out_dtypes, chosen, device, seg_of, seg_numel,
+                   thresholds, check_finite) -> list[torch.Tensor]:
+    """merge_task_vectors after validation."""
     if chosen == "torch":
         results, nonfinite = merge_task_vectors_torch(bases, experts, w, spec, keys, out_dtypes,
                                                       thresholds if spec.trims else None)
@@ -750,7 +778,21 @@ def magnitude_thresholds(
     """The (S, K) float32 trim thresholds t_k of :func:`merge_task_vectors` (S = T or 1).
 
     Found by radix select (histogram passes over the bits of |d|), never by sorting.
+
+    Args:
+        bases: T tensors θ0 (float32/float16/bfloat16), on one device.
+        experts: K sequences of T tensors, ``experts[k][t]`` matching ``bases[t]`` in shape, dtype, device.
+        density: ρ ∈ (0, 1], required: per segment and task the threshold is the m-th largest
+            |θk − θ0| with m = max(1, ⌊ρ·n⌋).
+        trim_scope: ``"tensor"`` (S = T segments, one per tensor) or ``"model"`` (S = 1).
+        drop_rate, seed, tensor_keys: DARE applied before selecting, as in :func:`merge_task_vectors`.
+        backend: ``"torch"``, ``"triton"``, ``"native"`` or None (fastest available).
+
+    Returns:
+        (S, K) float32 tensor on the inputs' device, ``thresholds[s, k]`` = t_k of segment s
+        (+inf for an empty segment); pass it as ``thresholds=`` to :func:`merge_task_vectors`.
     """
+    check_real(density, "density", low=0.0, high=1.0, low_open=True)  # None (no trim) has no thresholds
     names, device = _check_inputs(bases, experts, None)
     spec = make_spec(density=density, trim_scope=trim_scope, drop_rate=drop_rate, seed=seed)
     keys = _tensor_keys(tensor_keys, len(bases))
@@ -782,18 +824,24 @@ def _tensor_keys(tensor_keys, num_tensors: int) -> list[int]:
 
 
 def _out_dtypes(bases, out, out_dtype, names) -> list[torch.dtype]:
+    if out_dtype is not None:
+        out_dtype = check_float_dtype(out_dtype, "out_dtype")
     if out is not None:
-        if isinstance(out, torch.Tensor) or len(out) != len(bases):
+        if isinstance(out, torch.Tensor) or not isinstance(out, Sequence) or len(out) != len(bases):
             raise ValueError(f"out must be a sequence of {len(bases)} tensors")
         for t, (dst, base) in enumerate(zip(out, bases)):
             check_float_tensor(dst, f"out tensor {names[t]!r}")
             if dst.shape != base.shape or dst.device != base.device:
                 raise ValueError(f"out tensor {names[t]!r} must have shape {tuple(base.shape)} on {base.device}, "
                                  f"got {tuple(dst.shape)} on {dst.device}")
+            if may_overlap(dst):
+                raise ValueError(f"out tensor {names[t]!r} has overlapping memory (strides {dst.stride()}, e.g. an "
+                                 "expanded view): pass a tensor whose elements are distinct, e.g. a contiguous one")
+            if out_dtype is not None and dst.dtype != out_dtype:
+                raise ValueError(f"out tensor {names[t]!r} is {dst.dtype} but out_dtype is {out_dtype}: the "
+                                 "output dtype of out= is its own; drop out_dtype or match it")
         return [dst.dtype for dst in out]
     if out_dtype is not None:
-        if out_dtype not in FAST_DTYPES + (torch.float64,):
-            raise TypeError(f"out_dtype must be a floating dtype, got {out_dtype}")
         return [out_dtype] * len(bases)
     return [b.dtype for b in bases]
 
@@ -808,9 +856,18 @@ def _choose_backend(backend, device, bases, out_dtypes) -> str:
 
 
 def _check_thresholds(thresholds, num_segments, num_tasks, device) -> torch.Tensor:
-    if not isinstance(thresholds, torch.Tensor) or thresholds.shape != (num_segments, num_tasks):
-        raise ValueError(f"thresholds must be a tensor of shape ({num_segments}, {num_tasks})")
-    return thresholds.to(device=device, dtype=torch.float32).contiguous()
+    thresholds = check_float_tensor(thresholds, "thresholds")
+    if thresholds.shape != (num_segments, num_tasks):
+        raise ValueError(f"thresholds must have shape (S, K) = ({num_segments}, {num_tasks}) (S = the number of "
+                         f"tensors, or 1 with trim_scope='model'), got {tuple(thresholds.shape)}")
+    thresholds = thresholds.detach().to(device=device, dtype=torch.float32).contiguous()
+    # magnitudes: +inf (keep nothing, as for an empty segment) is valid, NaN and negative values are not
+    bad = torch.isnan(thresholds) | (thresholds < 0)
+    if bool(bad.any()):
+        s, k = torch.nonzero(bad)[0].tolist()
+        raise ValueError(f"thresholds must be magnitudes >= 0 (or +inf), got {thresholds[s, k].item()} at "
+                         f"[{s}, {k}]")
+    return thresholds
 
 
 def _raise_on_nonfinite(nonfinite: torch.Tensor, names: Sequence[str]) -> None:
@@ -838,20 +895,71 @@ def streamed_magnitude_thresholds(
     covering the model's tensors (``experts[k][t]``); it is called once per radix
     pass (three on CPU, four with the triton backend). Equals :func:`magnitude_thresholds` with
     ``trim_scope="model"`` on the whole model.
+
+    Args:
+        chunks: a callable taking no argument; each call returns an iterable (a generator
+            function fits) of ``(bases, experts, tensor_keys)``: T_c base tensors
+            (float32/float16/bfloat16, on ``device``), K sequences of T_c matching expert tensors
+            and T_c tensor keys (as in :func:`merge_task_vectors`). Every call must yield the same
+            tensors in the same order.
+        num_tasks: K ≥ 1, the number of experts in every chunk.
+        total_numel: the number of elements of all base tensors over all chunks; each pass is
+            checked against it.
+        density: ρ ∈ (0, 1], required (see :func:`magnitude_thresholds`).
+        drop_rate, seed: DARE applied before selecting, as in :func:`merge_task_vectors`.
+        device: where the chunks' tensors are and the histograms are kept.
+        backend: ``"torch"``, ``"triton"``, ``"native"`` or None (fastest available on ``device``).
+
+    Returns:
+        (1, K) float32 thresholds on ``device`` (+inf when ``total_numel`` is 0); pass them as
+        ``thresholds=`` with ``trim_scope="model"``.
+
+    Raises:
+        ValueError: when a pass sees a number of elements other than ``total_numel`` (e.g.
+            ``chunks`` returned a one-shot iterator that a second pass finds exhausted) or a chunk
+            has other than ``num_tasks`` experts or lies on another device.
     """
+    if not callable(chunks):
+        raise TypeError(f"chunks must be a callable returning a fresh iterable per pass, got {type(chunks).__name__}")
+    num_tasks = check_int(num_tasks, "num_tasks", low=1)
+    total_numel = check_int(total_numel, "total_numel", low=0)
+    check_real(density, "density", low=0.0, high=1.0, low_open=True)  # None (no trim) has no thresholds
     spec = make_spec(density=density, trim_scope="model", drop_rate=drop_rate, seed=seed)
     device = torch.device(device)
     chosen = resolve_backend(TASK_VECTORS, backend, device)
     keep = torch.tensor([keep_count(spec.density, total_numel)], dtype=torch.int64, device=device)
+    passes = [0]
 
     def histogram(shift, bits, prefix):
+        passes[0] += 1
         counts = torch.zeros((1, num_tasks, 1 << bits), dtype=torch.int64, device=device)
-        for bases, experts, keys in chunks():
-            _check_inputs(bases, experts, None)
+        seen = 0
+        for c, chunk in enumerate(chunks()):
+            try:
+                bases, experts, keys = chunk
+            except (TypeError, ValueError):
+                raise TypeError(f"chunks() item {c} must be a (bases, experts, tensor_keys) triple, got "
+                                f"{type(chunk).__name__}") from None
+            _, chunk_device = _check_inputs(bases, experts, [f"chunk {c} bases[{t}]" for t in range(len(bases))]
+                                                if isinstance(bases, Sequence) else None)
+            if len(experts) != num_tasks:
+                raise ValueError(f"num_tasks is {num_tasks} but chunk {c} has {len(experts)} experts")
+            if bases and (chunk_device.type != device.type
+                          or (device.index is not None and chunk_device.index != device.index)):
+                raise ValueError(f"chunk {c} is on {chunk_device} but device is {device}")
+            if any(b.dtype == torch.float64 for b in bases):
+                raise TypeError(f"chunk {c} holds float64 tensors; thresholds are selected on float32 magnitudes")
+            keys = _tensor_keys(keys, len(bases))
+            seen += sum(b.numel() for b in bases)
             bases_c = [b.contiguous() for b in bases]
             experts_c = [[e.contiguous() for e in task] for task in experts]
-            counts += _HISTOGRAM[chosen](bases_c, experts_c, spec, list(keys), [0] * len(bases), 1, shift, bits,
-                                         prefix)
+            counts += _HISTOGRAM[chosen](bases_c, experts_c, spec, keys, [0] * len(bases), 1, shift, bits, prefix)
+        if seen != total_numel:
+            hint = (" (chunks must return a fresh iterable on every call, not a one-shot iterator)"
+                    if passes[0] > 1 else "")
+            raise ValueError(f"total_numel is {total_numel} but pass {passes[0]} over chunks() saw {seen} "
+                             f"elements{hint}")
         return counts
 
-    return select_thresholds(histogram, keep, num_tasks, radix_levels(chosen))
+    with torch.no_grad():
+        return select_thresholds(histogram, keep, num_tasks, radix_levels(chosen))
