@@ -27,7 +27,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ._validation import check_float_tensor, check_int
 from .ops.per_sample_linear import (
+    _stacked,
     lowrank_factors,
     pack_weights,
     per_sample_conv2d,
@@ -38,10 +40,17 @@ from .ops.per_sample_linear import (
 
 
 class Coefficients:
-    """The per-sample coefficients that a model's per-sample layers read (shared, set per batch)."""
+    """The per-sample coefficients that a model's per-sample layers read (shared, set per batch).
+
+    Args:
+        num_tasks: K ≥ 0, the number of task vectors of every layer that reads these coefficients.
+
+    :meth:`set` stores an (R, K) floating tensor α per thread; the layers read it with
+    :meth:`rows_for` (R must divide the leading dimension of their input, see the module docstring).
+    """
 
     def __init__(self, num_tasks: int):
-        self.num_tasks = num_tasks
+        self.num_tasks = check_int(num_tasks, "num_tasks", low=0)
         self._local = threading.local()  # per thread: two threads may run one model with their own α
 
     @property
@@ -85,19 +94,59 @@ def _tokens(shape: torch.Size, rows: int) -> int:
     return shape[:-1].numel() // rows if rows else 0
 
 
-def _packed(base_param: torch.Tensor | None, task_vectors: torch.Tensor | None) -> torch.Tensor | None:
-    """(K+1, *shape): the base parameter in slot 0, then its K task vectors (None without a parameter)."""
+def _label(name: str, layer) -> str:
+    """What error messages call a layer (an instance or a class): its name in the model, else its class."""
+    return name or (layer if isinstance(layer, type) else type(layer)).__name__
+
+
+def _check_coefficients(coefficients, label: str) -> None:
+    if not isinstance(coefficients, Coefficients):
+        raise TypeError(f"{label}: coefficients must be a Coefficients object, got {type(coefficients).__name__}")
+
+
+def _packed(base_param: torch.Tensor | None, task_vectors, arg: str, label: str,
+            num_tasks: int) -> torch.Tensor | None:
+    """(K+1, *shape): the base parameter in slot 0, then its K task vectors (None without a parameter).
+
+    ``task_vectors`` None with a base parameter means zero task vectors (as :func:`pack_weights` does).
+    """
     if base_param is None:
+        if task_vectors is not None:
+            raise ValueError(f"{label}: {arg} given but the base layer has no such parameter")
         return None
-    return torch.cat([base_param.detach()[None], task_vectors.to(base_param)]).contiguous()
+    shape = tuple(base_param.shape)
+    if task_vectors is None:
+        task_vectors = base_param.new_zeros((num_tasks, *shape))
+    task_vectors = _stacked(task_vectors, f"{label}: {arg}", shape, base_param)
+    if tuple(task_vectors.shape) != (num_tasks, *shape):
+        raise ValueError(f"{label}: {arg} must be (K, *{shape}) with K = coefficients.num_tasks = {num_tasks}, "
+                         f"got shape {tuple(task_vectors.shape)}")
+    with torch.no_grad():
+        return torch.cat([base_param.detach()[None], task_vectors.to(base_param)]).contiguous()
 
 
-def _deltas(base: nn.Module, experts: Sequence[nn.Module], name: str):
+def _deltas(base: nn.Module, experts: Sequence[nn.Module], name: str, label: str):
     """(K, *shape) task vectors of parameter ``name`` (None when the base has no such parameter)."""
-    p0 = getattr(base, name)
+    if isinstance(experts, nn.Module) or not isinstance(experts, Sequence):
+        raise TypeError(f"{label}: experts must be a sequence of modules like the base, got {type(experts).__name__}")
+    p0 = getattr(base, name, None)
+    for k, expert in enumerate(experts):
+        if not isinstance(expert, nn.Module):
+            raise TypeError(f"{label}: experts[{k}] must be a module like the base, got {type(expert).__name__}")
+        pk = getattr(expert, name, None)
+        if (p0 is None) != (pk is None):
+            has, lacks = ("the base", f"experts[{k}]") if pk is None else (f"experts[{k}]", "the base")
+            raise ValueError(f"{label}: {has} has a {name} but {lacks} has none")
+        if p0 is not None and pk.shape != p0.shape:
+            raise ValueError(f"{label}: experts[{k}].{name} has shape {tuple(pk.shape)}, the base's "
+                             f"{tuple(p0.shape)}")
     if p0 is None:
         return None, None
-    return p0.detach(), torch.stack([getattr(e, name).detach() - p0.detach() for e in experts])
+    p0 = p0.detach()
+    with torch.no_grad():
+        deltas = torch.stack([getattr(e, name).detach().to(p0) - p0 for e in experts]) if experts else \
+            p0.new_zeros((0, *p0.shape))
+    return p0, deltas
 
 
 class PerSampleLinear(nn.Module):
@@ -105,29 +154,60 @@ class PerSampleLinear(nn.Module):
 
     With ``rank`` r, only W0 and rank-r factors of each τ_k are kept (the ``lowrank`` strategy, always;
     ``strategy`` does not apply); otherwise the packed exact weights, with the strategy chosen per call.
+
+    Args:
+        weight: (out, in) base weight W0 (float32/float16/bfloat16/float64; the layer computes in its dtype).
+        task_weights: (K, out, in) task vectors τ_k (or K (out, in) tensors), K = ``coefficients.num_tasks``.
+        bias: (out,) base bias or None; task_biases: (K, out) or None (see :func:`pack_weights`).
+        coefficients: the shared :class:`Coefficients` whose α (R, K) the layer reads per call.
+        strategy, backend: passed to :func:`per_sample_linear` (None: chosen per call).
+        rank: r ≥ 1 to keep rank-r factors of each τ_k instead of the exact task vectors.
+        name: the layer's name in the model, for error messages (default: the class name).
+
+    Input (N, ..., in) with N a multiple of α's R rows; output (N, ..., out) in the weights' dtype.
+    Parameters are copied into buffers, detached: the layer is for inference.
     """
 
     def __init__(self, weight, task_weights, bias, task_biases, coefficients: Coefficients, *,
                  strategy: str | None = None, backend: str | None = None, rank: int | None = None, name: str = ""):
         super().__init__()
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        label = _label(name, self)
+        _check_coefficients(coefficients, label)
         self.coefficients = coefficients
         self.strategy, self.backend, self.rank, self.name = strategy, backend, rank, name
         if rank is None:
             packed, packed_bias = pack_weights(weight, task_weights, bias, task_biases)
             self.register_buffer("packed_weight", packed)
+            num_tasks = packed.shape[1] - 1
         else:  # the memory saving is the point: W0 and the factors only
-            _, packed_bias = pack_weights(weight[:, :0], task_weights[:, :, :0], bias, task_biases)
-            up, down = lowrank_factors(task_weights, rank)
+            weight = check_float_tensor(weight, "weight")
+            if weight.dim() != 2:
+                raise ValueError(f"{label}: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+            task_weights = _stacked(task_weights, "task_weights", tuple(weight.shape), weight)
+            if task_weights.dim() != 3 or task_weights.shape[1:] != weight.shape:
+                raise ValueError(f"{label}: task_weights must be (K, {weight.shape[0]}, {weight.shape[1]}), "
+                                 f"got shape {tuple(task_weights.shape)}")
+            _, packed_bias = pack_weights(weight[:, :0], task_weights[..., :0], bias, task_biases)
+            with torch.no_grad():
+                up, down = lowrank_factors(task_weights.detach(), rank)
             self.register_buffer("base_weight", weight.detach().clone().contiguous())
             self.register_buffer("up", up)
             self.register_buffer("down", down)
+            num_tasks = task_weights.shape[0]
+        if num_tasks != coefficients.num_tasks:
+            raise ValueError(f"{label}: {num_tasks} task vectors but coefficients.num_tasks is "
+                             f"{coefficients.num_tasks}")
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("packed_bias", packed_bias)
 
     @classmethod
     def from_modules(cls, base: nn.Linear, experts: Sequence[nn.Linear], coefficients: Coefficients, **kwargs):
-        w0, tw = _deltas(base, experts, "weight")
-        b0, tb = _deltas(base, experts, "bias")
+        """The layer of ``base`` (an nn.Linear) and K ``experts`` of the same shapes (τ_k = θk − θ0)."""
+        label = _label(kwargs.get("name", ""), cls)
+        if not isinstance(base, nn.Module):
+            raise TypeError(f"{label}: base must be an nn.Linear, got {type(base).__name__}")
+        w0, tw = _deltas(base, experts, "weight", label)
+        b0, tb = _deltas(base, experts, "bias", label)
         return cls(w0, tw, b0, tb, coefficients, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,24 +231,38 @@ class PerSampleLinear(nn.Module):
 
 
 class PerSampleLayerNorm(nn.Module):
-    """nn.LayerNorm (1-D normalized shape) with per-sample affine parameters.
+    """nn.LayerNorm (1-D normalized shape) with per-sample affine parameters: :func:`per_sample_layer_norm`.
 
-    ``task_weights`` / ``task_biases``: (K, D) task vectors of the base's affine parameters (None where
-    the base has none).
+    Args:
+        base: the nn.LayerNorm (normalized shape (D,)) giving γ0, β0 and eps.
+        task_weights / task_biases: (K, D) task vectors of γ and β (K = ``coefficients.num_tasks``); None
+            where the base has no such parameter (or for zero task vectors of one it has).
+        coefficients: the shared :class:`Coefficients`; name: for error messages (default: the class name).
+
+    Input (N, ..., D) with N a multiple of α's R rows; output the same shape and dtype.
     """
 
     def __init__(self, base: nn.LayerNorm, task_weights, task_biases, coefficients: Coefficients, name: str = ""):
         super().__init__()
+        label = _label(name, self)
+        if not isinstance(base, nn.LayerNorm):
+            raise TypeError(f"{label}: base must be an nn.LayerNorm, got {type(base).__name__}")
         if len(base.normalized_shape) != 1:
-            raise TypeError(f"{name}: per-sample LayerNorm supports a 1-D normalized_shape, got {base.normalized_shape}")
+            raise TypeError(f"{label}: per-sample LayerNorm supports a 1-D normalized_shape, "
+                            f"got {base.normalized_shape}")
+        _check_coefficients(coefficients, label)
         self.eps, self.coefficients, self.name = base.eps, coefficients, name
-        self.register_buffer("packed_weight", _packed(base.weight, task_weights))
-        self.register_buffer("packed_bias", _packed(base.bias, task_biases))
+        k = coefficients.num_tasks
+        self.register_buffer("packed_weight", _packed(base.weight, task_weights, "task_weights", label, k))
+        self.register_buffer("packed_bias", _packed(base.bias, task_biases, "task_biases", label, k))
 
     @classmethod
     def from_modules(cls, base: nn.LayerNorm, experts: Sequence[nn.LayerNorm], coefficients: Coefficients,
                      name: str = ""):
-        return cls(base, _deltas(base, experts, "weight")[1], _deltas(base, experts, "bias")[1], coefficients, name)
+        """The layer of ``base`` and K ``experts`` of the same shape (τ_k = θk − θ0)."""
+        label = _label(name, cls)
+        return cls(base, _deltas(base, experts, "weight", label)[1], _deltas(base, experts, "bias", label)[1],
+                   coefficients, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.coefficients.rows_for(x, self.name or "PerSampleLayerNorm")
@@ -179,24 +273,45 @@ class PerSampleLayerNorm(nn.Module):
 
 
 class PerSampleConv2d(nn.Module):
-    """nn.Conv2d (zero padding) with per-sample filters, run as one grouped convolution.
+    """nn.Conv2d (zero padding) with per-sample filters, run as one grouped convolution: :func:`per_sample_conv2d`.
 
-    ``task_weights``: (K, C_out, C_in / groups, kh, kw); ``task_biases``: (K, C_out) or None.
+    Args:
+        base: the nn.Conv2d giving W0, b0, stride, padding, dilation and groups (numeric zero padding only).
+        task_weights: (K, C_out, C_in / groups, kh, kw) filter task vectors, K = ``coefficients.num_tasks``.
+        task_biases: (K, C_out), or None (no bias in the base, or zero task vectors of its bias).
+        coefficients: the shared :class:`Coefficients`; name: for error messages (default: the class name).
+
+    Input (N, C_in, H, W) with N a multiple of α's R rows; output (N, C_out, H', W') in the filters' dtype.
     """
 
     def __init__(self, base: nn.Conv2d, task_weights, task_biases, coefficients: Coefficients, name: str = ""):
         super().__init__()
+        label = _label(name, self)
+        if not isinstance(base, nn.Conv2d):
+            raise TypeError(f"{label}: base must be an nn.Conv2d, got {type(base).__name__}")
         if base.padding_mode != "zeros" or isinstance(base.padding, str):
-            raise TypeError(f"{name}: per-sample Conv2d supports numeric zero padding only "
+            raise TypeError(f"{label}: per-sample Conv2d supports numeric zero padding only "
                             f"(got padding={base.padding!r}, padding_mode={base.padding_mode!r})")
+        _check_coefficients(coefficients, label)
         self.coefficients, self.name = coefficients, name
         self.stride, self.padding, self.dilation, self.groups = base.stride, base.padding, base.dilation, base.groups
-        self.register_buffer("packed_weight", _packed(base.weight, task_weights))
-        self.register_buffer("packed_bias", _packed(base.bias, task_biases))
+        k = coefficients.num_tasks
+        self.register_buffer("packed_weight", _packed(base.weight, task_weights, "task_weights", label, k))
+        self.register_buffer("packed_bias", _packed(base.bias, task_biases, "task_biases", label, k))
 
     @classmethod
     def from_modules(cls, base: nn.Conv2d, experts: Sequence[nn.Conv2d], coefficients: Coefficients, name: str = ""):
-        return cls(base, _deltas(base, experts, "weight")[1], _deltas(base, experts, "bias")[1], coefficients, name)
+        """The layer of ``base`` and K ``experts`` with the same shapes and convolution settings."""
+        label = _label(name, cls)
+        if isinstance(base, nn.Conv2d) and isinstance(experts, Sequence):
+            for k, e in enumerate(experts):
+                settings = ("stride", "padding", "dilation", "groups", "padding_mode")
+                if isinstance(e, nn.Conv2d) and any(getattr(e, a) != getattr(base, a) for a in settings):
+                    raise ValueError(f"{label}: experts[{k}] has other convolution settings than the base "
+                                     f"({', '.join(f'{a}={getattr(e, a)!r}' for a in settings)} vs "
+                                     f"{', '.join(f'{a}={getattr(base, a)!r}' for a in settings)})")
+        return cls(base, _deltas(base, experts, "weight", label)[1], _deltas(base, experts, "bias", label)[1],
+                   coefficients, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.coefficients.rows_for(x, self.name or "PerSampleConv2d")

@@ -386,3 +386,99 @@ def test_materialize_in_blocks_of_output_rows(monkeypatch):
     pw, pb = pack_weights(w, tw, b, tb)
     y = per_sample_linear(x, alpha, pw, pb, strategy="materialize")
     assert (y.double() - _oracle(x, alpha, w, tw, b, tb)).abs().max().item() < 1e-5
+
+
+# ------------------------------------------------------------------ input validation (API audit)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(dtype=torch.int32), TypeError, "dtype"),  # used to pack, then per_sample_linear refused it
+        (dict(dtype=torch.complex64), TypeError, "dtype"),
+        (dict(dtype="float16"), TypeError, "dtype"),
+        (dict(task_weights=None), TypeError, "task_weights"),
+        (dict(task_weights="abc"), TypeError, "task_weights"),
+        (dict(task_weights=[torch.zeros(4, 8).numpy()] * 2), TypeError, r"task_weights\[0\]"),
+        (dict(task_weights=[torch.zeros(4, 8), torch.zeros(4, 7)]), ValueError, r"task_weights\[1\]"),
+        (dict(task_biases=[torch.zeros(4), torch.zeros(3)]), ValueError, r"task_biases\[1\]"),
+    ],
+)
+def test_pack_weights_refuses_bad_arguments_by_name(kwargs, error, match):
+    _, _, w, tw, b, tb = _problem(3, None, 8, 4, 2)
+    args = dict(task_weights=tw, task_biases=tb, dtype=None)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        pack_weights(w, args["task_weights"], b, args["task_biases"], dtype=args["dtype"])
+
+
+def test_pack_weights_of_parameters_is_detached_and_accepts_lists():
+    _, _, w, tw, b, tb = _problem(3, None, 8, 4, 2)
+    params = [torch.nn.Parameter(v.clone()) for v in (w, tw, b, tb)]
+    pw, pb = pack_weights(*params)
+    assert not pw.requires_grad and pw.grad_fn is None and not pb.requires_grad and pb.grad_fn is None
+    expected_w, expected_b = pack_weights(w, tw, b, tb)
+    assert torch.equal(pw, expected_w) and torch.equal(pb, expected_b)
+    listed_w, listed_b = pack_weights(w, list(tw), b, list(tb), dtype=torch.float16)
+    assert listed_w.dtype == torch.float16 and torch.equal(listed_w, expected_w.half())
+    assert torch.equal(listed_b, expected_b.half())
+
+
+def test_layer_construction_errors_are_named():
+    coeffs = Coefficients(2)
+    lin = torch.nn.Linear
+    with pytest.raises(ValueError, match=r"base has a bias but experts\[0\] has none"):
+        PerSampleLinear.from_modules(lin(5, 4), [lin(5, 4, bias=False), lin(5, 4, bias=False)], coeffs)
+    with pytest.raises(ValueError, match=r"experts\[1\] has a bias but the base has none"):  # was silently dropped
+        PerSampleLinear.from_modules(lin(5, 4, bias=False), [lin(5, 4, bias=False), lin(5, 4)], coeffs)
+    with pytest.raises(ValueError, match=r"experts\[1\]\.weight has shape \(3, 5\)"):
+        PerSampleLinear.from_modules(lin(5, 4), [lin(5, 4), lin(5, 3)], coeffs)
+    with pytest.raises(ValueError, match="num_tasks"):  # 3 experts for 2 coefficients
+        PerSampleLinear.from_modules(lin(5, 4), [lin(5, 4)] * 3, coeffs)
+    with pytest.raises(TypeError, match="coefficients"):
+        PerSampleLinear.from_modules(lin(5, 4), [lin(5, 4)] * 2, 2)
+    ln = torch.nn.LayerNorm
+    with pytest.raises(ValueError, match=r"^ln1: experts\[0\]\.weight"):
+        PerSampleLayerNorm.from_modules(ln(5), [ln(4), ln(4)], coeffs, name="ln1")
+    with pytest.raises(ValueError, match="bias"):
+        PerSampleLayerNorm.from_modules(ln(5), [ln(5, bias=False)] * 2, coeffs)
+    conv = torch.nn.Conv2d
+    with pytest.raises(ValueError, match=r"experts\[1\] has other convolution settings"):
+        PerSampleConv2d.from_modules(conv(2, 3, 3), [conv(2, 3, 3), conv(2, 3, 3, stride=2)], coeffs)
+    # without a name, messages start with the class name, not ": "
+    with pytest.raises(TypeError, match="^PerSampleLayerNorm: per-sample LayerNorm supports a 1-D"):
+        PerSampleLayerNorm(ln((2, 3)), None, None, coeffs)
+    with pytest.raises(TypeError, match="^PerSampleConv2d: per-sample Conv2d supports numeric zero padding"):
+        PerSampleConv2d(conv(2, 3, 3, padding="same"), None, None, coeffs)
+    with pytest.raises(ValueError, match=r"^PerSampleConv2d: task_weights must be \(K"):
+        PerSampleConv2d(conv(2, 3, 3), torch.zeros(2, 3, 2, 3, 2), None, coeffs)
+
+
+@pytest.mark.parametrize("value,error", [(-1, ValueError), ("3", TypeError), (2.0, TypeError), (True, TypeError)])
+def test_coefficients_need_a_non_negative_integer(value, error):
+    with pytest.raises(error, match="num_tasks"):
+        Coefficients(value)
+
+
+def test_layers_hold_detached_buffers_and_missing_task_vectors_are_zero():
+    torch.manual_seed(4)
+    coeffs = Coefficients(2)
+    base, experts = torch.nn.LayerNorm(6), [torch.nn.LayerNorm(6) for _ in range(2)]
+    for m in experts:
+        torch.nn.init.normal_(m.weight)
+    layer = PerSampleLayerNorm.from_modules(base, experts, coeffs)
+    assert all(not buf.requires_grad for buf in layer.buffers())
+    low = PerSampleLinear.from_modules(torch.nn.Linear(6, 5), [torch.nn.Linear(6, 5) for _ in range(2)], coeffs,
+                                       rank=2)
+    assert all(not buf.requires_grad and buf.grad_fn is None for buf in low.buffers())
+    # the base's bias with no task_biases given: zero task vectors, as pack_weights does for a linear
+    only_weight = PerSampleLayerNorm(base, layer.packed_weight[1:], None, coeffs)
+    coeffs.set(torch.randn(3, 2))
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(only_weight(x), layer(x))  # the experts' LayerNorm biases are all zero too
+
+
+def test_low_rank_layer_checks_the_task_vector_shape():
+    coeffs = Coefficients(2)
+    with pytest.raises(ValueError, match="task_weights must be"):  # the input width differs: was only caught per call
+        PerSampleLinear(torch.zeros(5, 6), torch.zeros(2, 5, 7), None, None, coeffs, rank=2)

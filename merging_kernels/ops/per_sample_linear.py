@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from .._dispatch import OpBackends, resolve_backend, triton_interpreting
-from .._validation import check_choice, check_float_tensor, check_int
+from .._validation import check_choice, check_float_dtype, check_float_tensor, check_int
 
 PER_SAMPLE_LINEAR = OpBackends("per_sample_linear", cpu=(), cuda=("triton",))
 STRATEGIES = ("stacked", "materialize", "lowrank")
@@ -120,22 +120,32 @@ def pack_weights(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pack a base layer and K task vectors for :func:`per_sample_linear` (done once, off the hot path).
 
+    Args:
+        weight: (out, in) base weight W0, a floating tensor.
+        task_weights: (K, out, in) task vectors τ_k, or a sequence of K (out, in) tensors (K may be 0).
+        bias: (out,) base bias b0, or None.
+        task_biases: (K, out) bias task vectors δ_k, a sequence of K (out,) tensors, or None
+            (zero when only ``bias`` is given; ``bias`` is zero when only ``task_biases`` is).
+        dtype: float32, float16, bfloat16 or float64 (a torch.dtype); None: W0's dtype. Pack in the
+            dtype of the x that :func:`per_sample_linear` will see.
+
     Returns:
         ``packed_weight`` (out, K+1, in) with ``[:, 0]`` = W0 and ``[:, k]`` = τ_k, and
-        ``packed_bias`` (K+1, out) (None when neither bias is given), in ``dtype`` (W0's by default).
+        ``packed_bias`` (K+1, out) (None when neither bias is given), contiguous, in ``dtype``, on
+        W0's device and detached from autograd (the op is for inference).
     """
     weight = check_float_tensor(weight, "weight")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
-    if not isinstance(task_weights, torch.Tensor):
-        task_weights = torch.stack(list(task_weights)) if len(task_weights) else weight.new_empty((0, *weight.shape))
-    task_weights = check_float_tensor(task_weights, "task_weights")
+    dtype = weight.dtype if dtype is None else check_float_dtype(dtype, "dtype")
+    task_weights = _stacked(task_weights, "task_weights", tuple(weight.shape), weight)
     if task_weights.dim() != 3 or task_weights.shape[1:] != weight.shape:
         raise ValueError(f"task_weights must be (K, {weight.shape[0]}, {weight.shape[1]}), "
                          f"got shape {tuple(task_weights.shape)}")
-    dtype = dtype or weight.dtype
     num_tasks, out_features = task_weights.shape[0], weight.shape[0]
-    packed = torch.cat([weight.unsqueeze(0), task_weights.to(weight.device)]).to(dtype).transpose(0, 1).contiguous()
+    with torch.no_grad():
+        packed = torch.cat([weight.unsqueeze(0), task_weights.to(weight.device)]).to(dtype).transpose(0, 1)
+        packed = packed.contiguous()
     packed_bias = None
     if bias is not None or task_biases is not None:
         if bias is None:
@@ -145,13 +155,27 @@ def pack_weights(
             raise ValueError(f"bias must be ({out_features},), got shape {tuple(bias.shape)}")
         if task_biases is None:
             task_biases = bias.new_zeros((num_tasks, out_features))
-        elif not isinstance(task_biases, torch.Tensor):
-            task_biases = torch.stack(list(task_biases)) if len(task_biases) else bias.new_zeros((0, out_features))
-        task_biases = check_float_tensor(task_biases, "task_biases")
+        task_biases = _stacked(task_biases, "task_biases", (out_features,), bias)
         if task_biases.shape != (num_tasks, out_features):
             raise ValueError(f"task_biases must be ({num_tasks}, {out_features}), got shape {tuple(task_biases.shape)}")
-        packed_bias = torch.cat([bias.unsqueeze(0), task_biases.to(bias.device)]).to(dtype).contiguous()
+        with torch.no_grad():
+            packed_bias = torch.cat([bias.unsqueeze(0), task_biases.to(bias.device)]).to(dtype).contiguous()
     return packed, packed_bias
+
+
+def _stacked(value, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A (K, *shape) float tensor from a tensor or a sequence of K tensors of ``shape``."""
+    if isinstance(value, torch.Tensor):
+        return check_float_tensor(value, name)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a tensor or a sequence of tensors, got {type(value).__name__}")
+    for k, item in enumerate(value):
+        check_float_tensor(item, f"{name}[{k}]")
+        if tuple(item.shape) != shape:
+            raise ValueError(f"{name}[{k}] must have shape {shape}, got {tuple(item.shape)}")
+    with torch.no_grad():
+        return torch.stack([item.to(like.device) for item in value]) if len(value) else \
+            like.new_empty((0, *shape))
 
 
 def lowrank_factors(task_weights: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
