@@ -437,7 +437,8 @@ if triton is not None:
             merged = tl.where(positive, pos_num, neg_num)
             if NORMALIZE:
                 den = tl.where(positive, pos_den, neg_den)
-                merged = tl.where(den != 0.0, merged / tl.where(den != 0.0, den, 1.0), 0.0)
+                # div_rn: correctly rounded like torch (a plain fp32 "/" compiles to div.full, up to 2 ulp off)
+                merged = tl.where(den != 0.0, tl.div_rn(merged, tl.where(den != 0.0, den, 1.0)), 0.0)
         else:
             merged = total
         result = b + scale * merged
