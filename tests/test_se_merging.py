@@ -31,6 +31,11 @@ class TinyNet(nn.Module):
 def _family(k=3, seed=0, scale=0.1):
     torch.manual_seed(seed)
     base = TinyNet().eval()
+    return base, _perturbed_copies(base, k, scale)
+
+
+def _perturbed_copies(base, k=2, scale=0.1):
+    """k experts: copies of ``base`` with Gaussian noise of std ``scale`` on every parameter."""
     experts = []
     for _ in range(k):
         e = copy.deepcopy(base)
@@ -38,7 +43,7 @@ def _family(k=3, seed=0, scale=0.1):
             for p in e.parameters():
                 p.add_(scale * torch.randn_like(p))
         experts.append(e)
-    return base, experts
+    return experts
 
 
 def _load(base, state):
@@ -292,11 +297,7 @@ def test_an_input_whose_batch_is_not_dim_0_is_named():
 
     torch.manual_seed(0)
     base = Rows().eval()
-    experts = [copy.deepcopy(base) for _ in range(2)]
-    with torch.no_grad():
-        for e in experts:
-            for p in e.parameters():
-                p.add_(0.1 * torch.randn_like(p))
+    experts = _perturbed_copies(base)
     model = se_merge(base, experts)
     assert model(torch.randn(5, 8)).shape == (5, 3)
     with pytest.raises(ValueError, match="x must have its batch in dim 0"):
@@ -341,11 +342,7 @@ def test_float64_models_merge_in_float64():
 def test_runs_under_autocast():
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-    experts = [copy.deepcopy(base) for _ in range(2)]
-    with torch.no_grad():
-        for e in experts:
-            for p in e.parameters():
-                p.add_(0.1 * torch.randn_like(p))
+    experts = _perturbed_copies(base)
     model = se_merge(base, experts)
     x = torch.randn(5, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
