@@ -66,6 +66,33 @@ def test_matches_oracle_fp32(backend, device, strategy, shape, bias):
     assert (y.double() - expected).abs().max().item() <= 2e-5 * scale
 
 
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9: legacy flag only")
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_float32_precision_follows_torch_old_and_new_tf32_settings(backend, device):
+    """torch >= 2.9 raises on reading the legacy allow_tf32 once fp32_precision was set: the op must not."""
+    from merging_kernels.ops.per_sample_linear import _matmul_allows_tf32
+
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    x, alpha, w, tw, b, tb = _problem(33, 2, 9, 130, 2, device=device)
+    pw, pb = pack_weights(w, tw, b, tb)
+    expected = _oracle(x, alpha, w, tw, b, tb)
+    try:
+        for setting, allows in (("tf32", True), ("ieee", False)):
+            matmul.fp32_precision = setting
+            assert _matmul_allows_tf32() is allows
+            y = per_sample_linear(x, alpha, pw, pb, strategy="stacked", backend=backend)
+            tol = 2e-3 if allows else 2e-5  # tf32 keeps 10 mantissa bits
+            assert (y.double() - expected).abs().max().item() <= tol * (expected.abs().max().item() + 1)
+        matmul.fp32_precision = "none"
+        matmul.allow_tf32 = True  # the legacy API alone still counts
+        assert _matmul_allows_tf32() is True
+        matmul.allow_tf32 = False
+        assert _matmul_allows_tf32() is False
+    finally:
+        matmul.fp32_precision = saved
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("strategy", ["stacked", "materialize"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -417,21 +417,23 @@ if triton is not None:
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _stacked_config(rows: int, element_size: int) -> tuple[int, int, int, int, int]:
+def _stacked_config(rows: int, element_size: int, tf32: bool = False) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): three tile shapes by row count, per dtype.
 
-    Tiles depend on the row bucket and the dtype, never on the exact batch size or K, so the kernel
-    compiles at most three variants per dtype. Chosen by compiling for sm_90 with triton 3.6 and
-    reading ptxas -v: the two float32 accumulators (output and per-task part) leave no room for
-    128x128 tiles; these use 10-72 KB of shared memory and spill no registers (fp32 ieee/tf32, bf16,
-    fp16). Their speed has not been measured on a GPU yet.
+    Tiles depend on the row bucket, the dtype and (float32) the precision, never on the exact batch
+    size or K, so the kernel compiles at most three variants per dtype and precision. Chosen by
+    compiling for sm_90 with triton 3.6 and reading the register and stack use: the two float32
+    accumulators (output and per-task part) leave no room for 128x128 tiles; these use 10-72 KB of
+    shared memory and spill no registers (fp32 ieee/tf32, bf16, fp16). Float32 without TF32 runs its
+    dot on FMAs, which hold the K slice in registers: 128x64x32 needed 255 registers and 40 bytes of
+    stack with a bias, 128x64x16 needs 204-208 and none. Their speed has not been measured on a GPU yet.
     """
     if element_size == 4:
         if rows <= 16:
             return 16, 64, 32, 4, 3
         if rows <= 64:
             return 64, 64, 32, 8, 3
-        return 128, 64, 32, 8, 2
+        return (128, 64, 32, 8, 2) if tf32 else (128, 64, 16, 8, 2)
     if rows <= 16:
         return 16, 128, 64, 4, 3
     if rows <= 64:
@@ -447,13 +449,32 @@ def _dot_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
+def _matmul_allows_tf32() -> bool:
+    """Whether torch's CUDA float32 matmuls may use TF32 (float32 follows that setting: IEEE unless allowed).
+
+    torch >= 2.9 has ``fp32_precision`` ("tf32", "ieee", or "none": inherit the global setting); reading the
+    legacy ``allow_tf32`` there raises once a user has set the new API, so the new one is read first.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # the legacy flag refused after a mix of old and new settings
+        return False
+
+
 def _stacked_triton(x3, alpha, packed_weight, packed_bias):
     b, t, i = x3.shape
     out, kp1, _ = packed_weight.shape
     x2 = x3.reshape(b * t, i)
     m = x2.shape[0]
     y = torch.empty((m, out), dtype=x3.dtype, device=x3.device)
-    block_m, block_n, block_k, warps, stages = _stacked_config(m, x3.element_size())
+    tf32 = x3.dtype == torch.float32 and _matmul_allows_tf32()
+    block_m, block_n, block_k, warps, stages = _stacked_config(m, x3.element_size(), tf32)
     bias = packed_bias if packed_bias is not None else packed_weight  # a dummy pointer when HAS_BIAS is off
     grid = (triton.cdiv(m, block_m) * triton.cdiv(out, block_n),)
     _psl_stacked_kernel[grid](
@@ -463,8 +484,7 @@ def _stacked_triton(x3, alpha, packed_weight, packed_bias):
         bias.stride(0) if packed_bias is not None else 0, bias.stride(1) if packed_bias is not None else 0,
         y.stride(0), y.stride(1),
         HAS_BIAS=packed_bias is not None, DOT_DTYPE=_dot_dtype(x3.dtype),
-        # float32 follows torch's matmul setting: IEEE unless the user allowed TF32
-        PRECISION="tf32" if x3.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee",
+        PRECISION="tf32" if tf32 else "ieee",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages,
     )
     return y.view(b, t, out)
