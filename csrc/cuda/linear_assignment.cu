@@ -224,9 +224,9 @@ __global__ void __launch_bounds__(1024) solve_kernel(Args a) {
   if (pl.smem_matrix) {
     T* sm = reinterpret_cast<T*>(dyn);
     bool bad = false;
-    const int64_t count = static_cast<int64_t>(n) * m;
-    for (int64_t e = threadIdx.x; e < count; e += blockDim.x) {
-      const T x = load_entry<T>(a, b, static_cast<int>(e / m), static_cast<int>(e % m));
+    const int count = n * m;  // fits: the matrix fits in shared memory (32-bit / and % are far cheaper)
+    for (int e = threadIdx.x; e < count; e += blockDim.x) {
+      const T x = load_entry<T>(a, b, e / m, e % m);
       bad |= !(x > -team::infinity<T>());
       sm[e] = x;
     }
