@@ -387,8 +387,24 @@ def test_zip_factor_zero_never_re_merges_and_still_recovers_the_permuted_copy():
 
 def test_calibration_that_does_not_fit_the_model_names_the_batch():
     a, b, spec, _ = _permuted_pair("mlp")
-    with pytest.raises(ValueError, match="calibration batch 0 does not run through the models"):
-        mudsc_merge(a, b, spec, [torch.rand(4, 3)], w=0.0, progress=False)
+    with pytest.raises(ValueError, match="calibration batch 1 does not run through the models"):
+        mudsc_merge(a, b, spec, [torch.rand(4, 8, 8), torch.rand(4, 3)], w=0.0, progress=False)
+
+    class Loader:  # re-iterable; its second batch fails to load (a worker error), not the model
+        def __iter__(self):
+            yield torch.rand(4, 8, 8)
+            raise RuntimeError("worker died")
+
+    with pytest.raises(RuntimeError, match="worker died"):  # passed on as it is, not blamed on a batch
+        mudsc_merge(a, b, spec, Loader(), w=0.0, progress=False)
+
+    class OutOfMemory(torch.nn.Module):
+        def forward(self, x):
+            raise torch.cuda.OutOfMemoryError("out of memory")
+
+    a.register_forward_pre_hook(lambda module, args: OutOfMemory()(args[0]))
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # kept, so that callers can retry with smaller batches
+        mudsc_merge(a, b, spec, _calib(), w=0.0, progress=False)
 
 
 def test_a_shared_activation_module_gets_an_explanation():

@@ -498,6 +498,17 @@ def _first(sd):
     return next(iter(sd.values()))
 
 
+def _calibration_error(exc: RuntimeError, index: int, spec: PermutationSpec) -> ValueError:
+    """A model's complaint about calibration batch ``index``, said in terms of the merge."""
+    if "fired twice" not in str(exc):
+        return ValueError(f"calibration batch {index} does not run through the models: {exc}")
+    hooked = sorted({p.module for g in spec for p in g.activations})
+    return ValueError(f"an activation point runs more than once per forward pass (one of {hooked[:8]}): "
+                      "a module shared between layers, such as one nn.ReLU used twice, cannot tell its "
+                      "calls apart; hook the consuming layer instead (ActivationPoint(..., input=True)) "
+                      "or give each use its own module")
+
+
 def _collect_statistics(model_a, model_b, spec, batches, backend, timer, progress):
     from tqdm.auto import tqdm
 
@@ -518,21 +529,17 @@ def _collect_statistics(model_a, model_b, spec, batches, backend, timer, progres
         model_a.eval()
         model_b.eval()
         try:
-            index = 0
             with torch.no_grad():
                 for index, batch in enumerate(tqdm(batches, desc="MuDSC statistics", disable=tqdm_disable(progress),
                                                    leave=False)):
                     x = _batch_input(batch).to(device)
-                    model_a(x)
-                    model_b(x)
-        except RuntimeError as exc:
-            if "fired twice" not in str(exc):
-                raise ValueError(f"calibration batch {index} does not run through the models: {exc}") from exc
-            hooked = sorted({p.module for g in spec for p in g.activations})
-            raise ValueError(f"an activation point runs more than once per forward pass (one of {hooked[:8]}): "
-                             "a module shared between layers, such as one nn.ReLU used twice, cannot tell its "
-                             "calls apart; hook the consuming layer instead (ActivationPoint(..., input=True)) "
-                             "or give each use its own module") from exc
+                    try:
+                        model_a(x)
+                        model_b(x)
+                    except torch.cuda.OutOfMemoryError:
+                        raise  # callers retry with smaller batches; keep its type
+                    except RuntimeError as exc:
+                        raise _calibration_error(exc, index, spec) from exc
         finally:
             model_a.train(was[0])
             model_b.train(was[1])
