@@ -1,5 +1,6 @@
 """The greedy zip op: the fast path against the O(n³) reference, ties included."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,8 +42,9 @@ def test_reference_validates_like_the_fast_path():
 def test_factor_is_validated(zip_fn):
     s = torch.rand(6, 6)
     for bad in (-0.5, 1.5, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="factor must be in \\[0, 1\\]"):
+        with pytest.raises(ValueError, match="factor must be"):
             zip_fn(s, 0.5, bad)
     for bad in (True, "0.5", None):
-        with pytest.raises(TypeError, match="factor must be a float"):
+        with pytest.raises(TypeError, match="factor must be a real number"):
             zip_fn(s, 0.5, bad)
+    torch.testing.assert_close(zip_fn(s, 0.5, np.float32(0.25))[0], zip_fn(s, 0.5, 0.25)[0])  # numpy scalars

@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .._validation import check_real
+
 
 def _check(sim: torch.Tensor, alpha: float, factor: float) -> None:
     if not isinstance(sim, torch.Tensor):
@@ -32,10 +34,7 @@ def _check(sim: torch.Tensor, alpha: float, factor: float) -> None:
     if not 0.0 < float(alpha) < 1.0:
         raise ValueError(f"alpha must be in (0, 1) for a zip (a merged unit may come from one model only), "
                          f"got {alpha}")
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)):
-        raise TypeError(f"factor must be a float, got {type(factor).__name__}")
-    if not 0.0 <= float(factor) <= 1.0:  # NaN fails too; > 1 would reward re-merging, < 0 flips the order
-        raise ValueError(f"factor must be in [0, 1], got {factor}")
+    check_real(factor, "factor", low=0.0, high=1.0)  # > 1 would reward re-merging, < 0 flip the order
 
 
 def _matrices(pairs, m: int, alpha: float, device) -> tuple[torch.Tensor, torch.Tensor]:
