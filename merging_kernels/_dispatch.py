@@ -26,9 +26,6 @@ BACKENDS = ("torch", "triton", "native")
 ENV_VAR = "MERGING_KERNELS_BACKEND"
 
 
-_OPS: dict[str, "OpBackends"] = {}
-
-
 @dataclass(frozen=True)
 class OpBackends:
     """The backends an op family implements, per device type, fastest first.
@@ -39,9 +36,6 @@ class OpBackends:
     name: str
     cpu: tuple[str, ...] = ()
     cuda: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        _OPS[self.name] = self  # so that available_backends("task_vectors", ...) finds it by name
 
     def implemented(self, device_type: str) -> tuple[str, ...]:
         fast = self.cuda if device_type == "cuda" else self.cpu if device_type == "cpu" else ()
@@ -143,15 +137,24 @@ def _require(op: OpBackends, backend: str, device_type: str, source: str) -> str
     return backend
 
 
+def _declared_ops() -> dict[str, OpBackends]:
+    """The package's op families by name (imported here: the op modules import this one)."""
+    from .ops.linear_assignment import LINEAR_ASSIGNMENT
+    from .ops.per_sample_linear import PER_SAMPLE_LINEAR
+    from .ops.similarity import SIMILARITY
+    from .ops.task_vectors import TASK_VECTORS
+
+    return {op.name: op for op in (LINEAR_ASSIGNMENT, PER_SAMPLE_LINEAR, SIMILARITY, TASK_VECTORS)}
+
+
 def available_backends(op: OpBackends | str, device: torch.device | str) -> list[str]:
     """The backends of ``op`` (an op family or its name, e.g. ``"linear_assignment"``) that can run on
     ``device`` here, fastest first."""
     if isinstance(op, str):
-        from .ops import linear_assignment, per_sample_linear, similarity, task_vectors  # noqa: F401  (declares them)
-
-        if op not in _OPS:
-            raise ValueError(f"op must be one of {sorted(_OPS)} (or its OpBackends), got {op!r}")
-        op = _OPS[op]
+        declared = _declared_ops()
+        if op not in declared:
+            raise ValueError(f"op must be one of {sorted(declared)} (or its OpBackends), got {op!r}")
+        op = declared[op]
     elif not isinstance(op, OpBackends):
         raise TypeError(f"op must be an OpBackends or an op name, got {type(op).__name__}")
     try:
