@@ -165,9 +165,10 @@ class SEMergedModel(nn.Module):
             raise RuntimeError(f"probe module {self.probe!r} did not run in the forward pass")
         features = captured[0]
         if features.dim() == 0 or features.shape[0] % ((k + 2) * b):  # rows must be (replica, sample, ...)
-            raise ValueError(f"x must have its batch in dim 0: the probe {self.probe!r} gave shape "
-                             f"{tuple(features.shape)} for {k + 2} replicas of x of shape {tuple(x.shape)}, "
-                             f"expected a leading size that is a multiple of {(k + 2) * b}")
+            raise ValueError(f"the probe {self.probe!r} gave shape {tuple(features.shape)} for {k + 2} replicas "
+                             f"of x of shape {tuple(x.shape)}; expected a leading size that is a multiple of "
+                             f"{(k + 2) * b}: x must have its batch in dim 0, and the probe's output too (pick "
+                             f"another probe= if this module's output is sequence-first)")
         return features.reshape(k + 2, b, -1).float()
 
     @torch.no_grad()
