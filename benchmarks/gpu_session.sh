@@ -7,8 +7,9 @@
 #
 # A device machine is handed back after ~30 s idle and a later call starts a bare one, so _C does not survive
 # between calls. Every step other than `build` therefore makes sure a CUDA-enabled _C is there first:
-#   - if .device_build/_C*.so was carried (run tool: carry=[".device_build"]), it is copied into the package;
-#   - otherwise _C is built (a minute or two for sm_90 only).
+#   - if .device_build/_C*.so was carried (run tool: carry=[".device_build"]) and was built from the same
+#     csrc/, python/, CMakeLists.txt and setup.py (sources.sha1 beside it), it is copied into the package;
+#   - otherwise _C is built (a minute or two for sm_90 only), at most once per call.
 # `build` leaves the built library in $OUT/device_build/: copy that folder to .device_build/ here (it is
 # git-ignored) and pass carry=[".device_build"] on the later calls to skip their builds.
 #
@@ -40,7 +41,14 @@ has_cuda_c() {  # the importable _C has its CUDA part
     python3 -c "import sys, merging_kernels as m; sys.exit(0 if m.build_info().get('cuda') else 1)" 2>/dev/null
 }
 
+native_sources_hash() {  # what _C is built from: a carried build of other sources is stale
+    find csrc python CMakeLists.txt setup.py -type f | LC_ALL=C sort | xargs sha1sum | sha1sum | cut -d' ' -f1
+}
+
+build_failed=0
+
 build() {
+    if [ "$build_failed" = 1 ]; then return 1; fi  # once per call is enough
     [ -d /usr/local/cuda/bin ] && export PATH="/usr/local/cuda/bin:$PATH"
     export MERGING_KERNELS_CUDA_ARCHS="${MERGING_KERNELS_CUDA_ARCHS:-90}"  # H100 and H200 are sm_90
     run build python3 -m pip install --no-build-isolation --no-deps -e .
@@ -48,19 +56,26 @@ build() {
         echo "== build: _C has no CUDA part: $(python3 -c 'import merging_kernels as m; print(m.build_info())' 2>&1)" \
             | tee -a "$out/build.txt"
         status=1
+        build_failed=1
         return 1
     fi
     mkdir -p "$out/device_build"
     cp merging_kernels/_C*.so "$out/device_build/"
+    native_sources_hash > "$out/device_build/sources.sha1"
     echo "== build: CUDA _C saved to \$OUT/device_build (carry it as .device_build on later calls)"
 }
 
 ensure_built() {
     has_cuda_c && return 0
     if compgen -G ".device_build/_C*.so" >/dev/null; then
-        cp .device_build/_C*.so merging_kernels/
-        if has_cuda_c; then echo "== using the carried .device_build/_C"; return 0; fi
-        echo "== the carried .device_build/_C does not load with CUDA here; building"
+        if [ "$(cat .device_build/sources.sha1 2>/dev/null)" != "$(native_sources_hash)" ]; then
+            echo "== the carried .device_build/_C was built from other csrc/ sources; building"
+        else
+            cp .device_build/_C*.so merging_kernels/
+            if has_cuda_c; then echo "== using the carried .device_build/_C"; return 0; fi
+            echo "== the carried .device_build/_C does not load with CUDA here; building:"
+            python3 -c "import merging_kernels as m; print(m.build_info())" 2>&1 | tail -3
+        fi
     fi
     build
 }
@@ -78,7 +93,7 @@ for step in "$@"; do  # a typo fails before any build
 done
 
 for step in "$@"; do
-    [ "$step" = build ] || ensure_built || { echo "== no CUDA _C: skipping $step"; continue; }
+    [ "$step" = build ] || ensure_built || { echo "== no CUDA _C: skipping $step" | tee -a "$out/skipped.txt"; continue; }
     case "$step" in
         build) build ;;
         tests) pytest_gpu gpu-tests tests ;;
