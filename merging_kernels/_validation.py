@@ -6,6 +6,7 @@ import math
 import numbers
 from typing import Any
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -56,10 +57,18 @@ def check_choice(value: Any, name: str, choices: tuple) -> Any:
     return value
 
 
+def _type_name(value: Any) -> str:
+    """The type of ``value`` for a message, qualified outside builtins (``numpy.bool``, not ``bool``)."""
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
 def check_bool(value: Any, name: str) -> bool:
-    """A real bool: a truthy string such as "no" must not silently switch a flag on."""
+    """A real bool (or numpy's): a truthy string such as "no" must not silently switch a flag on."""
+    if isinstance(value, np.bool_):  # e.g. a flag read from an array (no subclass of bool)
+        return bool(value)
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+        raise TypeError(f"{name} must be True or False, got {_type_name(value)}")
     return value
 
 
@@ -75,15 +84,17 @@ def check_float_dtype(value: Any, name: str) -> torch.dtype:
 def may_overlap(tensor: torch.Tensor) -> bool:
     """Whether two elements of ``tensor`` may share memory (an expanded or as_strided view).
 
-    Conservative: dims of size > 1 sorted by stride must each step past the extent of the
-    previous ones; the rare layouts that interleave without overlapping count as overlapping.
+    The standard sufficient test: with the dims of size > 1 sorted by stride, each stride must
+    exceed the span of the smaller dims, 1 + Σ stride·(size − 1) (so ``zeros(4, 6)[:, ::4]``, strides
+    (6, 4), is distinct). Conservative: the rare layouts that interleave without overlapping count as
+    overlapping.
     """
     if tensor.numel() == 0:
         return False
     dims = sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride()) if size > 1)
-    extent = 1
+    extent = 1  # elements spanned by the dims checked so far: 1 + Σ stride·(size − 1)
     for stride, size in dims:
         if stride < extent:
             return True
-        extent = stride * size
+        extent += stride * (size - 1)
     return False

@@ -527,3 +527,30 @@ def test_float64_weights_from_python_numbers_are_not_rounded_to_float32():
     assert torch.equal(mk.task_arithmetic(base, experts, [0.1, 0.2]), expected)
     assert torch.equal(mk.task_arithmetic({"w": base}, [{"w": e} for e in experts], {"w": [0.1, 0.2]})["w"], expected)
     assert torch.equal(mk.merge_task_vectors([base], [[e] for e in experts], [0.1, 0.2])[0], expected)
+
+
+def test_numpy_bools_are_flags_and_a_refusal_names_the_qualified_type():
+    import numpy as np
+
+    base, experts = torch.zeros(4, 3), [torch.ones(4, 3), -2 * torch.ones(4, 3), 3 * torch.ones(4, 3)]
+    for flag in (True, False):  # np.bool_ is no subclass of bool: it used to be refused as "got bool"
+        assert torch.equal(mk.ties_merging(base, experts, normalize=np.bool_(flag), weights=[1.0, 2.0, 0.5]),
+                           mk.ties_merging(base, experts, normalize=flag, weights=[1.0, 2.0, 0.5]))
+    assert torch.equal(mk.task_arithmetic(base, experts, check_finite=np.False_), base + 2)
+    with pytest.raises(TypeError, match=r"normalize must be True or False, got numpy\.int64"):
+        mk.ties_merging(base, experts, normalize=np.int64(1))
+    with pytest.raises(TypeError, match=r"elect_sign must be True or False, got torch\.Tensor"):
+        mk.dare_merging(base, experts, drop_rate=0.5, elect_sign=torch.tensor(True))
+
+
+def test_out_may_be_a_strided_view_whose_steps_exceed_the_inner_span_but_not_an_overlapping_one():
+    base, expert = torch.zeros(4, 2), torch.ones(4, 2)
+    storage = torch.zeros(4, 6)
+    view = storage[:, ::4]  # strides (6, 4): 4·(2 − 1) + 1 = 5 ≤ 6, distinct (stride·size = 8 > 6 refused it)
+    assert mk.task_arithmetic(base, [expert], 0.5, out=view) is view
+    expected = torch.zeros(4, 6)
+    expected[:, ::4] = 0.5
+    assert torch.equal(storage, expected)
+    for bad in (torch.zeros(2).expand(4, 2), torch.zeros(4, 1).expand(4, 2), torch.zeros(6).as_strided((4, 2), (1, 2))):
+        with pytest.raises(ValueError, match="overlapping"):
+            mk.task_arithmetic(base, [expert], 0.5, out=bad)
