@@ -554,3 +554,23 @@ def test_out_may_be_a_strided_view_whose_steps_exceed_the_inner_span_but_not_an_
     for bad in (torch.zeros(2).expand(4, 2), torch.zeros(4, 1).expand(4, 2), torch.zeros(6).as_strided((4, 2), (1, 2))):
         with pytest.raises(ValueError, match="overlapping"):
             mk.task_arithmetic(base, [expert], 0.5, out=bad)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_streamed_thresholds_with_dare_need_model_wide_tensor_keys(backend):
+    bases, experts = _stream_case()
+
+    def chunks(keys):
+        return lambda: iter([([bases[t]], [[task[t]] for task in experts], keys(t)) for t in range(2)])
+
+    options = dict(num_tasks=3, total_numel=161, density=0.2, drop_rate=0.5, seed=3, backend=backend)
+    whole = mk.magnitude_thresholds(bases, experts, density=0.2, trim_scope="model", drop_rate=0.5, seed=3,
+                                    backend=backend)
+    assert torch.equal(mk.streamed_magnitude_thresholds(chunks(lambda t: [t]), **options), whole)
+    # None: key 0 in every chunk, so the second tensor got the first one's mask (other thresholds, silently)
+    with pytest.raises(TypeError, match=r"chunks\(\) item 0 has tensor_keys None"):
+        mk.streamed_magnitude_thresholds(chunks(lambda t: None), **options)
+    # without DARE the keys are unused: None stays accepted
+    options.update(drop_rate=0.0)
+    assert torch.equal(mk.streamed_magnitude_thresholds(chunks(lambda t: None), **options),
+                       mk.magnitude_thresholds(bases, experts, density=0.2, trim_scope="model", backend=backend))

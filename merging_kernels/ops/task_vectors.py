@@ -901,7 +901,9 @@ def streamed_magnitude_thresholds(
         chunks: a callable taking no argument; each call returns an iterable (a generator
             function fits) of ``(bases, experts, tensor_keys)``: T_c base tensors
             (float32/float16/bfloat16, on ``device``), K sequences of T_c matching expert tensors
-            and T_c tensor keys (as in :func:`merge_task_vectors`). Every call must yield the same
+            and T_c tensor keys (as in :func:`merge_task_vectors`: the keys of these tensors in the
+            whole model, e.g. their indices there; None, a chunk's own 0..T_c−1, is refused with
+            ``drop_rate`` > 0, where the keys pick the DARE masks). Every call must yield the same
             tensors in the same order.
         num_tasks: K ≥ 1, the number of experts in every chunk.
         total_numel: the number of elements of all base tensors over all chunks; each pass is
@@ -919,6 +921,8 @@ def streamed_magnitude_thresholds(
         ValueError: when a pass sees a number of elements other than ``total_numel`` (e.g.
             ``chunks`` returned a one-shot iterator that a second pass finds exhausted) or a chunk
             has other than ``num_tasks`` experts or lies on another device.
+        TypeError: when a chunk is not a ``(bases, experts, tensor_keys)`` triple, holds float64
+            tensors, or has ``tensor_keys`` None while ``drop_rate`` > 0.
     """
     if not callable(chunks):
         raise TypeError(f"chunks must be a callable returning a fresh iterable per pass, got {type(chunks).__name__}")
@@ -950,7 +954,12 @@ def streamed_magnitude_thresholds(
                 raise ValueError(f"chunk {c} is on {chunk_device} but device is {device}")
             if any(b.dtype == torch.float64 for b in bases):
                 raise TypeError(f"chunk {c} holds float64 tensors; thresholds are selected on float32 magnitudes")
-            keys = _tensor_keys(keys, len(bases))
+            if keys is None and spec.drop_rate > 0:
+                # a chunk's default keys would restart at 0 in every chunk: other DARE masks than the merge's
+                raise TypeError(f"chunks() item {c} has tensor_keys None, but with drop_rate > 0 the DARE mask of "
+                                "a tensor depends on its key: yield each tensor's key in the whole model (its "
+                                "index there, or philox.tensor_key(name) as the state-dict merges use)")
+            keys = _tensor_keys(keys, len(bases))  # without DARE the keys are unused: None is harmless
             seen += sum(b.numel() for b in bases)
             bases_c = [b.contiguous() for b in bases]
             experts_c = [[e.contiguous() for e in task] for task in experts]
