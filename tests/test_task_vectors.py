@@ -574,3 +574,29 @@ def test_streamed_thresholds_with_dare_need_model_wide_tensor_keys(backend):
     options.update(drop_rate=0.0)
     assert torch.equal(mk.streamed_magnitude_thresholds(chunks(lambda t: None), **options),
                        mk.magnitude_thresholds(bases, experts, density=0.2, trim_scope="model", backend=backend))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("scope", ["tensor", "model"])
+def test_thresholds_at_density_one_are_used_as_given(backend, scope):
+    # a pipeline with a configurable density passes magnitude_thresholds(density=ρ) on at ρ = 1.0 too
+    bases, experts = _stream_case()
+    weights = [0.3, 0.7, 1.1]
+    for drop_rate in (0.0, 0.4):  # TIES and DARE-TIES
+        kwargs = dict(trim_scope=scope, elect_sign=True, drop_rate=drop_rate, seed=1, backend=backend)
+        at_one = mk.magnitude_thresholds(bases, experts, density=1.0, trim_scope=scope, drop_rate=drop_rate, seed=1,
+                                         backend=backend)
+        given = mk.merge_task_vectors(bases, experts, weights, density=1.0, thresholds=at_one, **kwargs)
+        untrimmed = mk.merge_task_vectors(bases, experts, weights, density=1.0, **kwargs)
+        for a, b in zip(given, untrimmed):  # they keep every non-zero entry: the merge without them
+            assert torch.equal(a, b)
+        # others trim as they say: never dropped silently (density=1.0 used to ignore them)
+        sparse = mk.magnitude_thresholds(bases, experts, density=0.3, trim_scope=scope, drop_rate=drop_rate, seed=1,
+                                         backend=backend)
+        given = mk.merge_task_vectors(bases, experts, weights, density=1.0, thresholds=sparse, **kwargs)
+        trimmed = mk.merge_task_vectors(bases, experts, weights, density=0.3, **kwargs)
+        for a, b in zip(given, trimmed):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="thresholds"):  # density None asks for no trim
+        mk.merge_task_vectors(bases, experts, weights, thresholds=sparse, elect_sign=True, trim_scope=scope,
+                              backend=backend)

@@ -52,7 +52,7 @@ class MergeSpec:
     """The per-call settings every backend receives (validated)."""
 
     scale: float = 1.0
-    density: float | None = None  # None or 1.0: no trim
+    density: float | None = None  # None or 1.0: no selection (given thresholds still trim at 1.0)
     trim_scope: str = "tensor"
     drop_rate: float = 0.0
     seed: int = 0
@@ -132,7 +132,7 @@ def merge_task_vectors_torch(
     deltas = [_deltas_torch(b, [experts[k][t] for k in range(num_tasks)], spec, tensor_keys[t])
               for t, b in enumerate(bases)]
     kept = [d != 0 for d in deltas]
-    if spec.trims:
+    if spec.trims or thresholds is not None:
         seg_of, seg_numel = segments_of([b.numel() for b in bases], spec.trim_scope)
         for s, n in enumerate(seg_numel):
             members = [t for t in range(len(bases)) if seg_of[t] == s]
@@ -704,8 +704,11 @@ def merge_task_vectors(
         tensor_keys: 32-bit RNG id per tensor (default: the index); see :func:`.philox.tensor_key`.
         names: tensor names for error messages.
         thresholds: precomputed (S, K) trim thresholds (from :func:`magnitude_thresholds`),
-            e.g. when the model is streamed; S = T (tensor scope) or 1 (model scope). Only with
-            density < 1; magnitudes ≥ 0 or +inf (NaN and negative values are refused).
+            e.g. when the model is streamed; S = T (tensor scope) or 1 (model scope); magnitudes
+            ≥ 0 or +inf (NaN and negative values are refused). They need a ``density`` (refused with
+            None, which asks for no trim) and are always used as given, at ``density=1.0`` too: those
+            of ``magnitude_thresholds(density=1.0)`` keep every non-zero entry, the same merge as
+            no thresholds, and any others trim as they say (never silently dropped).
         out: T tensors to write into (shapes of the bases, no overlapping memory); returned.
             They may be the bases themselves (an in-place merge).
         out_dtype: dtype of new outputs (default: each base's dtype); with ``out``, it must
@@ -729,8 +732,8 @@ def merge_task_vectors(
     chosen = _choose_backend(backend, device, bases, out_dtypes)
     seg_of, seg_numel = segments_of([b.numel() for b in bases], spec.trim_scope)
     if thresholds is not None:
-        if not spec.trims:
-            raise ValueError("thresholds apply only to a trimming merge (density < 1); got density="
+        if spec.density is None:
+            raise ValueError("thresholds apply only to a trimming merge (density in (0, 1]); got density="
                              f"{spec.density}")
         thresholds = _check_thresholds(thresholds, len(seg_numel), num_tasks, device)
     # a merge is not differentiable: every backend returns detached tensors (the fast ones write raw memory)
@@ -743,8 +746,7 @@ def _merge_checked(bases, experts, w, spec, keys, names, out, out_dtypes, chosen
                    thresholds, check_finite) -> list[torch.Tensor]:
     """merge_task_vectors after validation."""
     if chosen == "torch":
-        results, nonfinite = merge_task_vectors_torch(bases, experts, w, spec, keys, out_dtypes,
-                                                      thresholds if spec.trims else None)
+        results, nonfinite = merge_task_vectors_torch(bases, experts, w, spec, keys, out_dtypes, thresholds)
     else:
         bases_c = [b.contiguous() for b in bases]
         experts_c = [[e.contiguous() for e in task] for task in experts]
@@ -754,7 +756,7 @@ def _merge_checked(bases, experts, w, spec, keys, names, out, out_dtypes, chosen
         results = [out[t] if out is not None and out[t].is_contiguous() else torch.empty(b.shape, dtype=dt, device=device)
                    for t, (b, dt) in enumerate(zip(bases, out_dtypes))]
         nonfinite = _APPLY[chosen](bases_c, experts_c, results, w.to(device=device, dtype=torch.float32), spec, keys,
-                                   seg_of, thresholds if spec.trims else None)
+                                   seg_of, thresholds)
     if check_finite:
         _raise_on_nonfinite(nonfinite, names)
     if out is None:
