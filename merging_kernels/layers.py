@@ -125,9 +125,14 @@ def _packed(base_param: torch.Tensor | None, task_vectors, arg: str, label: str,
         return torch.cat([base_param.detach()[None], task_vectors.to(base_param)]).contiguous()
 
 
+def _module_sequence(experts) -> bool:
+    """A sequence of modules: a list, a tuple or an nn.ModuleList (a Module, not a Sequence)."""
+    return isinstance(experts, nn.ModuleList) or (isinstance(experts, Sequence) and not isinstance(experts, nn.Module))
+
+
 def _deltas(base: nn.Module, experts: Sequence[nn.Module], name: str, label: str):
     """(K, *shape) task vectors of parameter ``name`` (None when the base has no such parameter)."""
-    if isinstance(experts, nn.Module) or not isinstance(experts, Sequence):
+    if not _module_sequence(experts):
         raise TypeError(f"{label}: experts must be a sequence of modules like the base, got {type(experts).__name__}")
     p0 = getattr(base, name, None)
     for k, expert in enumerate(experts):
@@ -303,7 +308,7 @@ class PerSampleConv2d(nn.Module):
     def from_modules(cls, base: nn.Conv2d, experts: Sequence[nn.Conv2d], coefficients: Coefficients, name: str = ""):
         """The layer of ``base`` and K ``experts`` with the same shapes and convolution settings."""
         label = _label(name, cls)
-        if isinstance(base, nn.Conv2d) and isinstance(experts, Sequence):
+        if isinstance(base, nn.Conv2d) and _module_sequence(experts):
             for k, e in enumerate(experts):
                 settings = ("stride", "padding", "dilation", "groups", "padding_mode")
                 if isinstance(e, nn.Conv2d) and any(getattr(e, a) != getattr(base, a) for a in settings):

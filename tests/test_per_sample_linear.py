@@ -509,3 +509,31 @@ def test_low_rank_layer_checks_the_task_vector_shape():
     coeffs = Coefficients(2)
     with pytest.raises(ValueError, match="task_weights must be"):  # the input width differs: was only caught per call
         PerSampleLinear(torch.zeros(5, 6), torch.zeros(2, 5, 7), None, None, coeffs, rank=2)
+
+
+def test_module_and_parameter_lists_are_sequences_of_experts_and_task_vectors():
+    # nn.ModuleList / nn.ParameterList are Modules, not Sequences: they used to be refused
+    torch.manual_seed(5)
+    coeffs = Coefficients(2)
+    coeffs.set(torch.randn(3, 2))
+    pairs = [
+        (torch.nn.Linear(6, 5), [torch.nn.Linear(6, 5) for _ in range(2)], PerSampleLinear, torch.randn(3, 6)),
+        (torch.nn.LayerNorm(6), [torch.nn.LayerNorm(6) for _ in range(2)], PerSampleLayerNorm, torch.randn(3, 6)),
+        (torch.nn.Conv2d(2, 3, 3), [torch.nn.Conv2d(2, 3, 3) for _ in range(2)], PerSampleConv2d,
+         torch.randn(3, 2, 5, 5)),
+    ]
+    for base, experts, cls, x in pairs:
+        for m in experts:
+            torch.nn.init.normal_(m.weight)
+        from_list = cls.from_modules(base, experts, coeffs)
+        from_module_list = cls.from_modules(base, torch.nn.ModuleList(experts), coeffs)
+        assert torch.equal(from_module_list(x), from_list(x))
+    w, tw, b, tb = torch.randn(5, 6), torch.randn(2, 5, 6), torch.randn(5), torch.randn(2, 5)
+    as_params = (torch.nn.ParameterList([torch.nn.Parameter(t) for t in tw]),
+                 torch.nn.ParameterList([torch.nn.Parameter(t) for t in tb]))
+    for packed, expected in zip(pack_weights(w, *as_params[:1], b, as_params[1]), pack_weights(w, tw, b, tb)):
+        assert torch.equal(packed, expected) and not packed.requires_grad
+    layer = PerSampleLinear(w, as_params[0], b, as_params[1], coeffs)
+    assert torch.equal(layer(torch.ones(3, 6)), PerSampleLinear(w, tw, b, tb, coeffs)(torch.ones(3, 6)))
+    with pytest.raises(TypeError, match="experts"):  # one module is not a sequence of them
+        PerSampleLinear.from_modules(pairs[0][0], pairs[0][0], coeffs)

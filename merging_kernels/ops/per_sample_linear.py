@@ -167,7 +167,8 @@ def _stacked(value, name: str, shape: tuple[int, ...], like: torch.Tensor) -> to
     """A (K, *shape) float tensor from a tensor or a sequence of K tensors of ``shape``."""
     if isinstance(value, torch.Tensor):
         return check_float_tensor(value, name)
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+    # nn.ParameterList (e.g. a model's task vectors) is a Module, not a Sequence, but holds tensors in order
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, torch.nn.ParameterList)):
         raise TypeError(f"{name} must be a tensor or a sequence of tensors, got {type(value).__name__}")
     for k, item in enumerate(value):
         check_float_tensor(item, f"{name}[{k}]")
