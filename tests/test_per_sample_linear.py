@@ -537,3 +537,49 @@ def test_module_and_parameter_lists_are_sequences_of_experts_and_task_vectors():
     assert torch.equal(layer(torch.ones(3, 6)), PerSampleLinear(w, tw, b, tb, coeffs)(torch.ones(3, 6)))
     with pytest.raises(TypeError, match="experts"):  # one module is not a sequence of them
         PerSampleLinear.from_modules(pairs[0][0], pairs[0][0], coeffs)
+
+
+@pytest.mark.skipif(not any(p.values == ("triton", "cpu") for p in BACKENDS), reason="triton not available")
+def test_triton_launches_on_the_tensors_device(monkeypatch):
+    # Triton launches on the current CUDA device, not the tensors': the launch must make theirs current
+    from merging_kernels.ops import per_sample_linear as psl
+
+    inside, launched = [], []
+
+    class Recording:
+        def __init__(self, t):
+            self.device = t.device
+
+        def __enter__(self):
+            inside.append(self.device)
+
+        def __exit__(self, *exc):
+            inside.pop()
+
+    class Guarded:
+        def __getitem__(self, grid, kernel=psl._psl_stacked_kernel):
+            def launch(*args, **kwargs):
+                assert inside, "_psl_stacked_kernel launched outside launch_device"
+                launched.append(inside[-1])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(psl, "launch_device", Recording)
+    monkeypatch.setattr(psl, "_psl_stacked_kernel", Guarded())
+    x, alpha, w, tw, b, tb = _problem(3, 2, 16, 8, 2)
+    pw, pb = pack_weights(w, tw, b, tb)
+    y = per_sample_linear(x, alpha, pw, pb, strategy="stacked", backend="triton")
+    assert launched == [x.device]
+    torch.testing.assert_close(y.double(), _oracle(x, alpha, w, tw, b, tb), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_triton_runs_on_a_device_other_than_the_current_one():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    x, alpha, w, tw, b, tb = _problem(5, 3, 32, 24, 3, device="cuda:1")
+    pw, pb = pack_weights(w, tw, b, tb)
+    with torch.cuda.device(0):
+        y = per_sample_linear(x, alpha, pw, pb, strategy="stacked", backend="triton")
+    assert y.device == x.device
+    torch.testing.assert_close(y.double(), _oracle(x, alpha, w, tw, b, tb), rtol=1e-4, atol=1e-4)

@@ -57,6 +57,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .._cuda import launch_device
 from .._dispatch import OpBackends, resolve_backend, triton_interpreting
 from .._validation import check_choice, check_float_dtype, check_float_tensor, check_int
 
@@ -122,7 +123,8 @@ def pack_weights(
 
     Args:
         weight: (out, in) base weight W0, a floating tensor.
-        task_weights: (K, out, in) task vectors τ_k, or a sequence of K (out, in) tensors (K may be 0).
+        task_weights: (K, out, in) task vectors τ_k, or a sequence (list, tuple, nn.ParameterList) of K
+            (out, in) tensors (K may be 0).
         bias: (out,) base bias b0, or None.
         task_biases: (K, out) bias task vectors δ_k, a sequence of K (out,) tensors, or None
             (zero when only ``bias`` is given; ``bias`` is zero when only ``task_biases`` is).
@@ -478,16 +480,17 @@ def _stacked_triton(x3, alpha, packed_weight, packed_bias):
     block_m, block_n, block_k, warps, stages = _stacked_config(m, x3.element_size(), tf32)
     bias = packed_bias if packed_bias is not None else packed_weight  # a dummy pointer when HAS_BIAS is off
     grid = (triton.cdiv(m, block_m) * triton.cdiv(out, block_n),)
-    _psl_stacked_kernel[grid](
-        x2, alpha, packed_weight, bias, y, m, out, i, t, kp1 - 1,
-        x2.stride(0), x2.stride(1), alpha.stride(0), alpha.stride(1),
-        packed_weight.stride(0), packed_weight.stride(1), packed_weight.stride(2),
-        bias.stride(0) if packed_bias is not None else 0, bias.stride(1) if packed_bias is not None else 0,
-        y.stride(0), y.stride(1),
-        HAS_BIAS=packed_bias is not None, DOT_DTYPE=_dot_dtype(x3.dtype),
-        PRECISION="tf32" if tf32 else "ieee",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages,
-    )
+    with launch_device(x3):  # triton launches on the current device, not the tensors'
+        _psl_stacked_kernel[grid](
+            x2, alpha, packed_weight, bias, y, m, out, i, t, kp1 - 1,
+            x2.stride(0), x2.stride(1), alpha.stride(0), alpha.stride(1),
+            packed_weight.stride(0), packed_weight.stride(1), packed_weight.stride(2),
+            bias.stride(0) if packed_bias is not None else 0, bias.stride(1) if packed_bias is not None else 0,
+            y.stride(0), y.stride(1),
+            HAS_BIAS=packed_bias is not None, DOT_DTYPE=_dot_dtype(x3.dtype),
+            PRECISION="tf32" if tf32 else "ieee",
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages,
+        )
     return y.view(b, t, out)
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._cuda import launch_device
 from .._dispatch import OpBackends, resolve_backend
 from .._validation import (
     check_bool,
@@ -520,10 +521,11 @@ def _magnitude_histogram_triton(bases, experts, spec, tensor_keys, segment_ids, 
     for (dtype, _, aligned), members in _triton_groups(bases, experts, None).items():
         block_row, table, expert_table, num_blocks = _triton_tables(members, bases, experts, None, tensor_keys,
                                                                     segment_ids, _HIST_BLOCK * _HIST_CHUNK)
-        _tv_histogram_kernel[(num_blocks,)](
-            block_row, table, expert_table, prefix, counts, num_tasks, *_dare_args(spec),
-            IN_DTYPE=_TL_DTYPES[dtype], ALIGNED=aligned, HAS_DARE=spec.drop_threshold > 0, SHIFT=shift, BITS=bits,
-            BLOCK=_HIST_BLOCK, CHUNK=_HIST_CHUNK, num_warps=_HIST_WARPS)
+        with launch_device(counts):  # triton launches on the current device, not the tensors'
+            _tv_histogram_kernel[(num_blocks,)](
+                block_row, table, expert_table, prefix, counts, num_tasks, *_dare_args(spec),
+                IN_DTYPE=_TL_DTYPES[dtype], ALIGNED=aligned, HAS_DARE=spec.drop_threshold > 0, SHIFT=shift,
+                BITS=bits, BLOCK=_HIST_BLOCK, CHUNK=_HIST_CHUNK, num_warps=_HIST_WARPS)
     return counts
 
 
@@ -538,12 +540,13 @@ def _merge_apply_triton(bases, experts, outs, weights, spec, tensor_keys, segmen
     for (in_dtype, out_dtype, aligned), members in _triton_groups(bases, experts, outs).items():
         block_row, table, expert_table, num_blocks = _triton_tables(members, bases, experts, outs, tensor_keys,
                                                                     segment_ids, _APPLY_BLOCK)
-        _tv_apply_kernel[(num_blocks,)](
-            block_row, table, expert_table, weights, thresholds, nonfinite, num_tasks, float(spec.scale),
-            drop_threshold, drop_scale, seed_lo, seed_hi, IN_DTYPE=_TL_DTYPES[in_dtype],
-            OUT_DTYPE=_TL_DTYPES[out_dtype], ALIGNED=aligned, HAS_DARE=drop_threshold > 0, HAS_TRIM=has_trim,
-            ELECT_SIGN=spec.elect_sign, NORMALIZE=spec.normalize, BLOCK=_APPLY_BLOCK, num_warps=_APPLY_WARPS,
-            enable_fp_fusion=False)  # no FMA contraction: round like the torch reference
+        with launch_device(nonfinite):  # triton launches on the current device, not the tensors'
+            _tv_apply_kernel[(num_blocks,)](
+                block_row, table, expert_table, weights, thresholds, nonfinite, num_tasks, float(spec.scale),
+                drop_threshold, drop_scale, seed_lo, seed_hi, IN_DTYPE=_TL_DTYPES[in_dtype],
+                OUT_DTYPE=_TL_DTYPES[out_dtype], ALIGNED=aligned, HAS_DARE=drop_threshold > 0, HAS_TRIM=has_trim,
+                ELECT_SIGN=spec.elect_sign, NORMALIZE=spec.normalize, BLOCK=_APPLY_BLOCK, num_warps=_APPLY_WARPS,
+                enable_fp_fusion=False)  # no FMA contraction: round like the torch reference
     return nonfinite
 
 
