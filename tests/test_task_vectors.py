@@ -654,3 +654,21 @@ def test_triton_merge_on_a_device_other_than_the_current_one():
     assert all(m.device == bases[0].device for m in merged)
     assert_outputs_close(merged, expected, torch.float32)
 
+
+@pytest.mark.gpu
+def test_ties_disjoint_mean_divides_correctly_rounded_like_torch():
+    # Σ w d / Σ w with inexact quotients: a plain fp32 "/" compiles to div.full (up to 2 ulp off); the kernel
+    # uses div_rn. The interpreter maps both alike, so only a GPU run can tell them apart. Per entry one
+    # random task is slightly negative and the other two positive: the elected sign is + and at most two
+    # non-zero terms enter each sum, so any summation order rounds alike and only the division can differ.
+    g = torch.Generator().manual_seed(11)
+    n = 1 << 16
+    deltas = torch.rand(3, n, generator=g) + 0.1
+    negative = torch.randint(0, 3, (n,), generator=g)
+    deltas[negative, torch.arange(n)] = -0.05 * torch.rand(n, generator=g) - 0.001
+    bases, experts = [torch.zeros(n, device="cuda")], [[d.cuda()] for d in deltas]  # θ = m: no rounding after
+    for density in (None, 0.5):
+        kwargs = dict(density=density, elect_sign=True, normalize=True)
+        merged = mk.merge_task_vectors(bases, experts, [0.3, 0.7, 1.1], backend="triton", **kwargs)[0]
+        expected = mk.merge_task_vectors(bases, experts, [0.3, 0.7, 1.1], backend="torch", **kwargs)[0]
+        assert merged.dtype == torch.float32 and torch.equal(merged, expected)
