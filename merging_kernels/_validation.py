@@ -27,7 +27,10 @@ def check_float_tensor(value: Any, name: str) -> torch.Tensor:
 
 def check_real(value: Any, name: str, *, low: float | None = None, high: float | None = None,
                low_open: bool = False, high_open: bool = False) -> float:
-    """A finite real number inside the given interval."""
+    """A finite real number inside the given interval, as a float (0-d numpy arrays and tensors too)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0 and value.dtype not in (torch.bool, bool) \
+            and not (value.dtype.is_complex if isinstance(value, torch.Tensor) else np.iscomplexobj(value)):
+        value = value.item()  # e.g. a learned or configured scalar held as a tensor
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)

@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -376,6 +377,11 @@ def test_scalar_arguments_are_validated_by_name():
     ]:
         with pytest.raises(error, match=match):
             mudsc_merge(a, b, spec, _calib(), **kwargs)
+    # scalars held as 0-d tensors or numpy values are numbers too
+    x = torch.randn(16, 8, 8)
+    plain = mudsc_merge(a, b, spec, _calib(), w=0.5, alpha=0.5, progress=False)
+    held = mudsc_merge(a, b, spec, _calib(), w=torch.tensor(0.5), alpha=np.float32(0.5), progress=False)
+    assert torch.equal(held(x), plain(x))
 
 
 def test_zip_factor_zero_never_re_merges_and_still_recovers_the_permuted_copy():

@@ -75,6 +75,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .._cuda import launch_device
 from .._dispatch import OpBackends, resolve_backend, triton_interpreting
 from .._validation import check_float_tensor, check_int, check_real
 
@@ -478,12 +479,6 @@ if triton is not None:
         tl.store(out_ptr + r2 * D + c2, corr.to(tl.float32), mask=mask)
 
 
-def _launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Context for a Triton launch on t's data: Triton launches on the *current* CUDA device (and its
-    current stream), so t's device is made current for the launch; nothing for CPU tensors (interpreter)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _dot_precision(*dtypes: torch.dtype) -> str:
     """fp32 operands: exact fp32 products ("ieee"); 16-bit operands: tf32 (see the module docstring)."""
     return "ieee" if any(dt in (torch.float32, torch.float64) for dt in dtypes) else "tf32"
@@ -530,7 +525,7 @@ def _correlation_matrix_triton(x, y, eps):
     grid = (triton.cdiv(n, bm), triton.cdiv(m, bn))
     # d = 1: any column stride is valid and .contiguous() keeps it; only column 0 is read, so pass 1
     sxd, syd = (x.stride(1), y.stride(1)) if d > 1 else (1, 1)
-    with _launch_device(x):
+    with launch_device(x):
         _corr_gemm_kernel[grid](x, y, mx, rx, my, ry, out, n, m, d, x.stride(0), sxd, y.stride(0), syd,
                                 out.stride(0), out.stride(1), SELF=same, PRECISION=_dot_precision(x.dtype, y.dtype),
                                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
@@ -551,7 +546,7 @@ def _shifted_gram_add_triton(k64: torch.Tensor, z: torch.Tensor, shift32: torch.
         block_d, block_r, warps, stages = (128, 32, 8, 3) if z.dtype in (torch.float16, torch.bfloat16) and aligned \
             else (64, 32, 4, 3)
     tiles = triton.cdiv(D, block_d)
-    with _launch_device(z):
+    with launch_device(z):
         _shifted_gram_kernel[(tiles, tiles)](z, shift32, k64, rows, D, z.stride(0), z.stride(1), k64.stride(0),
                                              k64.stride(1), PRECISION=_dot_precision(z.dtype), BLOCK_D=block_d,
                                              BLOCK_R=block_r, num_warps=warps, num_stages=stages)
@@ -569,7 +564,7 @@ def _correlation_from_moments_triton(mean, second_moment, count, eps, upper):
         return out
     block = 16 if triton_interpreting() else 64
     grid = (triton.cdiv(D, block), triton.cdiv(D, block))
-    with _launch_device(out):
+    with launch_device(out):
         _moments_corr_kernel[grid](second_moment, mu, inv, out, D, second_moment.stride(0),
                                    second_moment.stride(1), count, UPPER=upper, BLOCK=block, num_warps=4)
     return out

@@ -798,7 +798,7 @@ def magnitude_thresholds(
         (S, K) float32 tensor on the inputs' device, ``thresholds[s, k]`` = t_k of segment s
         (+inf for an empty segment); pass it as ``thresholds=`` to :func:`merge_task_vectors`.
     """
-    check_real(density, "density", low=0.0, high=1.0, low_open=True)  # None (no trim) has no thresholds
+    density = check_real(density, "density", low=0.0, high=1.0, low_open=True)  # None (no trim): no thresholds
     names, device = _check_inputs(bases, experts, None)
     spec = make_spec(density=density, trim_scope=trim_scope, drop_rate=drop_rate, seed=seed)
     keys = _tensor_keys(tensor_keys, len(bases))
@@ -933,7 +933,7 @@ def streamed_magnitude_thresholds(
         raise TypeError(f"chunks must be a callable returning a fresh iterable per pass, got {type(chunks).__name__}")
     num_tasks = check_int(num_tasks, "num_tasks", low=1)
     total_numel = check_int(total_numel, "total_numel", low=0)
-    check_real(density, "density", low=0.0, high=1.0, low_open=True)  # None (no trim) has no thresholds
+    density = check_real(density, "density", low=0.0, high=1.0, low_open=True)  # None (no trim): no thresholds
     spec = make_spec(density=density, trim_scope="model", drop_rate=drop_rate, seed=seed)
     device = torch.device(device)
     chosen = resolve_backend(TASK_VECTORS, backend, device)

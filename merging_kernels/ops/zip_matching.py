@@ -22,7 +22,8 @@ import torch
 from .._validation import check_real
 
 
-def _check(sim: torch.Tensor, alpha: float, factor: float) -> None:
+def _check(sim: torch.Tensor, alpha: float, factor: float) -> float:
+    """Validates the arguments; returns factor as a float."""
     if not isinstance(sim, torch.Tensor):
         raise TypeError(f"sim must be a torch.Tensor, got {type(sim).__name__}")
     if sim.dim() != 2 or sim.shape[0] != sim.shape[1] or sim.shape[0] % 2 or sim.shape[0] == 0:
@@ -34,7 +35,7 @@ def _check(sim: torch.Tensor, alpha: float, factor: float) -> None:
     if not 0.0 < float(alpha) < 1.0:
         raise ValueError(f"alpha must be in (0, 1) for a zip (a merged unit may come from one model only), "
                          f"got {alpha}")
-    check_real(factor, "factor", low=0.0, high=1.0)  # > 1 would reward re-merging, < 0 flip the order
+    return check_real(factor, "factor", low=0.0, high=1.0)  # > 1 would reward re-merging, < 0 flip the order
 
 
 def _matrices(pairs, m: int, alpha: float, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +56,7 @@ def _matrices(pairs, m: int, alpha: float, device) -> tuple[torch.Tensor, torch.
 
 def greedy_zip_torch(sim: torch.Tensor, alpha: float = 0.5, factor: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference: a full argmax over the remaining (2n, 2n) similarities at every step (O(n³))."""
-    _check(sim, alpha, factor)
+    factor = _check(sim, alpha, factor)
     m = sim.shape[0]
     s = sim.detach().to(device="cpu", dtype=torch.float64).clone()
     s.fill_diagonal_(float("-inf"))
@@ -86,7 +87,7 @@ def greedy_zip(sim: torch.Tensor, alpha: float = 0.5, factor: float = 0.5) -> tu
     The loop is sequential by nature and runs on the CPU in numpy (lower
     per-call overhead than torch for these 2n-long vector steps).
     """
-    _check(sim, alpha, factor)
+    factor = _check(sim, alpha, factor)
     m = sim.shape[0]
     n = m // 2
     s = sim.detach().to(device="cpu", dtype=torch.float32).numpy().copy()
