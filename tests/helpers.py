@@ -17,3 +17,32 @@ def fast_backend_params(op: OpBackends):
 def output_ulp(dtype: torch.dtype) -> float:
     """Relative spacing of floats of ``dtype`` near 1."""
     return torch.finfo(dtype).eps
+
+
+def guard_launches(monkeypatch, module, kernel_names):
+    """Make ``module``'s kernels assert that they launch inside its launch_device(t) (Triton launches on the
+    current CUDA device, not the tensors'); returns the devices of the launches, in order."""
+    inside, launched = [], []
+
+    class Recording:
+        def __init__(self, t):
+            self.device = t.device
+
+        def __enter__(self):
+            inside.append(self.device)
+
+        def __exit__(self, *exc):
+            inside.pop()
+
+    monkeypatch.setattr(module, "launch_device", Recording)
+    for name in kernel_names:
+        class Guarded:
+            def __getitem__(self, grid, kernel=getattr(module, name), name=name):
+                def launch(*args, **kwargs):
+                    assert inside, f"{name} launched outside launch_device"
+                    launched.append(inside[-1])
+                    return kernel[grid](*args, **kwargs)
+                return launch
+
+        monkeypatch.setattr(module, name, Guarded())
+    return launched

@@ -17,7 +17,7 @@ from merging_kernels.ops.per_sample_linear import (
     per_sample_lowrank_linear,
 )
 
-from helpers import fast_backend_params
+from helpers import fast_backend_params, guard_launches
 
 BACKENDS = [pytest.param("torch", "cpu", id="torch-cpu")] + fast_backend_params(PER_SAMPLE_LINEAR)
 
@@ -544,28 +544,7 @@ def test_triton_launches_on_the_tensors_device(monkeypatch):
     # Triton launches on the current CUDA device, not the tensors': the launch must make theirs current
     from merging_kernels.ops import per_sample_linear as psl
 
-    inside, launched = [], []
-
-    class Recording:
-        def __init__(self, t):
-            self.device = t.device
-
-        def __enter__(self):
-            inside.append(self.device)
-
-        def __exit__(self, *exc):
-            inside.pop()
-
-    class Guarded:
-        def __getitem__(self, grid, kernel=psl._psl_stacked_kernel):
-            def launch(*args, **kwargs):
-                assert inside, "_psl_stacked_kernel launched outside launch_device"
-                launched.append(inside[-1])
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(psl, "launch_device", Recording)
-    monkeypatch.setattr(psl, "_psl_stacked_kernel", Guarded())
+    launched = guard_launches(monkeypatch, psl, ["_psl_stacked_kernel"])
     x, alpha, w, tw, b, tb = _problem(3, 2, 16, 8, 2)
     pw, pb = pack_weights(w, tw, b, tb)
     y = per_sample_linear(x, alpha, pw, pb, strategy="stacked", backend="triton")

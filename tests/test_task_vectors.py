@@ -7,7 +7,7 @@ import merging_kernels as mk
 from merging_kernels.ops.philox import dare_keep_mask_torch, tensor_key
 from merging_kernels.ops.task_vectors import TASK_VECTORS, keep_count
 
-from helpers import fast_backend_params
+from helpers import fast_backend_params, guard_launches
 
 FAST = fast_backend_params(TASK_VECTORS)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -602,41 +602,12 @@ def test_thresholds_at_density_one_are_used_as_given(backend, scope):
                               backend=backend)
 
 
-def _guard_launches(monkeypatch, module, kernel_names):
-    """Make ``module``'s kernels assert that they launch inside its launch_device(t) (Triton launches on the
-    current CUDA device, not the tensors'); returns the devices of the launches, in order."""
-    inside, launched = [], []
-
-    class Recording:
-        def __init__(self, t):
-            self.device = t.device
-
-        def __enter__(self):
-            inside.append(self.device)
-
-        def __exit__(self, *exc):
-            inside.pop()
-
-    monkeypatch.setattr(module, "launch_device", Recording)
-    for name in kernel_names:
-        class Guarded:
-            def __getitem__(self, grid, kernel=getattr(module, name), name=name):
-                def launch(*args, **kwargs):
-                    assert inside, f"{name} launched outside launch_device"
-                    launched.append(inside[-1])
-                    return kernel[grid](*args, **kwargs)
-                return launch
-
-        monkeypatch.setattr(module, name, Guarded())
-    return launched
-
-
 @pytest.mark.skipif(not any(p.values[0] == "triton" for p in FAST if p.values[1] == "cpu"),
                     reason="triton not available")
 def test_triton_launches_on_the_tensors_device(monkeypatch):
     from merging_kernels.ops import task_vectors
 
-    launched = _guard_launches(monkeypatch, task_vectors, ["_tv_histogram_kernel", "_tv_apply_kernel"])
+    launched = guard_launches(monkeypatch, task_vectors, ["_tv_histogram_kernel", "_tv_apply_kernel"])
     bases, experts = make_case([(33, 5), (7,)], 3)
     mk.merge_task_vectors(bases, experts, [1.0] * 3, density=0.5, elect_sign=True, backend="triton")
     assert len(launched) == 4 + 1 and all(d == bases[0].device for d in launched)  # 4 radix passes, 1 apply
