@@ -52,6 +52,14 @@ def machine_line(device: str | torch.device = "cpu") -> str:
     return f"{device_name('cpu')}{gpu}; {load}"
 
 
+def print_targets(targets: Sequence[tuple[str, bool, str]], device: str | torch.device = "cpu") -> None:
+    """A runner's closing lines: PASS/FAIL per target (what, ok, detail), then the machine's state."""
+    print("\n## targets")
+    for what, ok, detail in targets:
+        print(f"{'PASS' if ok else 'FAIL'}  {what}  ({detail})")
+    print(f"\n# machine at the end: {machine_line(device)}")
+
+
 def package_version(name: str) -> str:
     """The installed distribution's version, or "?" when it is not installed as one."""
     try:

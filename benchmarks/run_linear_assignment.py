@@ -36,7 +36,7 @@ except ImportError:  # not installed: run from a source checkout
     sys.path.insert(1, os.path.dirname(HERE))
     import merging_kernels as mk
 
-from common import commit_line, machine_line, measure_cpu, package_version  # noqa: E402
+from common import commit_line, machine_line, measure_cpu, package_version, print_targets  # noqa: E402
 from merging_kernels.ops import linear_assignment as la  # noqa: E402
 
 from scipy.optimize import linear_sum_assignment as scipy_lsa  # noqa: E402
@@ -325,10 +325,7 @@ def main(argv=None) -> int:
         sections.append(("GPU (native CUDA) vs scipy on this machine's CPU", gpu_section(args.quick, targets)))
     for title, text in sections:
         print(f"\n## {title}\n{text}")
-    print("\n## targets")
-    for what, ok, detail in targets:
-        print(f"{'PASS' if ok else 'FAIL'}  {what}  ({detail})")
-    print(f"\n# machine at the end: {machine_line(args.device)}")
+    print_targets(targets, args.device)
     return 0
 
 

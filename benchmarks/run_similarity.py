@@ -41,7 +41,7 @@ except ImportError:  # not installed: run from a source checkout
     sys.path.insert(1, os.path.dirname(HERE))
     import merging_kernels as mk
 
-from common import commit_line, machine_line, measure_cpu, package_version  # noqa: E402
+from common import commit_line, machine_line, measure_cpu, package_version, print_targets  # noqa: E402
 from common import measure as measure_wall  # noqa: E402
 from peers import group_similarity_scipy_loop  # noqa: E402
 
@@ -336,10 +336,7 @@ def main(argv=None) -> int:
     if args.device == "cuda":  # the GPU section alone (group similarity's batched solves: the assignment runner's)
         print(f"\n== GPU: {torch.cuda.get_device_name()}; wall-clock medians between device synchronizes ==", flush=True)
         print(section_gpu(args.quick, targets))
-        print("\n## targets")
-        for what, ok, detail in targets:
-            print(f"{'PASS' if ok else 'FAIL'}  {what}  ({detail})")
-        print(f"\n# machine at the end: {machine_line(args.device)}")
+        print_targets(targets, args.device)
         return 0
     budget = 5.0 if args.quick else 20.0
     print("\n== streaming activation statistics ==", flush=True)
@@ -351,10 +348,7 @@ def main(argv=None) -> int:
     print("\n## results (peer1/peer2: the ratio of each peer's time to ours; for activation corr peer1 = zipit-style,")
     print("## peer2 = numpy; weight corr: peer1 = torch naive, peer2 = numpy; groups: peer1 = scipy loop)")
     print(table(HEADER, rows))
-    print("\n## targets")
-    for what, ok, detail in targets:
-        print(f"{'PASS' if ok else 'FAIL'}  {what}  ({detail})")
-    print(f"\n# machine at the end: {machine_line(args.device)}")
+    print_targets(targets, args.device)
     return 0
 
 
