@@ -60,6 +60,23 @@ def check_choice(value: Any, name: str, choices: tuple) -> Any:
     return value
 
 
+def real_numbers(value: Any, expected: str) -> torch.Tensor:
+    """A number, (nested) sequence, array or tensor of real numbers as a detached float64 CPU tensor.
+
+    Python numbers go to float64 directly (``torch.as_tensor`` alone would make float32 first and
+    round them). Bool and complex values are refused: TypeError ``"{expected}, got ..."``.
+    """
+    try:
+        raw = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{expected}, got {type(value).__name__}: {exc}") from None
+    if raw.dtype == torch.bool or raw.is_complex():
+        raise TypeError(f"{expected}, got {raw.dtype} values")
+    if not isinstance(value, torch.Tensor):
+        raw = torch.as_tensor(value, dtype=torch.float64)
+    return raw.detach().to(device="cpu", dtype=torch.float64)
+
+
 def _type_name(value: Any) -> str:
     """The type of ``value`` for a message, qualified outside builtins (``numpy.bool``, not ``bool``)."""
     kind = type(value)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._validation import real_numbers
 from ..ops.philox import tensor_key
 
 
@@ -111,16 +112,7 @@ def _task_row(value, num_tasks: int, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must be a number or {num_tasks} numbers, got bool")
     if isinstance(value, numbers.Real):
         return torch.full((num_tasks,), float(value), dtype=torch.float64)
-    expected = f"{name} must be a number or {num_tasks} numbers"
-    try:
-        raw = torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{expected}, got {type(value).__name__}") from None
-    if raw.dtype == torch.bool or raw.is_complex():
-        raise TypeError(f"{expected}, got {raw.dtype} values")
-    # from Python numbers directly in float64 (as_tensor alone would round them to float32 first)
-    row = (raw.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value, dtype=torch.float64))
-    row = row.to(torch.float64).flatten()
+    row = real_numbers(value, f"{name} must be a number or {num_tasks} numbers").flatten()
     if row.numel() != num_tasks:
         raise ValueError(f"{name} must have {num_tasks} entries (one per expert), got {row.numel()}")
     return row

@@ -40,6 +40,7 @@ from .._validation import (
     check_int,
     check_real,
     may_overlap,
+    real_numbers,
 )
 from .philox import dare_keep_mask_torch, drop_threshold
 
@@ -651,15 +652,7 @@ def _check_inputs(bases, experts, names):
 
 def _weights_matrix(weights, num_tensors: int, num_tasks: int) -> torch.Tensor:
     """Weights as a (T, K) float64 CPU tensor from (K,) or (T, K)."""
-    try:
-        raw = torch.as_tensor(weights)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"weights must be numbers of shape (K,) or (T, K): {exc}") from None
-    if raw.dtype == torch.bool or raw.is_complex():
-        raise TypeError(f"weights must be real numbers of shape (K,) or (T, K), got {raw.dtype} values")
-    # from Python numbers directly in float64 (as_tensor alone would round them to float32 first)
-    w = (raw.detach() if isinstance(weights, torch.Tensor) else torch.as_tensor(weights, dtype=torch.float64))
-    w = w.to(torch.float64).cpu()
+    w = real_numbers(weights, "weights must be real numbers of shape (K,) or (T, K)")
     if w.ndim == 1 and w.shape[0] == num_tasks:
         w = w.expand(num_tensors, num_tasks)
     if w.shape != (num_tensors, num_tasks):
