@@ -29,13 +29,13 @@ from torch import nn
 
 from ._validation import check_float_tensor, check_int
 from .ops.per_sample_linear import (
-    _stacked,
     lowrank_factors,
     pack_weights,
     per_sample_conv2d,
     per_sample_layer_norm,
     per_sample_linear,
     per_sample_lowrank_linear,
+    stack_task_tensors,
 )
 
 
@@ -117,7 +117,7 @@ def _packed(base_param: torch.Tensor | None, task_vectors, arg: str, label: str,
     shape = tuple(base_param.shape)
     if task_vectors is None:
         task_vectors = base_param.new_zeros((num_tasks, *shape))
-    task_vectors = _stacked(task_vectors, f"{label}: {arg}", shape, base_param)
+    task_vectors = stack_task_tensors(task_vectors, f"{label}: {arg}", shape, base_param)
     if tuple(task_vectors.shape) != (num_tasks, *shape):
         raise ValueError(f"{label}: {arg} must be (K, *{shape}) with K = coefficients.num_tasks = {num_tasks}, "
                          f"got shape {tuple(task_vectors.shape)}")
@@ -188,7 +188,7 @@ class PerSampleLinear(nn.Module):
             weight = check_float_tensor(weight, "weight")
             if weight.dim() != 2:
                 raise ValueError(f"{label}: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
-            task_weights = _stacked(task_weights, "task_weights", tuple(weight.shape), weight)
+            task_weights = stack_task_tensors(task_weights, "task_weights", tuple(weight.shape), weight)
             if task_weights.dim() != 3 or task_weights.shape[1:] != weight.shape:
                 raise ValueError(f"{label}: task_weights must be (K, {weight.shape[0]}, {weight.shape[1]}), "
                                  f"got shape {tuple(task_weights.shape)}")

@@ -140,7 +140,7 @@ def pack_weights(
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
     dtype = weight.dtype if dtype is None else check_float_dtype(dtype, "dtype")
-    task_weights = _stacked(task_weights, "task_weights", tuple(weight.shape), weight)
+    task_weights = stack_task_tensors(task_weights, "task_weights", tuple(weight.shape), weight)
     if task_weights.dim() != 3 or task_weights.shape[1:] != weight.shape:
         raise ValueError(f"task_weights must be (K, {weight.shape[0]}, {weight.shape[1]}), "
                          f"got shape {tuple(task_weights.shape)}")
@@ -157,7 +157,7 @@ def pack_weights(
             raise ValueError(f"bias must be ({out_features},), got shape {tuple(bias.shape)}")
         if task_biases is None:
             task_biases = bias.new_zeros((num_tasks, out_features))
-        task_biases = _stacked(task_biases, "task_biases", (out_features,), bias)
+        task_biases = stack_task_tensors(task_biases, "task_biases", (out_features,), bias)
         if task_biases.shape != (num_tasks, out_features):
             raise ValueError(f"task_biases must be ({num_tasks}, {out_features}), got shape {tuple(task_biases.shape)}")
         with torch.no_grad():
@@ -165,7 +165,7 @@ def pack_weights(
     return packed, packed_bias
 
 
-def _stacked(value, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+def stack_task_tensors(value, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """A (K, *shape) float tensor from a tensor or a sequence of K tensors of ``shape``."""
     if isinstance(value, torch.Tensor):
         return check_float_tensor(value, name)
