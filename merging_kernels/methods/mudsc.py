@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -78,7 +77,7 @@ import torch
 from torch import nn
 
 from .._progress import tqdm_disable
-from .._validation import check_real
+from .._validation import check_int, check_real
 from ..ops.linear_assignment import linear_sum_assignment
 from ..ops.zip_matching import greedy_zip
 from ..permutation_spec import Axis, PermutationSpec, permute_axis, spec_for
@@ -640,9 +639,9 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
     w = check_real(w, "w", low=0.0, high=1.0)
     alpha = check_real(alpha, "alpha", low=0.0, high=1.0)
     zip_factor = check_real(zip_factor, "zip_factor", low=0.0, high=1.0)  # scales a merged unit's similarities
-    for name, value in (("max_sweeps", max_sweeps), ("patience", patience), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    max_sweeps = check_int(max_sweeps, "max_sweeps", low=0)
+    patience = check_int(patience, "patience", low=1)
+    seed = check_int(seed, "seed")
     if mode == "zip" and not 0.0 < float(alpha) < 1.0:
         raise ValueError(f"alpha must be in (0, 1) with mode='zip' (units merged within one model would get "
                          f"weight 0), got {alpha}")
@@ -650,8 +649,6 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
         init = "identity" if w == 1 else "activation"
     if init not in ("activation", "identity"):
         raise ValueError(f"init must be 'auto', 'activation' or 'identity', got {init!r}")
-    if max_sweeps < 0 or patience < 1:
-        raise ValueError("max_sweeps must be >= 0 and patience >= 1")
     if spec is None:
         spec = spec_for(model_a)
     if not isinstance(spec, PermutationSpec):
