@@ -46,6 +46,7 @@ native_sources_hash() {  # what _C is built from: a carried build of other sourc
 }
 
 build_failed=0
+cuda_ready=0  # checked once per call: each check imports torch
 
 build() {
     if [ "$build_failed" = 1 ]; then return 1; fi  # once per call is enough
@@ -62,17 +63,19 @@ build() {
     mkdir -p "$out/device_build"
     cp merging_kernels/_C*.so "$out/device_build/"
     native_sources_hash > "$out/device_build/sources.sha1"
+    cuda_ready=1
     echo "== build: CUDA _C saved to \$OUT/device_build (carry it as .device_build on later calls)"
 }
 
 ensure_built() {
-    has_cuda_c && return 0
+    [ "$cuda_ready" = 1 ] && return 0
+    if has_cuda_c; then cuda_ready=1; return 0; fi
     if compgen -G ".device_build/_C*.so" >/dev/null; then
         if [ "$(cat .device_build/sources.sha1 2>/dev/null)" != "$(native_sources_hash)" ]; then
             echo "== the carried .device_build/_C was built from other csrc/ sources; building"
         else
             cp .device_build/_C*.so merging_kernels/
-            if has_cuda_c; then echo "== using the carried .device_build/_C"; return 0; fi
+            if has_cuda_c; then echo "== using the carried .device_build/_C"; cuda_ready=1; return 0; fi
             echo "== the carried .device_build/_C does not load with CUDA here; building:"
             python3 -c "import merging_kernels as m; print(m.build_info())" 2>&1 | tail -3
         fi
