@@ -52,7 +52,9 @@ build() {
     if [ "$build_failed" = 1 ]; then return 1; fi  # once per call is enough
     [ -d /usr/local/cuda/bin ] && export PATH="/usr/local/cuda/bin:$PATH"
     export MERGING_KERNELS_CUDA_ARCHS="${MERGING_KERNELS_CUDA_ARCHS:-90}"  # H100 and H200 are sm_90
-    run build python3 -m pip install --no-build-isolation --no-deps -e .
+    # REQUIRE_NATIVE: a CUDA part that does not compile fails here with nvcc's log, instead of
+    # setup.py falling back to a CPU-only _C
+    MERGING_KERNELS_REQUIRE_NATIVE=1 run build python3 -m pip install --no-build-isolation --no-deps -e .
     if ! has_cuda_c; then  # a CPU-only build would only show later, as skipped or failing gpu tests
         echo "== build: _C has no CUDA part: $(python3 -c 'import merging_kernels as m; print(m.build_info())' 2>&1)" \
             | tee -a "$out/build.txt"
