@@ -65,6 +65,8 @@ def triton_available() -> bool:
 
 def _unavailable_reason(backend: str, device_type: str) -> str | None:
     """Why ``backend`` cannot run on ``device_type`` right now (None when it can)."""
+    if device_type == "cuda" and not torch.cuda.is_available():  # a CUDA _C is no use without a GPU
+        return "no CUDA device is available"
     if backend == "torch":
         return None
     if backend == "native":
@@ -80,7 +82,7 @@ def _unavailable_reason(backend: str, device_type: str) -> str | None:
         if err is not None:
             return f"triton is not importable ({err}); install it with `pip install triton`"
         if device_type == "cuda":
-            return None if torch.cuda.is_available() else "no CUDA device is available"
+            return None
         if device_type == "cpu" and triton_interpreting():
             return None
         return (
@@ -149,7 +151,7 @@ def _declared_ops() -> dict[str, OpBackends]:
 
 def available_backends(op: OpBackends | str, device: torch.device | str) -> list[str]:
     """The backends of ``op`` (an op family or its name, e.g. ``"linear_assignment"``) that can run on
-    ``device`` here, fastest first."""
+    ``device`` here, fastest first: none for ``"cuda"`` on a machine without a CUDA device."""
     if isinstance(op, str):
         declared = _declared_ops()
         if op not in declared:

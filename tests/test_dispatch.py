@@ -3,6 +3,7 @@
 import warnings
 
 import pytest
+import torch
 import merging_kernels as mk
 from merging_kernels import _dispatch
 from merging_kernels._dispatch import OpBackends, resolve_backend
@@ -97,3 +98,12 @@ def test_available_backends_by_name_and_bad_arguments(monkeypatch):
         mk.available_backends(3, "cpu")
     with pytest.raises(ValueError, match="device must be"):
         mk.available_backends("similarity", "gpu")
+
+
+def test_available_backends_on_cuda_needs_a_device(monkeypatch):
+    # a _C built with CUDA kernels (as in CI, where nvcc exists) runs nothing without a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for op in ("linear_assignment", "task_vectors", "similarity", "per_sample_linear"):
+        assert mk.available_backends(op, "cuda") == [], op
+    with pytest.raises(BackendUnavailableError, match="no CUDA device"):
+        resolve_backend(OP, "native", "cuda")
