@@ -389,7 +389,7 @@ def evaluate_targets(suite: Suite, copy_gbps: float) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--quick", action="store_true", help="~1M parameters per model (CI smoke run)")
+    parser.add_argument("--quick", action="store_true", help="~1M parameters per model (quick smoke run)")
     parser.add_argument("--json", metavar="PATH", help="also write the records and checks as JSON")
     parser.add_argument("--tasks", type=int, default=4, help="number of experts K (default 4)")
     args = parser.parse_args(argv)

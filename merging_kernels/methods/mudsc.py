@@ -49,8 +49,9 @@ are merged unit by unit:
    Linear/Conv that produces a group's units is rescaled and shifted so that
    each merged channel's mean and std on the calibration set are the merge
    matrix's interpolation of the endpoints' (:mod:`merging_kernels.methods.repair`).
-   On digits it added 1-3 points to every MLP merge and lifted the small ViT
-   from ~0.2 to ~0.4 (still far below the endpoints' 0.96).
+   On digits (zip, w = 0.5) it added 1.7-2.0 points to the MLP merges and
+   lifted the small ViT from 0.22 to 0.36 (0.21 to 0.32 joint on split
+   tasks; still far below the endpoints' 0.96).
 
 The heavy parts run on the ops: :mod:`merging_kernels.ops.similarity`
 (activation statistics and correlations, within-model weight correlations,
@@ -596,8 +597,15 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
     Args:
         model_a, model_b: the two models (not modified).
         spec: their :class:`PermutationSpec` (default: :func:`spec_for` of a reference model).
-        calibration: an iterable of input batches (tensors, or tuples whose first entry is the input),
-            e.g. a DataLoader; used for activation statistics and the BatchNorm reset.
+        calibration: an iterable of input batches, e.g. a DataLoader: each batch a tensor, or a tuple /
+            list whose first entry is the input tensor (``(x, y)``: the labels are ignored); a single
+            tensor counts as one batch, and a one-shot iterator is read once and kept. Each input is
+            what ``model_a(x)`` takes, batch first: (B, in_features) or (B, ...) for :class:`MLP`
+            (flattened), (B, C, H, W) for the ResNet-20 and the ViT; it is moved to the models'
+            device but not cast, so it must already have the dtype the models take (e.g. float32
+            images for float32 models). Used for activation statistics, the BatchNorm reset and
+            REPAIR. None only where no data is needed: w = 1 (init ``"identity"``) on a model
+            without BatchNorm (or ``reset_bn=False``), which then skips REPAIR.
         mode: ``"permute"`` (align and average) or ``"zip"`` (ZipIt-style merge of zippable groups).
         w: the balance between weight space (w = 1) and activation space (w = 0).
         alpha: weight of model A in the average (B gets 1 − alpha).
@@ -607,8 +615,9 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
             w = 1, else activation).
         zip_factor: the ZipIt factor applied to a merged unit's similarities.
         zip_residual: in zip mode, zip residual-tied groups too (ZipIt's full treatment; else they are
-            permuted). On digits it raised ResNet-20 merges by 4-8 points of validation accuracy and
-            changed nothing measurable on the small ViT (benchmarks/results/cpu-mudsc-*.txt).
+            permuted). In benchmarks/results/cpu-mudsc-2026-11-23.txt (zip, w = 0.5, 5 seed pairs) zipping
+            them instead of permuting changed test accuracy by +2.9 points (ResNet-20, 0.544 vs 0.515),
+            +5.4 (ResNet-20 split tasks, joint), -0.8 and +2.9 (small ViT): all within the seed spread.
         exclude: names of parameters that are not merged: per-task classifier heads, which may differ in
             shape between the two models (class counts). They take no part in the similarity; the merged
             model keeps model A's, expressed in the merged units, and ``result.project("b", exclude)``

@@ -117,6 +117,13 @@ class SEMergedModel(nn.Module):
     def forward(self, x: torch.Tensor, *args, alpha: torch.Tensor | None = None, **kwargs):
         """Run the model with per-sample coefficients: routed (:meth:`route`) or given, alpha (B, K).
 
+        ``x`` is the wrapped model's input with the batch in dim 0, (B, ...): e.g. (B, in_features)
+        for an MLP, (B, T, D) tokens, (B, C, H, W) images; floating inputs in the model's parameter
+        dtype (float32, float16, bfloat16; float64 on the torch backend): the per-sample layers do
+        not cast it (except under autocast). ``args``/``kwargs`` go to the model (routing replicates
+        those with leading size B, like x). ``alpha``: a float tensor (B, K) on x's device. Returns
+        what the wrapped model returns.
+
         Inference only: the per-sample ops have no autograd formula. Safe to call from several
         threads (coefficients are kept per thread).
         """
@@ -194,7 +201,9 @@ class SEMergedModel(nn.Module):
         identification from 0.69 to 0.996 (MLP, K = 4) and accuracy from 0.820 to 0.870.
 
         Args:
-            inputs: a tensor (N, ...) of inputs, or an iterable of such batches.
+            inputs: a tensor (N, ...) of inputs, batch first and shaped and typed like ``x`` of
+                :meth:`forward`, or an iterable of such tensors (bare tensors: ``(x, y)`` tuples, e.g.
+                from a labelled DataLoader, are refused with TypeError; pass ``(x for x, _ in loader)``).
         """
         batches = [inputs] if isinstance(inputs, torch.Tensor) else inputs
         total = torch.zeros_like(self.score_scale)
@@ -280,8 +289,15 @@ def se_merge(
 ) -> SEMergedModel:
     """Build an SE-Merging model from a base and K experts fine-tuned from it.
 
+    The returned model takes the base's inputs, batch first: ``model(x)`` with x (B, ...) in the
+    base's parameter dtype (see :meth:`SEMergedModel.forward`); :meth:`SEMergedModel.calibrate`
+    takes unlabeled tensors (N, ...) of the same kind, or an iterable of them.
+
     Args:
         base: the pretrained model θ0 (any nn.Module of standard layers; batch-first inputs).
+            Parameters float32, float16 or bfloat16, or float64 with ``base_method="ta"`` only
+            (TIES' thresholds refuse float64 with TypeError); task vectors are computed in float32
+            (float64 for float64) and stored in each layer's dtype.
         experts: K models of the same architecture, fine-tuned from ``base``.
         base_method: the static merge it sits on: ``"ta"`` (task arithmetic) or ``"ties"``.
         lam: static coefficient(s) λ: one number, or K numbers (task arithmetic only); for TIES the scale.

@@ -43,7 +43,9 @@ def task_arithmetic(base, experts, weights=1.0, *, drop_rate: float = 0.0, seed:
     """θ = θ0 + Σ_k λ_k (θk − θ0) (Ilharco et al., 2023), optionally with DARE.
 
     Args:
-        base: θ0, a tensor or a state dict.
+        base: θ0, a tensor or a state dict. Merged tensors may be float32, float16 or bfloat16
+            (any backend) or float64 (torch backend only: chosen for it when ``backend`` is None,
+            TypeError from the others).
         experts: K tensors or state dicts with the same names, shapes and dtypes.
         weights: λ: one number for all tasks, K numbers, or (state dicts) a mapping
             name -> number or K numbers for per-tensor coefficients (an entry for every
@@ -59,9 +61,10 @@ def task_arithmetic(base, experts, weights=1.0, *, drop_rate: float = 0.0, seed:
         backend: "torch", "triton", "native" or None (fastest available).
 
     Returns:
-        The merged tensor or state dict (float32/float16/bfloat16 accumulate in float32),
-        detached from autograd on every backend. Integer/bool buffers are copied from the
-        base; complex tensors are refused (TypeError naming the key).
+        The merged tensor or state dict, each merged tensor in its base's dtype unless
+        ``out_dtype`` or ``out`` says otherwise (float32/float16/bfloat16 accumulate in float32,
+        float64 in float64), detached from autograd on every backend. Integer/bool buffers are
+        copied from the base; complex tensors are refused (TypeError naming the key).
     """
     return _merge(base, experts, weights, out=out, drop_rate=drop_rate, seed=seed, out_dtype=out_dtype,
                   check_finite=check_finite, backend=backend)
@@ -82,7 +85,8 @@ def ties_merging(base, experts, *, density: float = 0.2, scale: float = 1.0, wei
 
     Args:
         base: θ0, a tensor or a state dict (floating-point entries are merged, integer/bool
-            buffers copied).
+            buffers copied); dtypes as :func:`task_arithmetic` (float32/float16/bfloat16; float64
+            on the torch backend).
         experts: K tensors or state dicts with the same names, shapes and dtypes.
         density: ρ ∈ (0, 1], the fraction of entries kept per task; None (or 1) keeps all
             non-zero entries (no trim: sign election and disjoint mean only).
@@ -95,7 +99,8 @@ def ties_merging(base, experts, *, density: float = 0.2, scale: float = 1.0, wei
         out, out_dtype, check_finite, backend: as :func:`task_arithmetic`.
 
     Returns:
-        The merged tensor or state dict, in the base's dtypes (or ``out_dtype``), detached.
+        The merged tensor or state dict, each merged tensor in its base's dtype unless
+        ``out_dtype`` or ``out`` says otherwise, detached.
     """
     return _merge(base, experts, weights, out=out, scale=scale, density=density, trim_scope=trim_scope,
                   elect_sign=True, normalize=normalize, drop_rate=drop_rate, seed=seed, out_dtype=out_dtype,
@@ -108,7 +113,8 @@ def dare_merging(base, experts, *, drop_rate: float, weights=1.0, seed: int = 0,
     combine by task arithmetic (or with TIES' sign election when ``elect_sign``).
 
     Args:
-        base: θ0, a tensor or a state dict; experts: K tensors or state dicts like it.
+        base: θ0, a tensor or a state dict; experts: K tensors or state dicts like it (dtypes as
+            :func:`task_arithmetic`: float32/float16/bfloat16; float64 on the torch backend).
         drop_rate: p ∈ [0, 1), required.
         weights: λ: a number, K numbers, or a mapping name -> number / K numbers (as
             :func:`task_arithmetic`).
@@ -117,7 +123,8 @@ def dare_merging(base, experts, *, drop_rate: float, weights=1.0, seed: int = 0,
         out, out_dtype, check_finite, backend: as :func:`task_arithmetic`.
 
     Returns:
-        The merged tensor or state dict, in the base's dtypes (or ``out_dtype``), detached.
+        The merged tensor or state dict, each merged tensor in its base's dtype unless
+        ``out_dtype`` or ``out`` says otherwise, detached.
     """
     return _merge(base, experts, weights, out=out, drop_rate=drop_rate, seed=seed, elect_sign=elect_sign,
                   out_dtype=out_dtype, check_finite=check_finite, backend=backend)

@@ -714,8 +714,9 @@ def merge_task_vectors(
         backend: ``"torch"``, ``"triton"``, ``"native"`` or None (fastest available).
 
     Returns:
-        T merged tensors (``out`` if given), detached from autograd on every backend. Inputs
-        are never modified.
+        T merged tensors with the bases' shapes, dtype ``out_dtype`` or else each base's (``out``
+        if given: its tensors, in their own dtypes), detached from autograd on every backend.
+        Inputs are never modified.
     """
     names, device = _check_inputs(bases, experts, names)
     spec = make_spec(scale=scale, density=density, trim_scope=trim_scope, drop_rate=drop_rate, seed=seed,
