@@ -212,6 +212,88 @@ def test_float32_compute(backend, device, method):
     assert np.isfinite(total(forbidden, rows, cols))
 
 
+# --------------------------------------------------------------------------- near the float maximum
+
+# Costs near float64's maximum: reduced costs c - u - v overflow into +inf (read as forbidden pairs), which
+# gave false "infeasible" errors and worse-than-optimal assignments. The native solvers now report such
+# entries on their first scan, and linear_sum_assignment rescales by a power of two (exact) and solves
+# again. Each case meets the huge entries in a different first scan.
+NEAR_MAX_CASES = {
+    "square-in-place": ((6, 6), False),  # dense column reduction reads the costs in place
+    "square-maximize": ((6, 6), True),   # converted copy (sign change)
+    "wide-in-place": ((5, 8), False),    # rectangular check in place
+    "tall-transposed": ((8, 5), False),  # transposed copy
+    "sparse-first-pass": ((800, 800), False),  # n >= 768: the sparse path's column minima
+}
+
+
+def near_max_cost(shape, seed, top=1.7e308):
+    return (np.random.default_rng(seed).random(shape) * 2 - 1) * top
+
+
+def total_scaled(cost, rows, cols, scale=2.0 ** -60):  # exact: a power of two, no overflow in the sum
+    return float(np.sum(cost[rows, cols] * scale))
+
+
+@pytest.mark.parametrize("case", list(NEAR_MAX_CASES))
+@pytest.mark.parametrize("backend, device", [pytest.param("torch", "cpu", id="torch-cpu")]
+                         + [pytest.param(*p.values, id=p.id, marks=p.marks) for p in FAST])
+def test_costs_near_the_float64_maximum(backend, device, case):
+    shape, maximize = NEAR_MAX_CASES[case]
+    if backend == "torch" and shape[0] > 100:
+        pytest.skip("the reference is slow")
+    seeds = range(12) if shape[0] < 100 else range(1)
+    for seed in seeds:
+        cost = near_max_cost(shape, seed)
+        r0, c0 = scipy_lsa(cost * 2.0 ** -30, maximize=maximize)  # scipy itself overflows at full scale
+        rows, cols = (x.cpu().numpy() for x in mk.linear_sum_assignment(
+            torch.from_numpy(cost).to(device), maximize, backend=backend))
+        assert len(set(cols.tolist())) == len(cols) == min(shape)
+        assert total_scaled(cost, rows, cols) == pytest.approx(total_scaled(cost, r0, c0), rel=1e-12, abs=1e-12 * 2.0 ** 964)
+        try:  # the duals, where they fit float64, certify the optimum (checked at a scale where c - u - v fits)
+            rows, cols, u, v = (x.cpu().numpy() for x in mk.linear_sum_assignment(
+                torch.from_numpy(cost).to(device), maximize, return_duals=True, backend=backend))
+        except ValueError as exc:
+            assert "dual potentials" in str(exc) and "range" in str(exc)
+            continue
+        k = 2.0 ** -4
+        assert mk.check_assignment(cost * k, rows, cols, u * k, v * k, maximize=maximize)
+
+
+@pytest.mark.parametrize("backend, device", [pytest.param("torch", "cpu", id="torch-cpu")]
+                         + [pytest.param(*p.values, id=p.id, marks=p.marks) for p in FAST])
+def test_float32_costs_near_the_float32_maximum(backend, device):
+    for seed in range(6):
+        cost = near_max_cost((7, 7), seed, top=3.3e38).astype(np.float32)
+        want = total_scaled(cost.astype(np.float64), *scipy_lsa(cost.astype(np.float64)))  # far from overflow
+        for compute_dtype in (torch.float32, torch.float64):
+            rows, cols = (x.cpu().numpy() for x in mk.linear_sum_assignment(
+                torch.from_numpy(cost).to(device), backend=backend, compute_dtype=compute_dtype))
+            got = total_scaled(cost.astype(np.float64), rows, cols)
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-5 * 2.0 ** 68), compute_dtype
+
+
+@pytest.mark.skipif(not NATIVE_CPU, reason="native backend not built")
+def test_native_paths_report_out_of_range_and_invalid_first():
+    # each first scan reports status 3 (out of range: the caller rescales); a NaN anywhere still wins (2)
+    team = lambda t3, maximize: la._solve_team_serial(t3, maximize, torch.float64, True)[4]  # noqa: E731
+    dense = lambda t3, maximize: la._solve_native_cpu(t3, maximize, torch.float64, True,  # noqa: E731
+                                                      method=la.METHOD_DENSE)[4]
+    sparse = lambda t3, maximize: la._solve_native_cpu(t3, maximize, torch.float64, True,  # noqa: E731
+                                                       method=la.METHOD_SPARSE)[4]
+    for name, (shape, maximize) in NEAR_MAX_CASES.items():
+        for path in (dense, sparse, team):
+            if path is team and shape[0] > 100:
+                continue
+            t3 = torch.from_numpy(near_max_cost(shape, 0))[None].contiguous()
+            assert path(t3, maximize).tolist() == [la.STATUS_OUT_OF_RANGE], name
+            t3[0, 1, 2] = np.nan
+            assert path(t3, maximize).tolist() == [2], name
+            ok = (t3 * 0.0).nan_to_num(0.0) + 1.0
+            ok[0, 0, 0] = 2.0 ** 1000  # the largest magnitude taken as it is
+            assert path(ok, maximize).tolist() == [0], name
+
+
 # --------------------------------------------------------------------------- infeasible and invalid
 
 

@@ -41,11 +41,39 @@ namespace lsa {
 namespace team {
 
 constexpr int kNone = INT_MAX;  // index of an empty entry
-enum : int32_t { kOk = 0, kInfeasible = 1, kInvalid = 2 };
+enum : int32_t { kOk = 0, kInfeasible = 1, kInvalid = 2, kOutOfRange = 3 };
 
 template <class T>
 MK_LSA_HD T infinity() {
   return std::numeric_limits<T>::infinity();
+}
+
+// The largest finite |cost| a solve takes: reduced costs and path lengths are sums of a few
+// differences of costs and potentials, so magnitudes near the type's maximum overflow into +inf
+// (read as forbidden pairs: wrong answers or false "infeasible"). Beyond it a problem is reported
+// kOutOfRange, and the caller rescales it by a power of two (exact) and solves again.
+template <class T>
+MK_LSA_HD T safe_magnitude() {
+  if constexpr (sizeof(T) == sizeof(double)) {
+    return 0x1p1000;
+  } else {
+    return 0x1p100f;
+  }
+}
+
+// An entry no solve may take as it is: NaN, -inf (kInvalid), or finite beyond safe_magnitude
+// (kOutOfRange). +inf, a forbidden pair, is usable. One test on the hot scans; classify() says which.
+template <class T>
+MK_LSA_HD bool unusable(T x) {
+  return !(x <= safe_magnitude<T>() && x >= -safe_magnitude<T>()) && x != infinity<T>();
+}
+
+// The status of costs of which some entry is unusable: kInvalid when any is NaN or -inf.
+template <class T>
+inline int32_t classify(const T* c, int64_t count) {
+  for (int64_t k = 0; k < count; ++k)
+    if (!(c[k] > -infinity<T>())) return kInvalid;
+  return kOutOfRange;
 }
 
 template <class T>

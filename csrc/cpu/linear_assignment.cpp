@@ -44,7 +44,8 @@ constexpr T kInf = std::numeric_limits<T>::infinity();
 // run time. Ties are broken towards the smallest column index in both, so results are the same.
 
 // Column minima (and their first rows) updated by one row; the row's minimum over each `chunk`
-// columns into cmin (when given); returns false when the row holds a NaN or -inf.
+// columns into cmin (when given); returns false when the row holds an entry that team::unusable
+// refuses (NaN, -inf, or beyond the safe magnitude: team::classify tells which).
 template <class T>
 inline bool colmin_update_generic(const T* c, T* vmin, T* imin, T row, int m, T* cmin, int chunk) {
   int bad = 0;
@@ -53,7 +54,7 @@ inline bool colmin_update_generic(const T* c, T* vmin, T* imin, T row, int m, T*
     T best = kInf<T>;
     for (int j = s; j < e; ++j) {
       const T x = c[j];
-      bad |= !(x > -kInf<T>);
+      bad |= team::unusable(x);
       const bool lt = x < vmin[j];
       vmin[j] = lt ? x : vmin[j];
       imin[j] = lt ? row : imin[j];
@@ -133,9 +134,9 @@ inline T relax_generic(const T* c, const T* v, T* d, T* pred, T h, T row, int m,
 }
 
 template <class T>
-inline bool all_valid_generic(const T* c, int64_t count) {  // no NaN, no -inf
+inline bool all_usable_generic(const T* c, int64_t count) {  // no entry team::unusable refuses
   int bad = 0;
-  for (int64_t k = 0; k < count; ++k) bad |= !(c[k] > -kInf<T>);
+  for (int64_t k = 0; k < count; ++k) bad |= team::unusable(c[k]);
   return bad == 0;
 }
 
@@ -153,9 +154,16 @@ __attribute__((target("avx"))) inline __m256d select_pd(__m256d a, __m256d b, __
   return _mm256_or_pd(_mm256_and_pd(mask, b), _mm256_andnot_pd(mask, a));
 }
 
+// team::unusable on four entries: all-ones lanes for NaN, -inf and finite |x| > safe magnitude.
+__attribute__((target("avx"))) inline __m256d unusable_pd(__m256d x) {
+  const __m256d magnitude = _mm256_andnot_pd(_mm256_set1_pd(-0.0), x);
+  return _mm256_and_pd(_mm256_cmp_pd(magnitude, _mm256_set1_pd(team::safe_magnitude<double>()), _CMP_NLE_UQ),
+                       _mm256_cmp_pd(x, _mm256_set1_pd(kInf<double>), _CMP_NEQ_UQ));
+}
+
 __attribute__((target("avx"))) bool colmin_update_avx(const double* c, double* vmin, double* imin, double row,
                                                        int m, double* cmin, int chunk) {
-  const __m256d vr = _mm256_set1_pd(row), lo = _mm256_set1_pd(-kInf<double>);
+  const __m256d vr = _mm256_set1_pd(row);
   __m256d ok = _mm256_castsi256_pd(_mm256_set1_epi64x(-1));
   bool tail_ok = true;
   for (int s = 0, k = 0; s < m; s += chunk, ++k) {
@@ -166,7 +174,7 @@ __attribute__((target("avx"))) bool colmin_update_avx(const double* c, double* v
       const __m256d x = _mm256_loadu_pd(c + j);
       const __m256d cur = _mm256_loadu_pd(vmin + j);
       const __m256d lt = _mm256_cmp_pd(x, cur, _CMP_LT_OQ);
-      ok = _mm256_and_pd(ok, _mm256_cmp_pd(x, lo, _CMP_GT_OQ));
+      ok = _mm256_andnot_pd(unusable_pd(x), ok);
       _mm256_storeu_pd(vmin + j, select_pd(cur, x, lt));
       _mm256_storeu_pd(imin + j, select_pd(_mm256_loadu_pd(imin + j), vr, lt));
       best = _mm256_min_pd(x, best);
@@ -345,12 +353,11 @@ __attribute__((target("avx"))) double relax_avx(const double* c, const double* v
   return best;
 }
 
-__attribute__((target("avx"))) bool all_valid_avx(const double* c, int64_t count) {
-  const __m256d lo = _mm256_set1_pd(-kInf<double>);
+__attribute__((target("avx"))) bool all_usable_avx(const double* c, int64_t count) {
   __m256d ok = _mm256_castsi256_pd(_mm256_set1_epi64x(-1));
   int64_t k = 0;
-  for (; k + 4 <= count; k += 4) ok = _mm256_and_pd(ok, _mm256_cmp_pd(_mm256_loadu_pd(c + k), lo, _CMP_GT_OQ));
-  return _mm256_movemask_pd(ok) == 0xF && all_valid_generic(c + k, count - k);
+  for (; k + 4 <= count; k += 4) ok = _mm256_andnot_pd(unusable_pd(_mm256_loadu_pd(c + k)), ok);
+  return _mm256_movemask_pd(ok) == 0xF && all_usable_generic(c + k, count - k);
 }
 #endif  // MK_LSA_X86
 
@@ -396,12 +403,12 @@ inline T relax(const T* c, const T* v, T* d, T* pred, T h, T row, int m, int* ar
   return relax_generic(c, v, d, pred, h, row, m, arg);
 }
 template <class T>
-inline bool all_valid(const T* c, int64_t count) {
+inline bool all_usable(const T* c, int64_t count) {
 #ifdef MK_LSA_X86
   if constexpr (std::is_same_v<T, double>)
-    if (cpu_has_avx()) return all_valid_avx(c, count);
+    if (cpu_has_avx()) return all_usable_avx(c, count);
 #endif
-  return all_valid_generic(c, count);
+  return all_usable_generic(c, count);
 }
 
 // =============================================================================== dense LAPJV
@@ -474,7 +481,7 @@ class DenseSolver {
     std::fill(w.v.begin(), w.v.end(), kInf<T>);
     bool valid = true;
     for (int i = 0; i < n_; ++i) valid &= colmin_update(row(i), v, w.tmp.data(), static_cast<T>(i), m_, (T*)nullptr, m_);
-    if (!valid) return kInvalid;
+    if (!valid) return team::classify(c_, static_cast<int64_t>(n_) * m_);
     for (int j = 0; j < m_; ++j)
       if (!(v[j] < kInf<T>)) return kInfeasible;  // a column with no allowed row
     w.matches.assign(n_, 0);
@@ -819,7 +826,7 @@ class SparseSolver {
     bool valid = true;
     for (int i = 0; i < n; ++i)
       valid &= colmin_update(row(i), w.v.data(), w.imin.data(), static_cast<T>(i), n, (T*)nullptr, n);
-    if (!valid) return kInvalid;
+    if (!valid) return team::classify(c_, static_cast<int64_t>(n) * n);
     for (int j = 0; j < n; ++j)
       if (!(w.v[j] < kInf<T>)) return kInfeasible;  // a column with no allowed row
     w.cmin.assign(n / 8 + 2, T(0));
@@ -1087,16 +1094,16 @@ class SparseSolver {
 // =============================================================================== input preparation
 
 // dst (n x m, n <= m) from src (nr x nc): converted to T, negated when maximising, transposed when
-// nr > nc. Returns false when a value is NaN or -inf after the sign change.
+// nr > nc. Returns kOk, or the status of the entries team::unusable refuses after the sign change.
 template <class Tin, class T>
-bool prepare_copy(const Tin* src, int64_t nr, int64_t nc, bool transpose, bool negate, T* dst) {
+int32_t prepare_copy(const Tin* src, int64_t nr, int64_t nc, bool transpose, bool negate, T* dst) {
   int bad = 0;
   const T sign = negate ? T(-1) : T(1);
   if (!transpose) {
     const int64_t count = nr * nc;
     for (int64_t k = 0; k < count; ++k) {
       const T x = sign * static_cast<T>(src[k]);
-      bad |= !(x > -kInf<T>);
+      bad |= team::unusable(x);
       dst[k] = x;
     }
   } else {
@@ -1107,14 +1114,14 @@ bool prepare_copy(const Tin* src, int64_t nr, int64_t nc, bool transpose, bool n
         for (int64_t i = i0; i < i1; ++i)
           for (int64_t j = j0; j < j1; ++j) {
             const T x = sign * static_cast<T>(src[i * nc + j]);
-            bad |= !(x > -kInf<T>);
+            bad |= team::unusable(x);
             dst[j * nr + i] = x;
           }
       }
   }
   // a NaN that became a float32 NaN is caught above; float64 values too large for float32 become
-  // +-inf, which is what the float32 computation can represent.
-  return bad == 0;
+  // +-inf, which is what the float32 computation can represent (linear_sum_assignment refuses them).
+  return bad == 0 ? kOk : team::classify(dst, nr * nc);
 }
 
 // Results of the n x m solve (x: row -> column, v) in the caller's orientation and sign.
@@ -1167,11 +1174,11 @@ int32_t solve_one(const void* cost, int dtype, int64_t nr, int64_t nc, const Opt
     c = static_cast<const T*>(cost);
   } else {
     w.mat.resize(static_cast<size_t>(nr) * static_cast<size_t>(nc));
-    const bool ok = dtype == 1 ? prepare_copy(static_cast<const double*>(cost), nr, nc, transpose, opt.maximize,
-                                              w.mat.data())
-                               : prepare_copy(static_cast<const float*>(cost), nr, nc, transpose, opt.maximize,
-                                              w.mat.data());
-    if (!ok) return kInvalid;
+    const int32_t st = dtype == 1 ? prepare_copy(static_cast<const double*>(cost), nr, nc, transpose, opt.maximize,
+                                                 w.mat.data())
+                                  : prepare_copy(static_cast<const float*>(cost), nr, nc, transpose, opt.maximize,
+                                                 w.mat.data());
+    if (st != kOk) return st;
     c = w.mat.data();
     checked = true;
   }
@@ -1184,7 +1191,7 @@ int32_t solve_one(const void* cost, int dtype, int64_t nr, int64_t nc, const Opt
   if (sparse) {
     SparseSolver<T> solver(c, n, sw);
     const int32_t st = solver.solve(stats);
-    if (st == kInvalid || st == kInfeasible) return st;
+    if (st == kInvalid || st == kInfeasible || st == kOutOfRange) return st;
     if (stats) stats->used_sparse = 1;
     if (st == kOk) {
       x = solver.x().data();
@@ -1206,7 +1213,8 @@ int32_t solve_one(const void* cost, int dtype, int64_t nr, int64_t nc, const Opt
     checked = true;  // the sparse path's first pass checked every entry
   }
   if (!solved) {
-    if (!checked && n != m && !all_valid(c, static_cast<int64_t>(n) * m)) return kInvalid;  // square: checked below
+    if (!checked && n != m && !all_usable(c, static_cast<int64_t>(n) * m))  // square: checked below
+      return team::classify(c, static_cast<int64_t>(n) * m);
     DenseSolver<T> solver(c, n, m, w);
     const int32_t st = solver.solve();
     if (stats) {
@@ -1234,11 +1242,11 @@ int32_t solve_one_team(const void* cost, int dtype, int64_t nr, int64_t nc, cons
   if (stats) *stats = Stats{};
   if (n == 0) return kOk;
   w.mat.resize(static_cast<size_t>(nr) * static_cast<size_t>(nc));
-  const bool ok = dtype == 1 ? prepare_copy(static_cast<const double*>(cost), nr, nc, transpose, opt.maximize,
-                                            w.mat.data())
-                             : prepare_copy(static_cast<const float*>(cost), nr, nc, transpose, opt.maximize,
-                                            w.mat.data());
-  if (!ok) return kInvalid;
+  const int32_t prep = dtype == 1 ? prepare_copy(static_cast<const double*>(cost), nr, nc, transpose, opt.maximize,
+                                                 w.mat.data())
+                                  : prepare_copy(static_cast<const float*>(cost), nr, nc, transpose, opt.maximize,
+                                                 w.mat.data());
+  if (prep != kOk) return prep;
   team::Problem<T> p;
   p.c = w.mat.data();
   p.n = n;

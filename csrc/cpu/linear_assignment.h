@@ -16,6 +16,7 @@ enum Status : int32_t {
   kOk = 0,
   kInfeasible = 1,  // no assignment of finite cost covers the smaller side
   kInvalid = 2,     // NaN, or -inf (+inf when maximizing)
+  kOutOfRange = 3,  // a finite |cost| beyond team::safe_magnitude: the caller rescales and retries
 };
 
 enum Method : int32_t {

@@ -197,7 +197,8 @@ __device__ __forceinline__ T load_entry(const Args& a, int64_t b, int i, int j) 
 }
 
 // Problems whose costs stay in global memory: check every entry (NaN, or -inf after the sign change,
-// marks the problem invalid) and write the converted copy where one is needed.
+// marks the problem invalid; a finite entry beyond team::safe_magnitude, out of range) and write the
+// converted copy where one is needed.
 template <class T>
 __global__ void prepare_kernel(Args a, int64_t batch) {
   const int64_t per = static_cast<int64_t>(a.plan.n) * a.plan.m;
@@ -207,7 +208,9 @@ __global__ void prepare_kernel(Args a, int64_t batch) {
     const int64_t b = e / per, r = e % per;
     const int i = static_cast<int>(r / a.plan.m), j = static_cast<int>(r % a.plan.m);
     const T x = load_entry<T>(a, b, i, j);
-    if (!(x > -team::infinity<T>())) a.status[b] = kInvalid;  // benign race: every writer stores the same value
+    // Benign race: a problem with both kinds of entry may end up either code; the host rescales an
+    // out-of-range batch and solves again, and that solve reports the invalid entries.
+    if (team::unusable(x)) a.status[b] = x > -team::infinity<T>() ? team::kOutOfRange : kInvalid;
     if (a.plan.copy) reinterpret_cast<T*>(a.ws_mat + b * a.plan.ws_mat_stride)[r] = x;
   }
 }
@@ -223,15 +226,17 @@ __global__ void __launch_bounds__(1024) solve_kernel(Args a) {
   unsigned char* vecs;
   if (pl.smem_matrix) {
     T* sm = reinterpret_cast<T*>(dyn);
-    bool bad = false;
+    bool invalid = false, out_of_range = false;
     const int count = n * m;  // fits: the matrix fits in shared memory (32-bit / and % are far cheaper)
     for (int e = threadIdx.x; e < count; e += blockDim.x) {
       const T x = load_entry<T>(a, b, e / m, e % m);
-      bad |= !(x > -team::infinity<T>());
+      invalid |= !(x > -team::infinity<T>());
+      out_of_range |= team::unusable(x);
       sm[e] = x;
     }
-    if (__syncthreads_or(bad)) {
-      if (threadIdx.x == 0) a.status[b] = kInvalid;
+    const bool any_invalid = __syncthreads_or(invalid);
+    if (__syncthreads_or(out_of_range)) {  // out_of_range covers the invalid entries too
+      if (threadIdx.x == 0) a.status[b] = any_invalid ? kInvalid : team::kOutOfRange;
       return;
     }
     C = sm;

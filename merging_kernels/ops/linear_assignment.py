@@ -21,6 +21,7 @@ the public functions.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -33,6 +34,9 @@ LINEAR_ASSIGNMENT = OpBackends("linear_assignment", cpu=("native",), cuda=("nati
 
 INVALID_MESSAGE = "matrix contains invalid numeric entries"  # scipy's words
 INFEASIBLE_MESSAGE = "cost matrix is infeasible"
+STATUS_OUT_OF_RANGE = 3  # a native solve met a finite |cost| beyond the safe magnitude (see _range_exponent)
+# log2 of the largest finite |cost| the native solvers take (team::safe_magnitude in csrc/common/lsa_team.h)
+SAFE_MAGNITUDE_EXP = {torch.float64: 1000, torch.float32: 100}
 
 # native method switch (tests use it to exercise each CPU path): 0 auto, 1 dense LAPJV, 2 sparse-then-certify
 METHOD_AUTO, METHOD_DENSE, METHOD_SPARSE = 0, 1, 2
@@ -134,7 +138,8 @@ def _solve_torch(cost3: torch.Tensor, maximize: bool, compute_dtype: torch.dtype
 
 # --------------------------------------------------------------------------- native (C++ / CUDA)
 # _C receives addresses of contiguous tensors (float32 or float64 costs; int64 indices; duals in the
-# compute dtype; int32 status per problem: 0 ok, 1 infeasible, 2 invalid entries) and no torch objects.
+# compute dtype; int32 status per problem: 0 ok, 1 infeasible, 2 invalid entries, 3 out of range) and no torch
+# objects.
 
 
 def _outputs(cost3: torch.Tensor, compute_dtype: torch.dtype, want_duals: bool):
@@ -226,7 +231,21 @@ def _raise_on_status(status: torch.Tensor, batched: bool) -> None:
     message = INFEASIBLE_MESSAGE if code == 1 else INVALID_MESSAGE
     if code == 2:
         message += " (NaN, or -inf; +inf when maximizing)"
+    if code == STATUS_OUT_OF_RANGE:  # linear_sum_assignment rescales these; only direct callers see it
+        message = "cost has finite entries too large for the solver; rescale by a power of two"
     raise ValueError(_where(message, b, batched))
+
+
+def _range_exponent(t3: torch.Tensor, compute_dtype: torch.dtype) -> int:
+    """The power of two (<= 0) that brings every finite |cost| within the solvers' safe magnitude.
+
+    Near the type's maximum, reduced costs c - u - v overflow into +inf, which reads as a forbidden
+    pair: a wrong assignment or a false "infeasible". Scaling by 2**k is exact (short of underflow
+    in entries 2**|k| below the largest, which change no total), so the solve is the same problem.
+    """
+    big = float(torch.where(torch.isfinite(t3), t3.abs(), 0).amax())
+    limit = SAFE_MAGNITUDE_EXP[compute_dtype]
+    return 0 if big <= 2.0 ** limit else limit - math.frexp(big)[1]
 
 
 def _where(message: str, b: int, batched: bool) -> str:
@@ -323,19 +342,37 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
     if compute_dtype == torch.float32 and dtype == torch.float64 and t3.numel():
         _check_fits_float32(t3)
 
+    def solve(costs: torch.Tensor, exponent: int):
+        """(rows, cols, u, v, status or None) of the problems scaled by 2**exponent, duals unscaled."""
+        if exponent:
+            costs = costs * 2.0 ** exponent
+        status = None
+        if name == "torch":
+            rows, cols, u, v = _solve_torch(costs, maximize, compute_dtype, batched)
+        elif costs.device.type == "cuda":
+            rows, cols, u, v, status = _solve_native_cuda(costs.contiguous(), maximize, compute_dtype, return_duals)
+        else:
+            rows, cols, u, v, status, _ = _solve_native_cpu(costs.contiguous(), maximize, compute_dtype, return_duals)
+        if exponent and return_duals:
+            u, v = u * 2.0 ** -exponent, v * 2.0 ** -exponent
+            if not bool(torch.isfinite(u).all() & torch.isfinite(v).all()):
+                raise ValueError(f"cost: the dual potentials of this problem exceed {compute_dtype}'s range; "
+                                 "solve with return_duals=False or with smaller costs")
+        return rows, cols, u, v, status
+
     if b == 0 or n == 0 or m == 0:
         rows = torch.empty((b, min(n, m)), dtype=torch.int64, device=t3.device)  # (B, k) even for B = 0
         cols = torch.empty((b, min(n, m)), dtype=torch.int64, device=t3.device)
         u = torch.zeros((b, n), dtype=compute_dtype, device=t3.device)
         v = torch.zeros((b, m), dtype=compute_dtype, device=t3.device)
-    elif name == "torch":
-        rows, cols, u, v = _solve_torch(t3, bool(maximize), compute_dtype, batched)
-    elif t3.device.type == "cuda":
-        rows, cols, u, v, status = _solve_native_cuda(t3.contiguous(), bool(maximize), compute_dtype, return_duals)
-        _raise_on_status(status, batched)
     else:
-        rows, cols, u, v, status, _ = _solve_native_cpu(t3.contiguous(), bool(maximize), compute_dtype, return_duals)
-        _raise_on_status(status, batched)
+        # the native solvers check the range on their first scan and report it; the reference cannot
+        exponent = _range_exponent(t3, compute_dtype) if name == "torch" else 0
+        rows, cols, u, v, status = solve(t3, exponent)
+        if status is not None and bool((status.cpu() == STATUS_OUT_OF_RANGE).any()):  # rare: rescale, solve again
+            rows, cols, u, v, status = solve(t3, _range_exponent(t3, compute_dtype))
+        if status is not None:
+            _raise_on_status(status, batched)
 
     out = (rows, cols, u, v) if return_duals else (rows, cols)
     if not batched:
