@@ -353,8 +353,11 @@ def test_greedy_zip_validates_its_input():
     sim[0, 1] = float("-inf")
     with pytest.raises(ValueError, match="finite off the diagonal"):
         greedy_zip(sim)
-    diag_inf = torch.rand(4, 4).fill_diagonal_(float("inf"))
-    greedy_zip(diag_inf)  # the diagonal is ignored
+    finite = torch.rand(6, 6, generator=torch.Generator().manual_seed(0))
+    expected = greedy_zip(finite.clone().fill_diagonal_(0.0))
+    for diagonal in (float("inf"), float("-inf"), float("nan"), 1e30):  # documented: the diagonal is ignored
+        merge, unmerge = greedy_zip(finite.clone().fill_diagonal_(diagonal))
+        assert torch.equal(merge, expected[0]) and torch.equal(unmerge, expected[1])
     with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\)"):
         greedy_zip(torch.rand(4, 4), alpha=1.0)
     a, b, spec, _ = _permuted_pair("mlp")
