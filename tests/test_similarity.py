@@ -131,6 +131,56 @@ def test_correlation_matrix_dead_rows(backend, device):
     assert torch.equal(cxy[:, 1], torch.zeros(10, device=device))
 
 
+# Finite inputs at the edges of their dtype's range, (dtype, max |value|, eps): fp32 sums of squares overflow
+# beyond ~1.8e19 (float64 ones beyond ~1e154), a row's mean or its centering overflow near 3.4e38, squares of tiny
+# rows underflow (which matters only when eps is tiny too). bf16 shares fp32's range; fp16 is computed in fp32.
+EXTREME = [(torch.float32, 1e20, 1e-8), (torch.float32, 3e38, 1e-8), (torch.bfloat16, 1e30, 1e-8),
+           (torch.bfloat16, 3e38, 1e-8), (torch.float16, 6e4, 1e-8), (torch.float64, 1e200, 1e-8),
+           (torch.float64, 1.7e308, 1e-8), (torch.float32, 1e-30, 0.0), (torch.float32, 1e-36, 0.0),
+           (torch.bfloat16, 1e-30, 0.0), (torch.float64, 1e-200, 0.0)]
+
+
+def _extreme_id(case):
+    dtype, peak, eps = case
+    return f"{str(dtype).replace('torch.', '')}-{peak:g}-eps{eps:g}"
+
+
+def _scaled(n, d, dtype, device, peak, *, seed, offset=0.0):
+    """Correlated rows (as _data) built in float64, scaled so that the largest |value| is ``peak``, then rounded."""
+    x = _data(n, d, torch.float64, "cpu", seed=seed, mean=offset)
+    return (x / x.abs().max() * peak).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype, peak, eps", EXTREME, ids=[_extreme_id(c) for c in EXTREME])
+def test_correlation_matrix_extreme_magnitudes(backend, device, dtype, peak, eps):
+    """Every backend matches the float64 reference on rows of any finite size (the torch path once treated every row
+    beyond ~1.8e19 as dead: fp32 vector_norm overflowed), with no NaN; constant rows stay exactly dead."""
+    d = 37
+    x = _scaled(23, d, dtype, device, peak, seed=30)
+    # spans ±peak: centered, its values reach 1.5·peak
+    x[3] = (torch.where(torch.arange(d) % 4 == 0, 1.0, -1.0).double() * peak).to(dtype)
+    x[5] = x[5] * 2.0 ** -10  # a smaller row among large ones
+    x[7] = x[0, 0]  # constant: dead
+    y = _scaled(11, d, dtype, device, peak, seed=31, offset=2.0)
+    y[0] = _data(1, d, dtype, device, seed=32)  # an ordinary row (values ~1) against the extreme ones
+    for other in (None, y):
+        want = correlation_matrix_torch(x, other, eps=eps)
+        # the oracle itself: the same correlation as for the rows divided by peak (scale invariance)
+        torch.testing.assert_close(want, correlation_matrix_torch(x.double() / peak, None if other is None else
+                                                                   other.double() / peak, eps=eps / peak),
+                                   rtol=0, atol=1e-12)
+        off_diagonal = want[[3, 4, 5]].abs().sum(1) - (1.0 if other is None else 0.0)
+        assert bool((off_diagonal > 1e-3).all())  # the rows at the extremes are alive
+        got = correlation_matrix(x, other, eps=eps, backend=backend)
+        assert not torch.isnan(got).any()
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=corr_tol(dtype, device, d))
+    c = correlation_matrix(x, eps=eps, backend=backend)
+    expect = torch.zeros(23, device=device)
+    expect[7] = 1.0
+    assert torch.equal(c[7], expect) and torch.equal(c[:, 7], expect)
+
+
 @pytest.mark.parametrize("backend, device", BACKENDS)
 def test_correlation_of_permuted_copy_recovers_permutation(backend, device):
     n, d = 40, 64
@@ -276,6 +326,62 @@ def test_correlation_from_moments_raw_moments_large_mean(backend, device, offset
     assert err <= 2 * err_plain + 2.0 ** -24, (err, err_plain)
 
 
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("D", [0, 1, 2, 23])
+def test_correlation_from_moments_sizes_and_dtypes(backend, device, dtype, D):
+    """D = 0 and 1, and fp32/bf16 moments: the fast paths compute in float64 from the given (rounded) moments, as the
+    reference does, so only the fp32 output rounding remains."""
+    z = _data(50, D, torch.float64, device, seed=33, mean=0.5)
+    mean, second = z.mean(0).to(dtype), (z.T @ z).to(dtype)
+    got = correlation_from_moments(mean, second, 50, backend=backend)
+    want = correlation_from_moments_torch(mean, second, 50)
+    assert got.shape == (D, D) and got.dtype == torch.float32 and not torch.isnan(got).any()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2.0 ** -24)
+    assert torch.equal(got.diagonal(), torch.ones(D, device=device))
+    if D > 1 and dtype != torch.bfloat16:  # bf16 moments are too coarse for μ/σ ~ 0.5 to stay near the truth
+        torch.testing.assert_close(got.double(), correlation_matrix_torch(z.T), rtol=0,
+                                   atol=2.0 ** -23 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_correlation_from_moments_strided_second_moment(backend, device, dtype):
+    z = _data(60, 17, torch.float64, device, seed=34)
+    mean, second = z.mean(0).to(dtype), (z.T @ z).to(dtype)
+    want = correlation_from_moments_torch(mean, second, 60)
+    big = torch.full((34, 52), float("nan"), dtype=dtype, device=device)
+    spaced = big[::2, 1::3]  # strides (104, 3), NaN in between: only the right entries may be read
+    spaced.copy_(second)
+    column_major = second.T.contiguous().T
+    for m in (spaced, column_major, spaced.T):
+        assert not m.is_contiguous()
+        got = correlation_from_moments(mean, m, 60, backend=backend)
+        assert not torch.isnan(got).any()
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2.0 ** -24)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype, peak, eps", [(torch.float64, 1e150, 1e-8), (torch.float64, 1e-150, 0.0),
+                                              (torch.float32, 1e17, 1e-8)], ids=["f64-1e150", "f64-1e-150", "f32-1e17"])
+def test_correlation_from_moments_extreme_magnitudes(backend, device, dtype, peak, eps):
+    """Moments of features up to ~1e150 (second moments ~1e301) or down to ~1e-150 (float64; ~1e-300), and fp32
+    moments of features ~1e17 (~1e36): no overflow or NaN, the reference's correlation."""
+    z = _data(40, 9, torch.float64, device, seed=35, mean=1.0)
+    z = z / z.abs().max() * peak
+    z[:, 6] = z[0, 6]  # a dead unit
+    c = z - z[0]  # shifted moments, as ActivationStats keeps them: the dead unit's are exactly 0
+    mean, second = c.mean(0).to(dtype), (c.T @ c).to(dtype)
+    assert bool(torch.isfinite(second).all())
+    got = correlation_from_moments(mean, second, 40, eps, backend=backend)
+    want = correlation_from_moments_torch(mean, second, 40, eps)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2.0 ** -24)
+    torch.testing.assert_close(want, correlation_matrix_torch(z.T, eps=eps), rtol=0,
+                               atol=1e-9 if dtype == torch.float64 else 1e-5)
+    assert float(got[6].abs().sum()) == 1.0 and got[6, 6] == 1
+
+
 def test_correlation_from_moments_errors():
     with pytest.raises(ValueError, match="mean must be 1-D"):
         correlation_from_moments(torch.zeros(2, 2), torch.zeros(2, 2), 3)
@@ -390,6 +496,98 @@ def test_activation_stats_dead_units(backend, device):
     assert torch.equal(corr.diagonal(), torch.ones(9, device=device))
     cov = stats.covariance(torch.float64)
     assert float(cov[[1, 4, 6]].abs().max()) == 0.0
+
+
+def _unit_features(n, dtype, device, peak, *, seed):
+    """Two models' features (n, 5) and (n, 4), correlated across models, unit offsets, max |value| = peak."""
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    fa = 2.0 + latent + 0.5 * torch.randn(n, 5, generator=g, dtype=torch.float64)
+    fb = -1.0 + 2 * latent + torch.randn(n, 4, generator=g, dtype=torch.float64)
+    top = max(float(fa.abs().max()), float(fb.abs().max()))
+    fa, fb = fa / top * peak, fb / top * peak
+    fa[:, 4] = fa[0, 4]  # a constant (dead) unit
+    fb[:, 0] = torch.where(torch.arange(n) % 3 == 0, 1.0, -1.0).double() * peak  # spans ±peak
+    return fa.to(dtype).to(device), fb.to(dtype).to(device)
+
+
+STATS_EXTREME = [(torch.float32, 1e19, 1e-8), (torch.float32, 1e30, 1e-8), (torch.float32, 3e38, 1e-8),
+                 (torch.bfloat16, 1e30, 1e-8), (torch.bfloat16, 3e38, 1e-8), (torch.float16, 6e4, 1e-8),
+                 (torch.float32, 1e-30, 0.0), (torch.bfloat16, 1e-30, 0.0)]  # (no bf16 subnormals: the Triton
+# interpreter converts them to fp32 wrongly, triton 3.x; the GPU does not)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype, peak, eps", STATS_EXTREME, ids=[_extreme_id(c) for c in STATS_EXTREME])
+@pytest.mark.parametrize("layout", ["flat", "conv"])
+def test_activation_stats_extreme_magnitudes(backend, device, dtype, peak, eps, layout):
+    """Features of any finite size: the fp32 products of unscaled values overflow beyond ~1.8e19 (the correlation was
+    all NaN on torch, 1.3 off on triton at 1e19) and underflow for tiny ones; the per-unit scale keeps them ~1.
+    "conv": tokens and a conv map, 4 rows per sample (the torch path's (D, rows) buffer)."""
+    fa, fb = _unit_features(96, dtype, device, peak, seed=36)
+    sizes = [32, 20, 44]
+    if layout == "conv":  # the same pooled rows: (24, 4, 5) tokens, (24, 4, 2, 2) maps
+        fa, fb = fa.reshape(24, 4, 5), fb.T.reshape(4, 24, 2, 2).permute(1, 0, 2, 3)
+        sizes = [8, 5, 11]
+    stats = _stream(ActivationStats([5, 4], backend=backend), _split([fa, fb], sizes))
+    corr = stats.correlation(eps=eps)
+    assert not torch.isnan(corr).any()
+    torch.testing.assert_close(corr.double(), activation_correlation_torch(fa, fb, eps=eps), rtol=0,
+                               atol=corr_tol(dtype, device, 96))
+    expect = torch.zeros(9, device=device)
+    expect[4] = 1.0
+    assert torch.equal(corr[4], expect) and torch.equal(corr[:, 4], expect)
+    count, mean, cov = activation_moments_torch(fa, fb)
+    scale = float(cov.diagonal().max())
+    got = stats.covariance(torch.float64)
+    torch.testing.assert_close(got, cov, rtol=0, atol=corr_tol(dtype, device, 96) * scale)
+    assert float(got[4].abs().max()) == 0.0
+    torch.testing.assert_close(stats.mean(torch.float64), mean, rtol=0, atol=1e-6 * scale ** 0.5)
+    fp32 = torch.finfo(torch.float32)
+    if scale > fp32.max:  # not representable in float32: an error, not inf
+        with pytest.raises(ValueError, match="covariance .* exceeds the range of torch.float32"):
+            stats.covariance()
+    elif scale > fp32.tiny / fp32.eps:  # (smaller ones round to fp32 subnormals or 0, as any cast to fp32 does)
+        torch.testing.assert_close(stats.covariance().double(), cov, rtol=0,
+                                   atol=corr_tol(dtype, device, 96) * scale)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow warnings from the Triton interpreter: intended
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_activation_stats_moments_that_overflow_raise(backend, device):
+    """The first batch sets the scale; a later batch ~1e25 times as spread overflows the fp32 products all the same:
+    correlation() and covariance() raise ValueError (never NaN, never a wrong matrix)."""
+    fa = _data(40, 6, torch.float32, device, seed=37)
+    stats = _stream(ActivationStats([6], backend=backend), [[fa[:20]], [fa[20:] * 1e25]])
+    with pytest.raises(ValueError, match="second moments overflowed"):
+        stats.correlation()
+    with pytest.raises(ValueError, match="second moments overflowed"):
+        stats.covariance(torch.float64)
+    # a first batch of spread ~1e-30 scales by ~2^100: values ~1e10 then overflow fp32 after the scale
+    stats = ActivationStats([6], backend=backend)
+    stats.update(fa[:20] * 1e-30)
+    with pytest.raises(ValueError, match="overflow"):  # at the update (torch: its column sums) or at finalize
+        stats.update(fa[20:] * 1e10)
+        stats.correlation()
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_activation_stats_float64_features_beyond_fp32(backend, device):
+    """float64 features beyond the fp32 range: the fp32 statistics refuse them (naming the model and the remedy);
+    gram_dtype=torch.float64 (torch backend) gives their correlation, and refuses a covariance float64 cannot hold."""
+    fa, fb = _unit_features(48, torch.float64, device, 1e300, seed=38)
+    with pytest.raises(ValueError, match=r"features\[0\] \(model 0\) is finite but overflows torch.float32"):
+        ActivationStats([5, 4], backend=backend).update(fa, fb)
+    if backend != "torch":
+        return
+    stats = _stream(ActivationStats([5, 4], backend=backend, gram_dtype=torch.float64), _split([fa, fb], [16, 32]))
+    want = correlation_matrix_torch(torch.cat([fa, fb], 1).T)  # two-pass, float64 (scales each unit first)
+    torch.testing.assert_close(stats.correlation().double(), want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="covariance .* exceeds the range of torch.float64"):
+        stats.covariance(torch.float64)
+    with pytest.raises(ValueError, match="mean .* exceeds the range of torch.float32"):
+        stats.mean()
+    torch.testing.assert_close(stats.mean(torch.float64), torch.cat([fa, fb], 1).mean(0), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)

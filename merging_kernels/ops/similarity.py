@@ -27,11 +27,17 @@ z zᵀ in fp32 and computes E[z zᵀ] − μμᵀ at the end: catastrophic cance
 per-unit value k (the first batch's mean, rounded to fp32): the accumulators hold
 S = Σ (z − k) and K = Σ (z − k)(z − k)ᵀ, so that cov = K/N − (S/N)(S/N)ᵀ with S/N ≈ 0 — no
 cancellation for stationary data, constant units give exactly 0, and z − k is exact in fp32 for
-values near k (Sterbenz). The per-batch Gram is an fp32 product (BLAS on CPU, the Triton kernel on
-GPU) added into a float64 K; only the upper triangle is computed (K is symmetric): on CPU BLAS ssyrk
-(one triangle, scipy's BLAS) when torch and that BLAS run one thread each — 1.2-1.8x faster per
-update than the GEMM — else GEMMs on the blocks on and above the diagonal (3 of 4 for D ≥ 1024);
-about half the tiles on GPU. The lower triangle is filled in only when a full matrix is asked for.
+values near k (Sterbenz). Each unit's z − k is also multiplied by a fixed power of two s that brings
+the first batch's max |z − k| into [0.5, 1), so K = Σ ((z − k)·s)((z − k)·s)ᵀ: fp32 products of
+unscaled values overflow beyond |z − k| ~ 1.8e19, scaled ones only if later batches stray ~1e19 times
+further from k than the first. Exact (a power of two), so nothing else changes; the correlation is
+computed from the scaled moments. Moments that overflow all the same raise ValueError at finalize
+time (checking K there, not with a sync per update). The per-batch Gram is an fp32 product (BLAS on
+CPU, the Triton kernel on GPU) added into a float64 K; only the upper triangle is computed (K is
+symmetric): on CPU BLAS ssyrk (one triangle, scipy's BLAS) when torch and that BLAS run one thread
+each — 1.2-1.8x faster per update than the GEMM — else GEMMs on the blocks on and above the diagonal
+(3 of 4 for D ≥ 1024); about half the tiles on GPU. The lower triangle is filled in only when a full
+matrix is asked for.
 
 Backends (``SIMILARITY``): on CPU the fast path *is* torch — its work is GEMM, which BLAS does as well
 as anything we could write, so there is no native kernel (one would have to beat BLAS, measured).
@@ -44,8 +50,8 @@ On CUDA, Triton kernels fuse the centering/normalization into the GEMM tiles:
    tiles on or above the diagonal are computed, each written twice (itself and its transpose).
    Compared with torch (normalize into a copy, then matmul) it saves one write and read of the
    normalized copy and, for y = None, half the FLOPs.
-2. ``_shifted_gram_kernel`` (:class:`ActivationStats` updates): the upper tiles of (z − k)ᵀ(z − k)
-   for a batch, shift fused into the loads, added in the epilogue into the float64 K. We do not
+2. ``_shifted_gram_kernel`` (:class:`ActivationStats` updates): the upper tiles of ((z − k)·s)ᵀ((z − k)·s)
+   for a batch, shift and scale fused into the loads, added in the epilogue into the float64 K. We do not
    write our own column sums: S comes from ``z.sum(0, dtype=float64)`` (memory-bound, one read).
    Fusing the shift avoids the shifted fp32 copy of the batch that torch would materialize, and
    computing only the upper tiles halves the FLOPs (cuBLAS GEMM has no symmetric-output mode
@@ -57,8 +63,9 @@ On CUDA, Triton kernels fuse the centering/normalization into the GEMM tiles:
 computes; tf32 would cost ~1e-3 relative error); fp16/bf16 inputs are centered in fp32 and multiplied
 with ``"tf32"`` (tensor cores, fp32 range — an fp16 dot could overflow on centered values — and
 a rounding of the centered values comparable to the inputs' own 16-bit rounding). float64 inputs
-are rounded to fp32 by the Triton kernels and by :class:`ActivationStats` (unless
-``gram_dtype=torch.float64``); ``correlation_matrix``'s torch path keeps them in float64. The
+are rounded to fp32 by the Triton kernels (``correlation_matrix``: after scaling each row by a power of
+two, so that values beyond the fp32 range keep their correlation) and by :class:`ActivationStats`
+(unless ``gram_dtype=torch.float64``); ``correlation_matrix``'s torch path keeps them in float64. The
 ``*_torch`` references compute in float64 throughout.
 GPU timings: none yet (no GPU in the session that wrote this); the kernels are tested on CPU
 under ``TRITON_INTERPRET=1``.
@@ -132,9 +139,14 @@ def correlation_matrix_torch(x: torch.Tensor, y: torch.Tensor | None = None, eps
     """
     def normalized(a):
         a = a.to(torch.float64)
+        # each row divided by its max |value| first (correlation is scale-invariant): the sum of squares of a
+        # float64 row beyond ~1e154 would overflow, below ~1e-154 underflow
+        amax = a.abs().amax(dim=1) if a.shape[1] else torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+        amax = torch.where(amax > 0, amax, 1.0)
+        a = a / amax[:, None]
         c = a - a.mean(dim=1, keepdim=True) if a.shape[1] else a
         norm = c.norm(dim=1)
-        sigma = norm / max(a.shape[1], 1) ** 0.5
+        sigma = amax * norm / max(a.shape[1], 1) ** 0.5
         alive = sigma > eps
         return torch.where(alive[:, None], c / torch.where(alive, norm, 1.0)[:, None], 0.0)
 
@@ -151,7 +163,8 @@ def correlation_from_moments_torch(mean: torch.Tensor, second_moment: torch.Tens
     """Pearson correlation (D, D) in float64 from mean = Σz/count (D,) and second_moment = Σ z zᵀ (D, D).
 
     cov = second_moment/count − mean meanᵀ; units with σ = sqrt(cov_ii) ≤ eps are dead (0 with others,
-    1 on the diagonal). Clamped to [−1, 1].
+    1 on the diagonal; eps may be a (D,) tensor: per unit, as :class:`ActivationStats` passes it for its
+    scaled moments). Clamped to [−1, 1].
     """
     mu = mean.to(torch.float64)
     cov = second_moment.to(torch.float64) / count - torch.outer(mu, mu)
@@ -305,17 +318,50 @@ def _mirror_upper_blocks_(a: torch.Tensor, edges: Sequence[int]) -> torch.Tensor
     return a
 
 
-def _row_stats(a: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, in float64: the mean and 1/‖row − mean‖ (0 for dead rows: σ ≤ eps)."""
+def _pow2_scale(span: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """Per entry of span (float64, ≥ 0) the power of two 2^-e, e clamped to [low, high], that brings it into
+    [0.5, 1) (1 for 0). Scaling by a power of two is exact: scaled values round as the unscaled ones would,
+    without their overflow or underflow."""
+    _, e = torch.frexp(span)
+    return torch.ldexp(torch.ones_like(span), -e.clamp(low, high))
+
+
+def _row_stats(a: torch.Tensor, eps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, in float64: the mean, 1/‖row − mean‖ (0 for dead rows: σ ≤ eps, a float or per row) and
+    max |row − mean|.
+
+    For fp32 and 16-bit rows only: float64 squares of their values can neither overflow nor underflow."""
     a64 = a.to(torch.float64)
     d = a.shape[1]
     if d == 0:
         zeros = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
-        return zeros, zeros
+        return zeros, zeros, zeros
     mean = a64.mean(dim=1)
-    norm = (a64 - mean[:, None]).norm(dim=1)
+    c = a64 - mean[:, None]
+    norm = c.norm(dim=1)
     alive = norm > eps * d ** 0.5
-    return mean, torch.where(alive, 1.0 / torch.where(alive, norm, 1.0), 0.0)
+    span = torch.maximum(c.amax(dim=1), -c.amin(dim=1))  # vector_norm(ord=inf) measured 20x slower on CPU
+    return mean, torch.where(alive, 1.0 / torch.where(alive, norm, 1.0), 0.0), span
+
+
+def _normalized_rows_exact(a: torch.Tensor, eps: float) -> torch.Tensor:
+    """Float64 (a − row mean) / ‖a − row mean‖ (dead rows: 0) for rows of any finite magnitude.
+
+    Each row is first brought to max |a| in [0.5, 1) by a power of two (exact), so that neither its mean nor
+    its squares overflow or underflow; the dead test compares the unscaled σ with eps.
+    """
+    a = a.to(torch.float64)
+    scale = _pow2_scale(a.abs().amax(dim=1), -1000, 1024)[:, None]
+    a = a * scale
+    c = a - a.mean(dim=1, keepdim=True)
+    c -= c.mean(dim=1, keepdim=True)  # as in _normalized_rows: a constant row becomes exactly 0
+    norm = torch.linalg.vector_norm(c, dim=1, keepdim=True)
+    alive = norm > (eps * a.shape[1] ** 0.5) * scale
+    return c.mul_(torch.where(alive, 1.0 / torch.where(alive, norm, 1.0), 0.0))
+
+
+# _normalized_rows: below this norm, squares summed in the work dtype may have underflowed (subnormal)
+_TINY_NORM = {torch.float32: 2.0 ** -40, torch.float64: 2.0 ** -400}
 
 
 def _normalized_rows(a: torch.Tensor, eps: float, work: torch.dtype) -> torch.Tensor:
@@ -325,15 +371,29 @@ def _normalized_rows(a: torch.Tensor, eps: float, work: torch.dtype) -> torch.Te
     exact for entries near the mean (large offsets cost nothing), the correction removes the first
     mean's rounding, and on a constant row both steps are exact, so it becomes exactly 0 (dead). About
     half the time of a float64 mean (measured: a float64 reduction of fp32 data is slow in torch).
+
+    Extreme magnitudes: the norm sums squares in ``work``, which overflow beyond ~1.8e19 (fp32; ~1e154
+    float64), as do the mean or the centering of rows near the dtype's max — each leaves a non-finite norm —
+    and squares of tiny rows underflow (a norm below _TINY_NORM, which matters only when eps·√d is below it
+    too). Those rows are redone by :func:`_normalized_rows_exact`; in the common case there are none, and
+    the check costs one pass over the n norms.
     """
     d = a.shape[1]
     if d == 0:
         return torch.zeros(a.shape, dtype=work, device=a.device)
     c = a.to(work) - a.mean(dim=1, keepdim=True, dtype=work)
     c -= c.mean(dim=1, keepdim=True)
-    norm = torch.linalg.vector_norm(c, dim=1, keepdim=True)
-    alive = norm > eps * d ** 0.5
-    return c.mul_(torch.where(alive, 1.0 / torch.where(alive, norm, 1.0), 0.0))
+    norm = torch.linalg.vector_norm(c, dim=1)
+    threshold = eps * d ** 0.5
+    alive = norm > threshold
+    c.mul_(torch.where(alive, 1.0 / torch.where(alive, norm, 1.0), 0.0)[:, None])
+    redo = ~torch.isfinite(norm)
+    if threshold < _TINY_NORM[work]:
+        redo |= norm < _TINY_NORM[work]
+    if bool(redo.any()):
+        rows = redo.nonzero()[:, 0]
+        c[rows] = _normalized_rows_exact(a[rows], eps).to(work)
+    return c
 
 
 def _correlation_matrix_fast_torch(x, y, eps):
@@ -417,9 +477,13 @@ if triton is not None:
             tl.store(out_ptr + rm.to(tl.int64)[:, None] * son + rn[None, :] * som, acc, mask=mask)
 
     @triton.jit
-    def _shifted_gram_kernel(z_ptr, shift_ptr, k_ptr, rows, D, szr, szd, skr, skc,
+    def _shifted_gram_kernel(z_ptr, scale_ptr, nks_ptr, k_ptr, rows, D, szr, szd, skr, skc,
                              PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-        """K[tile i, tile j] += (z[:, i] − k_i)ᵀ (z[:, j] − k_j) for tiles j ≥ i; K float64, products fp32."""
+        """K[tile i, tile j] += ((z[:, i] − k_i)·s_i)ᵀ ((z[:, j] − k_j)·s_j) for tiles j ≥ i; K float64,
+        products fp32.
+
+        Computed as z·s + (−k·s) (nks_ptr holds −k·s): s is a power of two, so z·s is exact and the one
+        rounding is that of z − k, scaled; without the overflow of z − k near the fp32 max."""
         pid_i = tl.program_id(0)
         pid_j = tl.program_id(1)
         if pid_j < pid_i:
@@ -428,8 +492,10 @@ if triton is not None:
         rj = pid_j * BLOCK_D + tl.arange(0, BLOCK_D)
         in_i = ri < D
         in_j = rj < D
-        k_i = tl.load(shift_ptr + ri, mask=in_i, other=0.0)
-        k_j = tl.load(shift_ptr + rj, mask=in_j, other=0.0)
+        s_i = tl.load(scale_ptr + ri, mask=in_i, other=0.0)
+        s_j = tl.load(scale_ptr + rj, mask=in_j, other=0.0)
+        nks_i = tl.load(nks_ptr + ri, mask=in_i, other=0.0)
+        nks_j = tl.load(nks_ptr + rj, mask=in_j, other=0.0)
         acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
         for r0 in range(0, rows, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
@@ -437,8 +503,8 @@ if triton is not None:
             base = z_ptr + rr.to(tl.int64)[:, None] * szr
             a = tl.load(base + ri[None, :] * szd, mask=in_r[:, None] & in_i[None, :], other=0.0).to(tl.float32)
             b = tl.load(base + rj[None, :] * szd, mask=in_r[:, None] & in_j[None, :], other=0.0).to(tl.float32)
-            a = tl.where(in_r[:, None], a - k_i[None, :], 0.0)
-            b = tl.where(in_r[:, None], b - k_j[None, :], 0.0)
+            a = tl.where(in_r[:, None], a * s_i[None, :] + nks_i[None, :], 0.0)
+            b = tl.where(in_r[:, None], b * s_j[None, :] + nks_j[None, :], 0.0)
             acc += tl.dot(tl.trans(a), b, input_precision=PRECISION)
         ptrs = k_ptr + ri.to(tl.int64)[:, None] * skr + rj[None, :] * skc
         mask = in_i[:, None] & in_j[None, :]
@@ -494,23 +560,44 @@ def _gemm_blocks(sixteen_bit: bool) -> tuple[int, int, int, int, int]:
     return 64, 64, 32, 4, 3
 
 
-def _correlation_matrix_triton(x, y, eps):
-    same = y is None
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+def _kernel_rows(a: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows for :func:`_corr_gemm_kernel`, fp32 row means μ, fp32 1/‖row − μ‖ (0 for dead rows)).
+
+    The kernel computes (a − μ)·r in fp32, which must stay finite and precise. float64 rows, and fp32/16-bit
+    rows at the edges of the fp32 range (centered values beyond 1.7e38, or an alive row whose norm is below
+    2^-100: r would overflow, or its values lose bits as subnormals), are scaled by a power of two each (exact,
+    in float64) to max |a| or max |a − μ| in [0.5, 1) and rounded to an fp32 copy; fp32/16-bit inputs are
+    copied only when some row needs it. eps is compared with each row's unscaled σ.
+    """
     # Unit column stride for the kernel: its column offsets rk·stride are int32 (a column stride > 1
     # overflows once d·stride ≥ 2^31, e.g. correlation_matrix(W.T) with W 256k × 8192), and strided
     # columns mean scalar loads. The copy is O(n·d) beside the O(n·m·d) GEMM (the torch path makes a
     # normalized copy too). In the interpreter as well: the tests run the kernel as the GPU does.
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if not same and y.stride(-1) != 1:
-        y = y.contiguous()
-    mx, rx = _row_stats(x, eps)
-    mx, rx = mx.to(torch.float32), rx.to(torch.float32)
+    if a.stride(-1) != 1:
+        a = a.contiguous()
+    if a.dtype == torch.float64:
+        scale = _pow2_scale(a.abs().amax(dim=1), -1000, 1024) if a.shape[1] else a.new_ones(a.shape[0])
+    else:
+        mean, inv, span = _row_stats(a, eps)
+        edge = (span > _FP32_MAX / 2) | (inv > 2.0 ** 100)
+        if not bool(edge.any()):
+            return a, mean.to(torch.float32), inv.to(torch.float32)
+        scale = torch.where(edge, _pow2_scale(span, -1000, 1024), 1.0)
+    a = (a.to(torch.float64) * scale[:, None]).to(torch.float32)
+    mean, inv, _ = _row_stats(a, eps * scale)
+    return a, mean.to(torch.float32), inv.to(torch.float32)
+
+
+def _correlation_matrix_triton(x, y, eps):
+    same = y is None
+    x, mx, rx = _kernel_rows(x, eps)
     if same:
         y, my, ry = x, mx, rx
     else:
-        my, ry = _row_stats(y, eps)
-        my, ry = my.to(torch.float32), ry.to(torch.float32)
+        y, my, ry = _kernel_rows(y, eps)
     n, d = x.shape
     m = y.shape[0]
     out = torch.empty((n, m), dtype=torch.float32, device=x.device)
@@ -532,7 +619,8 @@ def _correlation_matrix_triton(x, y, eps):
     return out
 
 
-def _shifted_gram_add_triton(k64: torch.Tensor, z: torch.Tensor, shift32: torch.Tensor) -> None:
+def _shifted_gram_add_triton(k64: torch.Tensor, z: torch.Tensor, scale32: torch.Tensor,
+                             neg_kscale32: torch.Tensor) -> None:
     rows, D = z.shape
     if rows == 0 or D == 0:
         return
@@ -547,9 +635,9 @@ def _shifted_gram_add_triton(k64: torch.Tensor, z: torch.Tensor, shift32: torch.
             else (64, 32, 4, 3)
     tiles = triton.cdiv(D, block_d)
     with launch_device(z):
-        _shifted_gram_kernel[(tiles, tiles)](z, shift32, k64, rows, D, z.stride(0), z.stride(1), k64.stride(0),
-                                             k64.stride(1), PRECISION=_dot_precision(z.dtype), BLOCK_D=block_d,
-                                             BLOCK_R=block_r, num_warps=warps, num_stages=stages)
+        _shifted_gram_kernel[(tiles, tiles)](z, scale32, neg_kscale32, k64, rows, D, z.stride(0), z.stride(1),
+                                             k64.stride(0), k64.stride(1), PRECISION=_dot_precision(z.dtype),
+                                             BLOCK_D=block_d, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
 
 
 def _correlation_from_moments_triton(mean, second_moment, count, eps, upper):
@@ -672,10 +760,13 @@ class ActivationStats:
     (D, D) buffer (batch Grams are summed in fp32 BLAS into it and flushed into K every
     ``_FLUSH_BATCHES`` batches: fp32 GEMM speed, float64 accumulation across batches).
 
-    Numerics: see the module docstring — moments of z − k with k the first batch's mean (fp32), so
-    large means (1e4 with σ = 1) cost nothing, and constant (dead) units have exactly zero variance.
-    Per-batch products are fp32 (tf32 for 16-bit features on the Triton path); float64 features are
-    rounded to fp32 unless ``gram_dtype=torch.float64`` (torch backend only: float64 GEMMs).
+    Numerics: see the module docstring — moments of (z − k)·s with k the first batch's mean (fp32) and s
+    a per-unit power of two from the first batch's spread, so large means (1e4 with σ = 1) cost nothing,
+    features of any finite size (1e19, 1e30) give the right correlation, and constant (dead) units have
+    exactly zero variance. Per-batch products are fp32 (tf32 for 16-bit features on the Triton path);
+    float64 features are rounded to fp32 unless ``gram_dtype=torch.float64`` (torch backend only: float64
+    GEMMs); finite features that overflow fp32 there raise ValueError at update, moments that overflow
+    (later batches ~1e19 times further from k than the first) raise ValueError at finalize.
 
     Args:
         num_features: the feature count C_m of each model (a sequence: M models, checked on every
@@ -708,8 +799,12 @@ class ActivationStats:
         self.backend: str | None = None
         self.count = 0
         self._shift: torch.Tensor | None = None  # (D,) float64 holding fp32 values
+        # (D,) float64 powers of two: the products, K and the work buffers hold (z − k)·scale, of size ~1
+        self._scale: torch.Tensor | None = None
+        self._step: tuple[torch.Tensor, torch.Tensor] | None = None  # (scale, −k·scale) in the work dtype
         self._sum: torch.Tensor | None = None  # Σ (z − k), float64
-        self._gram: torch.Tensor | None = None  # Σ (z − k)(z − k)ᵀ, float64 (upper tiles/blocks valid)
+        # Σ (z − k)(z − k)ᵀ·scale scaleᵀ, float64 (upper tiles/blocks valid)
+        self._gram: torch.Tensor | None = None
         self._pending: torch.Tensor | None = None  # torch path: fp32 batch Grams not yet in _gram
         self._pending_batches = 0
         if device is not None:
@@ -726,6 +821,7 @@ class ActivationStats:
 
     # ----------------------------------------------------------------- updates
 
+    @torch.no_grad()  # the statistics are not differentiable: no graph through the batch buffers
     def update(self, *features: torch.Tensor) -> None:
         """Add one batch: one feature tensor per model, the same rows in every model.
 
@@ -778,13 +874,15 @@ class ActivationStats:
             z = z.to(torch.float32)  # the Triton path rounds float64 features to fp32 (see the class docstring)
         # column sums in float64 double as the NaN/Inf check (a float64 sum of finite fp32 values is finite);
         # nothing is changed before the check passes
-        total = self._checked_sum(z, chans)
+        total = self._checked_sum(z, chans, checked)
         if self._shift is None:
             # the first batch's mean, as an fp32 value: z − k is exact for z near k
-            self._shift = (total / n).to(torch.float32).to(torch.float64)
+            shift = (total / n).to(torch.float32).to(torch.float64)
+            self._scale, self._step = self._scaling(shift, z.amin(dim=0), z.amax(dim=0), torch.float32)
+            self._shift = shift
         # S: the float64 sum of the fp32 values minus n·k (what the kernel's Gram sees; no shifted copy)
         self._sum += total - n * self._shift
-        _shifted_gram_add_triton(self._gram, z, self._shift.to(torch.float32))
+        _shifted_gram_add_triton(self._gram, z, *self._step)
         self.count += n
 
     def _update_torch(self, features, chans: list[int], n: int) -> None:
@@ -813,30 +911,62 @@ class ActivationStats:
                 c[:, off:off + C].view(*f.shape).copy_(f)
             off += C
         axis = 1 if cols else 0
-        shift = self._shift
-        if shift is None:  # the first batch's mean, as a value of the working dtype: z − k is exact for z near k
-            shift = (self._column_sum(c, axis, chans) / n).to(work).to(torch.float64)
-        c.sub_(shift.to(work)[:, None] if cols else shift.to(work))
-        total = self._column_sum(c, axis, chans)
+        first = self._shift is None
+        if first:  # the first batch's mean, as a value of the working dtype: z − k is exact for z near k
+            shift = (self._column_sum(c, axis, chans, features) / n).to(work).to(torch.float64)
+            # amin + amax: torch.aminmax measured 15x slower on CPU
+            scale, step = self._scaling(shift, c.amin(dim=axis), c.amax(dim=axis), work)
+        else:
+            scale, step = self._scale, self._step
+        # (c − k)·scale as c·scale − k·scale (see _shifted_gram_kernel); one pass by addcmul, but for (D, rows)
+        # (per-row operands) two passes measured 5x faster than addcmul's
+        s, neg_ks = step
+        if cols:
+            c.mul_(s[:, None]).add_(neg_ks[:, None])
+        else:
+            torch.addcmul(neg_ks, c, s, out=c)
+        total = self._column_sum(c, axis, chans, features)
         # nothing is changed before the checks pass
-        self._shift = shift
-        self._sum += total
+        if first:
+            self._shift, self._scale, self._step = shift, scale, step
+        self._sum += total / scale
         self._gram_add_torch(c.T if cols else c, work)
         self.count += n
 
-    def _column_sum(self, c: torch.Tensor, axis: int, chans) -> torch.Tensor:
+    @staticmethod
+    def _scaling(shift, lo, hi, work) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The per-unit scale, from the first batch (lo, hi: its column min and max): the power of two that
+        brings max |z − k| into [0.5, 1) (1 for a constant unit), and (scale, −k·scale) in ``work``.
+
+        fp32 products of unscaled values overflow for features beyond ~1.8e19 (and the fp32 Gram sums sooner);
+        scaled ones only if later batches stray ~1e19 times further from k than the first batch did. The
+        scaling is exact (powers of two), so for ordinary features every result is bit for bit unchanged."""
+        span = torch.maximum(hi.to(torch.float64) - shift, shift - lo.to(torch.float64))
+        low, high = (-126, 126) if work == torch.float32 else (-511, 511)  # s_i·s_j stays a normal float64
+        scale = _pow2_scale(span, low, high)
+        return scale, (scale.to(work), (-shift * scale).to(work))
+
+    def _column_sum(self, c: torch.Tensor, axis: int, chans, features) -> torch.Tensor:
         """Σ over rows of the buffer, float64 (D,); ValueError naming the model for NaN/Inf."""
         total = c.sum(dim=axis)
         if not bool(torch.isfinite(total).all()):  # NaN/Inf in the batch, or an fp32 sum that overflowed
-            total = self._checked_sum(c.T if axis == 1 else c, chans)
+            total = self._checked_sum(c.T if axis == 1 else c, chans, features)
         return total.to(torch.float64)
 
-    def _checked_sum(self, z: torch.Tensor, chans) -> torch.Tensor:
+    def _checked_sum(self, z: torch.Tensor, chans, features) -> torch.Tensor:
+        """Σ over rows of z (the batch as the statistics see it), float64; ValueError naming the model for NaN/Inf."""
         total = z.sum(dim=0, dtype=torch.float64)
         if not bool(torch.isfinite(total).all()):
             bad = int((~torch.isfinite(total)).nonzero()[0])
             model = next(i for i, end in enumerate(self._model_ends(chans)) if bad < end)
-            raise ValueError(f"features[{model}] (model {model}) contains NaN or Inf")
+            if not bool(torch.isfinite(features[model]).all()):
+                raise ValueError(f"features[{model}] (model {model}) contains NaN or Inf")
+            # finite features that did not survive the rounding to the work dtype, or the shift and scale
+            work = self.gram_dtype if self.backend != "triton" else torch.float32
+            hint = " or pass gram_dtype=torch.float64 (torch backend)" if work == torch.float32 else ""
+            raise ValueError(f"features[{model}] (model {model}) is finite but overflows {work} in the statistics: "
+                             f"values beyond its range, or deviations from the first batch's mean ~1e38 times "
+                             f"the first batch's; rescale the features (correlation is scale-invariant){hint}")
         return total
 
     @staticmethod
@@ -873,30 +1003,64 @@ class ActivationStats:
             raise ValueError("no rows seen yet: call update() with at least one non-empty batch")
 
     def _full_gram(self) -> torch.Tensor:
-        """Σ (z − k)(z − k)ᵀ, float64, both triangles (from the upper one: the only one every path keeps)."""
+        """Σ (z − k)(z − k)ᵀ·scale scaleᵀ, float64, both triangles (from the upper one, which every path keeps)."""
         self._flush()
         return _mirror_upper_triangle(self._gram)
 
-    def mean(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(D,) mean of the features (float32 by default; pass float64 for large means)."""
-        self._require_rows()
-        return (self._shift + self._sum / self.count).to(dtype)
+    def _scaled_mean(self) -> torch.Tensor:
+        """(S/count)·scale, float64, after checking that the accumulators are finite.
 
-    def covariance(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(D, D) population covariance E[(z − μ)(z − μ)ᵀ] (float32 by default)."""
-        self._require_rows()
-        s = self._sum / self.count
-        return (self._full_gram() / self.count - torch.outer(s, s)).to(dtype)
-
-    def correlation(self, eps: float = 1e-8) -> torch.Tensor:
-        """(D, D) float32 Pearson correlation; dead units (σ ≤ eps): 0 with others, 1 on the diagonal."""
-        eps = _check_eps(eps)
+        An update never syncs to look at K: products that overflowed (later batches ~1e19 times further
+        from the shift than the first batch, for fp32 products) are found here, and raise."""
         self._require_rows()
         self._flush()
-        s = self._sum / self.count
+        # one sum (NaN and ±inf propagate; no D² mask): finite entries whose sum overflows float64 would be
+        # products near the float64 max, overflowing all the same
+        if not bool(torch.isfinite(self._gram.sum() + self._sum.sum())):
+            work = self.gram_dtype if self.backend != "triton" else torch.float32
+            hint = ", or pass gram_dtype=torch.float64 (torch backend)" if work == torch.float32 else ""
+            raise ValueError(f"the accumulated second moments overflowed ({work} products): later batches strayed "
+                             "~1e19 times further from the first batch's mean than the first batch did (its spread "
+                             "sets the scale); start with a representative batch, rescale the features "
+                             f"(correlation is scale-invariant){hint}")
+        return self._sum / self.count * self._scale
+
+    @staticmethod
+    def _representable(t: torch.Tensor, what: str, dtype: torch.dtype) -> torch.Tensor:
+        if not bool(torch.isfinite(t).all()):
+            hint = "ask for dtype=torch.float64" if dtype != torch.float64 else "correlation() is still defined"
+            raise ValueError(f"the {what} of these features exceeds the range of {dtype}: {hint}")
+        return t
+
+    def mean(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(D,) mean of the features (float32 by default; pass float64 for large means).
+
+        Raises ValueError when it does not fit ``dtype`` (float64 features)."""
+        self._require_rows()
+        return self._representable((self._shift + self._sum / self.count).to(dtype), "mean", dtype)
+
+    def covariance(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(D, D) population covariance E[(z − μ)(z − μ)ᵀ] (float32 by default).
+
+        Raises ValueError when it does not fit ``dtype`` (features beyond ~1.8e19 for float32), or when
+        the accumulated moments overflowed (see :meth:`correlation`)."""
+        m = self._scaled_mean()
+        s = self._scale  # powers of two: unscaling is exact
+        cov = self._full_gram().div_(self.count).sub_(torch.outer(m, m)).div_(s[:, None]).div_(s[None, :])
+        return self._representable(cov.to(dtype), "covariance", dtype)
+
+    def correlation(self, eps: float = 1e-8) -> torch.Tensor:
+        """(D, D) float32 Pearson correlation; dead units (σ ≤ eps): 0 with others, 1 on the diagonal.
+
+        Raises ValueError when the accumulated moments overflowed (later batches far from the first
+        batch's mean compared with the first batch's spread, see the class docstring), rather than
+        return a matrix of NaN."""
+        eps = _check_eps(eps)
+        m = self._scaled_mean()
+        # moments of (z − k)·scale: the correlation is the same; the scaled σ is compared with eps·scale
         if self.backend == "triton":
-            return _correlation_from_moments_triton(s, self._gram, self.count, eps, upper=True)
-        return correlation_from_moments_torch(s, self._full_gram(), self.count, eps).to(torch.float32)
+            return _correlation_from_moments_triton(m, self._gram, self.count, eps * self._scale, upper=True)
+        return correlation_from_moments_torch(m, self._full_gram(), self.count, eps * self._scale).to(torch.float32)
 
     def __repr__(self) -> str:
         return (f"ActivationStats(num_features={self.num_features or self.dim}, count={self.count}, "
