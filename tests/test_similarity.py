@@ -253,6 +253,31 @@ def test_correlation_matrix_errors():
         correlation_matrix(x, backend="cuda")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_non_finite_entries_are_refused_naming_the_argument(backend, device, dtype):
+    # the torch path finds them through the row norms they make non-finite (no isfinite pass over the
+    # input); every kind and place of non-finite entry must still be caught, in x and in y
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 9, generator=g).to(dtype)
+    y = torch.randn(5, 9, generator=g).to(dtype)
+    for value in (float("nan"), float("inf"), -float("inf")):
+        for where in ((0, 0), (5, 8), (2, slice(None))):  # first entry, last entry, a whole row
+            bad = x.clone()
+            bad[where] = value
+            with pytest.raises(ValueError, match="x contains NaN or Inf"):
+                correlation_matrix(bad.to(device), backend=backend)
+            with pytest.raises(ValueError, match="x contains NaN or Inf"):
+                correlation_matrix(bad.to(device), y.to(device), backend=backend)
+            with pytest.raises(ValueError, match="y contains NaN or Inf"):
+                correlation_matrix(x.to(device), bad[:5].to(device) if where[0] < 5 else bad[1:].to(device),
+                                   backend=backend)
+    mixed = x.clone()
+    mixed[1, 2], mixed[1, 3] = float("inf"), -float("inf")  # inf - inf in the row mean
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        correlation_matrix(mixed.to(device), backend=backend)
+
+
 # --------------------------------------------------------------------------- correlation_from_moments
 
 
