@@ -1,6 +1,7 @@
-"""Linear assignment side by side: merging_kernels (native) vs scipy, lap and lapjv, in one run.
+"""Linear assignment side by side: merging_kernels (native) vs its torch reference, scipy, lap and lapjv, in one run.
 
     python benchmarks/run_linear_assignment.py [--device cpu|cuda] [--quick] [--sizes 256,1024,2048,4096]
+                                               [--ref-max-n 1024]
 
 Sections:
   1. CPU, one problem, n x n, for n in --sizes and four cost kinds: uniform random; two
@@ -12,6 +13,12 @@ Sections:
      one thread) vs a Python loop over each peer.
   3. GPU (--device cuda): 4096 x 64x64 and 256 x 256x256 batches, and one 4096 x 4096 problem, vs
      the scipy loop / scipy on this machine's CPU.
+The torch reference (``linear_sum_assignment(..., backend="torch")``: the tests' oracle, shortest
+augmenting paths written as a Python loop over torch ops, on one torch thread) is timed in sections 1
+and 2 where it finishes in seconds: single problems with n <= --ref-max-n (default 1024; 0 turns it
+off), each batch in full (its first, checked call plus one more: about 15 s and 7 s a call). Its
+column "x ref" is torch reference time / native time. Not in section 3 (on a GPU the reference would
+synchronize on every step of every path).
 Every time is a median of repeats after a warm-up call (wall clock; the native single-problem solve
 is single-threaded like the peers). Each solver's total cost is checked against scipy's. Ratios are
 peer time / native time from the same run; PASS/FAIL lines restate the targets.
@@ -21,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
+import statistics
 import sys
 import time
 
@@ -36,7 +45,7 @@ except ImportError:  # not installed: run from a source checkout
     sys.path.insert(1, os.path.dirname(HERE))
     import merging_kernels as mk
 
-from common import commit_line, machine_line, measure_cpu, package_version, print_targets  # noqa: E402
+from common import CpuTiming, commit_line, machine_line, measure_cpu, package_version, print_targets  # noqa: E402
 from merging_kernels.ops import linear_assignment as la  # noqa: E402
 
 from scipy.optimize import linear_sum_assignment as scipy_lsa  # noqa: E402
@@ -122,6 +131,19 @@ def solve_lapjv(c):
     return lapjv.lapjv(c)[0]
 
 
+def solve_torch_ref(c):
+    """The torch reference through the public API, on one torch thread like every other single-problem solver."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return mk.linear_sum_assignment(c, backend="torch")[1]
+    finally:
+        torch.set_num_threads(threads)
+
+
+REF = "torch ref"
+
+
 def single_solvers():
     out = [("native", solve_native), ("scipy", solve_scipy)]
     if lap is not None:
@@ -142,6 +164,33 @@ def timed(fn, quick, first_s=0.0):
                            collect_each=False)
     return measure_cpu(fn, repeats=3 if quick else 7, min_repeats=2, budget_s=5.0 if quick else 20.0, warmup=1,
                        collect_each=False)
+
+
+def first_call(fn):
+    """(result, wall s, process CPU s) of one call (the checked call, which is also the warm-up)."""
+    gc.collect()
+    gc.disable()
+    try:
+        c0, t0 = time.process_time(), time.perf_counter()
+        out = fn()
+        t1, c1 = time.perf_counter(), time.process_time()
+    finally:
+        gc.enable()
+    return out, t1 - t0, c1 - c0
+
+
+def timed_ref(fn, first_wall, first_cpu):
+    """The torch reference (up to 2 s a call for single problems, 7-15 s for a batch). As in run.py, a call of
+    a second or more gets no separate warm-up: its checked first call counts as a repeat, with 2 more timed
+    calls (1 more above 5 s); faster ones get 3 repeats after the checked call."""
+    walls, cpus = ([first_wall], [first_cpu]) if first_wall >= 1.0 else ([], [])
+    more = 1 if first_wall > 5.0 else 2 if first_wall >= 1.0 else 3
+    gc.collect()
+    for _ in range(more):
+        _, wall, cpu = first_call(fn)
+        walls.append(wall)
+        cpus.append(cpu)
+    return CpuTiming(statistics.median(walls), statistics.median(cpus), len(walls))
 
 
 def fmt_ms(s):
@@ -165,11 +214,12 @@ def table(header, rows):
 # --------------------------------------------------------------------------- sections
 
 
-def cpu_single(sizes, kinds, quick, targets):
-    """One problem per call; every solver single-threaded: ratios from CPU time (wall clock also shown)."""
+def cpu_single(sizes, kinds, quick, targets, ref_max_n):
+    """One problem per call; every solver single-threaded: ratios from CPU time (wall clock also shown).
+    The torch reference only for n <= ref_max_n ("-" above)."""
     names = [name for name, _ in single_solvers()]
-    header = (["kind", "n"] + [f"{name} cpu ms" for name in names] + [f"{p}/native" for p in names[1:]]
-              + [f"{name} wall ms" for name in names] + ["check"])
+    header = (["kind", "n"] + [f"{name} cpu ms" for name in names] + [f"{REF} cpu ms", "x ref"]
+              + [f"{p}/native" for p in names[1:]] + [f"{name} wall ms" for name in names] + [f"{REF} wall ms", "check"])
     rows = []
     for kind in kinds:
         for n in sizes:
@@ -177,23 +227,26 @@ def cpu_single(sizes, kinds, quick, targets):
             ref_total = None
             times = {}
             checks = []
-            for name, fn in single_solvers():
-                t0 = time.perf_counter()
-                cols = fn(c)
-                first = time.perf_counter() - t0
+            solvers = single_solvers() + ([(REF, solve_torch_ref)] if n <= ref_max_n else [])
+            for name, fn in solvers:
+                cols, first, first_cpu = first_call(lambda: fn(c))
                 total = float(c[np.arange(n), np.asarray(cols)].sum())
                 if name == "scipy":
                     ref_total = total
                 else:
                     checks.append((name, total))
-                times[name] = timed(lambda: fn(c), quick, first)
-                print(f"  {kind:<12} n={n:<5} {name:<7} cpu {fmt_ms(times[name].cpu):>9} ms  wall "
+                times[name] = (timed_ref(lambda: fn(c), first, first_cpu) if name == REF
+                               else timed(lambda: fn(c), quick, first))
+                print(f"  {kind:<12} n={n:<5} {name:<9} cpu {fmt_ms(times[name].cpu):>9} ms  wall "
                       f"{fmt_ms(times[name].wall):>9} ms  ({times[name].repeats} repeats)", flush=True)
             bad = [name for name, total in checks if abs(total - ref_total) > 1e-9 * max(1.0, abs(ref_total))]
             check = "totals = scipy" if not bad else "DIFFERS: " + ",".join(bad)
             ratios = [times[p].cpu / times["native"].cpu for p in names[1:]]
-            rows.append([kind, str(n)] + [fmt_ms(times[p].cpu) for p in names] + [fmt_x(r) for r in ratios]
-                        + [fmt_ms(times[p].wall) for p in names] + [check])
+            has_ref = REF in times
+            x_ref = times[REF].cpu / times["native"].cpu if has_ref else None
+            rows.append([kind, str(n)] + [fmt_ms(times[p].cpu) for p in names]
+                        + [fmt_ms(times[REF].cpu) if has_ref else "-", fmt_x(x_ref)] + [fmt_x(r) for r in ratios]
+                        + [fmt_ms(times[p].wall) for p in names] + [fmt_ms(times[REF].wall) if has_ref else "-", check])
             targets.append((f"CPU {kind} n={n}: native fastest of {'/'.join(names)}", min(ratios) >= 1.0,
                             f"best peer / native = {fmt_x(min(ratios))} (CPU time), "
                             f"{fmt_x(min(times[p].wall for p in names[1:]) / times['native'].wall)} (wall)"))
@@ -206,12 +259,14 @@ def cpu_single(sizes, kinds, quick, targets):
     return table(header, rows)
 
 
-def cpu_batches(quick, targets):
-    """Batches: native with its OpenMP threads (wall clock) and with one thread (CPU time), vs Python loops over
-    each peer (single-threaded: CPU time; wall also shown)."""
+def cpu_batches(quick, targets, with_ref):
+    """Batches: native with its OpenMP threads (wall clock) and with one thread (CPU time), vs the torch reference
+    (with_ref; a loop over the problems, one torch thread) and Python loops over each peer (single-threaded: CPU
+    time; wall also shown)."""
     threads = (mk.build_info().get("max_threads") or 1)
-    header = ["batch", "shape", f"native {threads} thr wall ms", "native 1 thr cpu ms", "scipy loop cpu ms",
-              "lap loop cpu ms", "lapjv loop cpu ms", "scipy/native", "best peer/native", "scipy loop wall ms"]
+    header = ["batch", "shape", f"native {threads} thr wall ms", "native 1 thr cpu ms", f"{REF} cpu ms",
+              "scipy loop cpu ms", "lap loop cpu ms", "lapjv loop cpu ms", "x ref", "scipy/native", "best peer/native",
+              "scipy loop wall ms"]
     rows = []
     for batch, n in [(1000, 64), (64, 256)]:
         c = np.random.default_rng(batch).random((batch, n, n))
@@ -230,12 +285,27 @@ def cpu_batches(quick, targets):
         times = {"native": timed(native, quick), "native1": timed(native1, quick)}
         for name, fn in loops.items():
             times[name] = timed(fn, quick)
+        if with_ref:  # the torch reference: a Python loop over the problems (seconds per call)
+            ref = lambda: la._solve_torch(t, False, torch.float64, True)  # noqa: E731
+            saved_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                out, first, first_cpu = first_call(ref)
+                ref_cols = out[1].numpy()
+                times[REF] = timed_ref(ref, first, first_cpu)
+            finally:
+                torch.set_num_threads(saved_threads)
+            totals_ok = totals_ok and np.allclose(np.take_along_axis(c, ref_cols[:, :, None], 2).sum((1, 2)),
+                                                  np.take_along_axis(c, want[:, :, None], 2).sum((1, 2)),
+                                                  rtol=1e-12, atol=0)
         # the native time: the better of the threaded wall clock and the one-thread CPU time
         best_native = min(times["native"].wall, times["native1"].cpu)
         peers = [times[p].cpu for p in ("scipy", "lap", "lapjv") if p in times]
         rows.append([str(batch), f"{n}x{n}", fmt_ms(times["native"].wall), fmt_ms(times["native1"].cpu),
+                     fmt_ms(times[REF].cpu) if REF in times else "-",
                      fmt_ms(times["scipy"].cpu), fmt_ms(times["lap"].cpu) if "lap" in times else "-",
                      fmt_ms(times["lapjv"].cpu) if "lapjv" in times else "-",
+                     fmt_x(times[REF].cpu / best_native) if REF in times else "-",
                      fmt_x(times["scipy"].cpu / best_native), fmt_x(min(peers) / best_native),
                      fmt_ms(times["scipy"].wall)])
         print(f"  batch {batch} x {n}x{n}: " + ", ".join(f"{k} wall {fmt_ms(v.wall)} / cpu {fmt_ms(v.cpu)} ms"
@@ -294,6 +364,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="sizes 256,1024, fewer repeats")
     parser.add_argument("--sizes", default=None, help="comma-separated n for the single-problem section")
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated cost kinds")
+    parser.add_argument("--ref-max-n", type=int, default=1024,
+                        help="time the torch reference on single problems up to this n (default 1024; seconds per "
+                             "call there), and on the batches unless 0")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in (args.sizes or ("256,1024" if args.quick else "256,1024,2048,4096")).split(",")]
     kinds = args.kinds.split(",")
@@ -310,13 +383,19 @@ def main(argv=None) -> int:
     print("# times: medians after a warm-up call, of wall clock and of process CPU time; single problems run on one")
     print("# thread in every solver, so their ratios use CPU time (immune to time spent descheduled on a shared")
     print("# machine); the wall clock is listed beside it")
+    if args.device == "cpu":
+        print(f"# torch reference (backend=\"torch\", the tests' oracle; one torch thread): single problems with "
+              f"n <= {args.ref_max_n}" + (", and the batches" if args.ref_max_n > 0 else "") + "; its checked first "
+              "call is the warm-up (and counts as a repeat at 1 s or more), 2-3 repeats")
     targets: list[tuple[str, bool, str]] = []
     sections = []
     if args.device == "cpu":
         print("\n== CPU, one problem ==", flush=True)
-        sections.append(("CPU, one n x n problem (float64)", cpu_single(sizes, kinds, args.quick, targets)))
+        sections.append(("CPU, one n x n problem (float64); x ref = torch reference / native (CPU time)",
+                         cpu_single(sizes, kinds, args.quick, targets, args.ref_max_n)))
         print("\n== CPU, batches ==", flush=True)
-        sections.append(("CPU, batches of uniform problems (float64)", cpu_batches(args.quick, targets)))
+        sections.append(("CPU, batches of uniform problems (float64); x ref = torch reference (one thread, CPU time) / "
+                         "the better native time", cpu_batches(args.quick, targets, args.ref_max_n > 0)))
     else:
         if not torch.cuda.is_available() or not info.get("cuda"):
             print("no CUDA device, or _C built without CUDA kernels")

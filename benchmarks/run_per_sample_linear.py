@@ -5,12 +5,14 @@
 Shapes: ViT-B-like MLP up-projection, in 768 → out 3072, with bias, K task vectors, B samples of T tokens
 (T = 1: one feature vector per sample; T = 197: a ViT-B/16 sequence). fp32 on CPU, bf16 on CUDA.
 Providers, timed in the same process (median of repeats after a warm-up):
+  ref       the torch reference (per_sample_linear_torch, the tests' oracle): materialize the B merged weights
+            with one einsum (in float32 or wider), apply them with another
   loop      FusionBench-style: per sample, build the merged parameters and torch.func.functional_call
   naive     torch "stacked" as one would write it: concatenate [W0, τ_1..τ_K] per call, one GEMM
   plain     one F.linear with the base weights (not a merge: the floor any strategy is read against)
   build     building the B merged weight matrices alone, into a preallocated buffer (what materializing must pay)
   ours:*    merging_kernels.per_sample_linear with strategy auto / stacked / materialize, and lowrank r=16
-Ratios: loop/ours and naive/ours for the auto strategy; at T = 197 also ours / (plain + build).
+Ratios: x ref (ref/ours), loop/ours and naive/ours for the auto strategy; at T = 197 also ours / (plain + build).
 On CUDA the stacked Triton kernel's TFLOP/s for its (K+1)-fold work is compared with cuBLAS running the
 same-size GEMM ([B·T, (K+1)·in] x [(K+1)·in, out]) in the same run.
 """
@@ -31,13 +33,14 @@ try:
     import merging_kernels  # noqa: F401
 except ImportError:  # not installed: run from a source checkout
     sys.path.insert(1, os.path.dirname(HERE))
-from common import device_name, measure  # noqa: E402
+from common import commit_line, device_name, measure  # noqa: E402
 
 from merging_kernels.ops.per_sample_linear import (  # noqa: E402
     choose_strategy,
     lowrank_factors,
     pack_weights,
     per_sample_linear,
+    per_sample_linear_torch,
     per_sample_lowrank_linear,
 )
 
@@ -99,6 +102,8 @@ def run_case(device, dtype, k, batch, tokens, args, lines):
                                               warmup=1, repeats=3, min_repeats=1, device=device,
                                               budget_s=budget).median_s
         t["naive"] = None if slow else measure(lambda: naive_stacked(w0, tw, b0, tb, x, alpha), **rep).median_s
+        t["ref"] = measure(lambda: per_sample_linear_torch(x, alpha, w0, tw, b0, tb), warmup=1, repeats=3,
+                           min_repeats=1, device=device, budget_s=budget).median_s
         for strategy in ("auto", "stacked", "materialize"):
             s = None if strategy == "auto" else strategy
             t[strategy] = measure(lambda: per_sample_linear(x, alpha, packed, packed_bias, strategy=s),
@@ -116,9 +121,10 @@ def run_case(device, dtype, k, batch, tokens, args, lines):
     bound = ""
     if tokens > 1:
         bound = f"{t['auto'] / (t['plain'] + t['build']):5.2f}"
-    lines.append(f"{k:>2} {batch:>4} {tokens:>4} | {ms(t['loop'])} {ms(t['naive'])} {ms(t['plain'])} {ms(t['build'])} | "
-                 f"{ms(t['auto'])} {auto[:5]:>5} {ms(t['stacked'])} {ms(t['materialize'])} {ms(t['lowrank16'])} | "
-                 f"{ratio(t['loop'], t['auto']):>7} {ratio(t['naive'], t['auto']):>7} {bound:>6}")
+    lines.append(f"{k:>2} {batch:>4} {tokens:>4} | {ms(t['ref'])} {ms(t['loop'])} {ms(t['naive'])} {ms(t['plain'])} "
+                 f"{ms(t['build'])} | {ms(t['auto'])} {auto[:5]:>5} {ms(t['stacked'])} {ms(t['materialize'])} "
+                 f"{ms(t['lowrank16'])} | {ratio(t['ref'], t['auto']):>7} {ratio(t['loop'], t['auto']):>7} "
+                 f"{ratio(t['naive'], t['auto']):>7} {bound:>6}")
     print(lines[-1], flush=True)
     return t
 
@@ -154,10 +160,13 @@ def main(argv=None):
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     lines = [f"# python benchmarks/run_per_sample_linear.py {' '.join(sys.argv[1:])}",
              f"# {datetime.date.today()}  device: {device_name(args.device)}  dtype: {dtype}  in {IN} out {OUT}",
-             "# times in ms (median); loop = per-sample functional_call, naive = concat+GEMM per call; "
-             "auto = the strategy the cost model picks; bound = auto / (plain + build) at T > 1",
-             " K    B    T |      loop     naive     plain     build |      auto  pick   stacked materializ "
-             " lowrank16 | loop/us naive/us  bound"]
+             f"# versions: torch {torch.__version__}; merging_kernels at "
+             f"{commit_line(['merging_kernels/ops/per_sample_linear.py'])}",
+             "# times in ms (median); ref = the torch reference per_sample_linear_torch (materializes the B weights); "
+             "loop = per-sample functional_call, naive = concat+GEMM per call; "
+             "auto = the strategy the cost model picks; x ref = ref/auto; bound = auto / (plain + build) at T > 1",
+             " K    B    T |       ref      loop     naive     plain     build |      auto  pick   stacked materializ "
+             " lowrank16 |   x ref loop/us naive/us  bound"]
     print("\n".join(lines), flush=True)
     for k in map(int, args.ks.split(",")):
         for tokens in map(int, args.tokens.split(",")):

@@ -1,4 +1,5 @@
-"""Similarity ops side by side: merging_kernels vs the way MuDSC/ZipIt code does it and vs numpy, in one run.
+"""Similarity ops side by side: merging_kernels vs its float64 torch reference, the way MuDSC/ZipIt code does it
+and numpy, in one run.
 
     python benchmarks/run_similarity.py [--device cpu|cuda] [--quick]
 
@@ -14,10 +15,14 @@ Sections:
      shape is listed as the limit (its GFLOP/s is the machine's GEMM throughput).
   3. group_similarity, 12 heads of 64 (144 assignment problems 64×64 in one batched solve) vs a
      scipy loop over the 144 blocks.
+Every case also times the torch reference the tests use as the oracle ("torch (reference)": float64
+throughout): activation_correlation_torch on all rows at once (one-shot, not streaming),
+correlation_matrix_torch, and group_similarity_torch (one torch-reference assignment solve per block);
+"x ref" is its time / the row's time.
 --device cuda instead: sections 1 and 2 on the GPU (8 batches of 4096 rows, C up to 2048; n up to 4096,
 d up to 8192),
-ours (Triton) vs the same fp32 work in plain torch, with the fp32 GEMM of the same shape as the limit
-("% of matmul"); wall-clock medians between device synchronizes.
+ours (Triton) vs the float64 torch reference on the GPU and the same fp32 work in plain torch, with the fp32
+GEMM of the same shape as the limit ("% of matmul"); wall-clock medians between device synchronizes.
 Every provider runs on --threads threads (default 1). GFLOP/s counts the useful work of a full product (2·rows·cols·depth), so a path that computes only
 half of a symmetric result can exceed the GEMM limit. "max |Δ|" is against the float64 reference
 computed on the same data. Ratios are peer time / ours from medians taken in this run.
@@ -29,6 +34,7 @@ import argparse
 import datetime
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -125,6 +131,29 @@ def measure(fn, *, repeats=7, budget_s=20.0):
     return measure_cpu(fn, repeats=repeats, min_repeats=3, budget_s=budget_s, warmup=1, collect_each=True)
 
 
+def measure_ref(fn, first_s):
+    """The torch reference (up to seconds per call): 3 repeats, 2 once 5 s are spent; its first, checked call
+    (first_s seconds) is the warm-up when it took over a second."""
+    return measure_cpu(fn, repeats=3, min_repeats=2, budget_s=5.0, warmup=0 if first_s > 1.0 else 1,
+                       collect_each=True)
+
+
+REF = "torch (reference)"
+
+
+def run_providers(providers, want, quick, budget):
+    """{name: (timing, max |Δ| vs want)} for (name, fn) pairs; the reference with measure_ref."""
+    results = {}
+    for name, fn in providers:
+        t0 = time.perf_counter()
+        err = err_vs(fn(), want)
+        first = time.perf_counter() - t0
+        timing = measure_ref(fn, first) if name.startswith(REF) else measure(fn, repeats=5 if quick else 7,
+                                                                             budget_s=budget)
+        results[name] = (timing, err)
+    return results
+
+
 # --------------------------------------------------------------------------- table
 
 
@@ -151,7 +180,7 @@ def table(header, rows):
     return "\n".join(lines)
 
 
-HEADER = ["op", "case", "provider", "cpu ms", "wall ms", "GFLOP/s", "peer1/ours", "peer2/ours", "reps",
+HEADER = ["op", "case", "provider", "cpu ms", "wall ms", "GFLOP/s", "x ref", "peer1/ours", "peer2/ours", "reps",
           "max |Δ| vs fp64"]
 
 
@@ -159,7 +188,9 @@ def add_rows(rows, op, case, results, flops, peers, targets):
     """results: {provider: (Timing, max_err)}; the first provider is ours; peers: the two names for the ratio columns."""
     ours = next(iter(results))
     t_ours = results[ours][0].cpu
+    ref = next((name for name in results if name.startswith(REF)), None)
     for name, (timing, err) in results.items():
+        x_ref = "-" if ref is None or name.startswith("limit") else fmt_x(results[ref][0].cpu / timing.cpu)
         ratios = []
         for p in (list(peers) + [None, None])[:2]:
             if name == ours and p in results:
@@ -167,7 +198,7 @@ def add_rows(rows, op, case, results, flops, peers, targets):
             else:
                 ratios.append("-")
         gflops = f"{flops / timing.cpu / 1e9:.1f}" if flops else "-"
-        rows.append([op, case, name, fmt_ms(timing.cpu), fmt_ms(timing.wall), gflops, *ratios, str(timing.repeats),
+        rows.append([op, case, name, fmt_ms(timing.cpu), fmt_ms(timing.wall), gflops, x_ref, *ratios, str(timing.repeats),
                      "-" if err is None else f"{err:.1e}"])
         print(f"  {op:<18} {case:<28} {name:<26} cpu {fmt_ms(timing.cpu):>9} ms  wall {fmt_ms(timing.wall):>9} ms",
               flush=True)
@@ -195,12 +226,11 @@ def section_streaming(quick, rows, targets, budget):
             batches = [[f[i * batch:(i + 1) * batch] for f in feats] for i in range(batches_n)]
             want = sim.activation_correlation_torch(*feats)
             case = f"M=2 C={c} {batches_n}x{batch} rows" + (f" mean+{mean:g}" if mean else "")
-            results = {}
-            for name, fn in (("ours (ActivationStats)", lambda: ours_streaming(batches, [c, c])),
-                             ("zipit-style fp32 torch", lambda: zipit_style_correlation(batches)),
-                             ("numpy corrcoef (all rows)", lambda: numpy_corrcoef_all(feats))):
-                err = err_vs(fn(), want)
-                results[name] = (measure(fn, repeats=5 if quick else 7, budget_s=budget), err)
+            results = run_providers((("ours (ActivationStats)", lambda: ours_streaming(batches, [c, c])),
+                                     (f"{REF} fp64 all rows", lambda: sim.activation_correlation_torch(*feats)),
+                                     ("zipit-style fp32 torch", lambda: zipit_style_correlation(batches)),
+                                     ("numpy corrcoef (all rows)", lambda: numpy_corrcoef_all(feats))),
+                                    want, quick, budget)
             D = 2 * c
             add_rows(rows, "activation corr", case, results, 2.0 * batch * batches_n * D * D,
                      ["zipit-style fp32 torch", "numpy corrcoef (all rows)"], targets)
@@ -220,12 +250,11 @@ def section_weights(quick, rows, targets, budget):
             want = sim.correlation_matrix_torch(x, other)
             case = f"{label} n={n} d={d}"
             yy = x if other is None else other
-            results = {}
-            for name, fn in (("ours (correlation_matrix)", lambda: mk.correlation_matrix(x, other, backend="torch")),
-                             ("torch naive fp32", lambda: torch_naive_corr(x, other)),
-                             ("numpy corrcoef", lambda: numpy_corr(x, other))):
-                err = err_vs(fn(), want)
-                results[name] = (measure(fn, repeats=5 if quick else 7, budget_s=budget), err)
+            results = run_providers((("ours (correlation_matrix)", lambda: mk.correlation_matrix(x, other, backend="torch")),
+                                     (f"{REF} fp64", lambda: sim.correlation_matrix_torch(x, other)),
+                                     ("torch naive fp32", lambda: torch_naive_corr(x, other)),
+                                     ("numpy corrcoef", lambda: numpy_corr(x, other))),
+                                    want, quick, budget)
             results["limit: fp32 matmul x@yT"] = (measure(lambda: x @ yy.T, repeats=5 if quick else 7, budget_s=budget),
                                                   None)
             add_rows(rows, "weight corr", case, results, 2.0 * n * n * d, ["torch naive fp32", "numpy corrcoef"],
@@ -245,24 +274,26 @@ def section_groups(quick, rows, targets, budget):
             return group_similarity_scipy_loop(s_np, s)
 
         want = torch.from_numpy(scipy_loop())
-        results = {}
-        for name, fn in (("ours (group_similarity)", lambda: mk.group_similarity(s_cross, s)[0]),
-                         ("scipy loop", scipy_loop)):
-            results[name] = (measure(fn, repeats=5 if quick else 7, budget_s=budget), err_vs(fn(), want))
+        results = run_providers((("ours (group_similarity)", lambda: mk.group_similarity(s_cross, s)[0]),
+                                 (REF, lambda: sim.group_similarity_torch(s_cross, s)[0]),
+                                 ("scipy loop", scipy_loop)),
+                                want, quick, budget)
         add_rows(rows, "group similarity", f"{g} heads x {s} ({g * g} problems)", results, 0, ["scipy loop"], targets)
 
 
 def section_gpu(quick, targets, device="cuda", backend="triton"):
-    """GPU: ours (Triton) vs the same work in plain fp32 torch, read against the fp32 GEMM of the same shape
-    (the matmul limit: the Gram products are the whole of the work). Returns the table's rows."""
-    header = ["op", "case", "provider", "ms", "TFLOP/s", "% of matmul", "max |Δ| vs fp64"]
+    """GPU: ours (Triton) vs the float64 torch reference on the GPU and the same work in plain fp32 torch, read
+    against the fp32 GEMM of the same shape (the matmul limit: the Gram products are the whole of the work).
+    Returns the table's rows."""
+    header = ["op", "case", "provider", "ms", "TFLOP/s", "% of matmul", "x ref", "max |Δ| vs fp64"]
     rows = []
 
     def add(op, case, flops, results, peer):
         limit = results["limit: fp32 matmul"][0]
+        t_ref = results[REF][0]
         for name, (t, err) in results.items():
             rows.append([op, case, name, f"{t * 1e3:.3f}", f"{flops / t / 1e12:.2f}", f"{100 * limit / t:.0f}%",
-                         "-" if err is None else f"{err:.1e}"])
+                         "-" if name.startswith("limit") else fmt_x(t_ref / t), "-" if err is None else f"{err:.1e}"])
             print(f"  {op:<16} {case:<30} {name:<28} {t * 1e3:9.3f} ms", flush=True)
         ours, other = next(iter(results.values()))[0], results[peer][0]
         targets.append((f"{op} {case}: ours no slower than {peer}", ours <= other, fmt_x(other / ours)))
@@ -278,6 +309,7 @@ def section_gpu(quick, targets, device="cuda", backend="triton"):
         case = f"M=2 C={c} {batches_n}x{batch} rows"
         results = {}
         for name, fn in (("ours (ActivationStats)", lambda: ours_streaming(batches, [c, c], device, backend)),
+                         (REF, lambda: sim.activation_correlation_torch(*feats)),  # float64, on the GPU
                          ("zipit-style fp32 torch", lambda: zipit_style_correlation(batches)),
                          ("limit: fp32 matmul", lambda: [z.T @ z for z in zs])):
             err = None if name.startswith("limit") else err_vs(fn(), want)
@@ -291,6 +323,7 @@ def section_gpu(quick, targets, device="cuda", backend="triton"):
             yy = xd if od is None else od
             results = {}
             for name, fn in (("ours (correlation_matrix)", lambda: mk.correlation_matrix(xd, od, backend=backend)),
+                             (REF, lambda: sim.correlation_matrix_torch(xd, od)),  # float64, on the GPU
                              ("torch naive fp32", lambda: torch_naive_corr(xd, od)),
                              ("limit: fp32 matmul", lambda: xd @ yy.T)):
                 err = None if name.startswith("limit") else err_vs(fn(), want)
@@ -345,7 +378,8 @@ def main(argv=None) -> int:
     section_weights(args.quick, rows, targets, budget)
     print("\n== group similarity ==", flush=True)
     section_groups(args.quick, rows, targets, budget)
-    print("\n## results (peer1/peer2: the ratio of each peer's time to ours; for activation corr peer1 = zipit-style,")
+    print("\n## results (x ref: the float64 torch reference's time / this row's; peer1/peer2: the ratio of each")
+    print("## peer's time to ours; for activation corr peer1 = zipit-style,")
     print("## peer2 = numpy; weight corr: peer1 = torch naive, peer2 = numpy; groups: peer1 = scipy loop)")
     print(table(HEADER, rows))
     print_targets(targets, args.device)
