@@ -337,6 +337,9 @@ def test_float64_models_merge_in_float64():
     model = se_merge(base, experts, lam=0.3)
     static = _load(base, task_arithmetic(base.state_dict(), [e.state_dict() for e in experts], 0.3))
     assert (model(x, alpha=model.static_alpha(3)) - static(x)).abs().max() < 1e-12
+    ties = se_merge(base, experts, base_method="ties", lam=0.7, density=0.3)  # float64 thresholds (kthvalue)
+    static = _load(base, ties_merging(base.state_dict(), [e.state_dict() for e in experts], density=0.3, scale=0.7))
+    assert (ties(x, alpha=ties.static_alpha(3)) - static(x)).abs().max() < 1e-12
 
 
 def test_runs_under_autocast():

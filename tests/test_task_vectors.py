@@ -416,6 +416,31 @@ def test_streamed_thresholds_bad_arguments_are_named(kwargs, error, match):
         mk.streamed_magnitude_thresholds(args.pop("chunks"), **args)
 
 
+@pytest.mark.parametrize("scope", ["tensor", "model"])
+@pytest.mark.parametrize("drop_rate", [0.0, 0.5])
+def test_float64_thresholds_select_in_float64(scope, drop_rate):
+    # the radix select works on float32 bits; float64 inputs take kthvalue on float64 magnitudes instead
+    g = torch.Generator().manual_seed(7)
+    bases = [torch.randn(40, 9, generator=g, dtype=torch.float64), torch.randn(13, generator=g, dtype=torch.float64),
+             torch.zeros(0, dtype=torch.float64)]
+    experts = [[b + 1e-9 * torch.randn(b.shape, generator=g, dtype=torch.float64) for b in bases] for _ in range(3)]
+    kwargs = dict(density=0.3, trim_scope=scope, drop_rate=drop_rate, seed=5)
+    thresholds = mk.magnitude_thresholds(bases, experts, **kwargs)
+    assert thresholds.dtype == torch.float64 and thresholds.shape == ((3 if scope == "tensor" else 1), 3)
+    if scope == "tensor":
+        assert torch.isinf(thresholds[2]).all()  # the empty tensor's segment
+        for k in range(3):  # deltas 1e-9 apart: float32 magnitudes would tie where float64 ones do not
+            d = (experts[k][0] - bases[0]).abs().flatten()
+            if drop_rate == 0:
+                assert thresholds[0, k] == d.sort(descending=True).values[keep_count(0.3, d.numel()) - 1]
+    merged = mk.merge_task_vectors(bases, experts, [1.0] * 3, elect_sign=True, **kwargs)
+    given = mk.merge_task_vectors(bases, experts, [1.0] * 3, elect_sign=True, thresholds=thresholds, **kwargs)
+    for a, b in zip(given, merged):
+        assert a.dtype == torch.float64 and torch.equal(a, b)
+    with pytest.raises(TypeError, match="float64"):
+        mk.magnitude_thresholds(bases, experts, backend="native", **kwargs)
+
+
 def test_magnitude_thresholds_needs_a_density():
     bases, experts = _stream_case()
     with pytest.raises(TypeError, match="density"):

@@ -295,9 +295,8 @@ def se_merge(
 
     Args:
         base: the pretrained model θ0 (any nn.Module of standard layers; batch-first inputs).
-            Parameters float32, float16 or bfloat16, or float64 with ``base_method="ta"`` only
-            (TIES' thresholds refuse float64 with TypeError); task vectors are computed in float32
-            (float64 for float64) and stored in each layer's dtype.
+            Parameters float32, float16, bfloat16 or float64; task vectors (and TIES' trim
+            thresholds) are computed in float32 (float64 for float64) and stored in each layer's dtype.
         experts: K models of the same architecture, fine-tuned from ``base``.
         base_method: the static merge it sits on: ``"ta"`` (task arithmetic) or ``"ties"``.
         lam: static coefficient(s) λ: one number, or K numbers (task arithmetic only); for TIES the scale.

@@ -135,18 +135,17 @@ def merge_task_vectors_torch(
               for t, b in enumerate(bases)]
     kept = [d != 0 for d in deltas]
     if spec.trims or thresholds is not None:
+        given = thresholds is not None
+        if not given:
+            thresholds = _kth_thresholds_torch(deltas, spec, num_tasks)
         seg_of, seg_numel = segments_of([b.numel() for b in bases], spec.trim_scope)
         for s, n in enumerate(seg_numel):
             members = [t for t in range(len(bases)) if seg_of[t] == s]
             if n == 0:
                 continue
-            if thresholds is not None:
-                threshold = thresholds[s].to(deltas[members[0]].dtype)[:, None]
-            else:
-                magnitudes = torch.cat([deltas[t].abs() for t in members], dim=1)  # (K, n)
-                m = keep_count(spec.density, n)
-                # the m-th largest = the (n − m + 1)-th smallest
-                threshold = magnitudes.kthvalue(n - m + 1, dim=1, keepdim=True).values
+            threshold = thresholds[s][:, None]
+            if given:  # float32 from the radix select: compared in the task vectors' dtype
+                threshold = threshold.to(deltas[members[0]].dtype)
             for t in members:
                 kept[t] &= deltas[t].abs() >= threshold
     outs = []
@@ -169,6 +168,23 @@ def merge_task_vectors_torch(
         result = base.reshape(-1).to(d.dtype) + spec.scale * merged
         outs.append(result.reshape(base.shape).to(out_dtypes[t]))
     return outs, nonfinite
+
+
+def _kth_thresholds_torch(deltas: Sequence[torch.Tensor], spec: MergeSpec, num_tasks: int) -> torch.Tensor:
+    """(S, K) trim thresholds by ``kthvalue`` on the (K, n_t) task vectors as computed (float32, or float64 for
+    float64 inputs): the reference's selection, and the float64 path of :func:`magnitude_thresholds`.
+    +inf for an empty segment."""
+    seg_of, seg_numel = segments_of([d.shape[1] for d in deltas], spec.trim_scope)
+    dtype = torch.float64 if any(d.dtype == torch.float64 for d in deltas) else torch.float32  # kthvalue's, exact
+    device = deltas[0].device if deltas else None
+    out = torch.full((len(seg_numel), num_tasks), torch.inf, dtype=dtype, device=device)
+    for s, n in enumerate(seg_numel):
+        if n == 0 or num_tasks == 0:
+            continue
+        magnitudes = torch.cat([deltas[t].abs() for t in range(len(deltas)) if seg_of[t] == s], dim=1)  # (K, n)
+        # the m-th largest = the (n − m + 1)-th smallest
+        out[s] = magnitudes.kthvalue(n - keep_count(spec.density, n) + 1, dim=1).values
+    return out
 
 
 # --------------------------------------------------------------------------- threshold selection
@@ -777,10 +793,11 @@ def magnitude_thresholds(
 ) -> torch.Tensor:
     """The (S, K) float32 trim thresholds t_k of :func:`merge_task_vectors` (S = T or 1).
 
-    Found by radix select (histogram passes over the bits of |d|), never by sorting.
+    Found by radix select (histogram passes over the bits of |d|), never by sorting; float64 inputs
+    (torch backend only, like the merges) by ``kthvalue`` on float64 magnitudes, returned in float64.
 
     Args:
-        bases: T tensors θ0 (float32/float16/bfloat16), on one device.
+        bases: T tensors θ0 (float32/float16/bfloat16; float64 on the torch backend), on one device.
         experts: K sequences of T tensors, ``experts[k][t]`` matching ``bases[t]`` in shape, dtype, device.
         density: ρ ∈ (0, 1], required: per segment and task the threshold is the m-th largest
             |θk − θ0| with m = max(1, ⌊ρ·n⌋).
@@ -789,16 +806,18 @@ def magnitude_thresholds(
         backend: ``"torch"``, ``"triton"``, ``"native"`` or None (fastest available).
 
     Returns:
-        (S, K) float32 tensor on the inputs' device, ``thresholds[s, k]`` = t_k of segment s
-        (+inf for an empty segment); pass it as ``thresholds=`` to :func:`merge_task_vectors`.
+        (S, K) float32 (float64 for float64 inputs) tensor on the inputs' device, ``thresholds[s, k]``
+        = t_k of segment s (+inf for an empty segment); pass it as ``thresholds=`` to
+        :func:`merge_task_vectors`.
     """
     density = check_real(density, "density", low=0.0, high=1.0, low_open=True)  # None (no trim): no thresholds
     names, device = _check_inputs(bases, experts, None)
     spec = make_spec(density=density, trim_scope=trim_scope, drop_rate=drop_rate, seed=seed)
     keys = _tensor_keys(tensor_keys, len(bases))
     chosen = _choose_backend(backend, device, bases, [b.dtype for b in bases])
-    if chosen == "torch" and any(b.dtype == torch.float64 for b in bases):
-        raise TypeError("magnitude_thresholds selects on float32 magnitudes; float64 inputs are not supported")
+    if any(b.dtype == torch.float64 for b in bases):  # the radix select works on float32 bits: select in float64
+        deltas = [_deltas_torch(b, [task[t] for task in experts], spec, keys[t]) for t, b in enumerate(bases)]
+        return _kth_thresholds_torch(deltas, spec, len(experts))
     _, seg_numel = segments_of([b.numel() for b in bases], spec.trim_scope)
     return _select_in_memory(chosen, [b.contiguous() for b in bases],
                              [[e.contiguous() for e in task] for task in experts], spec, keys, seg_numel, device)
