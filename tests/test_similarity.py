@@ -112,6 +112,23 @@ def test_correlation_matrix_large_mean(backend, device):
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
+def test_correlation_matrix_float64_mean_far_above_the_spread(backend, device):
+    """float64 rows 1e6 ± 1e-4: beyond fp32's 24 bits, so the Triton path must center in float64 before it
+    rounds to fp32 (it was 0.41 off when it rounded first)."""
+    base = _data(12, 40, torch.float64, "cpu", seed=40)
+    x = 1e6 + 1e-4 * base
+    x[1] = -3e7 + 1e-3 * base[1]
+    x[4] = 1e6  # constant: dead
+    y = 5e5 + 1e-3 * _data(7, 40, torch.float64, "cpu", seed=41)
+    x, y = x.to(device), y.to(device)
+    for other in (None, y):
+        got = correlation_matrix(x, other, backend=backend)
+        torch.testing.assert_close(got.double(), correlation_matrix_torch(x, other), rtol=0,
+                                   atol=corr_tol(torch.float32, device, 40))
+    assert torch.equal(correlation_matrix(x, backend=backend)[4], torch.eye(12, device=device)[4])
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
 def test_correlation_matrix_dead_rows(backend, device):
     x = _data(10, 17, torch.float32, device, seed=7)
     x[2] = 0.0

@@ -63,8 +63,9 @@ On CUDA, Triton kernels fuse the centering/normalization into the GEMM tiles:
 computes; tf32 would cost ~1e-3 relative error); fp16/bf16 inputs are centered in fp32 and multiplied
 with ``"tf32"`` (tensor cores, fp32 range — an fp16 dot could overflow on centered values — and
 a rounding of the centered values comparable to the inputs' own 16-bit rounding). float64 inputs
-are rounded to fp32 by the Triton kernels (``correlation_matrix``: after scaling each row by a power of
-two, so that values beyond the fp32 range keep their correlation) and by :class:`ActivationStats`
+are rounded to fp32 by the Triton kernels (``correlation_matrix``: after centering each row in float64 and
+scaling it by a power of two, so that values beyond the fp32 range, or a spread far below the mean, keep
+their correlation) and by :class:`ActivationStats`
 (unless ``gram_dtype=torch.float64``); ``correlation_matrix``'s torch path keeps them in float64. The
 ``*_torch`` references compute in float64 throughout.
 GPU timings: none yet (no GPU in the session that wrote this); the kernels are tested on CPU
@@ -568,11 +569,11 @@ _FP32_MAX = torch.finfo(torch.float32).max
 def _kernel_rows(a: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows for :func:`_corr_gemm_kernel`, fp32 row means μ, fp32 1/‖row − μ‖ (0 for dead rows)).
 
-    The kernel computes (a − μ)·r in fp32, which must stay finite and precise. float64 rows, and fp32/16-bit
-    rows at the edges of the fp32 range (centered values beyond 1.7e38, or an alive row whose norm is below
-    2^-100: r would overflow, or its values lose bits as subnormals), are scaled by a power of two each (exact,
-    in float64) to max |a| or max |a − μ| in [0.5, 1) and rounded to an fp32 copy; fp32/16-bit inputs are
-    copied only when some row needs it. eps is compared with each row's unscaled σ.
+    The kernel computes (a − μ)·r in fp32, which must stay finite and precise. float64 rows are centered in
+    float64 and scaled by a power of two (exact) to max |a − μ| in [0.5, 1) before they are rounded to an fp32
+    copy; fp32/16-bit rows at the edges of the fp32 range (centered values beyond 1.7e38, or an alive row whose
+    norm is below 2^-100: r would overflow, or its values lose bits as subnormals) are scaled to max |a − μ| in
+    [0.5, 1) into an fp32 copy, made only when some row needs it. eps is compared with each row's unscaled σ.
     """
     # Unit column stride for the kernel: its column offsets rk·stride are int32 (a column stride > 1
     # overflows once d·stride ≥ 2^31, e.g. correlation_matrix(W.T) with W 256k × 8192), and strided
@@ -581,7 +582,19 @@ def _kernel_rows(a: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tenso
     if a.stride(-1) != 1:
         a = a.contiguous()
     if a.dtype == torch.float64:
-        scale = _pow2_scale(a.abs().amax(dim=1), -1000, 1024) if a.shape[1] else a.new_ones(a.shape[0])
+        if a.shape[1] == 0:
+            zeros = torch.zeros(a.shape[0], dtype=torch.float32, device=a.device)
+            return a.to(torch.float32), zeros, zeros
+        # Centered in float64 before the rounding to fp32: a row whose mean dwarfs its spread (1e6 ± 1e-4)
+        # would otherwise lose the spread's bits in the rounding (0.41 off, measured). Two exact power-of-two
+        # scalings: first so that centering cannot overflow, then so that the centered max is in [0.5, 1).
+        first = _pow2_scale(a.abs().amax(dim=1), -1000, 1024)
+        c = a * first[:, None]
+        c -= c.mean(dim=1, keepdim=True)
+        second = _pow2_scale(c.abs().amax(dim=1), -1000, 1024)
+        a = (c * second[:, None]).to(torch.float32)
+        mean, inv, _ = _row_stats(a, eps * first * second)
+        return a, mean.to(torch.float32), inv.to(torch.float32)
     else:
         mean, inv, span = _row_stats(a, eps)
         edge = (span > _FP32_MAX / 2) | (inv > 2.0 ** 100)
