@@ -615,21 +615,40 @@ def test_activation_stats_moments_that_overflow_raise(backend, device):
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
 def test_activation_stats_float64_features_beyond_fp32(backend, device):
-    """float64 features beyond the fp32 range: the fp32 statistics refuse them (naming the model and the remedy);
-    gram_dtype=torch.float64 (torch backend) gives their correlation, and refuses a covariance float64 cannot hold."""
+    """float64 features beyond the fp32 range: shifted and scaled in float64 before the fp32 products, so every
+    backend gives their correlation; the float32 mean refuses what it cannot hold, the float64 one is exact;
+    gram_dtype=torch.float64 (torch backend) refuses a covariance float64 cannot hold."""
     fa, fb = _unit_features(48, torch.float64, device, 1e300, seed=38)
-    with pytest.raises(ValueError, match=r"features\[0\] \(model 0\) is finite but overflows torch.float32"):
-        ActivationStats([5, 4], backend=backend).update(fa, fb)
-    if backend != "torch":
-        return
-    stats = _stream(ActivationStats([5, 4], backend=backend, gram_dtype=torch.float64), _split([fa, fb], [16, 32]))
     want = correlation_matrix_torch(torch.cat([fa, fb], 1).T)  # two-pass, float64 (scales each unit first)
-    torch.testing.assert_close(stats.correlation().double(), want, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="covariance .* exceeds the range of torch.float64"):
-        stats.covariance(torch.float64)
+    stats = _stream(ActivationStats([5, 4], backend=backend), _split([fa, fb], [16, 32]))
+    torch.testing.assert_close(stats.correlation().double(), want, rtol=0, atol=corr_tol(torch.float32, device, 48))
     with pytest.raises(ValueError, match="mean .* exceeds the range of torch.float32"):
         stats.mean()
     torch.testing.assert_close(stats.mean(torch.float64), torch.cat([fa, fb], 1).mean(0), rtol=1e-12, atol=0)
+    # float32 features next: the float64 features' scale (~2^-997) does not fit float32, nothing is added
+    with pytest.raises(ValueError, match="float32 after float64 features beyond the float32 range"):
+        stats.update(*(torch.ones(4, f.shape[1], device=device) for f in (fa, fb)))
+    assert stats.count == 48
+    if backend != "torch":
+        return
+    stats = _stream(ActivationStats([5, 4], backend=backend, gram_dtype=torch.float64), _split([fa, fb], [16, 32]))
+    torch.testing.assert_close(stats.correlation().double(), want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="covariance .* exceeds the range of torch.float64"):
+        stats.covariance(torch.float64)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("conv", [False, True], ids=["rows", "conv"])
+def test_activation_stats_float64_mean_far_above_the_spread(backend, device, conv):
+    """float64 features 1e6 ± 1e-4 (beyond fp32's 24 bits): they must be shifted in float64 before the rounding
+    to fp32 (0.996 off when they were rounded first), in both buffer layouts of the torch path."""
+    fa, fb = _unit_features(60, torch.float64, device, 1.0, seed=39)
+    fa, fb = 1e6 + 1e-4 * fa, -2e7 + 1e-3 * fb
+    want = correlation_matrix_torch(torch.cat([fa, fb], 1).T)
+    if conv:  # (N, C, H, W) maps pooled over N·H·W rows: the same rows, in a conv layout
+        fa, fb = (f.reshape(15, 2, 2, f.shape[1]).permute(0, 3, 1, 2) for f in (fa, fb))
+    stats = _stream(ActivationStats([5, 4], backend=backend), _split([fa, fb], [5, 10] if conv else [20, 40]))
+    torch.testing.assert_close(stats.correlation().double(), want, rtol=0, atol=corr_tol(torch.float32, device, 60))
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)

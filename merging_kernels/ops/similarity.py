@@ -779,9 +779,11 @@ class ActivationStats:
     a per-unit power of two from the first batch's spread, so large means (1e4 with σ = 1) cost nothing,
     features of any finite size (1e19, 1e30) give the right correlation, and constant (dead) units have
     exactly zero variance. Per-batch products are fp32 (tf32 for 16-bit features on the Triton path);
-    float64 features are rounded to fp32 unless ``gram_dtype=torch.float64`` (torch backend only: float64
-    GEMMs); finite features that overflow fp32 there raise ValueError at update, moments that overflow
-    (later batches ~1e19 times further from k than the first) raise ValueError at finalize.
+    float64 features are shifted and scaled in float64 (k then a float64 value) and only then rounded to
+    fp32, so a mean far above the spread (1e6 ± 1e-4) or values beyond the fp32 range keep their
+    correlation; ``gram_dtype=torch.float64`` (torch backend only) makes the products float64 too.
+    Moments that overflow (later batches ~1e19 times further from k than the first) raise ValueError at
+    finalize.
 
     Args:
         num_features: the feature count C_m of each model (a sequence: M models, checked on every
@@ -813,10 +815,11 @@ class ActivationStats:
         self.device: torch.device | None = None
         self.backend: str | None = None
         self.count = 0
-        self._shift: torch.Tensor | None = None  # (D,) float64 holding fp32 values
+        self._shift: torch.Tensor | None = None  # (D,) float64 k: values of the first batch's work dtype
         # (D,) float64 powers of two: the products, K and the work buffers hold (z − k)·scale, of size ~1
         self._scale: torch.Tensor | None = None
-        self._step: tuple[torch.Tensor, torch.Tensor] | None = None  # (scale, −k·scale) in the work dtype
+        # (scale, −k·scale) in the work dtype (None: set by float64 features whose scale it cannot hold)
+        self._step: tuple[torch.Tensor, torch.Tensor] | None = None
         self._sum: torch.Tensor | None = None  # Σ (z − k), float64
         # Σ (z − k)(z − k)ᵀ·scale scaleᵀ, float64 (upper tiles/blocks valid)
         self._gram: torch.Tensor | None = None
@@ -885,19 +888,22 @@ class ActivationStats:
             return
         rows = [_feature_rows(f) for f in checked]
         z = torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
-        if z.dtype == torch.float64:
-            z = z.to(torch.float32)  # the Triton path rounds float64 features to fp32 (see the class docstring)
         # column sums in float64 double as the NaN/Inf check (a float64 sum of finite fp32 values is finite);
         # nothing is changed before the check passes
         total = self._checked_sum(z, chans, checked)
         if self._shift is None:
-            # the first batch's mean, as an fp32 value: z − k is exact for z near k
-            shift = (total / n).to(torch.float32).to(torch.float64)
-            self._scale, self._step = self._scaling(shift, z.amin(dim=0), z.amax(dim=0), torch.float32)
+            # the first batch's mean, as a value of z's precision: z − k is exact for z near k
+            shift = total / n if z.dtype == torch.float64 else (total / n).to(torch.float32).to(torch.float64)
+            self._scale, self._step = self._scaling(shift, z.amin(dim=0), z.amax(dim=0), torch.float32, z.dtype)
             self._shift = shift
-        # S: the float64 sum of the fp32 values minus n·k (what the kernel's Gram sees; no shifted copy)
+        # S: the float64 sum of the values minus n·k (what the kernel's Gram sees)
         self._sum += total - n * self._shift
-        _shifted_gram_add_triton(self._gram, z, *self._step)
+        if z.dtype == torch.float64:  # shifted and scaled in float64, then rounded: the kernel's step is (1, 0)
+            z = ((z - self._shift) * self._scale).to(torch.float32)
+            ones = torch.ones(self.dim, dtype=torch.float32, device=self.device)
+            _shifted_gram_add_triton(self._gram, z, ones, torch.zeros_like(ones))
+        else:  # no shifted copy: the kernel shifts and scales while loading
+            _shifted_gram_add_triton(self._gram, z, *self._step_for(checked))
         self.count += n
 
     def _update_torch(self, features, chans: list[int], n: int) -> None:
@@ -912,8 +918,11 @@ class ActivationStats:
         not, to tell NaN/Inf from fp32 overflow).
         """
         work = self.gram_dtype
+        # float64 features are shifted and scaled in float64 and only then rounded to the fp32 products
+        wide = work == torch.float32 and any(f.dtype == torch.float64 for f in features)
         cols = any(f.dim() == 4 for f in features)  # layout: (D, rows) if True, else (rows, D)
-        c = torch.empty((self.dim, n) if cols else (n, self.dim), dtype=work, device=self.device)
+        c = torch.empty((self.dim, n) if cols else (n, self.dim), dtype=torch.float64 if wide else work,
+                        device=self.device)
         off = 0
         for f, C in zip(features, chans):
             if cols:
@@ -927,15 +936,15 @@ class ActivationStats:
             off += C
         axis = 1 if cols else 0
         first = self._shift is None
-        if first:  # the first batch's mean, as a value of the working dtype: z − k is exact for z near k
-            shift = (self._column_sum(c, axis, chans, features) / n).to(work).to(torch.float64)
+        if first:  # the first batch's mean, as a value of the buffer's dtype: z − k is exact for z near k
+            shift = (self._column_sum(c, axis, chans, features) / n).to(c.dtype).to(torch.float64)
             # amin + amax: torch.aminmax measured 15x slower on CPU
-            scale, step = self._scaling(shift, c.amin(dim=axis), c.amax(dim=axis), work)
+            scale, step = self._scaling(shift, c.amin(dim=axis), c.amax(dim=axis), work, c.dtype)
         else:
-            scale, step = self._scale, self._step
+            shift, scale, step = self._shift, self._scale, self._step
         # (c − k)·scale as c·scale − k·scale (see _shifted_gram_kernel); one pass by addcmul, but for (D, rows)
         # (per-row operands) two passes measured 5x faster than addcmul's
-        s, neg_ks = step
+        s, neg_ks = (scale, -shift * scale) if wide else step if first else self._step_for(features)
         if cols:
             c.mul_(s[:, None]).add_(neg_ks[:, None])
         else:
@@ -945,21 +954,34 @@ class ActivationStats:
         if first:
             self._shift, self._scale, self._step = shift, scale, step
         self._sum += total / scale
-        self._gram_add_torch(c.T if cols else c, work)
+        self._gram_add_torch((c.T if cols else c).to(work), work)
         self.count += n
 
     @staticmethod
-    def _scaling(shift, lo, hi, work) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def _scaling(shift, lo, hi, work, applied_in) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """The per-unit scale, from the first batch (lo, hi: its column min and max): the power of two that
-        brings max |z − k| into [0.5, 1) (1 for a constant unit), and (scale, −k·scale) in ``work``.
+        brings max |z − k| into [0.5, 1) (1 for a constant unit), and the step (scale, −k·scale) in ``work``
+        for batches shifted in ``work`` (None when the scale does not fit it: float64 features, shifted in
+        float64, far beyond the fp32 range).
 
         fp32 products of unscaled values overflow for features beyond ~1.8e19 (and the fp32 Gram sums sooner);
         scaled ones only if later batches stray ~1e19 times further from k than the first batch did. The
         scaling is exact (powers of two), so for ordinary features every result is bit for bit unchanged."""
         span = torch.maximum(hi.to(torch.float64) - shift, shift - lo.to(torch.float64))
-        low, high = (-126, 126) if work == torch.float32 else (-511, 511)  # s_i·s_j stays a normal float64
-        scale = _pow2_scale(span, low, high)
-        return scale, (scale.to(work), (-shift * scale).to(work))
+        limit = 126 if applied_in == torch.float32 else 1000 if work == torch.float32 else 511
+        scale = _pow2_scale(span, -limit, limit)
+        step = (scale.to(work), (-shift * scale).to(work))
+        if limit > 126 and work == torch.float32 and not bool((step[0].to(torch.float64) == scale).all()):
+            return scale, None
+        return scale, step
+
+    def _step_for(self, features) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored step for a batch shifted in the work dtype; ValueError when the first batch set a scale
+        that dtype cannot hold."""
+        if self._step is None:
+            raise ValueError(f"{len(features)} feature tensor(s) of dtype {features[0].dtype} after float64 features "
+                             "beyond the float32 range: their scale does not fit float32; pass float64 features")
+        return self._step
 
     def _column_sum(self, c: torch.Tensor, axis: int, chans, features) -> torch.Tensor:
         """Σ over rows of the buffer, float64 (D,); ValueError naming the model for NaN/Inf."""
