@@ -65,8 +65,8 @@ with ``"tf32"`` (tensor cores, fp32 range — an fp16 dot could overflow on cent
 a rounding of the centered values comparable to the inputs' own 16-bit rounding). float64 inputs
 are rounded to fp32 by the Triton kernels (``correlation_matrix``: after centering each row in float64 and
 scaling it by a power of two, so that values beyond the fp32 range, or a spread far below the mean, keep
-their correlation) and by :class:`ActivationStats`
-(unless ``gram_dtype=torch.float64``); ``correlation_matrix``'s torch path keeps them in float64. The
+their correlation) and by :class:`ActivationStats` (after the shift and scale, done in float64; its products
+are float64 with ``gram_dtype=torch.float64``); ``correlation_matrix``'s torch path keeps them in float64. The
 ``*_torch`` references compute in float64 throughout.
 GPU timings: none yet (no GPU in the session that wrote this); the kernels are tested on CPU
 under ``TRITON_INTERPRET=1``.
