@@ -726,7 +726,11 @@ def merge_task_vectors(
         out_dtype: dtype of new outputs (default: each base's dtype); with ``out``, it must
             equal the out tensors' dtype.
         check_finite: raise ValueError naming the tensor when any θk − θ0, as computed in
-            float32 (float64 for float64 inputs), is NaN/±inf — overflow included.
+            float32 (float64 for float64 inputs), is NaN/±inf — overflow included. Not checked:
+            the combination, which sums w_k·d_k in that dtype before any division (the disjoint
+            mean divides by Σ w_k last), so task vectors within ~2× of float32's maximum (|d|
+            ≳ 1.7e38) can sum to ±inf where the mean itself would be finite; every backend does
+            the same.
         backend: ``"torch"``, ``"triton"``, ``"native"`` or None (fastest available).
 
     Returns:
