@@ -423,13 +423,14 @@ def test_float64_thresholds_select_in_float64(scope, drop_rate):
     g = torch.Generator().manual_seed(7)
     bases = [torch.randn(40, 9, generator=g, dtype=torch.float64), torch.randn(13, generator=g, dtype=torch.float64),
              torch.zeros(0, dtype=torch.float64)]
-    experts = [[b + 1e-9 * torch.randn(b.shape, generator=g, dtype=torch.float64) for b in bases] for _ in range(3)]
+    # deltas with full float64 mantissas: a threshold rounded to float32 keeps or drops entries next to it wrongly
+    experts = [[b + 0.1 * torch.randn(b.shape, generator=g, dtype=torch.float64) for b in bases] for _ in range(3)]
     kwargs = dict(density=0.3, trim_scope=scope, drop_rate=drop_rate, seed=5)
     thresholds = mk.magnitude_thresholds(bases, experts, **kwargs)
     assert thresholds.dtype == torch.float64 and thresholds.shape == ((3 if scope == "tensor" else 1), 3)
     if scope == "tensor":
         assert torch.isinf(thresholds[2]).all()  # the empty tensor's segment
-        for k in range(3):  # deltas 1e-9 apart: float32 magnitudes would tie where float64 ones do not
+        for k in range(3):  # the exact float64 order statistic
             d = (experts[k][0] - bases[0]).abs().flatten()
             if drop_rate == 0:
                 assert thresholds[0, k] == d.sort(descending=True).values[keep_count(0.3, d.numel()) - 1]

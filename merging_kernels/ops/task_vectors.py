@@ -135,17 +135,14 @@ def merge_task_vectors_torch(
               for t, b in enumerate(bases)]
     kept = [d != 0 for d in deltas]
     if spec.trims or thresholds is not None:
-        given = thresholds is not None
-        if not given:
+        if thresholds is None:
             thresholds = _kth_thresholds_torch(deltas, spec, num_tasks)
         seg_of, seg_numel = segments_of([b.numel() for b in bases], spec.trim_scope)
         for s, n in enumerate(seg_numel):
             members = [t for t in range(len(bases)) if seg_of[t] == s]
             if n == 0:
                 continue
-            threshold = thresholds[s][:, None]
-            if given:  # float32 from the radix select: compared in the task vectors' dtype
-                threshold = threshold.to(deltas[members[0]].dtype)
+            threshold = thresholds[s][:, None]  # in the task vectors' dtype (see _check_thresholds)
             for t in members:
                 kept[t] &= deltas[t].abs() >= threshold
     outs = []
@@ -752,7 +749,9 @@ def merge_task_vectors(
         if spec.density is None:
             raise ValueError("thresholds apply only to a trimming merge (density in (0, 1]); got density="
                              f"{spec.density}")
-        thresholds = _check_thresholds(thresholds, len(seg_numel), num_tasks, device)
+        wide = any(b.dtype == torch.float64 for b in bases)  # float64 deltas: thresholds kept in float64
+        thresholds = _check_thresholds(thresholds, len(seg_numel), num_tasks, device,
+                                       torch.float64 if wide else torch.float32)
     # a merge is not differentiable: every backend returns detached tensors (the fast ones write raw memory)
     with torch.no_grad():
         return _merge_checked(bases, experts, w, spec, keys, names, out, out_dtypes, chosen, device, seg_of,
@@ -795,7 +794,7 @@ def magnitude_thresholds(
     tensor_keys: Sequence[int] | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """The (S, K) float32 trim thresholds t_k of :func:`merge_task_vectors` (S = T or 1).
+    """The (S, K) trim thresholds t_k of :func:`merge_task_vectors` (S = T or 1).
 
     Found by radix select (histogram passes over the bits of |d|), never by sorting; float64 inputs
     (torch backend only, like the merges) by ``kthvalue`` on float64 magnitudes, returned in float64.
@@ -878,12 +877,13 @@ def _choose_backend(backend, device, bases, out_dtypes) -> str:
     return resolve_backend(TASK_VECTORS, backend, device)
 
 
-def _check_thresholds(thresholds, num_segments, num_tasks, device) -> torch.Tensor:
+def _check_thresholds(thresholds, num_segments, num_tasks, device, dtype) -> torch.Tensor:
+    """Validated (S, K) thresholds in ``dtype``: the task vectors' (float32, float64 for float64 inputs)."""
     thresholds = check_float_tensor(thresholds, "thresholds")
     if thresholds.shape != (num_segments, num_tasks):
         raise ValueError(f"thresholds must have shape (S, K) = ({num_segments}, {num_tasks}) (S = the number of "
                          f"tensors, or 1 with trim_scope='model'), got {tuple(thresholds.shape)}")
-    thresholds = thresholds.detach().to(device=device, dtype=torch.float32).contiguous()
+    thresholds = thresholds.detach().to(device=device, dtype=dtype).contiguous()
     # magnitudes: +inf (keep nothing, as for an empty segment) is valid, NaN and negative values are not
     bad = torch.isnan(thresholds) | (thresholds < 0)
     if bool(bad.any()):
