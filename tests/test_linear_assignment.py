@@ -273,6 +273,28 @@ def test_float32_costs_near_the_float32_maximum(backend, device):
             assert got == pytest.approx(want, rel=1e-5, abs=1e-5 * 2.0 ** 68), compute_dtype
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("backend, device", [pytest.param("torch", "cpu", id="torch-cpu")]
+                         + [pytest.param(*p.values, id=p.id, marks=p.marks) for p in FAST])
+def test_rescaling_is_per_problem_in_a_batch(backend, device, compute_dtype):
+    # a near-maximum problem is rescaled alone: the tiny costs of the others must not underflow with it
+    # top: beyond the safe magnitude (rescaled by 2^-20..-24) yet with duals that fit; tiny: near the smallest
+    # normal number, so that the same rescaling would turn them subnormal or zero
+    top, tiny = (1e37, 1e-38) if compute_dtype == torch.float32 else (1e307, 1e-305)
+    rng = np.random.default_rng(8)
+    batch = np.stack([near_max_cost((3, 3), 0, top), (1 + rng.random((3, 3))) * tiny,
+                      (1 + 2 * rng.random((3, 3))) * tiny, near_max_cost((3, 3), 1, top)])
+    rows, cols, u, v = (x.cpu().numpy() for x in mk.linear_sum_assignment(
+        torch.from_numpy(batch).to(device), return_duals=True, backend=backend, compute_dtype=compute_dtype))
+    for b, cost in enumerate(batch):
+        alone = mk.linear_sum_assignment(torch.from_numpy(cost).to(device), backend=backend,
+                                         compute_dtype=compute_dtype)[1].cpu().numpy()
+        want = scipy_lsa(cost * 2.0 ** -30)[1]
+        assert np.array_equal(cols[b], want) and np.array_equal(alone, want), b
+    for b in (1, 2):
+        assert mk.check_assignment(batch[b], rows[b], cols[b], u[b], v[b])
+
+
 @pytest.mark.skipif(not NATIVE_CPU, reason="native backend not built")
 def test_native_paths_report_out_of_range_and_invalid_first():
     # each first scan reports status 3 (out of range: the caller rescales); a NaN anywhere still wins (2)

@@ -39,6 +39,11 @@ namespace {
 template <class T>
 constexpr T kInf = std::numeric_limits<T>::infinity();
 
+// The CPU solver and the team algorithm (CUDA kernels) report through one set of status codes.
+static_assert(kOk == team::kOk && kInfeasible == team::kInfeasible && kInvalid == team::kInvalid &&
+                  kOutOfRange == team::kOutOfRange,
+              "csrc/cpu/linear_assignment.h and csrc/common/lsa_team.h must agree on the status codes");
+
 // =============================================================================== row-scan kernels
 // Portable versions (the compiler vectorises what it can), and AVX versions for float64 chosen at
 // run time. Ties are broken towards the smallest column index in both, so results are the same.

@@ -234,8 +234,10 @@ __global__ void __launch_bounds__(1024) solve_kernel(Args a) {
       out_of_range |= team::unusable(x);
       sm[e] = x;
     }
-    const bool any_invalid = __syncthreads_or(invalid);
     if (__syncthreads_or(out_of_range)) {  // out_of_range covers the invalid entries too
+      // a block-uniform branch (every thread got the same answer): all reach this second barrier, and the
+      // common path pays for one only
+      const bool any_invalid = __syncthreads_or(invalid);
       if (threadIdx.x == 0) a.status[b] = any_invalid ? kInvalid : team::kOutOfRange;
       return;
     }

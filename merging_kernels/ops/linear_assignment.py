@@ -34,7 +34,7 @@ LINEAR_ASSIGNMENT = OpBackends("linear_assignment", cpu=("native",), cuda=("nati
 
 INVALID_MESSAGE = "matrix contains invalid numeric entries"  # scipy's words
 INFEASIBLE_MESSAGE = "cost matrix is infeasible"
-STATUS_OUT_OF_RANGE = 3  # a native solve met a finite |cost| beyond the safe magnitude (see _range_exponent)
+STATUS_OUT_OF_RANGE = 3  # a native solve met a finite |cost| beyond the safe magnitude (see _range_exponents)
 # log2 of the largest finite |cost| the native solvers take (team::safe_magnitude in csrc/common/lsa_team.h)
 SAFE_MAGNITUDE_EXP = {torch.float64: 1000, torch.float32: 100}
 
@@ -236,16 +236,26 @@ def _raise_on_status(status: torch.Tensor, batched: bool) -> None:
     raise ValueError(_where(message, b, batched))
 
 
-def _range_exponent(t3: torch.Tensor, compute_dtype: torch.dtype) -> int:
-    """The power of two (<= 0) that brings every finite |cost| within the solvers' safe magnitude.
+def _largest_finite(t3: torch.Tensor) -> torch.Tensor:
+    """(B,) the largest finite |cost| of each problem (0 where none is finite)."""
+    return torch.where(torch.isfinite(t3), t3.abs(), 0).amax(dim=(1, 2))
+
+
+def _range_exponents(t3: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor | None:
+    """(B,) per problem the power of two (<= 0) that brings its finite |costs| within the solvers' safe
+    magnitude; None when every problem is within it.
 
     Near the type's maximum, reduced costs c - u - v overflow into +inf, which reads as a forbidden
-    pair: a wrong assignment or a false "infeasible". Scaling by 2**k is exact (short of underflow
-    in entries 2**|k| below the largest, which change no total), so the solve is the same problem.
+    pair: a wrong assignment or a false "infeasible". Scaling a problem by 2**k is exact (short of
+    underflow in its entries 2**|k| below its largest, which change none of its totals), so the solve
+    is the same problem; per problem, so that the other problems of a batch keep their small entries.
     """
-    big = float(torch.where(torch.isfinite(t3), t3.abs(), 0).amax())
+    big = _largest_finite(t3).to(torch.float64)
     limit = SAFE_MAGNITUDE_EXP[compute_dtype]
-    return 0 if big <= 2.0 ** limit else limit - math.frexp(big)[1]
+    over = big > 2.0 ** limit
+    if not bool(over.any()):
+        return None
+    return torch.where(over, limit - torch.frexp(big)[1], 0)
 
 
 def _where(message: str, b: int, batched: bool) -> str:
@@ -275,8 +285,7 @@ def _as_tensor(cost: Any, name: str = "cost") -> tuple[torch.Tensor, bool]:
 
 def _check_fits_float32(t3: torch.Tensor) -> None:
     """Finite costs beyond float32's range would turn into ±inf (forbidden pairs) in a float32 solve."""
-    finite = torch.isfinite(t3)
-    big = float(torch.where(finite, t3.abs(), 0).amax())
+    big = float(_largest_finite(t3).amax())
     if big > torch.finfo(torch.float32).max:
         raise ValueError(f"cost has finite entries beyond float32's range (largest |cost| {big:.3g}); "
                          "solve with compute_dtype=torch.float64")
@@ -342,10 +351,10 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
     if compute_dtype == torch.float32 and dtype == torch.float64 and t3.numel():
         _check_fits_float32(t3)
 
-    def solve(costs: torch.Tensor, exponent: int):
-        """(rows, cols, u, v, status or None) of the problems scaled by 2**exponent, duals unscaled."""
-        if exponent:
-            costs = costs * 2.0 ** exponent
+    def solve(costs: torch.Tensor, exponents: torch.Tensor | None):
+        """(rows, cols, u, v, status or None) of the problems scaled by 2**exponents (B,), duals unscaled."""
+        if exponents is not None:
+            costs = torch.ldexp(costs, exponents.to(costs.device)[:, None, None])
         status = None
         if name == "torch":
             rows, cols, u, v = _solve_torch(costs, maximize, compute_dtype, batched)
@@ -353,8 +362,9 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
             rows, cols, u, v, status = _solve_native_cuda(costs.contiguous(), maximize, compute_dtype, return_duals)
         else:
             rows, cols, u, v, status, _ = _solve_native_cpu(costs.contiguous(), maximize, compute_dtype, return_duals)
-        if exponent and return_duals:
-            u, v = u * 2.0 ** -exponent, v * 2.0 ** -exponent
+        if exponents is not None and return_duals:
+            unscale = (-exponents).to(u.device)[:, None]
+            u, v = torch.ldexp(u, unscale), torch.ldexp(v, unscale)
             if not bool(torch.isfinite(u).all() & torch.isfinite(v).all()):
                 raise ValueError(f"cost: the dual potentials of this problem exceed {compute_dtype}'s range; "
                                  "solve with return_duals=False or with smaller costs")
@@ -367,11 +377,11 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
         v = torch.zeros((b, m), dtype=compute_dtype, device=t3.device)
     else:
         # the native solvers check the range on their first scan and report it; the reference cannot
-        exponent = _range_exponent(t3, compute_dtype) if name == "torch" else 0
-        rows, cols, u, v, status = solve(t3, exponent)
-        if status is not None and bool((status.cpu() == STATUS_OUT_OF_RANGE).any()):  # rare: rescale, solve again
-            rows, cols, u, v, status = solve(t3, _range_exponent(t3, compute_dtype))
+        rows, cols, u, v, status = solve(t3, _range_exponents(t3, compute_dtype) if name == "torch" else None)
         if status is not None:
+            status = status.cpu()  # one device-to-host copy per call
+            if bool((status == STATUS_OUT_OF_RANGE).any()):  # rare: rescale, solve again
+                rows, cols, u, v, status = solve(t3, _range_exponents(t3, compute_dtype))
             _raise_on_status(status, batched)
 
     out = (rows, cols, u, v) if return_duals else (rows, cols)
