@@ -968,7 +968,8 @@ class ActivationStats:
         scaled ones only if later batches stray ~1e19 times further from k than the first batch did. The
         scaling is exact (powers of two), so for ordinary features every result is bit for bit unchanged."""
         span = torch.maximum(hi.to(torch.float64) - shift, shift - lo.to(torch.float64))
-        limit = 126 if applied_in == torch.float32 else 1000 if work == torch.float32 else 511
+        # the scale is applied in fp32 arithmetic (fp32 buffer; 16-bit features in the Triton kernel) or in float64
+        limit = 126 if applied_in != torch.float64 else 1000
         scale = _pow2_scale(span, -limit, limit)
         step = (scale.to(work), (-shift * scale).to(work))
         if limit > 126 and work == torch.float32 and not bool((step[0].to(torch.float64) == scale).all()):
