@@ -566,7 +566,7 @@ def _gemm_blocks(sixteen_bit: bool) -> tuple[int, int, int, int, int]:
 _FP32_MAX = torch.finfo(torch.float32).max
 
 
-def _kernel_rows(a: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _kernel_rows(a: torch.Tensor, eps: float, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows for :func:`_corr_gemm_kernel`, fp32 row means μ, fp32 1/‖row − μ‖ (0 for dead rows)).
 
     The kernel computes (a − μ)·r in fp32, which must stay finite and precise. float64 rows are centered in
@@ -588,7 +588,10 @@ def _kernel_rows(a: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tenso
         # Centered in float64 before the rounding to fp32: a row whose mean dwarfs its spread (1e6 ± 1e-4)
         # would otherwise lose the spread's bits in the rounding (0.41 off, measured). Two exact power-of-two
         # scalings: first so that centering cannot overflow, then so that the centered max is in [0.5, 1).
-        first = _pow2_scale(a.abs().amax(dim=1), -1000, 1024)
+        top = a.abs().amax(dim=1)
+        if not bool(torch.isfinite(top).all()):  # amax propagates NaN: the input's finiteness check, per row
+            raise ValueError(f"{name} contains NaN or Inf")
+        first = _pow2_scale(top, -1000, 1024)
         c = a * first[:, None]
         c -= c.mean(dim=1, keepdim=True)
         second = _pow2_scale(c.abs().amax(dim=1), -1000, 1024)
@@ -598,7 +601,12 @@ def _kernel_rows(a: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tenso
     else:
         mean, inv, span = _row_stats(a, eps)
         edge = (span > _FP32_MAX / 2) | (inv > 2.0 ** 100)
-        if not bool(edge.any()):
+        # a NaN or ±inf entry leaves its row's float64 mean non-finite (a float64 sum of finite fp32 or 16-bit
+        # values cannot overflow): the input's finiteness check, read in the same device sync as the edge test
+        nonfinite, any_edge = torch.stack([(~torch.isfinite(mean)).any(), edge.any()]).tolist()
+        if nonfinite:
+            raise ValueError(f"{name} contains NaN or Inf")
+        if not any_edge:
             return a, mean.to(torch.float32), inv.to(torch.float32)
         scale = torch.where(edge, _pow2_scale(span, -1000, 1024), 1.0)
     a = (a.to(torch.float64) * scale[:, None]).to(torch.float32)
@@ -608,11 +616,11 @@ def _kernel_rows(a: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tenso
 
 def _correlation_matrix_triton(x, y, eps):
     same = y is None
-    x, mx, rx = _kernel_rows(x, eps)
+    x, mx, rx = _kernel_rows(x, eps, "x")
     if same:
         y, my, ry = x, mx, rx
     else:
-        y, my, ry = _kernel_rows(y, eps)
+        y, my, ry = _kernel_rows(y, eps, "y")
     n, d = x.shape
     m = y.shape[0]
     out = torch.empty((n, m), dtype=torch.float32, device=x.device)
@@ -719,12 +727,9 @@ def correlation_matrix(x: torch.Tensor, y: torch.Tensor | None = None, *, eps: f
             raise ValueError(f"y must be on x's device ({x.device}), got {y.device}")
     eps = _check_eps(eps)
     name = resolve_backend(SIMILARITY, backend, x.device)
-    if name == "triton":
-        _check_finite(x, "x")
-        if y is not None:
-            _check_finite(y, "y")
+    if name == "triton":  # both paths check finiteness on the way, from row statistics they compute anyway
         return _correlation_matrix_triton(x, y, eps)
-    return _correlation_matrix_fast_torch(x, y, eps)  # checks finiteness on the way (_normalized_rows)
+    return _correlation_matrix_fast_torch(x, y, eps)
 
 
 def correlation_from_moments(mean: torch.Tensor, second_moment: torch.Tensor, count: int, eps: float = 1e-8, *,
