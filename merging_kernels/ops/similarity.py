@@ -904,7 +904,8 @@ class ActivationStats:
         # S: the float64 sum of the values minus n·k (what the kernel's Gram sees)
         self._sum += total - n * self._shift
         if z.dtype == torch.float64:  # shifted and scaled in float64, then rounded: the kernel's step is (1, 0)
-            z = ((z - self._shift) * self._scale).to(torch.float32)
+            # z·s − k·s in one pass (addcmul): z·s is exact, so its one rounding is that of (z − k)·s
+            z = torch.addcmul(-self._shift * self._scale, z, self._scale).to(torch.float32)
             ones = torch.ones(self.dim, dtype=torch.float32, device=self.device)
             _shifted_gram_add_triton(self._gram, z, ones, torch.zeros_like(ones))
         else:  # no shifted copy: the kernel shifts and scales while loading
