@@ -21,7 +21,6 @@ the public functions.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any
 
