@@ -148,20 +148,22 @@ class CpuTiming:
 
 
 def measure_cpu(fn: Callable[[], object], *, repeats: int = 7, min_repeats: int = 3, budget_s: float = 20.0,
-                warmup: int = 1, collect_each: bool = True) -> CpuTiming:
+                warmup: int = 1, collect_each: bool = True,
+                prior: tuple[float, float] | None = None) -> CpuTiming:
     """Medians of wall-clock and process CPU time of ``fn()`` after ``warmup`` calls.
 
     On a machine shared with other jobs the wall clock of a single-threaded call includes time the
     thread spent descheduled; its CPU time does not. ``repeats`` timed calls, fewer (never below
     ``min_repeats``) once ``budget_s`` is spent. The garbage collector is off during each call and
     run before each one (``collect_each``) or once before the first (a collection between repeats
-    leaves caches cold, which some callers do not want to time).
+    leaves caches cold, which some callers do not want to time). ``prior`` is the (wall, CPU) time of a
+    call already made, e.g. a checked first call of a slow function: it counts as one of the repeats.
     """
     for _ in range(warmup):
         fn()
-    walls: list[float] = []
-    cpus: list[float] = []
-    spent = 0.0
+    walls: list[float] = [prior[0]] if prior else []
+    cpus: list[float] = [prior[1]] if prior else []
+    spent = prior[0] if prior else 0.0
     if not collect_each:
         gc.collect()
     while len(walls) < repeats and (len(walls) < min_repeats or spent < budget_s):

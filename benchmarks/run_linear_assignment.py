@@ -30,7 +30,6 @@ import argparse
 import datetime
 import gc
 import os
-import statistics
 import sys
 import time
 
@@ -45,7 +44,7 @@ except ImportError:  # not installed: run from a source checkout
     sys.path.insert(1, os.path.dirname(HERE))
     import merging_kernels as mk
 
-from common import CpuTiming, commit_line, machine_line, measure_cpu, package_version, print_targets  # noqa: E402
+from common import commit_line, machine_line, measure_cpu, package_version, print_targets  # noqa: E402
 from merging_kernels.ops import linear_assignment as la  # noqa: E402
 
 from scipy.optimize import linear_sum_assignment as scipy_lsa  # noqa: E402
@@ -183,14 +182,11 @@ def timed_ref(fn, first_wall, first_cpu):
     """The torch reference (up to 2 s a call for single problems, 7-15 s for a batch). As in run.py, a call of
     a second or more gets no separate warm-up: its checked first call counts as a repeat, with 2 more timed
     calls (1 more above 5 s); faster ones get 3 repeats after the checked call."""
-    walls, cpus = ([first_wall], [first_cpu]) if first_wall >= 1.0 else ([], [])
-    more = 1 if first_wall > 5.0 else 2 if first_wall >= 1.0 else 3
-    gc.collect()
-    for _ in range(more):
-        _, wall, cpu = first_call(fn)
-        walls.append(wall)
-        cpus.append(cpu)
-    return CpuTiming(statistics.median(walls), statistics.median(cpus), len(walls))
+    if first_wall >= 1.0:
+        repeats = 2 if first_wall > 5.0 else 3
+        return measure_cpu(fn, repeats=repeats, min_repeats=repeats, warmup=0, collect_each=False,
+                           prior=(first_wall, first_cpu))
+    return measure_cpu(fn, repeats=3, min_repeats=3, warmup=0, collect_each=False)
 
 
 def fmt_ms(s):
