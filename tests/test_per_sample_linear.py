@@ -485,6 +485,8 @@ def test_materialize_in_blocks_of_output_rows(monkeypatch):
         (dict(dtype="float16"), TypeError, "dtype"),
         (dict(task_weights=None), TypeError, "task_weights"),
         (dict(task_weights="abc"), TypeError, "task_weights"),
+        (dict(task_weights={0: torch.zeros(4, 8)}), TypeError, "ordered"),  # would pack the keys' order
+        (dict(task_weights={torch.zeros(4, 8)}), TypeError, "ordered"),
         (dict(task_weights=[torch.zeros(4, 8).numpy()] * 2), TypeError, r"task_weights\[0\]"),
         (dict(task_weights=[torch.zeros(4, 8), torch.zeros(4, 7)]), ValueError, r"task_weights\[1\]"),
         (dict(task_biases=[torch.zeros(4), torch.zeros(3)]), ValueError, r"task_biases\[1\]"),
@@ -508,6 +510,8 @@ def test_pack_weights_of_parameters_is_detached_and_accepts_lists():
     listed_w, listed_b = pack_weights(w, list(tw), b, list(tb), dtype=torch.float16)
     assert listed_w.dtype == torch.float16 and torch.equal(listed_w, expected_w.half())
     assert torch.equal(listed_b, expected_b.half())
+    gen_w, gen_b = pack_weights(w, (t for t in tw), b, iter(list(tb)))  # one-pass iterables are read once
+    assert torch.equal(gen_w, expected_w) and torch.equal(gen_b, expected_b)
 
 
 def test_layer_construction_errors_are_named():

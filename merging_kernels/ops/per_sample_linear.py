@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set as AbstractSet
 
 import torch
 import torch.nn.functional as F
@@ -123,10 +123,10 @@ def pack_weights(
 
     Args:
         weight: (out, in) base weight W0, a floating tensor.
-        task_weights: (K, out, in) task vectors τ_k, or a sequence (list, tuple, nn.ParameterList) of K
-            (out, in) tensors (K may be 0).
+        task_weights: (K, out, in) task vectors τ_k, or an ordered iterable (list, tuple, generator,
+            nn.ParameterList) of K (out, in) tensors (K may be 0).
         bias: (out,) base bias b0, or None.
-        task_biases: (K, out) bias task vectors δ_k, a sequence of K (out,) tensors, or None
+        task_biases: (K, out) bias task vectors δ_k, an ordered iterable of K (out,) tensors, or None
             (zero when only ``bias`` is given; ``bias`` is zero when only ``task_biases`` is).
         dtype: float32, float16, bfloat16 or float64 (a torch.dtype); None: W0's dtype. Pack in the
             dtype of the x that :func:`per_sample_linear` will see.
@@ -166,12 +166,14 @@ def pack_weights(
 
 
 def stack_task_tensors(value, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """A (K, *shape) float tensor from a tensor or a sequence of K tensors of ``shape``."""
+    """A (K, *shape) float tensor from a tensor or an ordered iterable (list, tuple, generator,
+    nn.ParameterList) of K tensors of ``shape``."""
     if isinstance(value, torch.Tensor):
         return check_float_tensor(value, name)
-    # nn.ParameterList (e.g. a model's task vectors) is a Module, not a Sequence, but holds tensors in order
-    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, torch.nn.ParameterList)):
-        raise TypeError(f"{name} must be a tensor or a sequence of tensors, got {type(value).__name__}")
+    # unordered or keyed containers would silently fix an arbitrary task order (a dict iterates its keys)
+    if isinstance(value, (str, bytes, Mapping, AbstractSet)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a tensor or an ordered sequence of tensors, got {type(value).__name__}")
+    value = list(value)  # generators and other one-pass iterables are read once
     for k, item in enumerate(value):
         check_float_tensor(item, f"{name}[{k}]")
         if tuple(item.shape) != shape:
