@@ -359,6 +359,20 @@ def test_overflowing_task_vector_is_refused_on_every_backend(backend):
         mk.merge_task_vectors([base], [[expert]], [0.1], backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
+def test_refused_merge_leaves_inputs_and_torch_out_untouched(backend):
+    base = torch.tensor([1.0, 2.0, 3.0])
+    experts = [[torch.tensor([1.5, float("nan"), 3.0])], [torch.tensor([0.0, 2.0, 4.0])]]
+    copies = [base.clone(), *(e[0].clone() for e in experts)]
+    out = [torch.full((3,), 7.0)]
+    with pytest.raises(ValueError, match="non-finite"):
+        mk.merge_task_vectors([base], experts, [1.0, 1.0], out=out, backend=backend)
+    for t, c in zip([base, experts[0][0], experts[1][0]], copies):
+        torch.testing.assert_close(t, c, rtol=0, atol=0, equal_nan=True)
+    if backend == "torch":  # documented: the reference writes out only after the check
+        assert torch.equal(out[0], torch.full((3,), 7.0))
+
+
 # --------------------------------------------------------------------------- input validation (API audit)
 
 CPU_BACKENDS = ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]]
