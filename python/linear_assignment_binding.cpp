@@ -1,7 +1,11 @@
 // Bindings of the linear-assignment solvers: raw pointers (addresses of contiguous torch tensors
-// prepared by merging_kernels/ops/linear_assignment.py) in, results written in place.
+// prepared by merging_kernels/ops/linear_assignment.py) in, results written in place; and one entry
+// that takes a numpy array and returns numpy arrays, for scipy-style calls on small problems, where
+// allocating torch outputs would cost more than the solve.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 
@@ -70,6 +74,46 @@ void register_linear_assignment(py::module_& m) {
   bind_cpu("lsa_solve_team_serial", &lsa::solve_batch_team_serial,
            "Same contract as lsa_solve_cpu, computed by the CUDA kernels' team algorithm run by one CPU thread "
            "(a check of that code without a GPU; not fast).");
+  m.def(
+      "lsa_solve_cpu_array",
+      [](const py::array& cost, bool maximize, bool compute_float32, bool want_duals) {
+        if (cost.ndim() != 3) throw std::invalid_argument("cost must be a 3-D array (batch, nr, nc)");
+        if (!(cost.flags() & py::array::c_style)) throw std::invalid_argument("cost must be C-contiguous");
+        int dtype;
+        if (cost.dtype().is(py::dtype::of<double>())) {
+          dtype = 1;
+        } else if (cost.dtype().is(py::dtype::of<float>())) {
+          dtype = 0;
+        } else {
+          throw std::invalid_argument("cost must be float32 or float64 in native byte order");
+        }
+        const int64_t batch = cost.shape(0), nr = cost.shape(1), nc = cost.shape(2), k = std::min(nr, nc);
+        py::array_t<int64_t> rows({batch, k}), cols({batch, k});
+        py::array_t<int32_t> status(batch);
+        py::object u = py::none(), v = py::none();
+        void *u_ptr = nullptr, *v_ptr = nullptr;
+        if (want_duals) {
+          const py::dtype dual = compute_float32 ? py::dtype::of<float>() : py::dtype::of<double>();
+          py::array ua(dual, {batch, nr}), va(dual, {batch, nc});
+          u_ptr = ua.mutable_data();
+          v_ptr = va.mutable_data();
+          u = ua;
+          v = va;
+        }
+        const lsa::Options opt = make_options(maximize, compute_float32, 0, lsa::kAuto);
+        {
+          py::gil_scoped_release release;  // `cost` stays referenced by the caller's frame
+          lsa::solve_batch(cost.data(), dtype, batch, nr, nc, opt, rows.mutable_data(), cols.mutable_data(), u_ptr,
+                           v_ptr, status.mutable_data(), nullptr);
+        }
+        const int32_t* codes = status.data();
+        const bool all_ok = std::all_of(codes, codes + batch, [](int32_t code) { return code == lsa::kOk; });
+        return py::make_tuple(rows, cols, u, v, all_ok);
+      },
+      "lsa_solve_cpu on a C-contiguous float32/float64 numpy array (batch, nr, nc): returns numpy "
+      "(rows, cols, u, v) (u and v None unless want_duals) and whether every problem's status is ok "
+      "(the caller re-solves through lsa_solve_cpu otherwise). ValueError for other arrays.",
+      py::arg("cost"), py::arg("maximize"), py::arg("compute_float32"), py::arg("want_duals"));
   m.def(
       "lsa_solve_team_threads",
       [](std::uintptr_t cost, int dtype, int64_t batch, int64_t nr, int64_t nc, bool maximize, bool compute_float32,
