@@ -255,6 +255,24 @@ def cpu_single(sizes, kinds, quick, targets, ref_max_n):
     return table(header, rows)
 
 
+def cpu_small_calls(quick):
+    """Small single problems, where a call's fixed cost (argument checks, allocations) can outweigh the solve:
+    the time of one call averaged over a loop of calls on the same problem, as a scipy user's loop would make."""
+    names = [name for name, _ in single_solvers()]
+    header = ["n"] + [f"{p} us/call" for p in names] + [f"{p}/native" for p in names[1:]]
+    rows = []
+    for n in (8, 32, 64):
+        c = cost_uniform(n, np.random.default_rng(n))
+        calls = 200 if quick else 1000
+        per_call = {}
+        for name, fn in single_solvers():
+            loop = lambda fn=fn: [fn(c) for _ in range(calls)]  # noqa: E731
+            per_call[name] = timed(loop, quick).cpu / calls
+        rows.append([str(n)] + [f"{per_call[p] * 1e6:.1f}" for p in names]
+                    + [fmt_x(per_call[p] / per_call["native"]) for p in names[1:]])
+    return table(header, rows)
+
+
 def cpu_batches(quick, targets, with_ref):
     """Batches: native with its OpenMP threads (wall clock) and with one thread (CPU time), vs the torch reference
     (with_ref; a loop over the problems, one torch thread) and Python loops over each peer (single-threaded: CPU
@@ -389,6 +407,8 @@ def main(argv=None) -> int:
         print("\n== CPU, one problem ==", flush=True)
         sections.append(("CPU, one n x n problem (float64); x ref = torch reference / native (CPU time)",
                          cpu_single(sizes, kinds, args.quick, targets, args.ref_max_n)))
+        sections.append(("CPU, small single problems (float64, uniform): CPU time per call in a loop of calls",
+                         cpu_small_calls(args.quick)))
         print("\n== CPU, batches ==", flush=True)
         sections.append(("CPU, batches of uniform problems (float64); x ref = torch reference (one thread, CPU time) / "
                          "the better native time", cpu_batches(args.quick, targets, args.ref_max_n > 0)))
