@@ -424,8 +424,8 @@ def test_types_like_scipy(backend):
 @pytest.mark.parametrize("case", ["f64", "f32", "f16", "int", "bool", "batch", "wide", "tall", "maximize",
                                   "duals_f32", "readonly"])
 def test_numpy_fast_path_equals_the_tensor_path(case, monkeypatch):
-    """numpy costs go straight from the array to _C (a few µs a call instead of ~20 for small problems):
-    same answer as the tensor path, bit for bit, duals included."""
+    """numpy costs and CPU tensors go straight from the array to _C (a few µs a call instead of ~20 for
+    small problems): same answer as the general path, bit for bit, duals included."""
     rng = np.random.default_rng(0)
     cost = {"f32": rng.random((9, 9), dtype=np.float32), "duals_f32": rng.random((9, 9), dtype=np.float32),
             "f16": rng.random((9, 9)).astype(np.float16),
@@ -435,18 +435,24 @@ def test_numpy_fast_path_equals_the_tensor_path(case, monkeypatch):
         cost.flags.writeable = False
     kwargs = dict(maximize=case == "maximize", return_duals=True,
                   compute_dtype=torch.float32 if case == "duals_f32" else None)
-    want = mk.linear_sum_assignment(torch.from_numpy(np.array(cost)), **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(la, "_solve_numpy_fast", lambda *a: None)
+        want = mk.linear_sum_assignment(cost, **kwargs)  # the general path
     calls = []
     real = la._solve_native_cpu
     monkeypatch.setattr(la, "_solve_native_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
     got = mk.linear_sum_assignment(cost, **kwargs)
-    assert not calls  # the fast path served it
-    for g, w in zip(got, want):
-        assert isinstance(g, np.ndarray) and g.dtype == w.numpy().dtype and g.shape == tuple(w.shape)
-        np.testing.assert_array_equal(g, w.numpy())
+    tensor = torch.from_numpy(np.array(cost)).requires_grad_(cost.dtype.kind == "f")
+    got_tensor = mk.linear_sum_assignment(tensor.mT.contiguous().mT, **kwargs)  # non-contiguous too
+    assert not calls  # the fast path served both
+    for g, t, w in zip(got, got_tensor, want):
+        assert isinstance(g, np.ndarray) and g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_array_equal(g, w)
+        assert isinstance(t, torch.Tensor) and not t.requires_grad
+        np.testing.assert_array_equal(t.numpy(), w)
     assert mk.check_assignment(cost, *got, maximize=kwargs["maximize"])
     rows, cols = mk.linear_sum_assignment(cost, maximize=kwargs["maximize"])  # without duals too
-    np.testing.assert_array_equal(cols, want[1].numpy())
+    np.testing.assert_array_equal(cols, want[1])
 
 
 @pytest.mark.skipif(not NATIVE_CPU, reason="needs the native CPU backend")
