@@ -637,6 +637,82 @@ def test_activation_stats_float64_features_beyond_fp32(backend, device):
         stats.covariance(torch.float64)
 
 
+def _near_max_features(n, peak, *, seed):
+    """_unit_features in float64 at max |value| = peak, plus a unit that flips sign between the first 16 rows
+    (0.8..0.9·peak) and the rest (−0.9..−0.8·peak): its deviation from the first batch's mean exceeds the float64
+    max, its mean does not."""
+    fa, fb = _unit_features(n, torch.float64, "cpu", peak, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    sign = torch.where(torch.arange(n) < 16, 1.0, -1.0).double()
+    fa[:, 3] = sign * peak * (0.8 + 0.1 * torch.rand(n, generator=g, dtype=torch.float64))
+    return fa, fb
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("peak", [4e307, 1.7e308], ids=["4e307", "1.7e308"])
+@pytest.mark.parametrize("gram_dtype", [torch.float32, torch.float64], ids=["fp32-gram", "fp64-gram"])
+@pytest.mark.parametrize("layout", ["flat", "conv"])
+def test_activation_stats_float64_features_near_the_float64_max(backend, device, peak, gram_dtype, layout):
+    """float64 features up to the float64 max (their column sums, deviations from the first batch's mean and span
+    overflow; Σ (z − k) was kept unscaled and the update or finalize raised): the correlation is that of the data
+    divided by 2^600 (scale-invariant), the float64 mean that of the divided data times 2^600 (exact); covariance and
+    float32 mean, beyond their dtype's range, raise."""
+    if gram_dtype == torch.float64 and backend != "torch":
+        pytest.skip("gram_dtype=torch.float64 is a torch-backend option")
+    fa, fb = _near_max_features(48, peak, seed=40)
+    down = 2.0 ** -600  # values ~1e127: squares and sums fit float64
+    want_corr = activation_correlation_torch(fa * down, fb * down)
+    want_mean = activation_moments_torch(fa * down, fb * down)[1] / down
+    assert bool(torch.isfinite(want_mean).all())
+    fa, fb = fa.to(device), fb.to(device)
+    sizes = [16, 20, 12]
+    if layout == "conv":  # the same pooled rows: (12, 4, 5) tokens, (12, 4, 2, 2) maps; 4 rows per sample
+        fa, fb = fa.reshape(12, 4, 5), fb.T.reshape(4, 12, 2, 2).permute(1, 0, 2, 3)
+        sizes = [4, 5, 3]
+    stats = _stream(ActivationStats([5, 4], backend=backend, gram_dtype=gram_dtype), _split([fa, fb], sizes))
+    corr = stats.correlation()
+    assert not torch.isnan(corr).any()
+    tol = 1e-6 if gram_dtype == torch.float64 else corr_tol(torch.float32, device, 48)
+    torch.testing.assert_close(corr.double(), want_corr.to(device), rtol=0, atol=tol)
+    assert float(corr[4].abs().sum()) == 1.0  # the constant unit stays dead
+    torch.testing.assert_close(stats.mean(torch.float64), want_mean.to(device), rtol=0, atol=1e-12 * peak)
+    with pytest.raises(ValueError, match="mean .* exceeds the range of torch.float32"):
+        stats.mean()
+    for dtype in (torch.float32, torch.float64):
+        with pytest.raises(ValueError, match=f"covariance .* exceeds the range of {dtype}"):
+            stats.covariance(dtype)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_activation_stats_float64_centered_features_near_the_max_in_many_batches(backend, device):
+    """Centered float64 features at 4e307 in 6 batches: no column sum overflows, but the unscaled Σ (z − k) (the
+    scaled batch sums divided by scales ~2^-1000) did, and finalize reported "moments overflowed"."""
+    g = torch.Generator().manual_seed(43)
+    f = torch.randn(48, 4, generator=g, dtype=torch.float64)
+    f[:, 1] += f[:, 0]
+    f = f / f.abs().max() * 4e307
+    stats = _stream(ActivationStats([4], backend=backend), _split([f.to(device)], [8] * 6))
+    down = 2.0 ** -600
+    torch.testing.assert_close(stats.correlation().double(), activation_correlation_torch(f * down).to(device),
+                               rtol=0, atol=corr_tol(torch.float32, device, 48))
+    torch.testing.assert_close(stats.mean(torch.float64), (f * down).mean(0).to(device) / down, rtol=0,
+                               atol=1e-12 * 4e307)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_activation_stats_scaled_sum_keeps_ordinary_results(backend, device):
+    """The running column sum is kept scaled like the Gram (powers of two): for ordinary features the float64 mean
+    and covariance unscale exactly, so streaming in one batch or several gives the one-shot values."""
+    fa = _data(40, 6, torch.float64, device, seed=41, mean=3.0, std=1e-3)
+    fb = _data(40, 3, torch.float64, device, seed=42, mean=-1e5, std=2e4)
+    stats = _stream(ActivationStats([6, 3], backend=backend), _split([fa, fb], [10, 25, 5]))
+    count, mean, cov = activation_moments_torch(fa, fb)
+    torch.testing.assert_close(stats.mean(torch.float64), mean, rtol=1e-13, atol=0)
+    sd = cov.diagonal().sqrt()
+    rel = (stats.covariance(torch.float64) - cov) / torch.outer(sd, sd)
+    assert float(rel.abs().max()) < corr_tol(torch.float32, device, 40)
+
+
 @pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("conv", [False, True], ids=["rows", "conv"])
 def test_activation_stats_float64_mean_far_above_the_spread(backend, device, conv):

@@ -28,13 +28,14 @@ per-unit value k (the first batch's mean, rounded to fp32): the accumulators hol
 S = Σ (z − k) and K = Σ (z − k)(z − k)ᵀ, so that cov = K/N − (S/N)(S/N)ᵀ with S/N ≈ 0 — no
 cancellation for stationary data, constant units give exactly 0, and z − k is exact in fp32 for
 values near k (Sterbenz). Each unit's z − k is also multiplied by a fixed power of two s that brings
-the first batch's max |z − k| into [0.5, 1), so K = Σ ((z − k)·s)((z − k)·s)ᵀ: fp32 products of
-unscaled values overflow beyond |z − k| ~ 1.8e19, scaled ones only if later batches stray ~1e19 times
-further from k than the first. Exact (a power of two), so nothing else changes; the correlation is
-computed from the scaled moments. Moments that overflow all the same raise ValueError at finalize
-time (checking K there, not with a sync per update). The per-batch Gram is an fp32 product (BLAS on
-CPU, the Triton kernel on GPU) added into a float64 K; only the upper triangle is computed (K is
-symmetric): on CPU BLAS ssyrk (one triangle, scipy's BLAS) when torch and that BLAS run one thread
+the first batch's max |z − k| into [0.5, 1), so K = Σ ((z − k)·s)((z − k)·s)ᵀ and S = Σ (z − k)·s: fp32
+products of unscaled values overflow beyond |z − k| ~ 1.8e19, scaled ones only if later batches stray
+~1e19 times further from k than the first; float64 sums of unscaled float64 features overflow near the
+float64 max (~1.8e308), scaled ones do not. Exact (a power of two), so nothing else changes; the
+correlation is computed from the scaled moments, the mean and covariance unscale exactly. Moments
+that overflow all the same raise ValueError at finalize time (checking K there, not with a sync per
+update). The per-batch Gram is an fp32 product (BLAS on CPU, the Triton kernel on GPU) added into
+a float64 K; only the upper triangle is computed (K is symmetric): on CPU BLAS ssyrk (one triangle, scipy's BLAS) when torch and that BLAS run one thread
 each — 1.2-1.8x faster per update than the GEMM — else GEMMs on the blocks on and above the diagonal
 (3 of 4 for D ≥ 1024); about half the tiles on GPU. The lower triangle is filled in only when a full
 matrix is asked for.
@@ -52,7 +53,8 @@ On CUDA, Triton kernels fuse the centering/normalization into the GEMM tiles:
    normalized copy and, for y = None, half the FLOPs.
 2. ``_shifted_gram_kernel`` (:class:`ActivationStats` updates): the upper tiles of ((z − k)·s)ᵀ((z − k)·s)
    for a batch, shift and scale fused into the loads, added in the epilogue into the float64 K. We do not
-   write our own column sums: S comes from ``z.sum(0, dtype=float64)`` (memory-bound, one read).
+   write our own column sums: S comes from ``z.sum(0, dtype=float64)`` (memory-bound, one read; for
+   float64 features, from the shifted and scaled float64 copy the kernel's fp32 input is rounded from).
    Fusing the shift avoids the shifted fp32 copy of the batch that torch would materialize, and
    computing only the upper tiles halves the FLOPs (cuBLAS GEMM has no symmetric-output mode
    in torch).
@@ -782,8 +784,8 @@ class ActivationStats:
 
     Numerics: see the module docstring — moments of (z − k)·s with k the first batch's mean (fp32) and s
     a per-unit power of two from the first batch's spread, so large means (1e4 with σ = 1) cost nothing,
-    features of any finite size (1e19, 1e30) give the right correlation, and constant (dead) units have
-    exactly zero variance. Per-batch products are fp32 (tf32 for 16-bit features on the Triton path);
+    features of any finite size (1e19, 1e30; float64 ones up to the float64 max) give the right correlation,
+    and constant (dead) units have exactly zero variance. Per-batch products are fp32 (tf32 for 16-bit features on the Triton path);
     float64 features are shifted and scaled in float64 (k then a float64 value) and only then rounded to
     fp32, so a mean far above the spread (1e6 ± 1e-4) or values beyond the fp32 range keep their
     correlation; ``gram_dtype=torch.float64`` (torch backend only) makes the products float64 too.
@@ -825,7 +827,7 @@ class ActivationStats:
         self._scale: torch.Tensor | None = None
         # (scale, −k·scale) in the work dtype (None: set by float64 features whose scale it cannot hold)
         self._step: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._sum: torch.Tensor | None = None  # Σ (z − k), float64
+        self._sum: torch.Tensor | None = None  # Σ (z − k)·scale, float64 (scaled as K: no overflow near the max)
         # Σ (z − k)(z − k)ᵀ·scale scaleᵀ, float64 (upper tiles/blocks valid)
         self._gram: torch.Tensor | None = None
         self._pending: torch.Tensor | None = None  # torch path: fp32 batch Grams not yet in _gram
@@ -893,23 +895,36 @@ class ActivationStats:
             return
         rows = [_feature_rows(f) for f in checked]
         z = torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
-        # column sums in float64 double as the NaN/Inf check (a float64 sum of finite fp32 values is finite);
-        # nothing is changed before the check passes
-        total = self._checked_sum(z, chans, checked)
-        if self._shift is None:
-            # the first batch's mean, as a value of z's precision: z − k is exact for z near k
-            shift = total / n if z.dtype == torch.float64 else (total / n).to(torch.float32).to(torch.float64)
-            self._scale, self._step = self._scaling(shift, z.amin(dim=0), z.amax(dim=0), torch.float32, z.dtype)
-            self._shift = shift
-        # S: the float64 sum of the values minus n·k (what the kernel's Gram sees)
-        self._sum += total - n * self._shift
+        first = self._shift is None
+        # nothing is changed before the checks pass (column sums: NaN/Inf, overflow; the step for z's dtype)
         if z.dtype == torch.float64:  # shifted and scaled in float64, then rounded: the kernel's step is (1, 0)
+            if first:  # the first batch's mean (float64: its sum may overflow near the float64 max, its mean not)
+                shift = self._first_mean(z, 0, chans, checked)
+                scale, step = self._scaling(shift, z.amin(dim=0), z.amax(dim=0), torch.float32, z.dtype)
+            else:
+                shift, scale, step = self._shift, self._scale, self._step
             # z·s − k·s in one pass (addcmul): z·s is exact, so its one rounding is that of (z − k)·s
-            z = torch.addcmul(-self._shift * self._scale, z, self._scale).to(torch.float32)
+            z = torch.addcmul(-shift * scale, z, scale)
+            total = self._checked_sum(z, chans, checked)  # S adds the column sums of what the Gram sees
+            z = z.to(torch.float32)
             ones = torch.ones(self.dim, dtype=torch.float32, device=self.device)
-            _shifted_gram_add_triton(self._gram, z, ones, torch.zeros_like(ones))
+            kernel_step = (ones, torch.zeros_like(ones))
         else:  # no shifted copy: the kernel shifts and scales while loading
-            _shifted_gram_add_triton(self._gram, z, *self._step_for(checked))
+            # column sums in float64 double as the NaN/Inf check (a float64 sum of finite fp32 values is finite)
+            total = self._checked_sum(z, chans, checked)
+            if first:  # the first batch's mean, as an fp32 value: z − k is exact for z near k
+                shift = (total / n).to(torch.float32).to(torch.float64)
+                scale, step = self._scaling(shift, z.amin(dim=0), z.amax(dim=0), torch.float32, z.dtype)
+                kernel_step = step
+            else:
+                shift, scale, step = self._shift, self._scale, self._step
+                kernel_step = self._step_for(checked)
+            # Σ z − n·k (n·k and the sum fit float64: values of fp32's range), scaled as the Gram
+            total = (total - n * shift) * scale
+        if first:
+            self._shift, self._scale, self._step = shift, scale, step
+        self._sum += total
+        _shifted_gram_add_triton(self._gram, z, *kernel_step)
         self.count += n
 
     def _update_torch(self, features, chans: list[int], n: int) -> None:
@@ -943,7 +958,7 @@ class ActivationStats:
         axis = 1 if cols else 0
         first = self._shift is None
         if first:  # the first batch's mean, as a value of the buffer's dtype: z − k is exact for z near k
-            shift = (self._column_sum(c, axis, chans, features) / n).to(c.dtype).to(torch.float64)
+            shift = self._first_mean(c, axis, chans, features).to(c.dtype).to(torch.float64)
             # amin + amax: torch.aminmax measured 15x slower on CPU
             scale, step = self._scaling(shift, c.amin(dim=axis), c.amax(dim=axis), work, c.dtype)
         else:
@@ -959,7 +974,7 @@ class ActivationStats:
         # nothing is changed before the checks pass
         if first:
             self._shift, self._scale, self._step = shift, scale, step
-        self._sum += total / scale
+        self._sum += total
         self._gram_add_torch((c.T if cols else c).to(work), work)
         self.count += n
 
@@ -974,6 +989,9 @@ class ActivationStats:
         scaled ones only if later batches stray ~1e19 times further from k than the first batch did. The
         scaling is exact (powers of two), so for ordinary features every result is bit for bit unchanged."""
         span = torch.maximum(hi.to(torch.float64) - shift, shift - lo.to(torch.float64))
+        # float64 features spanning more than the float64 max (values near ±max) overflow the span: any span
+        # beyond 2^1000 gets the smallest scale, 2^-1000 (scaled values stay below 2^25)
+        span = span.clamp(max=torch.finfo(torch.float64).max)
         # the scale is applied in fp32 arithmetic (fp32 buffer; 16-bit features in the Triton kernel) or in float64
         limit = 126 if applied_in != torch.float64 else 1000
         scale = _pow2_scale(span, -limit, limit)
@@ -989,6 +1007,20 @@ class ActivationStats:
             raise ValueError(f"{len(features)} feature tensor(s) of dtype {features[0].dtype} after float64 features "
                              "beyond the float32 range: their scale does not fit float32; pass float64 features")
         return self._step
+
+    def _first_mean(self, c: torch.Tensor, axis: int, chans, features) -> torch.Tensor:
+        """The column means of the first batch (the shift k), float64 (D,); ValueError naming the model for NaN/Inf.
+
+        float64 values near the float64 max can overflow their column sum, not their mean: then the sum is taken
+        of the values scaled by a power of two per column (exact) that brings their max |value| to at most 2^24."""
+        total = c.sum(dim=axis)
+        if not bool(torch.isfinite(total).all()):
+            if c.dtype == torch.float64 and bool(torch.isfinite(c).all()):
+                down = _pow2_scale(c.abs().amax(dim=axis), -1000, 1000)
+                per = down[:, None] if axis == 1 else down
+                return (c * per).sum(dim=axis) / c.shape[axis] / down
+            total = self._checked_sum(c.T if axis == 1 else c, chans, features)
+        return total.to(torch.float64) / c.shape[axis]
 
     def _column_sum(self, c: torch.Tensor, axis: int, chans, features) -> torch.Tensor:
         """Σ over rows of the buffer, float64 (D,); ValueError naming the model for NaN/Inf."""
@@ -1052,7 +1084,7 @@ class ActivationStats:
         return _mirror_upper_triangle(self._gram)
 
     def _scaled_mean(self) -> torch.Tensor:
-        """(S/count)·scale, float64, after checking that the accumulators are finite.
+        """S/count = (mean − k)·scale, float64, after checking that the accumulators are finite.
 
         An update never syncs to look at K: products that overflowed (later batches ~1e19 times further
         from the shift than the first batch, for fp32 products) are found here, and raise."""
@@ -1067,7 +1099,7 @@ class ActivationStats:
                              "~1e19 times further from the first batch's mean than the first batch did (its spread "
                              "sets the scale); start with a representative batch, rescale the features "
                              f"(correlation is scale-invariant){hint}")
-        return self._sum / self.count * self._scale
+        return self._sum / self.count
 
     @staticmethod
     def _representable(t: torch.Tensor, what: str, dtype: torch.dtype) -> torch.Tensor:
@@ -1081,7 +1113,14 @@ class ActivationStats:
 
         Raises ValueError when it does not fit ``dtype`` (float64 features)."""
         self._require_rows()
-        return self._representable((self._shift + self._sum / self.count).to(dtype), "mean", dtype)
+        m = self._sum / self.count
+        mean = self._shift + m / self._scale  # unscaling by a power of two: exact
+        bad = ~torch.isfinite(mean)
+        if bool(bad.any()):  # the deviation from k alone may exceed the float64 max (k near +max, later rows near
+            # −max) while the mean does not: add the halves (exact but for subnormals), then double
+            half = (self._shift * 0.5 + m / (2.0 * self._scale)) * 2.0
+            mean = torch.where(bad, half, mean)
+        return self._representable(mean.to(dtype), "mean", dtype)
 
     def covariance(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(D, D) population covariance E[(z − μ)(z − μ)ᵀ] (float32 by default).
