@@ -848,6 +848,30 @@ def test_activation_stats_syrk_path_features_requiring_grad(monkeypatch):
     _check_stats(stats, [fb.detach()], 1e-5, 1e-5)
 
 
+def test_scaled_centered_rows():
+    """The scale-then-center step shared by the exact torch rows and the Triton float64 rows: power-of-two scales
+    to max |row| in [0.5, 1), rows centered as the divided rows are, NaN/Inf rows non-finite (the callers'
+    finiteness check); _normalized_rows_exact then makes constant rows exactly 0 at any magnitude."""
+    g = torch.Generator().manual_seed(44)
+    x = torch.randn(6, 13, generator=g, dtype=torch.float64)
+    peaks = torch.tensor([1.0, 1e300, 1e-300, 1.7e308, 3.0, 1.0], dtype=torch.float64)
+    x = x / x.abs().amax(1, keepdim=True) * peaks[:, None]
+    x[4] = 0.7  # constant rows (at 0.7, 13 wide, a one-pass mean leaves a residual of 1e-16)
+    x[5] = -1.7e308
+    c, scale = sim._scaled_centered_rows(x)
+    assert torch.equal(torch.frexp(scale).mantissa, torch.full_like(scale, 0.5))  # powers of two
+    top = x.abs().amax(1) * scale
+    assert bool(((top >= 0.5) & (top < 1)).all())
+    down = x * scale[:, None]  # exact
+    torch.testing.assert_close(c, down - down.mean(1, keepdim=True), rtol=0, atol=1e-15)
+    rows = sim._normalized_rows_exact(x, 0.0)
+    assert torch.equal(rows[4:], torch.zeros_like(rows[4:]))
+    torch.testing.assert_close(rows[:4].norm(dim=1), torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-15)
+    x[1, 2], x[2, 0] = float("nan"), float("inf")
+    c, _ = sim._scaled_centered_rows(x)
+    assert torch.isfinite(c).all(1).tolist() == [True, False, False, True, True, True]
+
+
 @pytest.mark.parametrize("n", [0, 1, 5, 128, 129, 300])
 def test_mirror_upper_triangle(n):
     a = torch.randn(n, n, dtype=torch.float64)

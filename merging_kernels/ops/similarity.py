@@ -35,9 +35,10 @@ float64 max (~1.8e308), scaled ones do not. Exact (a power of two), so nothing e
 correlation is computed from the scaled moments, the mean and covariance unscale exactly. Moments
 that overflow all the same raise ValueError at finalize time (checking K there, not with a sync per
 update). The per-batch Gram is an fp32 product (BLAS on CPU, the Triton kernel on GPU) added into
-a float64 K; only the upper triangle is computed (K is symmetric): on CPU BLAS ssyrk (one triangle, scipy's BLAS) when torch and that BLAS run one thread
-each — 1.2-1.8x faster per update than the GEMM — else GEMMs on the blocks on and above the diagonal
-(3 of 4 for D ≥ 1024); about half the tiles on GPU. The lower triangle is filled in only when a full
+a float64 K; only the upper triangle is computed (K is symmetric): on CPU BLAS ssyrk (one triangle,
+scipy's BLAS) when torch and that BLAS run one thread each — 1.2-1.8x faster per update than the
+GEMM — else GEMMs on the blocks on and above the diagonal (3 of 4 for D ≥ 1024); about half the
+tiles on GPU. The lower triangle is filled in only when a full
 matrix is asked for.
 
 Backends (``SIMILARITY``): on CPU the fast path *is* torch — its work is GEMM, which BLAS does as well
@@ -140,6 +141,8 @@ def correlation_matrix_torch(x: torch.Tensor, y: torch.Tensor | None = None, eps
     Rows with population standard deviation ≤ eps are dead (0 against others; 1 on the diagonal
     when y is None). Clamped to [−1, 1].
     """
+    # Its own scaling and centering (divide by max |row|, one-pass mean), not the fast paths' shared
+    # _scaled_centered_rows: the oracle stays plain and independent, so a fault there cannot hide in both.
     def normalized(a):
         a = a.to(torch.float64)
         # each row divided by its max |value| first (correlation is scale-invariant): the sum of squares of a
@@ -347,19 +350,24 @@ def _row_stats(a: torch.Tensor, eps) -> tuple[torch.Tensor, torch.Tensor, torch.
     return mean, torch.where(alive, 1.0 / torch.where(alive, norm, 1.0), 0.0), span
 
 
-def _normalized_rows_exact(a: torch.Tensor, eps: float) -> torch.Tensor:
-    """Float64 (a − row mean) / ‖a − row mean‖ (dead rows: 0) for rows of any finite magnitude.
-
-    Each row is first brought to max |a| in [0.5, 1) by a power of two (exact), so that neither its mean nor
-    its squares overflow or underflow; the dead test compares the unscaled σ with eps.
-    """
+def _scaled_centered_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, scale): each row of a, in float64, times the power of two ``scale`` (n,) that brings its max |a| into
+    [0.5, 1) (exact), then centered: c = a·scale − mean(a·scale), a new tensor. Rows of any finite magnitude:
+    neither the mean nor later squares of c overflow or underflow. A NaN or ±inf entry leaves its row of c
+    non-finite. (The shared step of :func:`_normalized_rows_exact` and :func:`_kernel_rows`.)"""
     a = a.to(torch.float64)
-    scale = _pow2_scale(a.abs().amax(dim=1), -1000, 1024)[:, None]
-    a = a * scale
-    c = a - a.mean(dim=1, keepdim=True)
+    scale = _pow2_scale(a.abs().amax(dim=1), -1000, 1024)
+    c = a * scale[:, None]
+    return c.sub_(c.mean(dim=1, keepdim=True)), scale
+
+
+def _normalized_rows_exact(a: torch.Tensor, eps: float) -> torch.Tensor:
+    """Float64 (a − row mean) / ‖a − row mean‖ (dead rows: 0) for rows of any finite magnitude, scaled and
+    centered by :func:`_scaled_centered_rows`; the dead test compares the unscaled σ with eps."""
+    c, scale = _scaled_centered_rows(a)
     c -= c.mean(dim=1, keepdim=True)  # as in _normalized_rows: a constant row becomes exactly 0
     norm = torch.linalg.vector_norm(c, dim=1, keepdim=True)
-    alive = norm > (eps * a.shape[1] ** 0.5) * scale
+    alive = norm > (eps * a.shape[1] ** 0.5) * scale[:, None]
     return c.mul_(torch.where(alive, 1.0 / torch.where(alive, norm, 1.0), 0.0))
 
 
@@ -590,13 +598,14 @@ def _kernel_rows(a: torch.Tensor, eps: float, name: str) -> tuple[torch.Tensor, 
         # Centered in float64 before the rounding to fp32: a row whose mean dwarfs its spread (1e6 ± 1e-4)
         # would otherwise lose the spread's bits in the rounding (0.41 off, measured). Two exact power-of-two
         # scalings: first so that centering cannot overflow, then so that the centered max is in [0.5, 1).
-        top = a.abs().amax(dim=1)
-        if not bool(torch.isfinite(top).all()):  # amax propagates NaN: the input's finiteness check, per row
+        # One centering pass: _row_stats centers the rounded fp32 rows again (a constant row's residual is
+        # constant, so it still comes out dead).
+        c, first = _scaled_centered_rows(a)
+        span = c.abs().amax(dim=1)
+        # a NaN or ±inf entry leaves its row of c non-finite (amax propagates NaN): the input's finiteness check
+        if not bool(torch.isfinite(span).all()):
             raise ValueError(f"{name} contains NaN or Inf")
-        first = _pow2_scale(top, -1000, 1024)
-        c = a * first[:, None]
-        c -= c.mean(dim=1, keepdim=True)
-        second = _pow2_scale(c.abs().amax(dim=1), -1000, 1024)
+        second = _pow2_scale(span, -1000, 1024)
         a = (c * second[:, None]).to(torch.float32)
         mean, inv, _ = _row_stats(a, eps * first * second)
         return a, mean.to(torch.float32), inv.to(torch.float32)
@@ -784,13 +793,13 @@ class ActivationStats:
 
     Numerics: see the module docstring — moments of (z − k)·s with k the first batch's mean (fp32) and s
     a per-unit power of two from the first batch's spread, so large means (1e4 with σ = 1) cost nothing,
-    features of any finite size (1e19, 1e30; float64 ones up to the float64 max) give the right correlation,
-    and constant (dead) units have exactly zero variance. Per-batch products are fp32 (tf32 for 16-bit features on the Triton path);
-    float64 features are shifted and scaled in float64 (k then a float64 value) and only then rounded to
-    fp32, so a mean far above the spread (1e6 ± 1e-4) or values beyond the fp32 range keep their
-    correlation; ``gram_dtype=torch.float64`` (torch backend only) makes the products float64 too.
-    Moments that overflow (later batches ~1e19 times further from k than the first) raise ValueError at
-    finalize.
+    features of any finite size (1e19, 1e30; float64 ones up to the float64 max) give the right
+    correlation, and constant (dead) units have exactly zero variance. Per-batch products are fp32 (tf32
+    for 16-bit features on the Triton path); float64 features are shifted and scaled in float64 (k then
+    a float64 value) and only then rounded to fp32, so a mean far above the spread (1e6 ± 1e-4) or values
+    beyond the fp32 range keep their correlation; ``gram_dtype=torch.float64`` (torch backend only) makes
+    the products float64 too. Moments that overflow (later batches ~1e19 times further from k than the
+    first) raise ValueError at finalize.
 
     Args:
         num_features: the feature count C_m of each model (a sequence: M models, checked on every
