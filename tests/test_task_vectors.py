@@ -360,6 +360,55 @@ def test_overflowing_task_vector_is_refused_on_every_backend(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
+def test_in_place_merge_of_tied_weights(backend):
+    # a state dict whose embedding and head are one tensor, merged in place: every backend equals the
+    # torch reference computed on separate copies (the fast kernels used to apply the task vector twice)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, generator=g)
+    e = w + torch.randn(1000, generator=g)
+    experts = [{"embed.weight": e, "lm_head.weight": e}]
+    expected = mk.task_arithmetic({"embed.weight": w.clone(), "lm_head.weight": w.clone()}, experts, 0.5,
+                                  backend="torch")["embed.weight"]
+    sd = {"embed.weight": w.clone()}
+    sd["lm_head.weight"] = sd["embed.weight"]
+    mk.task_arithmetic(sd, experts, 0.5, out=sd, backend=backend)
+    assert torch.equal(sd["embed.weight"], expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
+@pytest.mark.parametrize("layout", ["shifted_own_base", "other_base", "other_expert", "own_expert", "own_base"])
+def test_out_sharing_memory_with_inputs(backend, layout):
+    n = 5000
+    g = torch.Generator().manual_seed(1)
+    buf = torch.randn(2 * n + 1, generator=g)
+    kwargs = dict(density=0.5, elect_sign=True)
+    bases = [buf[:n], buf[n + 1:]]
+    experts = [[b + torch.randn(n, generator=g) for b in bases] for _ in range(2)]
+    expected = mk.merge_task_vectors([b.clone() for b in bases], [[x.clone() for x in e] for e in experts], [1.0, 0.7],
+                                     backend="torch", **kwargs)
+    out = {"shifted_own_base": [buf[1:n + 1], torch.empty(n)], "other_base": [bases[1], bases[0]],
+           "other_expert": [experts[0][1], torch.empty(n)], "own_expert": [experts[1][0], experts[0][1]],
+           "own_base": list(bases)}[layout]
+    mk.merge_task_vectors(bases, experts, [1.0, 0.7], out=out, backend=backend, **kwargs)
+    for t in range(2):
+        assert torch.equal(out[t], expected[t]), (layout, t)
+
+
+def test_out_memory_sharing_check_is_exact_about_aliases():
+    from merging_kernels.ops.task_vectors import _outs_sharing_memory
+
+    a, b = torch.zeros(10), torch.zeros(10)
+    experts = [[torch.zeros(10), torch.zeros(10)]]
+    assert _outs_sharing_memory([a, b], experts, [a, b]) == set()  # element for element: written directly
+    assert _outs_sharing_memory([a, b], experts, [experts[0][0], b]) == set()
+    assert _outs_sharing_memory([a, b], experts, [b, a]) == {0, 1}
+    assert _outs_sharing_memory([a, a], experts, [a, a]) == {0, 1}  # tied: each out is the other's base
+    assert _outs_sharing_memory([a, b], experts, [a.view(torch.int32).view(torch.float32), b]) == set()
+    assert _outs_sharing_memory([a[:5], b], [[a[5:], b]], [a[:5], b]) == set()  # adjacent, not overlapping
+    assert _outs_sharing_memory([a[:6], b], [[a[5:], b]], [a[:6], b]) == {0}
+
+
+@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
 def test_refused_merge_leaves_inputs_and_torch_out_untouched(backend):
     base = torch.tensor([1.0, 2.0, 3.0])
     experts = [[torch.tensor([1.5, float("nan"), 3.0])], [torch.tensor([0.0, 2.0, 4.0])]]
@@ -520,6 +569,20 @@ def test_complex_entries_are_refused_and_bool_buffers_copied():
         (lambda b, e: mk.task_arithmetic(b, e, out={"w": torch.zeros(3, 2)}, out_dtype=torch.float16), ValueError,
          "out_dtype"),
         (lambda b, e: mk.task_arithmetic(b, e, out_dtype="float16"), TypeError, "out_dtype"),
+        # found by an input audit: each used to fail deep inside with an unrelated message
+        (lambda b, e: mk.task_arithmetic({0: b["w"]}, [{0: e[0]["w"]}]), TypeError, "keys must be str"),
+        (lambda b, e: mk.merge_task_vectors([b["w"]], [[e[0]["w"]]], [1.0], names=5), TypeError, "names"),
+        (lambda b, e: mk.merge_task_vectors([b["w"], b["w"]], [[e[0]["w"]] * 2], [1.0], names="ab"), TypeError,
+         "names"),  # used to name the tensors 'a' and 'b'
+        (lambda b, e: mk.merge_task_vectors([b["w"]], [[e[0]["w"]]], [1.0], tensor_keys=5), TypeError, "tensor_keys"),
+        (lambda b, e: mk.merge_task_vectors([b["w"]], [[e[0]["w"]]], [1.0], tensor_keys=[-1]), ValueError,
+         r"tensor_keys\[0\]"),
+        (lambda b, e: mk.merge_task_vectors([b["w"].to("meta")], [[e[0]["w"].to("meta")]], [1.0]), ValueError,
+         "meta device"),
+        (lambda b, e: mk.merge_task_vectors([b["w"]], [[e[0]["w"]]], torch.ones(1, device="meta")), ValueError,
+         "weights.*meta device"),
+        (lambda b, e: mk.merge_task_vectors([b["w"]], [[e[0]["w"]]], [1.0], density=0.5,
+                                            thresholds=torch.ones(1, 1, device="meta")), ValueError, "meta device"),
     ],
 )
 def test_more_bad_input_is_refused_with_a_named_error(call, error, match):

@@ -50,6 +50,9 @@ def flatten_inputs(base, experts) -> FlatInputs:
         raise TypeError(f"base must be a tensor or a state dict (mapping name -> tensor), got {type(base).__name__}")
     names, bases, passthrough = [], [], {}
     for name, value in base.items():
+        if not isinstance(name, str):  # names key the DARE masks and the messages, as in torch's state dicts
+            raise TypeError(f"base's keys must be str (a state dict's parameter names), got {type(name).__name__} "
+                            f"{name!r}")
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"base[{name!r}] must be a tensor, got {type(value).__name__}")
         if value.is_floating_point():

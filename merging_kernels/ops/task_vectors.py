@@ -638,6 +638,8 @@ def _check_inputs(bases, experts, names):
     if isinstance(experts, torch.Tensor) or not isinstance(experts, Sequence) or len(experts) == 0:
         raise TypeError("experts must be a non-empty sequence (one entry per task) of sequences of tensors")
     num_tensors = len(bases)
+    if names is not None and (isinstance(names, (str, bytes)) or not isinstance(names, Sequence)):
+        raise TypeError(f"names must be a sequence of tensor names (one per base tensor), got {type(names).__name__}")
     names = list(names) if names is not None else [f"bases[{t}]" for t in range(num_tensors)]
     if len(names) != num_tensors:
         raise ValueError(f"names has {len(names)} entries for {num_tensors} tensors")
@@ -771,9 +773,11 @@ def _merge_checked(bases, experts, w, spec, keys, names, out, out_dtypes, chosen
         experts_c = [[e.contiguous() for e in task] for task in experts]
         if spec.trims and thresholds is None:
             thresholds = _select_in_memory(chosen, bases_c, experts_c, spec, keys, seg_numel, device)
-        # contiguous out= tensors are written directly (the kernels are elementwise, so out may be the base)
-        results = [out[t] if out is not None and out[t].is_contiguous() else torch.empty(b.shape, dtype=dt, device=device)
-                   for t, (b, dt) in enumerate(zip(bases, out_dtypes))]
+        # contiguous out= tensors are written directly (the kernels are elementwise, so out may be the base),
+        # unless they share memory in any other way with what the kernels still read
+        scratch = _outs_sharing_memory(bases_c, experts_c, out) if out is not None else set()
+        results = [out[t] if out is not None and out[t].is_contiguous() and t not in scratch
+                   else torch.empty(b.shape, dtype=dt, device=device) for t, (b, dt) in enumerate(zip(bases, out_dtypes))]
         nonfinite = _APPLY[chosen](bases_c, experts_c, results, w.to(device=device, dtype=torch.float32), spec, keys,
                                    seg_of, thresholds)
     if check_finite:
@@ -784,6 +788,40 @@ def _merge_checked(bases, experts, w, spec, keys, names, out, out_dtypes, chosen
         if dst is not src:
             dst.copy_(src)
     return list(out)
+
+
+def _outs_sharing_memory(bases, experts, out) -> set[int]:
+    """Indices t of contiguous ``out`` tensors the kernels must not write directly: memory shared with another
+    out tensor, or with an input other than ``bases[t]`` / ``experts[k][t]`` aliased element for element
+    (tied weights: out[0] is bases[1]; a view shifted along its own base). Written while the kernels still
+    read those inputs, they would feed merged values back into the merge; the torch path never does.
+
+    Inputs are the contiguous tensors the kernels read (non-contiguous ones were copied). A sweep over
+    byte ranges sorted by start: O(N log N) in the number of tensors, milliseconds for a large model.
+    """
+    spans = []  # (start, end, t, is_out, element size)
+    for t, dst in enumerate(out):
+        if dst.is_contiguous() and dst.numel():
+            spans.append((dst.data_ptr(), dst.data_ptr() + dst.numel() * dst.element_size(), t, True,
+                          dst.element_size()))
+    if not spans:
+        return set()
+    for tensors in (bases, *experts):
+        for t, src in enumerate(tensors):
+            if src.numel():
+                spans.append((src.data_ptr(), src.data_ptr() + src.numel() * src.element_size(), t, False,
+                              src.element_size()))
+    spans.sort(key=lambda span: span[0])
+    shared: set[int] = set()
+    active: list[tuple] = []
+    for span in spans:
+        active = [a for a in active if a[1] > span[0]]
+        for a in active:  # a overlaps span
+            for x, y in ((a, span), (span, a)):
+                if x[3] and not (not y[3] and y[2] == x[2] and y[:2] == x[:2] and y[4] == x[4]):
+                    shared.add(x[2])
+        active.append(span)
+    return shared
 
 
 def magnitude_thresholds(
@@ -842,7 +880,11 @@ def _select_in_memory(backend, bases, experts, spec, keys, seg_numel, device) ->
 def _tensor_keys(tensor_keys, num_tensors: int) -> list[int]:
     if tensor_keys is None:
         return list(range(num_tensors))
-    keys = [check_int(k, "tensor_keys[i]", low=0, high=2**32 - 1) for k in tensor_keys]
+    if isinstance(tensor_keys, torch.Tensor) and tensor_keys.dim() == 1:
+        tensor_keys = tensor_keys.tolist()
+    if isinstance(tensor_keys, (str, bytes)) or not isinstance(tensor_keys, Sequence):
+        raise TypeError(f"tensor_keys must be a sequence of {num_tensors} integers, got {type(tensor_keys).__name__}")
+    keys = [check_int(k, f"tensor_keys[{i}]", low=0, high=2**32 - 1) for i, k in enumerate(tensor_keys)]
     if len(keys) != num_tensors:
         raise ValueError(f"tensor_keys has {len(keys)} entries for {num_tensors} tensors")
     return keys
