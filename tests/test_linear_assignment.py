@@ -514,6 +514,33 @@ def test_bad_arguments():
         mk.linear_sum_assignment(np.zeros((2, 2)), backend="scipy")
 
 
+def test_argument_checks_found_by_the_input_audit():
+    c = np.array([[1.0, 2.0], [3.0, 0.0]])
+    rows, cols, u, v = mk.linear_sum_assignment(c, return_duals=True)
+    bad = np.array([1, 0])  # total 5, the optimum is 1
+    for tol, error in [(float("nan"), ValueError), (float("inf"), ValueError), (-1e-9, ValueError),
+                       ("x", TypeError)]:
+        with pytest.raises(error, match="tol"):  # NaN and inf used to certify the wrong assignment
+            mk.check_assignment(c, rows, bad, u, v, tol=tol)
+    assert mk.check_assignment(c, rows, cols, u, v, tol=0.0)
+    with pytest.raises(ValueError, match="rows must hold integer"):  # 1.9 used to read as row 1
+        mk.check_assignment(c, np.array([0.0, 1.9]), np.array([0.0, 1.0]), u, v)
+    assert mk.check_assignment(c, np.array([0.0, 1.0]), np.array([0.0, 1.0]), u, v)  # integral floats are fine
+    with pytest.raises(TypeError, match="cols must hold integer"):
+        mk.check_assignment(c, rows, np.array([True, False]), u, v)
+    with pytest.raises(TypeError, match="maximize"):  # "no" used to mean True
+        mk.check_assignment(c, rows, cols, u, v, maximize="no")
+    for backend in ["torch"] + (["native"] if NATIVE_CPU else []):
+        for cost in (c, torch.from_numpy(c)):
+            with pytest.raises(TypeError, match="return_duals"):  # the torch backend took "no" as True
+                mk.linear_sum_assignment(cost, return_duals="no", backend=backend)
+    meta = torch.zeros(2, 2, device="meta")
+    with pytest.raises(ValueError, match="cost is on the meta device"):
+        mk.linear_sum_assignment(meta)
+    with pytest.raises(ValueError, match="meta device"):
+        mk.check_assignment(meta, *[torch.zeros(2, device="meta")] * 4)
+
+
 def test_check_assignment_rejects_what_is_not_proven():
     cost = make_cost("uniform", 30, 30, seed=8)
     rows, cols, u, v = mk.linear_sum_assignment(cost, return_duals=True)

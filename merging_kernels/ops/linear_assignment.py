@@ -29,6 +29,7 @@ import torch
 
 from .._dispatch import OpBackends, resolve_backend
 from .._native import native_module
+from .._validation import check_bool, check_real
 
 LINEAR_ASSIGNMENT = OpBackends("linear_assignment", cpu=("native",), cuda=("native",))
 
@@ -315,6 +316,22 @@ def _solve_numpy_fast(array: np.ndarray, maximize: bool, compute_dtype: torch.dt
     return out if batched else tuple(x[0] for x in out)
 
 
+def _check_maximize(maximize) -> bool:
+    if not isinstance(maximize, (bool, np.bool_, numbers.Integral)):  # scipy takes 0/1 too; not strings
+        raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
+    return bool(maximize)
+
+
+def _index_tensor(value: torch.Tensor, name: str) -> torch.Tensor:
+    """Integer indices; floats only where every value is integral (a 1.9 must not read as row 1)."""
+    if value.dtype == torch.bool or value.is_complex():
+        raise TypeError(f"{name} must hold integer indices, got {value.dtype}")
+    if value.is_floating_point():
+        if not bool(torch.isfinite(value).all()) or not bool((value == value.round()).all()):
+            raise ValueError(f"{name} must hold integer indices, got non-integral values")
+    return value.to(torch.int64)
+
+
 def _check_fits_float32(t3: torch.Tensor) -> None:
     """Finite costs beyond float32's range would turn into ±inf (forbidden pairs) in a float32 solve."""
     big = float(_largest_finite(t3).amax())
@@ -364,13 +381,14 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
         TypeError: a non-real cost or bad argument types.
     """
     tensor_in = isinstance(cost, torch.Tensor)
+    if tensor_in and cost.device.type == "meta":
+        raise ValueError("cost is on the meta device, which holds no data")
     array = None if tensor_in else _as_array(cost)
     shape = tuple(cost.shape if tensor_in else array.shape)
     if len(shape) not in (2, 3):
         raise ValueError(f"cost must be 2-D (n, m) or 3-D (B, n, m), got shape {shape}")
-    if not isinstance(maximize, (bool, np.bool_, numbers.Integral)):  # scipy takes 0/1 too; not strings
-        raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
-    maximize = bool(maximize)
+    maximize = _check_maximize(maximize)
+    return_duals = check_bool(return_duals, "return_duals")
     if compute_dtype is None:
         compute_dtype = torch.float64
     if compute_dtype not in (torch.float32, torch.float64):
@@ -456,14 +474,25 @@ def check_assignment(cost, rows, cols, u, v, maximize: bool = False, *, tol: flo
         rows, cols: (k,) or (B, k) integer indices, k = min(n, m).
         u, v: (n,) / (m,) or (B, n) / (B, m) float duals (``return_duals=True``).
         maximize: whether the assignment maximizes.
-        tol: the slack allowed, in the duals' units (default: see above).
+        tol: the slack allowed, a finite number ≥ 0 in the duals' units (default: see above).
 
     Returns:
         True when every problem's certificate holds; False otherwise (wrong shapes included).
         Tensors and array-likes are accepted alike; nothing is modified.
+
+    Raises:
+        ValueError: a cost that is not 2-D/3-D, a negative or non-finite ``tol``, float indices
+            that are not integral, meta tensors.
+        TypeError: a ``maximize`` or ``tol`` of the wrong type, bool or complex indices.
     """
     c, _ = _as_tensor(cost)
     tensors = [c] + [_as_tensor(x, name)[0] for x, name in ((rows, "rows"), (cols, "cols"), (u, "u"), (v, "v"))]
+    for x, name in zip(tensors, ("cost", "rows", "cols", "u", "v")):
+        if x.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device, which holds no data")
+    maximize = _check_maximize(maximize)
+    if tol is not None:
+        tol = check_real(tol, "tol", low=0.0)
     device = c.device
     c, rows, cols, u, v = (x.to(device) for x in tensors)
     if c.dim() == 2:
@@ -484,8 +513,8 @@ def check_assignment(cost, rows, cols, u, v, maximize: bool = False, *, tol: flo
     if bool(torch.isnan(c).any()) or bool((c == -torch.inf).any()) or not bool(torch.isfinite(u).all()) \
             or not bool(torch.isfinite(v).all()):
         return False
-    rows = rows.to(torch.int64)
-    cols = cols.to(torch.int64)
+    rows = _index_tensor(rows, "rows")
+    cols = _index_tensor(cols, "cols")
     if k == 0:
         return True
     if bool((rows < 0).any() | (rows >= n).any() | (cols < 0).any() | (cols >= m).any()):
