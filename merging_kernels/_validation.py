@@ -15,6 +15,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def check_tensor(value: Any, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.device.type == "meta":  # shapes only: every op would fail deep inside on its first read
+        raise ValueError(f"{name} is on the meta device, which holds no data")
     return value
 
 
@@ -66,6 +68,8 @@ def real_numbers(value: Any, expected: str) -> torch.Tensor:
     Python numbers go to float64 directly (``torch.as_tensor`` alone would make float32 first and
     round them). Bool and complex values are refused: TypeError ``"{expected}, got ..."``.
     """
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        raise ValueError(f"{expected}; got a tensor on the meta device, which holds no data")
     try:
         raw = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as exc:

@@ -27,7 +27,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._validation import check_float_tensor, check_int
+from ._dispatch import BACKENDS
+from ._validation import check_choice, check_float_tensor, check_int
 from .ops.per_sample_linear import (
     lowrank_factors,
     pack_weights,
@@ -178,6 +179,11 @@ class PerSampleLinear(nn.Module):
         super().__init__()
         label = _label(name, self)
         _check_coefficients(coefficients, label)
+        # checked now, not at the first forward call; which backends run depends on the device at call time
+        if strategy is not None:
+            check_choice(strategy, f"{label}: strategy", ("auto", "stacked", "materialize"))
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"{label}: backend must be one of {BACKENDS} or None, got {backend!r}")
         self.coefficients = coefficients
         self.strategy, self.backend, self.rank, self.name = strategy, backend, rank, name
         if rank is None:

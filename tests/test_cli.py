@@ -283,6 +283,7 @@ def test_refuses_unreadable_files(checkpoints, tmp_path, capsys, problem, role):
     (["--method", "ta", "--backend", "cuda"], "--backend"),
     (["--method", "ta", "--device", "cuda:0"] if not torch.cuda.is_available() else ["--method", "ta", "--device",
                                                                                      "nonsense"], "device"),
+    (["--method", "ta", "--device", "meta"], "--device"),  # used to end in a traceback
 ])
 def test_refuses_bad_options(checkpoints, tmp_path, capsys, options, needle):
     _, _, base_path, expert_paths = checkpoints
