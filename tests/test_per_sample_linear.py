@@ -283,31 +283,6 @@ def test_declared_op_compiles_without_graph_breaks():
     torch.testing.assert_close(compiled(x, alpha), 2 * per_sample_linear(x, alpha, pw, pb, strategy="stacked"))
 
 
-def test_eager_calls_skip_the_op_dispatcher_only_where_nothing_differs(monkeypatch):
-    from merging_kernels.ops import per_sample_linear as module
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    x, alpha, w, tw, b, tb = _problem(3, None, 8, 4, 2)
-    pw, pb = pack_weights(w, tw, b, tb)
-    expected = per_sample_linear(x, alpha, pw, pb)
-    through_op = []
-    real = module._run_op
-    monkeypatch.setattr(module, "_run_op", lambda *a: through_op.append(1) or real(*a))
-    assert torch.equal(per_sample_linear(x, alpha, pw, pb), expected) and not through_op  # the plain function
-    with torch.no_grad():
-        per_sample_linear(x.requires_grad_(), alpha, pw, pb)
-    assert not through_op
-    y = per_sample_linear(x, alpha, pw, pb)  # autograd records: the op, whose backward raises as documented
-    assert through_op and torch.equal(y.detach(), expected)
-    with pytest.raises(RuntimeError, match="autograd"):
-        y.sum().backward()
-    mode = FakeTensorMode()
-    fakes = [mode.from_tensor(t) for t in (x.detach(), alpha, pw, pb)]
-    with mode:  # shape inference sees the op's fake implementation
-        fake = per_sample_linear(*fakes)
-    assert fake.shape == expected.shape and len(through_op) == 2
-
-
 def _compiled_variants(kernel) -> int:
     """Number of compiled specializations of a Triton kernel (device_caches[device][0] is the kernel cache)."""
     return sum(len(entry[0]) for entry in kernel.device_caches.values())

@@ -56,7 +56,6 @@ from collections.abc import Iterable, Mapping, Sequence, Set as AbstractSet
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .._cuda import launch_device
 from .._dispatch import OpBackends, resolve_backend, triton_interpreting
@@ -545,17 +544,6 @@ else:  # pragma: no cover - torch 2.3
     _run_op, _run_lowrank_op = _run, _run_lowrank
 
 
-def _call(op, plain, *args):
-    """``op`` (the registered op) when torch.compile/export traces, autograd records (its backward raises,
-    as documented) or a dispatch mode (FakeTensorMode, profilers) is active; else ``plain``, the same
-    function without the op dispatcher, which costs ~7 µs a call on the inference hot path (CPU, measured)."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return op(*args)
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        return op(*args)
-    return plain(*args)
-
-
 # --------------------------------------------------------------------------- public functions
 
 
@@ -623,7 +611,7 @@ def per_sample_linear(
     acc = _acc_dtype(x.dtype)
     if alpha.dtype != acc:
         alpha = alpha.to(acc)
-    return _call(_run_op, _run, x, alpha, packed_weight, packed_bias, strategy, chosen)
+    return _run_op(x, alpha, packed_weight, packed_bias, strategy, chosen)
 
 
 def per_sample_lowrank_linear(
@@ -662,7 +650,7 @@ def per_sample_lowrank_linear(
     for name, t in (("weight", weight), ("up", up), ("down", down), ("packed_bias", packed_bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    return _call(_run_lowrank_op, _run_lowrank, x, alpha.to(x.dtype), weight, up, down, packed_bias)
+    return _run_lowrank_op(x, alpha.to(x.dtype), weight, up, down, packed_bias)
 
 
 # --------------------------------------------------------------------------- other per-sample layers
