@@ -45,7 +45,9 @@ The op is declared with ``torch.library`` (``merging_kernels::per_sample_linear`
 and ``merging_kernels::per_sample_lowrank_linear``) with fake implementations,
 so models that call it work under ``torch.compile``; the Triton kernel is
 compiled once per (dtype, tile config) and never per batch size or K. The ops are
-for inference: they have no autograd formula (backward raises).
+for inference: they have no autograd formula (backward raises; forward-mode AD such
+as ``torch.func.jvp`` gets zero tangents, torch's rule for ops without one, so do not
+differentiate through them).
 """
 
 from __future__ import annotations
