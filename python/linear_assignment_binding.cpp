@@ -79,10 +79,10 @@ void register_linear_assignment(py::module_& m) {
       [](const py::array& cost, bool maximize, bool compute_float32, bool want_duals) {
         if (cost.ndim() != 3) throw std::invalid_argument("cost must be a 3-D array (batch, nr, nc)");
         if (!(cost.flags() & py::array::c_style)) throw std::invalid_argument("cost must be C-contiguous");
-        int dtype;
-        if (cost.dtype().is(py::dtype::of<double>())) {
+        int dtype;  // numpy's equivalence test (py::isinstance of array_t), not dtype identity: byte order counts
+        if (py::isinstance<py::array_t<double>>(cost)) {
           dtype = 1;
-        } else if (cost.dtype().is(py::dtype::of<float>())) {
+        } else if (py::isinstance<py::array_t<float>>(cost)) {
           dtype = 0;
         } else {
           throw std::invalid_argument("cost must be float32 or float64 in native byte order");

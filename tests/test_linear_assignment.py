@@ -455,6 +455,21 @@ def test_numpy_fast_path_equals_the_tensor_path(case, monkeypatch):
     np.testing.assert_array_equal(cols, want[1])
 
 
+def test_equal_but_not_identical_dtypes_and_neg_views_are_solved():
+    import pickle
+
+    cost = np.random.default_rng(3).random((4, 5))
+    want = scipy_lsa(cost)[1]
+    for same in (pickle.loads(pickle.dumps(cost)), cost.astype(">f8"), cost.astype(np.dtype("f8", metadata={"x": 1})),
+                 cost.astype(">f4").astype(np.float64)):
+        np.testing.assert_array_equal(mk.linear_sum_assignment(same)[1], want)  # these raised in the fast path
+    neg = torch.complex(torch.zeros_like(torch.from_numpy(cost)), -torch.from_numpy(cost)).conj().imag  # neg bit
+    assert neg.is_neg()
+    np.testing.assert_array_equal(mk.linear_sum_assignment(neg)[1].numpy(), want)
+    rows, cols, u, v = mk.linear_sum_assignment(cost, return_duals=1)  # 0/1 like maximize (and scipy's maximize)
+    assert mk.check_assignment(cost, rows, cols, u, v)
+
+
 @pytest.mark.skipif(not NATIVE_CPU, reason="needs the native CPU backend")
 def test_numpy_fast_path_hands_every_non_ok_status_to_the_general_path():
     nan = np.ones((2, 3, 3))

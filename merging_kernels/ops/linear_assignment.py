@@ -29,7 +29,7 @@ import torch
 
 from .._dispatch import OpBackends, resolve_backend
 from .._native import native_module
-from .._validation import check_bool, check_real
+from .._validation import check_real
 
 LINEAR_ASSIGNMENT = OpBackends("linear_assignment", cpu=("native",), cuda=("native",))
 
@@ -304,6 +304,9 @@ def _solve_numpy_fast(array: np.ndarray, maximize: bool, compute_dtype: torch.dt
         return None  # e.g. float128: the general path says what it takes
     if compute_dtype == torch.float32 and array.dtype.char == "d":
         return None  # needs the float32-range check
+    # the canonical dtype object: an unpickled, byte-swapped-back or metadata-carrying float64 is equal but
+    # not identical, and the binding compares with numpy's own equivalence test (no copy: same bytes)
+    array = array.view(np.float64 if array.dtype.char == "d" else np.float32)
     batched = array.ndim == 3
     array3 = array if batched else array[None]
     if not array3.size:
@@ -316,10 +319,10 @@ def _solve_numpy_fast(array: np.ndarray, maximize: bool, compute_dtype: torch.dt
     return out if batched else tuple(x[0] for x in out)
 
 
-def _check_maximize(maximize) -> bool:
-    if not isinstance(maximize, (bool, np.bool_, numbers.Integral)):  # scipy takes 0/1 too; not strings
-        raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
-    return bool(maximize)
+def _check_flag(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_, numbers.Integral)):  # scipy takes 0/1 too; not strings
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 def _index_tensor(value: torch.Tensor, name: str) -> torch.Tensor:
@@ -387,8 +390,8 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
     shape = tuple(cost.shape if tensor_in else array.shape)
     if len(shape) not in (2, 3):
         raise ValueError(f"cost must be 2-D (n, m) or 3-D (B, n, m), got shape {shape}")
-    maximize = _check_maximize(maximize)
-    return_duals = check_bool(return_duals, "return_duals")
+    maximize = _check_flag(maximize, "maximize")
+    return_duals = _check_flag(return_duals, "return_duals")
     if compute_dtype is None:
         compute_dtype = torch.float64
     if compute_dtype not in (torch.float32, torch.float64):
@@ -398,10 +401,11 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
         out = _solve_numpy_fast(array, maximize, compute_dtype, return_duals)
         if out is not None:
             return out
-    elif tensor_in and cost.device.type == "cpu" and cost.dtype in _NUMPY_VIEWABLE \
+    elif tensor_in and cost.device.type == "cpu" and cost.layout == torch.strided and cost.dtype in _NUMPY_VIEWABLE \
             and resolve_backend(LINEAR_ASSIGNMENT, backend, "cpu") == "native":
-        out = _solve_numpy_fast(np.asarray(cost.detach().numpy(), order="C"), maximize, compute_dtype,
-                                return_duals)
+        # .numpy() refuses a tensor with the negative bit (e.g. complex.conj().imag): resolve it first
+        view = cost.detach().resolve_neg().numpy()
+        out = _solve_numpy_fast(np.asarray(view, order="C"), maximize, compute_dtype, return_duals)
         if out is not None:
             return tuple(torch.from_numpy(x) for x in out)
     t = cost if tensor_in else _as_tensor(array)[0]
@@ -490,7 +494,7 @@ def check_assignment(cost, rows, cols, u, v, maximize: bool = False, *, tol: flo
     for x, name in zip(tensors, ("cost", "rows", "cols", "u", "v")):
         if x.device.type == "meta":
             raise ValueError(f"{name} is on the meta device, which holds no data")
-    maximize = _check_maximize(maximize)
+    maximize = _check_flag(maximize, "maximize")
     if tol is not None:
         tol = check_real(tol, "tol", low=0.0)
     device = c.device
