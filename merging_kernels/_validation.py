@@ -15,7 +15,13 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def check_tensor(value: Any, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.device.type == "meta":  # shapes only: every op would fail deep inside on its first read
+    return value
+
+
+def check_has_data(value: torch.Tensor, name: str) -> torch.Tensor:
+    """For ops that read values (merges, statistics): a meta tensor holds shapes only, and would fail deep
+    inside on the first read. (Ops with a fake implementation, e.g. per_sample_linear, take meta tensors.)"""
+    if value.device.type == "meta":
         raise ValueError(f"{name} is on the meta device, which holds no data")
     return value
 

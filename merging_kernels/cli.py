@@ -198,8 +198,8 @@ class MergeSettings:
             self.device = torch.device("cuda")
         else:
             self.device = torch.device("cpu")
-        if self.device.type not in ("cpu", "cuda"):  # e.g. meta (no data) or a device the kernels do not serve
-            raise CLIError(f"--device {args.device!r}: merging runs on cpu or cuda devices")
+        if self.device.type == "meta":  # shapes only: nothing to merge (other devices run the torch reference)
+            raise CLIError(f"--device {args.device!r} holds no data; merge on cpu, cuda or another real device")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise CLIError(f"device {self.device} is not available (no CUDA device)"
                            + ("; the triton backend needs one" if args.backend == "triton" else ""))

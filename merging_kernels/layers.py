@@ -30,6 +30,7 @@ from torch import nn
 from ._dispatch import BACKENDS
 from ._validation import check_choice, check_float_tensor, check_int
 from .ops.per_sample_linear import (
+    STRATEGIES,
     lowrank_factors,
     pack_weights,
     per_sample_conv2d,
@@ -180,8 +181,8 @@ class PerSampleLinear(nn.Module):
         label = _label(name, self)
         _check_coefficients(coefficients, label)
         # checked now, not at the first forward call; which backends run depends on the device at call time
-        if strategy is not None:
-            check_choice(strategy, f"{label}: strategy", ("auto", "stacked", "materialize"))
+        if strategy is not None:  # "lowrank" names the strategy that rank= always uses
+            check_choice(strategy, f"{label}: strategy", ("auto", *STRATEGIES))
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"{label}: backend must be one of {BACKENDS} or None, got {backend!r}")
         self.coefficients = coefficients

@@ -431,7 +431,7 @@ def test_zero_input_features_give_the_bias_mix():
 def test_lowrank_checks_devices_and_dtypes():
     x, alpha, w, tw, b, tb = _problem(3, None, 8, 6, 2)
     up, down = lowrank_factors(tw, 2)
-    with pytest.raises(ValueError, match="up is on the meta device"):
+    with pytest.raises(ValueError, match="up is on meta"):
         per_sample_lowrank_linear(x, alpha, w, up.to("meta"), down)
     with pytest.raises(TypeError, match="packed_bias"):
         per_sample_lowrank_linear(x, alpha, w, up, down, torch.zeros(3, 6, dtype=torch.int64))
@@ -520,6 +520,12 @@ def test_layer_construction_errors_are_named():
     for kwargs, match in [(dict(strategy="foo"), "strategy"), (dict(backend="foo"), "backend")]:
         with pytest.raises(ValueError, match=match):  # used to be accepted until the first forward call
             PerSampleLinear.from_modules(lin(5, 4), [lin(5, 4), lin(5, 4)], coeffs, **kwargs)
+    PerSampleLinear.from_modules(lin(5, 4), [lin(5, 4), lin(5, 4)], coeffs, strategy="lowrank", rank=2)
+    with torch.device("meta"):  # deferred initialization: built on meta, materialized later (to_empty)
+        meta = PerSampleLinear.from_modules(lin(5, 4), [lin(5, 4), lin(5, 4)], coeffs)
+    assert meta.packed_weight.is_meta
+    assert per_sample_linear(torch.empty(3, 5, device="meta"), torch.empty(3, 2, device="meta"),
+                             meta.packed_weight, meta.packed_bias).shape == (3, 4)  # shape inference
     with pytest.raises(ValueError, match=r"base has a bias but experts\[0\] has none"):
         PerSampleLinear.from_modules(lin(5, 4), [lin(5, 4, bias=False), lin(5, 4, bias=False)], coeffs)
     with pytest.raises(ValueError, match=r"experts\[1\] has a bias but the base has none"):  # was silently dropped

@@ -1,5 +1,6 @@
 """Task arithmetic, TIES and DARE: every backend against the torch reference and hand-worked rules."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -575,6 +576,8 @@ def test_complex_entries_are_refused_and_bool_buffers_copied():
         (lambda b, e: mk.merge_task_vectors([b["w"], b["w"]], [[e[0]["w"]] * 2], [1.0], names="ab"), TypeError,
          "names"),  # used to name the tensors 'a' and 'b'
         (lambda b, e: mk.merge_task_vectors([b["w"]], [[e[0]["w"]]], [1.0], tensor_keys=5), TypeError, "tensor_keys"),
+        (lambda b, e: mk.merge_task_vectors([b["w"]], [[e[0]["w"]]], [1.0], tensor_keys=torch.ones(1, 1)), TypeError,
+         "tensor_keys"),
         (lambda b, e: mk.merge_task_vectors([b["w"]], [[e[0]["w"]]], [1.0], tensor_keys=[-1]), ValueError,
          r"tensor_keys\[0\]"),
         (lambda b, e: mk.merge_task_vectors([b["w"].to("meta")], [[e[0]["w"].to("meta")]], [1.0]), ValueError,
@@ -590,6 +593,19 @@ def test_more_bad_input_is_refused_with_a_named_error(call, error, match):
     experts = [{"w": torch.ones(3, 2), "steps": torch.tensor(3)}]
     with pytest.raises(error, match=match):
         call(base, experts)
+
+
+def test_names_and_tensor_keys_take_any_iterable():
+    base = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
+    experts = [{"w": torch.ones(3, 2), "b": torch.ones(2)}]
+    kwargs = dict(drop_rate=0.5, seed=3)
+    want = mk.merge_task_vectors(list(base.values()), [list(experts[0].values())], [1.0], names=["w", "b"],
+                                 tensor_keys=[7, 9], **kwargs)
+    for names, keys in [(base.keys(), np.array([7, 9])), ((n for n in base), torch.tensor([7, 9])),
+                        (np.array(["w", "b"]), iter([7, 9]))]:
+        got = mk.merge_task_vectors(list(base.values()), [list(experts[0].values())], [1.0], names=names,
+                                    tensor_keys=keys, **kwargs)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_weights_may_name_the_copied_buffers_and_out_may_match_out_dtype():

@@ -25,9 +25,10 @@ Triton kernels, the native call, then the public functions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .._cuda import launch_device
@@ -37,6 +38,7 @@ from .._validation import (
     check_choice,
     check_float_dtype,
     check_float_tensor,
+    check_has_data,
     check_int,
     check_real,
     may_overlap,
@@ -638,13 +640,14 @@ def _check_inputs(bases, experts, names):
     if isinstance(experts, torch.Tensor) or not isinstance(experts, Sequence) or len(experts) == 0:
         raise TypeError("experts must be a non-empty sequence (one entry per task) of sequences of tensors")
     num_tensors = len(bases)
-    if names is not None and (isinstance(names, (str, bytes)) or not isinstance(names, Sequence)):
-        raise TypeError(f"names must be a sequence of tensor names (one per base tensor), got {type(names).__name__}")
+    if names is not None and (isinstance(names, (str, bytes)) or not isinstance(names, Iterable)):
+        raise TypeError(f"names must be an iterable of tensor names (one per base tensor, e.g. a state dict's "
+                        f"keys()), got {type(names).__name__}")
     names = list(names) if names is not None else [f"bases[{t}]" for t in range(num_tensors)]
     if len(names) != num_tensors:
         raise ValueError(f"names has {len(names)} entries for {num_tensors} tensors")
     for t, base in enumerate(bases):
-        check_float_tensor(base, f"base tensor {names[t]!r}")
+        check_has_data(check_float_tensor(base, f"base tensor {names[t]!r}"), f"base tensor {names[t]!r}")
     device = bases[0].device if num_tensors else torch.device("cpu")
     for k, task in enumerate(experts):
         if isinstance(task, torch.Tensor) or not isinstance(task, Sequence) or len(task) != num_tensors:
@@ -880,10 +883,11 @@ def _select_in_memory(backend, bases, experts, spec, keys, seg_numel, device) ->
 def _tensor_keys(tensor_keys, num_tensors: int) -> list[int]:
     if tensor_keys is None:
         return list(range(num_tensors))
-    if isinstance(tensor_keys, torch.Tensor) and tensor_keys.dim() == 1:
+    if isinstance(tensor_keys, (torch.Tensor, np.ndarray)) and tensor_keys.ndim == 1:
         tensor_keys = tensor_keys.tolist()
-    if isinstance(tensor_keys, (str, bytes)) or not isinstance(tensor_keys, Sequence):
-        raise TypeError(f"tensor_keys must be a sequence of {num_tensors} integers, got {type(tensor_keys).__name__}")
+    if isinstance(tensor_keys, (str, bytes, torch.Tensor, np.ndarray)) or not isinstance(tensor_keys, Iterable):
+        raise TypeError(f"tensor_keys must be an iterable of {num_tensors} integers, got {type(tensor_keys).__name__}")
+    tensor_keys = list(tensor_keys)
     keys = [check_int(k, f"tensor_keys[{i}]", low=0, high=2**32 - 1) for i, k in enumerate(tensor_keys)]
     if len(keys) != num_tensors:
         raise ValueError(f"tensor_keys has {len(keys)} entries for {num_tensors} tensors")
@@ -924,7 +928,7 @@ def _choose_backend(backend, device, bases, out_dtypes) -> str:
 
 def _check_thresholds(thresholds, num_segments, num_tasks, device, dtype) -> torch.Tensor:
     """Validated (S, K) thresholds in ``dtype``: the task vectors' (float32, float64 for float64 inputs)."""
-    thresholds = check_float_tensor(thresholds, "thresholds")
+    thresholds = check_has_data(check_float_tensor(thresholds, "thresholds"), "thresholds")
     if thresholds.shape != (num_segments, num_tasks):
         raise ValueError(f"thresholds must have shape (S, K) = ({num_segments}, {num_tasks}) (S = the number of "
                          f"tensors, or 1 with trim_scope='model'), got {tuple(thresholds.shape)}")
