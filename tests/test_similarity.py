@@ -5,6 +5,8 @@ kernels run on CPU under TRITON_INTERPRET=1 (small shapes) and on CUDA (gpu-mark
 """
 
 import inspect
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -126,6 +128,62 @@ def test_correlation_matrix_float64_mean_far_above_the_spread(backend, device):
         torch.testing.assert_close(got.double(), correlation_matrix_torch(x, other), rtol=0,
                                    atol=corr_tol(torch.float32, device, 40))
     assert torch.equal(correlation_matrix(x, backend=backend)[4], torch.eye(12, device=device)[4])
+
+
+def _exact_correlation(x, y=None):
+    """Pearson correlation of the rows' float64 values in exact rational arithmetic (Fraction), rounded once at
+    the end (and once by the square root): the oracle of the oracle. Constant rows: 0, 1 on the diagonal (y None)."""
+    def centered(rows):
+        out = []
+        for row in rows.tolist():
+            values = [Fraction(v) for v in row]
+            mean = sum(values) / len(values)
+            out.append([v - mean for v in values])
+        return out
+
+    cx = centered(x)
+    cy = cx if y is None else centered(y)
+    out = torch.zeros(len(cx), len(cy), dtype=torch.float64)
+    for i, a in enumerate(cx):
+        for j, b in enumerate(cy):
+            va, vb = sum(v * v for v in a), sum(v * v for v in b)
+            if va == 0 or vb == 0:
+                out[i, j] = 1.0 if y is None and i == j else 0.0
+                continue
+            cov = sum(p * q for p, q in zip(a, b))
+            out[i, j] = math.copysign(math.sqrt(cov * cov / (va * vb)), 1 if cov >= 0 else -1)
+    return out
+
+
+@pytest.mark.parametrize("offset, spread", [(1e15, 1.0), (-3e15, 1.0), (2.0 ** 60, 1e3), (1e300, 1e285),
+                                            (0.0, 1e-300), (0.0, 2.0 ** -1060), (0.0, 1e300), (5.0, 1.0)])
+def test_correlation_matrix_torch_is_exact(offset, spread):
+    """The oracle against exact rational arithmetic, on float64 rows whose spread is far below their mean (1e15 ± 1:
+    the division by a row's max |value| it used to do rounded the spread's few bits away, 0.01-0.1 off) and rows
+    at the edges of the float64 range (tiny rows need eps=0: their σ is below any useful eps)."""
+    g = torch.Generator().manual_seed(11)
+    for trial in range(3):
+        x = offset + spread * torch.randn(4, 6, generator=g, dtype=torch.float64)
+        y = offset / 2 + spread * torch.randn(3, 6, generator=g, dtype=torch.float64)
+        x[3] = x[0, 0]  # constant: dead
+        for other in (None, y):
+            want = _exact_correlation(x, other)
+            torch.testing.assert_close(correlation_matrix_torch(x, other, eps=0.0), want, rtol=0, atol=1e-14)
+            torch.testing.assert_close(correlation_matrix(x, other, eps=0.0, backend="torch").double(), want,
+                                       rtol=0, atol=corr_tol(torch.float32, "cpu", 6))
+
+
+def test_correlation_matrix_torch_integer_patterns_plus_offset():
+    """Small-integer patterns plus 2^52 + 2^51 (below 2^53: every sum is an exact float64): the correlation is the
+    patterns' own, known exactly (rows 0 and 1 are exact opposites, row 2 is row 0 doubled)."""
+    patterns = torch.tensor([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [0, 2, 4, 6, 8, 10], [1, 0, 0, 1, 3, -1],
+                             [2, 2, 2, 2, 2, 2]], dtype=torch.float64)
+    x = patterns + (2.0 ** 52 + 2.0 ** 51)
+    assert torch.equal(x - (2.0 ** 52 + 2.0 ** 51), patterns)  # the rows hold the patterns exactly
+    want = _exact_correlation(patterns)
+    assert want[0, 1] == -1.0 and want[0, 2] == 1.0 and want[4, 4] == 1.0 and want[4, 0] == 0.0
+    torch.testing.assert_close(correlation_matrix_torch(x), want, rtol=0, atol=1e-15)
+    torch.testing.assert_close(correlation_matrix_torch(x[:2], x), want[:2], rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
@@ -293,6 +351,27 @@ def test_non_finite_entries_are_refused_naming_the_argument(backend, device, dty
     mixed[1, 2], mixed[1, 3] = float("inf"), -float("inf")  # inf - inf in the row mean
     with pytest.raises(ValueError, match="x contains NaN or Inf"):
         correlation_matrix(mixed.to(device), backend=backend)
+
+
+def test_meta_tensors_are_refused_naming_the_argument():
+    """A meta tensor holds shapes only: the ops that read values refuse it up front (they failed deep inside, with
+    "Tensor.item() cannot be called on meta tensors")."""
+    meta = torch.zeros(3, 3, device="meta")
+    real = torch.zeros(3, 3)
+    for call, name in [(lambda: correlation_matrix(meta), "x"), (lambda: correlation_matrix(real, meta), "y"),
+                       (lambda: correlation_matrix(meta, backend="torch"), "x"),
+                       (lambda: correlation_from_moments(meta[0], real, 4), "mean"),
+                       (lambda: correlation_from_moments(real[0], meta, 4), "second_moment"),
+                       (lambda: group_similarity(meta, 3, backend="torch"), "s_cross"),
+                       (lambda: group_similarity(meta, 3), "s_cross"),
+                       (lambda: ActivationStats(3).update(torch.zeros(2, 3, device="meta")), r"features\[0\]"),
+                       (lambda: ActivationStats([2, 3]).update(torch.zeros(2, 2), torch.zeros(2, 3, device="meta")),
+                        r"features\[1\]"),
+                       (lambda: ActivationStats(3, device="meta"), "device")]:
+        with pytest.raises(ValueError, match=f"{name}.*meta.*holds no data"):
+            call()
+    # dual_similarity reads nothing it could fail on: shapes in, shapes out, as torch's own ops on meta tensors
+    assert dual_similarity(meta, meta, 0.3).device.type == "meta"
 
 
 # --------------------------------------------------------------------------- correlation_from_moments
@@ -932,6 +1011,44 @@ def test_activation_stats_errors():
     stats.update(a, b)
     with pytest.raises(ValueError, match="eps"):
         stats.correlation(eps=-1)
+
+
+def test_activation_stats_argument_checks():
+    with pytest.raises(ValueError, match="device must name a torch device.*'gpu'"):
+        ActivationStats(3, device="gpu")
+    with pytest.raises(TypeError, match="device must be"):
+        ActivationStats(3, device=1.5)
+    with pytest.raises(ValueError, match="device"):
+        ActivationStats(3, device=-1)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device cuda.* not available"):
+            ActivationStats(3, device="cuda")
+    with pytest.raises(TypeError, match="gram_dtype must be a torch.dtype"):
+        ActivationStats(3, gram_dtype="float64")
+    with pytest.raises(TypeError, match="gram_dtype"):
+        ActivationStats(3, gram_dtype=torch.int32)
+    with pytest.raises(ValueError, match="gram_dtype"):
+        ActivationStats(3, gram_dtype=torch.float16)
+    # 'cpu:0' is the device its tensors report as cpu: features on cpu must be accepted
+    stats = ActivationStats(3, device="cpu:0")
+    assert stats.device == torch.device("cpu")
+    stats.update(torch.randn(6, 3))
+    for bad in ("float64", torch.int32, torch.bool, torch.complex64, None, float):
+        with pytest.raises(TypeError, match="dtype"):
+            stats.mean(bad)
+        with pytest.raises(TypeError, match="dtype"):
+            stats.covariance(bad)
+    with pytest.raises(TypeError, match="eps"):
+        stats.correlation("1e-8")
+    assert stats.mean(torch.float64).dtype == torch.float64
+    assert stats.covariance(torch.float16).dtype == torch.float16
+    model = torch.nn.Linear(2, 3)
+    with pytest.raises(TypeError, match="input"):
+        with activation_stats_hooks([model], ActivationStats(3), input="no"):
+            pass
+    with pytest.raises(TypeError, match="channel_dim"):
+        with activation_stats_hooks([model], ActivationStats(3), channel_dim=1.0):
+            pass
 
 
 # --------------------------------------------------------------------------- hooks

@@ -88,7 +88,7 @@ import torch
 
 from .._cuda import launch_device
 from .._dispatch import OpBackends, resolve_backend, triton_interpreting
-from .._validation import check_float_tensor, check_int, check_real
+from .._validation import check_bool, check_float_dtype, check_float_tensor, check_has_data, check_int, check_real
 
 SIMILARITY = OpBackends("similarity", cpu=(), cuda=("triton",))
 
@@ -141,19 +141,26 @@ def correlation_matrix_torch(x: torch.Tensor, y: torch.Tensor | None = None, eps
     Rows with population standard deviation ≤ eps are dead (0 against others; 1 on the diagonal
     when y is None). Clamped to [−1, 1].
     """
-    # Its own scaling and centering (divide by max |row|, one-pass mean), not the fast paths' shared
-    # _scaled_centered_rows: the oracle stays plain and independent, so a fault there cannot hide in both.
+    # Its own scaling and centering, not the fast paths' shared _scaled_centered_rows: the oracle stays plain
+    # and independent, so a fault there cannot hide in both.
     def normalized(a):
         a = a.to(torch.float64)
-        # each row divided by its max |value| first (correlation is scale-invariant): the sum of squares of a
-        # float64 row beyond ~1e154 would overflow, below ~1e-154 underflow
-        amax = a.abs().amax(dim=1) if a.shape[1] else torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
-        amax = torch.where(amax > 0, amax, 1.0)
-        a = a / amax[:, None]
-        c = a - a.mean(dim=1, keepdim=True) if a.shape[1] else a
+        d = a.shape[1]
+        if d == 0:
+            return a
+        # each row times the power of two that brings its max |value| into [0.5, 1) (correlation is
+        # scale-invariant): exact, unlike a division by the max itself, whose rounding would erase a spread far
+        # below the mean (1e15 ± 1); and the sum of squares of a row beyond ~1e154 (below ~1e-154) would
+        # overflow (underflow). The exponent is clamped so that the scale itself is a finite float64.
+        _, e = torch.frexp(a.abs().amax(dim=1))
+        scale = torch.ldexp(torch.ones_like(a[:, 0]), -e.clamp(-1000, 1000))
+        a = a * scale[:, None]
+        # centered twice: the first subtraction is exact near the mean (Sterbenz), the second removes the
+        # rounding of the first mean (which, for a spread far below the mean, is of the spread's size)
+        c = a - a.mean(dim=1, keepdim=True)
+        c = c - c.mean(dim=1, keepdim=True)
         norm = c.norm(dim=1)
-        sigma = amax * norm / max(a.shape[1], 1) ** 0.5
-        alive = sigma > eps
+        alive = norm > eps * d ** 0.5 * scale  # σ = norm / (scale·√d) > eps, without dividing
         return torch.where(alive[:, None], c / torch.where(alive, norm, 1.0)[:, None], 0.0)
 
     xn = normalized(x)
@@ -704,6 +711,24 @@ def _check_eps(eps) -> float:
     return check_real(eps, "eps", low=0.0)
 
 
+def _check_device(device, name: str) -> torch.device:
+    """A torch.device, or a string or CUDA index naming one, as its tensors report it; not the meta device
+    (accumulators need data), nor one this process cannot use."""
+    if isinstance(device, bool) or not isinstance(device, (torch.device, str, numbers.Integral)):
+        raise TypeError(f"{name} must be a torch.device, a device string (e.g. 'cpu', 'cuda:0') or a CUDA index, "
+                        f"got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"{name} must name a torch device (e.g. 'cpu', 'cuda:0'), got {device!r}: {exc}") from None
+    if device.type == "meta":
+        raise ValueError(f"{name} is the meta device, which holds no data: the statistics need a real device")
+    try:  # the device its tensors report ('cpu:0' → cpu, 'cuda' → cuda:0): what update() compares features with
+        return torch.empty(0, device=device).device
+    except (RuntimeError, AssertionError) as exc:  # e.g. torch without CUDA asserts
+        raise ValueError(f"{name} {device} is not available: {exc}") from None
+
+
 def correlation_matrix(x: torch.Tensor, y: torch.Tensor | None = None, *, eps: float = 1e-8,
                        backend: str | None = None) -> torch.Tensor:
     """Pearson correlation between the rows of x and the rows of y (weight-space similarity).
@@ -722,14 +747,14 @@ def correlation_matrix(x: torch.Tensor, y: torch.Tensor | None = None, *, eps: f
         (n, m) float32 ((n, n) for y None), clamped to [−1, 1]; diagonal exactly 1 for y None.
 
     Raises:
-        ValueError: x/y not 2-D, different d, NaN/Inf entries (naming x or y), eps < 0.
+        ValueError: x/y not 2-D, different d, NaN/Inf entries (naming x or y), eps < 0, meta tensors (no data).
         TypeError: non-float tensors.
     """
-    x = check_float_tensor(x, "x")
+    x = check_has_data(check_float_tensor(x, "x"), "x")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (n, d), got shape {tuple(x.shape)}")
     if y is not None:
-        y = check_float_tensor(y, "y")
+        y = check_has_data(check_float_tensor(y, "y"), "y")
         if y.dim() != 2:
             raise ValueError(f"y must be 2-D (m, d), got shape {tuple(y.shape)}")
         if y.shape[1] != x.shape[1]:
@@ -760,8 +785,8 @@ def correlation_from_moments(mean: torch.Tensor, second_moment: torch.Tensor, co
     Returns:
         (D, D) float32, clamped to [−1, 1], diagonal 1.
     """
-    mean = check_float_tensor(mean, "mean")
-    second_moment = check_float_tensor(second_moment, "second_moment")
+    mean = check_has_data(check_float_tensor(mean, "mean"), "mean")
+    second_moment = check_has_data(check_float_tensor(second_moment, "second_moment"), "second_moment")
     if mean.dim() != 1:
         raise ValueError(f"mean must be 1-D (D,), got shape {tuple(mean.shape)}")
     D = mean.shape[0]
@@ -804,11 +829,15 @@ class ActivationStats:
     Args:
         num_features: the feature count C_m of each model (a sequence: M models, checked on every
             update), or the total D (an int: any number of features whose counts sum to D).
-        device: where the accumulators live; None: the device of the first batch.
+        device: where the accumulators live (a torch.device, a string such as ``"cuda:0"``, or a CUDA index;
+            not ``"meta"``); None: the device of the first batch.
         backend: ``"torch"`` (CPU fast path: BLAS), ``"triton"`` (CUDA kernels) or None (fastest for
             the device, resolved at the first update when device is None).
         gram_dtype: torch.float32 (default) or torch.float64: the dtype of the per-batch products on
             the torch path.
+
+    Raises (constructor): ValueError for a device that is not one (``"gpu"``), not available or meta, and for
+    gram_dtype torch.float16/bfloat16; TypeError for arguments of the wrong type (a dtype given by name).
     """
 
     def __init__(self, num_features: int | Sequence[int], *, device: torch.device | str | None = None,
@@ -824,8 +853,11 @@ class ActivationStats:
                 raise ValueError("num_features must name at least one model")
             self.num_features = counts
             self.dim = sum(counts)
+        check_float_dtype(gram_dtype, "gram_dtype")
         if gram_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"gram_dtype must be torch.float32 or torch.float64, got {gram_dtype}")
+        if device is not None:
+            device = _check_device(device, "device")
         self.gram_dtype = gram_dtype
         self._requested_backend = backend
         self.device: torch.device | None = None
@@ -842,7 +874,7 @@ class ActivationStats:
         self._pending: torch.Tensor | None = None  # torch path: fp32 batch Grams not yet in _gram
         self._pending_batches = 0
         if device is not None:
-            self._setup(torch.device(device))
+            self._setup(device)
 
     def _setup(self, device: torch.device) -> None:
         self.backend = resolve_backend(SIMILARITY, self._requested_backend, device)
@@ -861,7 +893,7 @@ class ActivationStats:
 
         Each feature is (N, C) rows, (N, T, C) tokens (pooled over N·T rows) or (N, C, H, W) conv
         maps (channel dim 1, pooled over N·H·W rows); any float dtype. Raises ValueError naming the
-        model for wrong dims or channel counts, row counts that differ across models, NaN/Inf.
+        model for wrong dims or channel counts, row counts that differ across models, NaN/Inf, meta tensors.
         """
         if not features:
             raise ValueError("update needs one feature tensor per model, got none")
@@ -871,7 +903,7 @@ class ActivationStats:
         shapes: list[tuple[int, int]] = []  # (rows, channels) of each feature, pooled (no copy made here)
         checked = []
         for i, f in enumerate(features):
-            f = check_float_tensor(f, f"features[{i}] (model {i})")
+            f = check_has_data(check_float_tensor(f, f"features[{i}] (model {i})"), f"features[{i}] (model {i})")
             if f.dim() not in (2, 3, 4):
                 raise ValueError(f"features[{i}] (model {i}) must be (N, C), (N, T, C) or (N, C, H, W), "
                                  f"got shape {tuple(f.shape)}")
@@ -1120,7 +1152,9 @@ class ActivationStats:
     def mean(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(D,) mean of the features (float32 by default; pass float64 for large means).
 
-        Raises ValueError when it does not fit ``dtype`` (float64 features)."""
+        Raises ValueError when it does not fit ``dtype`` (float64 features); TypeError for a ``dtype`` that is not
+        a floating torch.dtype."""
+        dtype = check_float_dtype(dtype, "dtype")
         self._require_rows()
         m = self._sum / self.count
         mean = self._shift + m / self._scale  # unscaling by a power of two: exact
@@ -1135,7 +1169,9 @@ class ActivationStats:
         """(D, D) population covariance E[(z − μ)(z − μ)ᵀ] (float32 by default).
 
         Raises ValueError when it does not fit ``dtype`` (features beyond ~1.8e19 for float32), or when
-        the accumulated moments overflowed (see :meth:`correlation`)."""
+        the accumulated moments overflowed (see :meth:`correlation`); TypeError for a ``dtype`` that is not a
+        floating torch.dtype."""
+        dtype = check_float_dtype(dtype, "dtype")
         m = self._scaled_mean()
         s = self._scale  # powers of two: unscaling is exact
         cov = self._full_gram().div_(self.count).sub_(torch.outer(m, m)).div_(s[:, None]).div_(s[None, :])
@@ -1174,10 +1210,14 @@ def activation_stats_hooks(modules_per_model: Sequence[torch.nn.Module], stats: 
     on exit, also on error.
 
     Raises:
-        TypeError: a module that is not an ``nn.Module``; a hooked value that is not a tensor.
+        TypeError: a module that is not an ``nn.Module``; a hooked value that is not a tensor; input not a bool,
+            channel_dim not an int.
         RuntimeError: a model's module fires twice before all the others fired once (batches out
             of step); or, on a clean exit, a batch some models ran and others did not.
     """
+    input = check_bool(input, "input")
+    if channel_dim is not None:
+        channel_dim = check_int(channel_dim, "channel_dim")
     modules = list(modules_per_model)
     if not modules:
         raise ValueError("modules_per_model must hold one module per model, got none")
@@ -1269,11 +1309,12 @@ def group_similarity(s_cross: torch.Tensor, group_size: int, *,
         All g² problems of size s × s go to ``linear_sum_assignment(blocks, maximize=True)`` at once.
 
     Raises:
-        ValueError: s_cross not square 2-D, group_size not dividing n, NaN/+inf entries, an infeasible block.
+        ValueError: s_cross not square 2-D, group_size not dividing n, NaN/+inf entries, an infeasible block,
+            a meta tensor (no data).
     """
     from .linear_assignment import INVALID_MESSAGE, linear_sum_assignment
 
-    s_cross = check_float_tensor(s_cross, "s_cross")
+    s_cross = check_has_data(check_float_tensor(s_cross, "s_cross"), "s_cross")
     if s_cross.dim() != 2 or s_cross.shape[0] != s_cross.shape[1]:
         raise ValueError(f"s_cross must be a square (n, n) matrix, got shape {tuple(s_cross.shape)}")
     s = check_int(group_size, "group_size", low=1)
