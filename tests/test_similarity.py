@@ -1014,6 +1014,8 @@ def test_activation_stats_errors():
 
 
 def test_activation_stats_argument_checks():
+    with pytest.raises(ValueError, match="backend must be one of"):  # used to wait for the first update
+        ActivationStats(3, backend="cuda")
     with pytest.raises(ValueError, match="device must name a torch device.*'gpu'"):
         ActivationStats(3, device="gpu")
     with pytest.raises(TypeError, match="device must be"):

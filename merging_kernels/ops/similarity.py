@@ -87,7 +87,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .._cuda import launch_device
-from .._dispatch import OpBackends, resolve_backend, triton_interpreting
+from .._dispatch import BACKENDS, OpBackends, resolve_backend, triton_interpreting
 from .._validation import check_bool, check_float_dtype, check_float_tensor, check_has_data, check_int, check_real
 
 SIMILARITY = OpBackends("similarity", cpu=(), cuda=("triton",))
@@ -858,6 +858,8 @@ class ActivationStats:
             raise ValueError(f"gram_dtype must be torch.float32 or torch.float64, got {gram_dtype}")
         if device is not None:
             device = _check_device(device, "device")
+        if backend is not None and backend not in BACKENDS:  # availability is known once the device is
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
         self.gram_dtype = gram_dtype
         self._requested_backend = backend
         self.device: torch.device | None = None
