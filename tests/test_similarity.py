@@ -1013,6 +1013,15 @@ def test_activation_stats_errors():
         stats.correlation(eps=-1)
 
 
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if triton_interpreting() else []))
+def test_activation_stats_names_the_model_with_inf_next_to_near_max_features(backend):
+    a = torch.full((3, 2), torch.finfo(torch.float64).max, dtype=torch.float64)  # finite; its column sums overflow
+    b = a.clone()
+    b[0, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"features\[1\] \(model 1\) contains NaN or Inf"):  # blamed model 0
+        ActivationStats([2, 2], backend=backend).update(a, b)
+
+
 def test_activation_stats_argument_checks():
     with pytest.raises(ValueError, match="backend must be one of"):  # used to wait for the first update
         ActivationStats(3, backend="cuda")

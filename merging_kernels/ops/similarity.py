@@ -141,8 +141,8 @@ def correlation_matrix_torch(x: torch.Tensor, y: torch.Tensor | None = None, eps
     Rows with population standard deviation ≤ eps are dead (0 against others; 1 on the diagonal
     when y is None). Clamped to [−1, 1].
     """
-    # Its own scaling and centering, not the fast paths' shared _scaled_centered_rows: the oracle stays plain
-    # and independent, so a fault there cannot hide in both.
+    # Its own code for scaling and centering (the same steps as the fast paths' _scaled_centered_rows, written
+    # separately so that an edit to one cannot silently change both); the Fraction tests are what guard it.
     def normalized(a):
         a = a.to(torch.float64)
         d = a.shape[1]
@@ -1076,10 +1076,12 @@ class ActivationStats:
         """Σ over rows of z (the batch as the statistics see it), float64; ValueError naming the model for NaN/Inf."""
         total = z.sum(dim=0, dtype=torch.float64)
         if not bool(torch.isfinite(total).all()):
+            # a NaN/Inf anywhere first: another model's finite values may overflow a column sum first (near the max)
+            for model, f in enumerate(features):
+                if not bool(torch.isfinite(f).all()):
+                    raise ValueError(f"features[{model}] (model {model}) contains NaN or Inf")
             bad = int((~torch.isfinite(total)).nonzero()[0])
             model = next(i for i, end in enumerate(self._model_ends(chans)) if bad < end)
-            if not bool(torch.isfinite(features[model]).all()):
-                raise ValueError(f"features[{model}] (model {model}) contains NaN or Inf")
             # finite features that did not survive the rounding to the work dtype, or the shift and scale
             work = self.gram_dtype if self.backend != "triton" else torch.float32
             hint = " or pass gram_dtype=torch.float64 (torch backend)" if work == torch.float32 else ""
