@@ -181,8 +181,9 @@ class PerSampleLinear(nn.Module):
         label = _label(name, self)
         _check_coefficients(coefficients, label)
         # checked now, not at the first forward call; which backends run depends on the device at call time
-        if strategy is not None:  # "lowrank" names the strategy that rank= always uses
-            check_choice(strategy, f"{label}: strategy", ("auto", *STRATEGIES))
+        if strategy is not None:  # "lowrank" names the strategy that rank= always uses; without rank, no factors
+            check_choice(strategy, f"{label}: strategy",
+                         ("auto", *STRATEGIES) if rank is not None else ("auto", "stacked", "materialize"))
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"{label}: backend must be one of {BACKENDS} or None, got {backend!r}")
         self.coefficients = coefficients

@@ -521,6 +521,8 @@ def test_layer_construction_errors_are_named():
         with pytest.raises(ValueError, match=match):  # used to be accepted until the first forward call
             PerSampleLinear.from_modules(lin(5, 4), [lin(5, 4), lin(5, 4)], coeffs, **kwargs)
     PerSampleLinear.from_modules(lin(5, 4), [lin(5, 4), lin(5, 4)], coeffs, strategy="lowrank", rank=2)
+    with pytest.raises(ValueError, match="strategy"):  # no factors without rank=: it failed at the first forward
+        PerSampleLinear.from_modules(lin(5, 4), [lin(5, 4), lin(5, 4)], coeffs, strategy="lowrank")
     with torch.device("meta"):  # deferred initialization: built on meta, materialized later (to_empty)
         meta = PerSampleLinear.from_modules(lin(5, 4), [lin(5, 4), lin(5, 4)], coeffs)
     assert meta.packed_weight.is_meta

@@ -1,5 +1,7 @@
 """Task arithmetic, TIES and DARE: every backend against the torch reference and hand-worked rules."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -578,6 +580,12 @@ def test_complex_entries_are_refused_and_bool_buffers_copied():
         (lambda b, e: mk.merge_task_vectors([b["w"]], [[e[0]["w"]]], [1.0], tensor_keys=5), TypeError, "tensor_keys"),
         (lambda b, e: mk.merge_task_vectors([b["w"]], [[e[0]["w"]]], [1.0], tensor_keys=torch.ones(1, 1)), TypeError,
          "tensor_keys"),
+        (lambda b, e: mk.merge_task_vectors([b["w"]] * 2, [[e[0]["w"]] * 2], [1.0], tensor_keys={7, 9}), TypeError,
+         "ordered"),  # a set's order is arbitrary: it would pick the DARE masks at random
+        (lambda b, e: mk.merge_task_vectors([b["w"]], [[e[0]["w"]]], [1.0], tensor_keys=itertools.count()),
+         ValueError, "more than 1 entries"),  # not drained forever
+        (lambda b, e: mk.merge_task_vectors([b["w"]] * 2, [[e[0]["w"]] * 2], [1.0], names=["w"]), ValueError,
+         "names has 1 entries for 2"),
         (lambda b, e: mk.merge_task_vectors([b["w"]], [[e[0]["w"]]], [1.0], tensor_keys=[-1]), ValueError,
          r"tensor_keys\[0\]"),
         (lambda b, e: mk.merge_task_vectors([b["w"].to("meta")], [[e[0]["w"].to("meta")]], [1.0]), ValueError,

@@ -157,6 +157,8 @@ def test_non_float_sim_is_refused(zip_fn):
             zip_fn(s)
     with pytest.raises(TypeError, match="sim must be a torch.Tensor"):
         zip_fn(np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="sim is on the meta device"):
+        zip_fn(torch.zeros(4, 4, device="meta"))
 
 
 @pytest.mark.parametrize("zip_fn", [greedy_zip, greedy_zip_torch])

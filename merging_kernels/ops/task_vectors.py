@@ -25,6 +25,7 @@ Triton kernels, the native call, then the public functions.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -640,12 +641,8 @@ def _check_inputs(bases, experts, names):
     if isinstance(experts, torch.Tensor) or not isinstance(experts, Sequence) or len(experts) == 0:
         raise TypeError("experts must be a non-empty sequence (one entry per task) of sequences of tensors")
     num_tensors = len(bases)
-    if names is not None and (isinstance(names, (str, bytes)) or not isinstance(names, Iterable)):
-        raise TypeError(f"names must be an iterable of tensor names (one per base tensor, e.g. a state dict's "
-                        f"keys()), got {type(names).__name__}")
-    names = list(names) if names is not None else [f"bases[{t}]" for t in range(num_tensors)]
-    if len(names) != num_tensors:
-        raise ValueError(f"names has {len(names)} entries for {num_tensors} tensors")
+    names = _ordered(names, num_tensors, "names", "tensor names (one per base tensor, e.g. a state dict's keys())") \
+        if names is not None else [f"bases[{t}]" for t in range(num_tensors)]
     for t, base in enumerate(bases):
         check_has_data(check_float_tensor(base, f"base tensor {names[t]!r}"), f"base tensor {names[t]!r}")
     device = bases[0].device if num_tensors else torch.device("cpu")
@@ -880,18 +877,27 @@ def _select_in_memory(backend, bases, experts, spec, keys, seg_numel, device) ->
         keep, len(experts), radix_levels(backend))
 
 
+def _ordered(value, count: int, name: str, what: str) -> list:
+    """An ordered iterable (list, tuple, generator, dict keys, 1-D array) as a list, read at most count + 1
+    items deep (an endless iterator is not drained); sets are refused, their order being arbitrary."""
+    if isinstance(value, (str, bytes, set, frozenset)) or not isinstance(value, Iterable):  # (dict keys are ordered)
+        raise TypeError(f"{name} must be an ordered iterable of {what}, got {type(value).__name__}")
+    items = list(itertools.islice(value, count + 1))
+    if len(items) != count:
+        got = f"more than {count}" if len(items) > count else str(len(items))
+        raise ValueError(f"{name} has {got} entries for {count} tensors")
+    return items
+
+
 def _tensor_keys(tensor_keys, num_tensors: int) -> list[int]:
     if tensor_keys is None:
         return list(range(num_tensors))
     if isinstance(tensor_keys, (torch.Tensor, np.ndarray)) and tensor_keys.ndim == 1:
         tensor_keys = tensor_keys.tolist()
-    if isinstance(tensor_keys, (str, bytes, torch.Tensor, np.ndarray)) or not isinstance(tensor_keys, Iterable):
-        raise TypeError(f"tensor_keys must be an iterable of {num_tensors} integers, got {type(tensor_keys).__name__}")
-    tensor_keys = list(tensor_keys)
-    keys = [check_int(k, f"tensor_keys[{i}]", low=0, high=2**32 - 1) for i, k in enumerate(tensor_keys)]
-    if len(keys) != num_tensors:
-        raise ValueError(f"tensor_keys has {len(keys)} entries for {num_tensors} tensors")
-    return keys
+    if isinstance(tensor_keys, (torch.Tensor, np.ndarray)):
+        raise TypeError(f"tensor_keys must be 1-D, got shape {tuple(tensor_keys.shape)}")
+    tensor_keys = _ordered(tensor_keys, num_tensors, "tensor_keys", f"{num_tensors} integers")
+    return [check_int(k, f"tensor_keys[{i}]", low=0, high=2**32 - 1) for i, k in enumerate(tensor_keys)]
 
 
 def _out_dtypes(bases, out, out_dtype, names) -> list[torch.dtype]:
