@@ -79,7 +79,9 @@ void register_linear_assignment(py::module_& m) {
       [](const py::array& cost, bool maximize, bool compute_float32, bool want_duals) {
         if (cost.ndim() != 3) throw std::invalid_argument("cost must be a 3-D array (batch, nr, nc)");
         if (!(cost.flags() & py::array::c_style)) throw std::invalid_argument("cost must be C-contiguous");
-        int dtype;  // numpy's equivalence test (py::isinstance of array_t), not dtype identity: byte order counts
+        // numpy's equivalence test (py::isinstance of array_t), not dtype identity: an unpickled or
+        // metadata-carrying float64 is equal to float64 but another object; byte order counts
+        int dtype;
         if (py::isinstance<py::array_t<double>>(cost)) {
           dtype = 1;
         } else if (py::isinstance<py::array_t<float>>(cost)) {

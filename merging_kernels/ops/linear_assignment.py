@@ -304,9 +304,6 @@ def _solve_numpy_fast(array: np.ndarray, maximize: bool, compute_dtype: torch.dt
         return None  # e.g. float128: the general path says what it takes
     if compute_dtype == torch.float32 and array.dtype.char == "d":
         return None  # needs the float32-range check
-    # the canonical dtype object: an unpickled, byte-swapped-back or metadata-carrying float64 is equal but
-    # not identical, and the binding compares with numpy's own equivalence test (no copy: same bytes)
-    array = array.view(np.float64 if array.dtype.char == "d" else np.float32)
     batched = array.ndim == 3
     array3 = array if batched else array[None]
     if not array3.size:
@@ -403,8 +400,10 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
             return out
     elif tensor_in and cost.device.type == "cpu" and cost.layout == torch.strided and cost.dtype in _NUMPY_VIEWABLE \
             and resolve_backend(LINEAR_ASSIGNMENT, backend, "cpu") == "native":
-        # .numpy() refuses a tensor with the negative bit (e.g. complex.conj().imag): resolve it first
-        view = cost.detach().resolve_neg().numpy()
+        view = cost.detach()
+        if view.is_neg():  # .numpy() refuses the negative bit (e.g. complex.conj().imag): resolve it first
+            view = view.resolve_neg()
+        view = view.numpy()
         out = _solve_numpy_fast(np.asarray(view, order="C"), maximize, compute_dtype, return_duals)
         if out is not None:
             return tuple(torch.from_numpy(x) for x in out)
