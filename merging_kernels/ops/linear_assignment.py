@@ -29,7 +29,7 @@ import torch
 
 from .._dispatch import OpBackends, resolve_backend
 from .._native import native_module
-from .._validation import check_real
+from .._validation import check_has_data, check_real
 
 LINEAR_ASSIGNMENT = OpBackends("linear_assignment", cpu=("native",), cuda=("native",))
 
@@ -286,6 +286,14 @@ _NUMPY_VIEWABLE = (torch.float64, torch.float32, torch.float16, torch.int64, tor
                    torch.uint8, torch.bool)
 
 
+def _numpy_view(t: torch.Tensor) -> np.ndarray:
+    """A C-contiguous numpy array of a CPU tensor (zero-copy when it is contiguous)."""
+    t = t.detach()
+    if t.is_neg():  # .numpy() refuses the negative bit (e.g. complex.conj().imag): resolve it first
+        t = t.resolve_neg()
+    return np.asarray(t.numpy(), order="C")
+
+
 def _solve_numpy_fast(array: np.ndarray, maximize: bool, compute_dtype: torch.dtype, return_duals: bool):
     """A call on a numpy cost (or a CPU tensor's numpy view), solved by _C straight from the array: the
     public outputs as numpy arrays, or None when this path does not apply (empty problems, float32
@@ -381,8 +389,8 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
         TypeError: a non-real cost or bad argument types.
     """
     tensor_in = isinstance(cost, torch.Tensor)
-    if tensor_in and cost.device.type == "meta":
-        raise ValueError("cost is on the meta device, which holds no data")
+    if tensor_in:
+        check_has_data(cost, "cost")
     array = None if tensor_in else _as_array(cost)
     shape = tuple(cost.shape if tensor_in else array.shape)
     if len(shape) not in (2, 3):
@@ -394,19 +402,12 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
     # small problems: the fixed cost of the general path (torch allocations) would outweigh the solve
-    if not tensor_in and resolve_backend(LINEAR_ASSIGNMENT, backend, "cpu") == "native":
-        out = _solve_numpy_fast(array, maximize, compute_dtype, return_duals)
+    viewable = not tensor_in or (cost.device.type == "cpu" and cost.layout == torch.strided
+                                 and cost.dtype in _NUMPY_VIEWABLE)
+    if viewable and resolve_backend(LINEAR_ASSIGNMENT, backend, "cpu") == "native":
+        out = _solve_numpy_fast(_numpy_view(cost) if tensor_in else array, maximize, compute_dtype, return_duals)
         if out is not None:
-            return out
-    elif tensor_in and cost.device.type == "cpu" and cost.layout == torch.strided and cost.dtype in _NUMPY_VIEWABLE \
-            and resolve_backend(LINEAR_ASSIGNMENT, backend, "cpu") == "native":
-        view = cost.detach()
-        if view.is_neg():  # .numpy() refuses the negative bit (e.g. complex.conj().imag): resolve it first
-            view = view.resolve_neg()
-        view = view.numpy()
-        out = _solve_numpy_fast(np.asarray(view, order="C"), maximize, compute_dtype, return_duals)
-        if out is not None:
-            return tuple(torch.from_numpy(x) for x in out)
+            return tuple(torch.from_numpy(x) for x in out) if tensor_in else out
     t = cost if tensor_in else _as_tensor(array)[0]
     batched = t.dim() == 3
     t3 = t if batched else t.unsqueeze(0)
@@ -491,8 +492,7 @@ def check_assignment(cost, rows, cols, u, v, maximize: bool = False, *, tol: flo
     c, _ = _as_tensor(cost)
     tensors = [c] + [_as_tensor(x, name)[0] for x, name in ((rows, "rows"), (cols, "cols"), (u, "u"), (v, "v"))]
     for x, name in zip(tensors, ("cost", "rows", "cols", "u", "v")):
-        if x.device.type == "meta":
-            raise ValueError(f"{name} is on the meta device, which holds no data")
+        check_has_data(x, name)
     maximize = _check_flag(maximize, "maximize")
     if tol is not None:
         tol = check_real(tol, "tol", low=0.0)

@@ -721,10 +721,10 @@ def merge_task_vectors(
             of ``magnitude_thresholds(density=1.0)`` keep every non-zero entry, the same merge as
             no thresholds, and any others trim as they say (never silently dropped).
         out: T tensors to write into (shapes of the bases, no overlapping memory); returned.
-            They may be the bases themselves (an in-place merge). The fast backends write
-            contiguous ``out`` tensors directly, so when ``check_finite`` raises they (the bases,
-            in an in-place merge) already hold the merge, NaN/inf included; the torch backend
-            writes ``out`` only after the check passes.
+            They may be the bases themselves (an in-place merge; tied tensors are handled). The
+            fast backends write most ``out`` tensors directly, so when ``check_finite`` raises they
+            (the bases, in an in-place merge) may already hold the merge, NaN/inf included; the
+            torch backend writes ``out`` only after the check passes.
         out_dtype: dtype of new outputs (default: each base's dtype); with ``out``, it must
             equal the out tensors' dtype.
         check_finite: raise ValueError naming the tensor when any θk − θ0, as computed in

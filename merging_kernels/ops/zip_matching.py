@@ -36,7 +36,8 @@ def _compute_dtype(sim: torch.Tensor) -> torch.dtype:
 
 def _check(sim: torch.Tensor, alpha: float, factor: float) -> tuple[float, float]:
     """Validates the arguments; returns alpha and factor as floats."""
-    check_has_data(check_float_tensor(sim, "sim"), "sim")  # ints above 2**24 would round in float32; complex would lose its imaginary part
+    # floats only: ints above 2**24 would round in float32; complex would lose its imaginary part
+    check_has_data(check_float_tensor(sim, "sim"), "sim")
     if sim.dim() != 2 or sim.shape[0] != sim.shape[1] or sim.shape[0] % 2 or sim.shape[0] == 0:
         raise ValueError(f"sim must be (2n, 2n) with n >= 1, got {tuple(sim.shape)}")
     m = sim.shape[0]
