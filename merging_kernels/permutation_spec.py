@@ -58,14 +58,17 @@ from __future__ import annotations
 import copy
 
 from dataclasses import dataclass, field, replace
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from ._modes import evaluating
+from ._validation import check_bool, check_int
+
 __all__ = [
     "ActivationPoint", "Axis", "PermutationGroup", "PermutationSpec", "apply_permutations", "in_axis", "mlp_spec",
-    "out_axis", "random_permutations", "resnet_spec", "spec_for", "vit_spec",
+    "out_axis", "random_permutations", "resnet_spec", "spec_for", "verify_spec", "vit_spec",
 ]
 
 
@@ -86,10 +89,14 @@ class Axis:
     inner: int = 1
 
     def __post_init__(self):
+        if not isinstance(self.param, str):
+            raise TypeError(f"Axis.param must be a parameter name (str), got {type(self.param).__name__}")
         if self.role not in ("out", "in"):
             raise ValueError(f"Axis.role must be 'out' or 'in', got {self.role!r} (parameter {self.param!r})")
-        if self.outer < 1 or self.inner < 1:
-            raise ValueError(f"Axis.outer and Axis.inner must be >= 1 (parameter {self.param!r})")
+        # frozen dataclass: normalize through object.__setattr__ (numpy ints become ints)
+        for attr, low in (("dim", None), ("outer", 1), ("inner", 1)):
+            object.__setattr__(self, attr, check_int(getattr(self, attr), f"Axis.{attr} (parameter {self.param!r})",
+                                                     low=low))
 
 
 def out_axis(param: str, dim: int = 0, *, outer: int = 1, inner: int = 1) -> Axis:
@@ -112,6 +119,14 @@ class ActivationPoint:
     input: bool = False
     channel_dim: int | None = None
 
+    def __post_init__(self):
+        if not isinstance(self.module, str):
+            raise TypeError(f"ActivationPoint.module must be a module name (str), got {type(self.module).__name__}")
+        object.__setattr__(self, "input", check_bool(self.input, f"ActivationPoint.input ({self.module!r})"))
+        if self.channel_dim is not None:
+            object.__setattr__(self, "channel_dim",
+                               check_int(self.channel_dim, f"ActivationPoint.channel_dim ({self.module!r})"))
+
 
 @dataclass
 class PermutationGroup:
@@ -126,18 +141,48 @@ class PermutationGroup:
     size: int | None = field(default=None)  # filled in by PermutationSpec.check
 
     def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise TypeError(f"PermutationGroup.name must be a str, got {type(self.name).__name__}")
+        where = f"permutation group {self.name!r}"
+        if isinstance(self.axes, (str, Axis)) or not isinstance(self.axes, Iterable):
+            raise TypeError(f"{where}: axes must be a list of Axis (out_axis(...), in_axis(...)), got "
+                            f"{type(self.axes).__name__}")
         self.axes = tuple(self.axes)
-        self.activations = tuple(ActivationPoint(a) if isinstance(a, str) else a for a in self.activations)
+        for a in self.axes:
+            if not isinstance(a, Axis):
+                raise TypeError(f"{where}: axes must hold Axis objects (out_axis(...), in_axis(...)), got "
+                                f"{type(a).__name__} {a!r}")
         if not self.axes:
-            raise ValueError(f"permutation group {self.name!r} has no axes")
+            raise ValueError(f"{where} has no axes")
+        if isinstance(self.activations, (str, ActivationPoint)) or not isinstance(self.activations, Iterable):
+            raise TypeError(f"{where}: activations must be a list of ActivationPoint or module names, got "
+                            f"{type(self.activations).__name__}")
+        self.activations = tuple(ActivationPoint(a) if isinstance(a, str) else a for a in self.activations)
+        for p in self.activations:
+            if not isinstance(p, ActivationPoint):
+                raise TypeError(f"{where}: activations must hold ActivationPoint objects or module names (str), "
+                                f"got {p!r}")
+        self.residual = check_bool(self.residual, f"{where}: residual")
+        if self.group_size is not None:
+            self.group_size = check_int(self.group_size, f"{where}: group_size", low=1)
+        if self.heads_with is not None:
+            if not isinstance(self.heads_with, str):
+                raise TypeError(f"{where}: heads_with must be a group name (str), got {type(self.heads_with).__name__}")
+            if self.heads_with == self.name:
+                raise ValueError(f"{where}: heads_with must name another group (the one sharing its heads), not "
+                                 f"itself")
 
 
 class PermutationSpec:
     """The permutation groups of a model (an ordered collection of :class:`PermutationGroup`)."""
 
     def __init__(self, groups: Sequence[PermutationGroup]):
+        if isinstance(groups, PermutationGroup) or not isinstance(groups, Iterable):
+            raise TypeError(f"PermutationSpec takes a list of PermutationGroup, got {type(groups).__name__}")
         self.groups: dict[str, PermutationGroup] = {}
         for g in groups:
+            if not isinstance(g, PermutationGroup):
+                raise TypeError(f"PermutationSpec takes PermutationGroup objects, got {type(g).__name__} {g!r}")
             if g.name in self.groups:
                 raise ValueError(f"duplicate permutation group name {g.name!r}")
             self.groups[g.name] = g
@@ -226,8 +271,10 @@ class PermutationSpec:
         Raises ValueError naming the parameter (or module) when a named
         parameter is missing, the two models' shapes differ, an axis is out of
         range or does not hold ``outer * n * inner`` entries consistent with
-        the rest of its group, ``group_size`` does not divide n, or an
-        activation point names no module. Returns ``self``.
+        the rest of its group, ``group_size`` does not divide n, an
+        activation point names no module, or a group permutes the rows of
+        ``<module>.weight`` but leaves that module's ``<module>.bias`` out
+        (other omissions need a forward pass: :func:`verify_spec`). Returns ``self``.
         """
         models = [("model_a", model_a)] + ([("model_b", model_b)] if model_b is not None else [])
         states = {label: _state(m) for label, m in models}
@@ -282,6 +329,18 @@ class PermutationSpec:
                     raise ValueError(f"parameter {a.param!r} dim {key[1]} is permuted by both groups "
                                      f"{claimed[key]!r} and {g.name!r}")
                 claimed[key] = g.name
+        claimed_params = {param for param, _ in claimed}
+        for g in self:  # the commonest slip in a hand-written spec: a producer's rows permuted, its bias not
+            for a in g.axes:
+                if a.role != "out" or not (a.param == "weight" or a.param.endswith(".weight")):
+                    continue
+                bias = a.param[: -len("weight")] + "bias"
+                t = first.get(bias)
+                if (isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == first[a.param].shape[a.dim]
+                        and bias not in claimed_params):
+                    raise ValueError(f"group {g.name!r} permutes the output side of {a.param!r} but not {bias!r}: "
+                                     f"add out_axis({bias!r}{'' if a.outer == 1 else f', outer={a.outer}'}) to it "
+                                     f"(its entries belong to the same units)")
         for g in self:
             if g.heads_with is not None and self.groups[g.heads_with].size != g.size:
                 raise ValueError(f"groups {g.name!r} and {g.heads_with!r} share heads but have {g.size} and "
@@ -315,14 +374,41 @@ def apply_permutations(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
 
     Applying ``random_permutations`` of a model this way gives a model that
     computes the same function (in eval mode).
+
+    Raises:
+        ValueError: ``state`` does not fit ``spec`` (see :meth:`PermutationSpec.check`), ``perms`` names a
+            group ``spec`` does not have, or an entry is not a permutation of its group's n units.
+        TypeError: an entry is not a 1-D integer tensor (or a sequence of ints).
     """
+    spec.check(state)
+    if not isinstance(perms, Mapping):
+        raise TypeError(f"perms must map group names to permutations, got {type(perms).__name__}")
+    unknown = [name for name in perms if name not in spec.groups]
+    if unknown:
+        raise ValueError(f"perms names no group of the spec: {unknown[:5]} (groups: {list(spec.groups)[:8]})")
     out = dict(state)
     for g in spec:
         if g.name not in perms:
             continue
+        index = _check_permutation(perms[g.name], g.size, f"perms[{g.name!r}]")
         for a in g.axes:
-            out[a.param] = permute_axis(out[a.param], a, perms[g.name])
+            out[a.param] = permute_axis(out[a.param], a, index)
     return out
+
+
+def _check_permutation(value, n: int, name: str) -> torch.Tensor:
+    """``value`` as an int64 tensor if it reorders n units (each of 0..n-1 once); else a named error. A repeated
+    index would copy one unit over another and silently change the model's function."""
+    index = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if index.dtype == torch.bool or index.dtype.is_floating_point or index.dtype.is_complex:
+        raise TypeError(f"{name} must hold integer unit indices, got {index.dtype}")
+    if index.dim() != 1 or index.numel() != n:
+        raise ValueError(f"{name} must be a permutation of the group's {n} units (shape ({n},)), got shape "
+                         f"{tuple(index.shape)}")
+    index = index.long()
+    if not torch.equal(index.sort().values.cpu(), torch.arange(n)):
+        raise ValueError(f"{name} is not a permutation of 0..{n - 1} (an index is repeated or out of range)")
+    return index
 
 
 def random_permutations(spec: PermutationSpec, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -360,25 +446,20 @@ def verify_spec(spec: PermutationSpec, model: nn.Module, example_input, *, seed:
         ValueError: naming the first group whose permutation changes the model's output.
     """
     spec.check(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            reference = model(example_input)
-            perms = random_permutations(spec, torch.Generator().manual_seed(seed))
-            state = model.state_dict()
-            probe = copy.deepcopy(model)
-            for g in spec:
-                tied = {g.name} | ({g.heads_with} if g.heads_with else set()) | \
-                    {h.name for h in spec if h.heads_with == g.name}
-                probe.load_state_dict(apply_permutations(state, spec, {n: perms[n] for n in tied}))
-                out = probe(example_input)
-                if not torch.allclose(out, reference, rtol=rtol, atol=atol):
-                    err = (out - reference).abs().max().item()
-                    raise ValueError(f"permuting group {g.name!r} changes the model's output (max |diff| {err:.3g}): "
-                                     f"a parameter its units touch is missing from its axes, or an axis is wrong")
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        reference = model(example_input)
+        perms = random_permutations(spec, torch.Generator().manual_seed(seed))
+        state = model.state_dict()
+        probe = copy.deepcopy(model)
+        for g in spec:
+            tied = {g.name} | ({g.heads_with} if g.heads_with else set()) | \
+                {h.name for h in spec if h.heads_with == g.name}
+            probe.load_state_dict(apply_permutations(state, spec, {n: perms[n] for n in tied}))
+            out = probe(example_input)
+            if not torch.allclose(out, reference, rtol=rtol, atol=atol):
+                err = (out - reference).abs().max().item()
+                raise ValueError(f"permuting group {g.name!r} changes the model's output (max |diff| {err:.3g}): "
+                                 f"a parameter its units touch is missing from its axes, or an axis is wrong")
     return spec
 
 

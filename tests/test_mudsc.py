@@ -339,8 +339,8 @@ def test_verify_spec_accepts_the_ready_specs_and_names_an_incomplete_group(name)
     a, _, spec, _ = _permuted_pair(name)
     verify_spec(spec, a, torch.rand(4, 8, 8))
     if name == "mlp":
-        broken = PermutationSpec([
-            PermutationGroup("h0", [out_axis("layers.0.weight", 0), in_axis("layers.1.weight", 1)]),  # no bias
+        broken = PermutationSpec([  # the consumer's columns left out: only a forward pass tells
+            PermutationGroup("h0", [out_axis("layers.0.weight", 0), out_axis("layers.0.bias")]),
         ])
         with pytest.raises(ValueError, match="permuting group 'h0' changes"):
             verify_spec(broken, a, torch.rand(4, 8, 8))
@@ -583,3 +583,166 @@ def test_merge_on_cuda_recovers_permuted_copy_and_matches_cpu(name, mode):
             assert torch.equal(gpu.perms[g].cpu(), torch.argsort(p)), g
             assert torch.equal(gpu.perms[g].cpu(), cpu.perms[g]), g
     assert all(t.is_cuda for t in gpu.model.state_dict().values())
+
+
+# --------------------------------------------------------------------------- input audit of the method and specs
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_train_mode_endpoints_keep_weights_buffers_and_every_module_mode(name):
+    """The statistics pass, the BatchNorm reset and REPAIR run the endpoints; none may update a BatchNorm's
+    running statistics (train mode would) or leave a module's mode changed."""
+    a, b, spec, _ = _permuted_pair(name)
+    a.train()
+    b.train()
+    b.stages[0][0].bn1.eval() if name == "resnet20" else b.layers[0].eval() if name == "mlp" else b.blocks[0].eval()
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in (a, b)]
+    modes = [{n: m.training for n, m in model.named_modules()} for model in (a, b)]
+    merged = mudsc_merge(a, b, spec, _calib(), mode="zip", repair=True, progress=False)
+    for model, state, mode in zip((a, b), states, modes):
+        assert {n: m.training for n, m in model.named_modules()} == mode
+        assert state.keys() == model.state_dict().keys()
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, state[k]), k
+    assert merged.training  # model_a's mode
+
+
+def test_models_that_are_not_modules_or_not_finite_are_named():
+    a, b, spec, _ = _permuted_pair("mlp")
+    with pytest.raises(TypeError, match="model_a must be a torch.nn.Module, got OrderedDict"):
+        mudsc_merge(a.state_dict(), b, spec, _calib())
+    with pytest.raises(TypeError, match="model_b must be a torch.nn.Module, got NoneType"):
+        mudsc_merge(a, None, spec, _calib())
+    for w in (0.0, 0.5, 1.0):  # w = 1 once reached the assignment as a NaN similarity
+        bad = copy.deepcopy(b)
+        with torch.no_grad():
+            bad.layers[1].bias[3] = float("nan") if w < 1 else float("inf")
+        with pytest.raises(ValueError, match=r"model_b\.layers\.1\.bias holds NaN or Inf"):
+            mudsc_merge(a, bad, spec, _calib(), w=w, progress=False)
+    with pytest.raises(ValueError, match=r"model_a\.layers\.0\.weight is on the meta device"):
+        mudsc_merge(copy.deepcopy(a).to("meta"), copy.deepcopy(b).to("meta"), spec, _calib())
+
+
+def test_calibration_errors_name_the_batch_group_point_and_model():
+    a, b, spec, _ = _permuted_pair("mlp")
+    calib = _calib()
+    calib[2] = calib[2].clone()
+    calib[2][5, 1, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"calibration batch 2: group 'hidden0', activation point 'acts\.0': "
+                                         r"model_a's feature tensor contains NaN or Inf"):
+        mudsc_merge(a, b, spec, calib, progress=False)
+    wrong_width = PermutationSpec([PermutationGroup(
+        "hidden0", [out_axis("layers.0.weight"), out_axis("layers.0.bias"), in_axis("layers.1.weight")],
+        activations=["layers.1"])])  # layers.1 puts out 16 units; hidden0 has 24
+    with pytest.raises(ValueError, match=r"calibration batch 0: group 'hidden0', activation point 'layers\.1': "
+                                         r"model_a's feature tensor has 16 channels, expected 24"):
+        mudsc_merge(a, b, wrong_width, _calib(), progress=False)
+    never_called = PermutationSpec([PermutationGroup(
+        "hidden0", [out_axis("layers.0.weight"), out_axis("layers.0.bias"), in_axis("layers.1.weight")],
+        activations=["acts"])])  # the ModuleList itself: forward() calls its members, never it
+    with pytest.raises(ValueError, match=r"activation point 'acts' recorded nothing while the models ran 4 "
+                                         r"calibration batch\(es\): the module is never called"):
+        mudsc_merge(a, b, never_called, _calib(), progress=False)
+    with pytest.raises(ValueError, match="calibration data is empty or holds batches of 0 samples"):
+        mudsc_merge(a, b, spec, [torch.randn(0, 8, 8)], progress=False)
+
+
+def test_flags_refuse_truthy_strings_and_exclude_none_means_nothing_excluded():
+    a, b, spec, _ = _permuted_pair("mlp")
+    for flag in ("refine", "zip_residual", "reset_bn", "return_result"):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False, got str"):
+            mudsc_merge(a, b, spec, _calib(), **{flag: "no"})
+    with pytest.raises(TypeError, match="repair must be True, False or None, got str"):
+        mudsc_merge(a, b, spec, _calib(), repair="no")
+    with pytest.raises(TypeError, match="reset_bn must be True or False"):
+        average_merge(a, b, _calib(), reset_bn="no")
+    x = torch.randn(8, 8, 8)
+    plain = mudsc_merge(a, b, spec, _calib(), progress=False)
+    torch.testing.assert_close(mudsc_merge(a, b, spec, _calib(), exclude=None, progress=False)(x), plain(x),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="spec has no permutation groups"):
+        mudsc_merge(a, b, PermutationSpec([]), _calib())
+
+
+def test_spec_fields_are_checked_where_they_are_written():
+    w0 = out_axis("layers.0.weight")
+    for make, error, match in [
+        (lambda: out_axis(5), TypeError, "Axis.param must be a parameter name"),
+        (lambda: out_axis("w", "0"), TypeError, r"Axis\.dim \(parameter 'w'\) must be an integer"),
+        (lambda: out_axis("w", outer=2.5), TypeError, r"Axis\.outer \(parameter 'w'\) must be an integer"),
+        (lambda: in_axis("w", inner=0), ValueError, r"Axis\.inner \(parameter 'w'\) must be >= 1"),
+        (lambda: PermutationGroup(5, [w0]), TypeError, "PermutationGroup.name must be a str"),
+        (lambda: PermutationGroup("g", "layers.0.weight"), TypeError, "axes must be a list of Axis"),
+        (lambda: PermutationGroup("g", ["layers.0.weight"]), TypeError, "axes must hold Axis objects"),
+        (lambda: PermutationGroup("g", [w0], activations="acts.0"), TypeError, "activations must be a list"),
+        (lambda: PermutationGroup("g", [w0], activations=[3]), TypeError, "activations must hold ActivationPoint"),
+        (lambda: PermutationGroup("g", [w0], residual="yes"), TypeError, "residual must be True or False"),
+        (lambda: PermutationGroup("g", [w0], group_size=0), ValueError, "group_size must be >= 1"),
+        (lambda: PermutationGroup("g", [w0], group_size=2.0), TypeError, "group_size must be an integer"),
+        (lambda: PermutationGroup("g", [w0], group_size=4, heads_with="g"), ValueError,
+         "heads_with must name another group"),
+        (lambda: ActivationPoint(3), TypeError, "ActivationPoint.module must be a module name"),
+        (lambda: ActivationPoint("fc", input="yes"), TypeError, r"ActivationPoint\.input \('fc'\) must be True or"),
+        (lambda: ActivationPoint("fc", channel_dim=1.0), TypeError,
+         r"ActivationPoint\.channel_dim \('fc'\) must be an integer"),
+        (lambda: PermutationSpec(PermutationGroup("g", [w0])), TypeError, "takes a list of PermutationGroup"),
+        (lambda: PermutationSpec(["g"]), TypeError, "takes PermutationGroup objects, got str"),
+    ]:
+        with pytest.raises(error, match=match):
+            make()
+    assert out_axis("w", np.int64(1), outer=np.int32(3)) == out_axis("w", 1, outer=3)  # numpy ints are ints
+
+
+def test_spec_check_names_a_producer_whose_bias_is_left_out():
+    a = MAKERS["mlp"]()
+    forgot = PermutationSpec([PermutationGroup("h0", [out_axis("layers.0.weight"), in_axis("layers.1.weight")])])
+    with pytest.raises(ValueError, match=r"group 'h0' permutes the output side of 'layers\.0\.weight' but not "
+                                         r"'layers\.0\.bias': add out_axis\('layers\.0\.bias'\)"):
+        forgot.check(a)
+    with pytest.raises(ValueError, match="but not 'layers.0.bias'"):
+        mudsc_merge(a, copy.deepcopy(a), forgot, _calib())
+    # a bias-free producer (the ResNet's convs) and a bias on the input side's module are fine
+    spec_for(MAKERS["resnet20"]())
+    PermutationSpec([PermutationGroup("h0", [out_axis("layers.0.weight"), out_axis("layers.0.bias"),
+                                             in_axis("layers.1.weight")])]).check(a)
+
+
+def test_apply_permutations_refuses_what_is_not_a_permutation_of_the_group():
+    a = MAKERS["mlp"]()
+    spec = spec_for(a)
+    state = a.state_dict()
+    for perms, error, match in [
+        ({"hidden0": torch.arange(8)}, ValueError, r"perms\['hidden0'\] must be a permutation of the group's 24 units"),
+        ({"hidden0": torch.zeros(24, dtype=torch.long)}, ValueError, "is not a permutation of 0..23"),
+        ({"hidden0": torch.arange(1, 25)}, ValueError, "is not a permutation of 0..23"),
+        ({"hidden0": torch.arange(24.0)}, TypeError, "must hold integer unit indices"),
+        ({"hidden0": torch.ones(24, dtype=torch.bool)}, TypeError, "must hold integer unit indices"),
+        ({"nope": torch.arange(24)}, ValueError, r"perms names no group of the spec: \['nope'\]"),
+        ([torch.arange(24)], TypeError, "perms must map group names"),
+    ]:
+        with pytest.raises(error, match=match):
+            apply_permutations(state, spec, perms)
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(0))
+    as_list = apply_permutations(state, spec, {"hidden0": perm.tolist()})
+    as_numpy = apply_permutations(state, spec, {"hidden0": perm.numpy().astype(np.int32)})
+    as_tensor = apply_permutations(state, spec, {"hidden0": perm})
+    for k in state:
+        assert torch.equal(as_list[k], as_tensor[k]) and torch.equal(as_numpy[k], as_tensor[k])
+    assert not torch.equal(as_tensor["layers.0.weight"], state["layers.0.weight"])
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_merge_with_own_permutation_is_exact_in_every_float_dtype(name, dtype):
+    """The statistics, similarity and rewrite run in float32/float64 whatever the models' dtype: a permuted
+    copy is recovered exactly (the merged weights are the original ones, bit for bit)."""
+    a, b, spec, perms = _permuted_pair(name)
+    a, b = a.to(dtype), b.to(dtype)
+    for mode in ("permute", "zip"):
+        result = mudsc_merge(a, b, spec, [x.to(dtype) for x in _calib()], mode=mode, reset_bn=False, repair=False,
+                             progress=False, return_result=True)
+        for g, p in perms.items():  # B's unit matched to A's unit k is the one the permutation put there
+            assert torch.equal(result.perms[g], torch.argsort(p)), g
+        merged, original = result.model.state_dict(), a.state_dict()
+        for k, v in original.items():
+            assert merged[k].dtype == v.dtype and torch.equal(merged[k], v), (mode, k)

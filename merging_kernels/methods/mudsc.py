@@ -77,8 +77,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .._modes import evaluating
 from .._progress import tqdm_disable
-from .._validation import check_int, check_real
+from .._validation import check_bool, check_has_data, check_int, check_real
 from ..ops.linear_assignment import linear_sum_assignment
 from ..ops.zip_matching import greedy_zip
 from ..permutation_spec import Axis, PermutationSpec, permute_axis, spec_for
@@ -290,19 +291,19 @@ def reset_batchnorm(model: nn.Module, calibration: Iterable) -> bool:
     Raises:
         ValueError: ``calibration`` yielded no batch (the statistics would be wiped).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return False
-    modes = {m: m.training for m in model.modules()}
     saved = [(copy.deepcopy(bn.running_mean), copy.deepcopy(bn.running_var), bn.momentum) for bn in bns]
-    model.eval()
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # a cumulative average over the calibration batches
-        bn.train()
     count = 0
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
+            for bn in bns:
+                bn.reset_running_stats()
+                bn.momentum = None  # a cumulative average over the calibration batches
+                bn.train()
             for batch in calibration:
                 model(_batch_input(batch).to(_device(model)))
                 count += 1
@@ -317,8 +318,6 @@ def reset_batchnorm(model: nn.Module, calibration: Iterable) -> bool:
     finally:
         for bn, (_, _, momentum) in zip(bns, saved):
             bn.momentum = momentum
-        for m, training in modes.items():
-            m.train(training)
     return True
 
 
@@ -509,45 +508,65 @@ def _calibration_error(exc: RuntimeError, index: int, spec: PermutationSpec) -> 
                       "or give each use its own module")
 
 
+class _PointStats(ActivationStats):
+    """The statistics of one activation point, whose errors say which point and which model they are about."""
+
+    def __init__(self, label: str, sizes, **options):
+        super().__init__(sizes, **options)
+        self.label = label
+
+    def update(self, *features):
+        try:
+            super().update(*features)
+        except ValueError as exc:  # "features[0] (model 0) ..." -> the merge's names
+            message = str(exc).replace("features[0] (model 0)", "model_a's feature tensor")
+            message = message.replace("features[1] (model 1)", "model_b's feature tensor")
+            raise ValueError(f"{self.label}: {message}") from exc
+
+
 def _collect_statistics(model_a, model_b, spec, batches, backend, timer, progress):
     from tqdm.auto import tqdm
 
     mods_a, mods_b = dict(model_a.named_modules()), dict(model_b.named_modules())
     device = _device(model_a)
-    stats: dict[str, list] = {}
+    stats: dict[str, list[_PointStats]] = {}
+    nonempty_batches = 0  # batches holding at least one sample
     with timer("statistics"), contextlib.ExitStack() as stack:
         for g in spec:
             if not g.activations:
                 raise ValueError(f"group {g.name!r} has no activation points (needed unless w=1 with init='identity')")
             stats[g.name] = []
             for p in g.activations:
-                st = ActivationStats([g.size, g.size], device=device, backend=backend)
+                st = _PointStats(f"group {g.name!r}, activation point {p.module!r}"
+                                 f"{' (input)' if p.input else ''}", [g.size, g.size], device=device, backend=backend)
                 stack.enter_context(activation_stats_hooks((mods_a[p.module], mods_b[p.module]), st, input=p.input,
                                                            channel_dim=p.channel_dim))
                 stats[g.name].append(st)
-        was = model_a.training, model_b.training
-        model_a.eval()
-        model_b.eval()
-        try:
-            with torch.no_grad():
-                for index, batch in enumerate(tqdm(batches, desc="MuDSC statistics", disable=tqdm_disable(progress),
-                                                   leave=False)):
-                    x = _batch_input(batch).to(device)
-                    try:
-                        model_a(x)
-                        model_b(x)
-                    except torch.cuda.OutOfMemoryError:
-                        raise  # callers retry with smaller batches; keep its type
-                    except RuntimeError as exc:
-                        raise _calibration_error(exc, index, spec) from exc
-        finally:
-            model_a.train(was[0])
-            model_b.train(was[1])
+        with evaluating(model_a, model_b), torch.no_grad():
+            for index, batch in enumerate(tqdm(batches, desc="MuDSC statistics", disable=tqdm_disable(progress),
+                                               leave=False)):
+                x = _batch_input(batch).to(device)
+                nonempty_batches += int(x.dim() == 0 or x.shape[0] > 0)
+                try:
+                    model_a(x)
+                    model_b(x)
+                except torch.cuda.OutOfMemoryError:
+                    raise  # callers retry with smaller batches; keep its type
+                except RuntimeError as exc:
+                    raise _calibration_error(exc, index, spec) from exc
+                except ValueError as exc:  # the statistics' own checks (_PointStats names the point)
+                    raise ValueError(f"calibration batch {index}: {exc}") from exc
     with timer("similarity"):
         out = {}
         for name, sts in stats.items():
-            if sts[0].count == 0:
-                raise ValueError(f"group {name!r}: no activations were recorded (empty calibration data?)")
+            for st in sts:
+                if st.count == 0 and nonempty_batches:
+                    raise ValueError(f"{st.label} recorded nothing while the models ran {nonempty_batches} "
+                                     f"calibration batch(es): the module is never called in the forward pass (a "
+                                     f"container such as an nn.ModuleList, or an unused branch); hook one that runs")
+                if st.count == 0:
+                    raise ValueError(f"group {name!r}: no activations were recorded (the calibration data is empty "
+                                     f"or holds batches of 0 samples)")
             corr = sts[0].correlation()
             for st in sts[1:]:
                 corr = corr + st.correlation()
@@ -651,6 +670,12 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
     max_sweeps = check_int(max_sweeps, "max_sweeps", low=0)
     patience = check_int(patience, "patience", low=1)
     seed = check_int(seed, "seed")
+    refine, zip_residual, reset_bn, return_result = (check_bool(v, n) for v, n in (
+        (refine, "refine"), (zip_residual, "zip_residual"), (reset_bn, "reset_bn"), (return_result, "return_result")))
+    if repair is not None and not isinstance(repair, bool):
+        raise TypeError(f"repair must be True, False or None, got {type(repair).__name__}")
+    tqdm_disable(progress)  # checks it
+    _check_models(model_a, model_b)
     if mode == "zip" and not 0.0 < float(alpha) < 1.0:
         raise ValueError(f"alpha must be in (0, 1) with mode='zip' (units merged within one model would get "
                          f"weight 0), got {alpha}")
@@ -668,16 +693,18 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
                          "w=0 or max_sweeps=0): nothing would be matched. Use init='activation', or refine with w > 0")
     if isinstance(exclude, str):
         raise TypeError("exclude must be a collection of parameter names, not one string")
-    exclude = tuple(exclude)
+    exclude = () if exclude is None else tuple(exclude)
     sd_a = {k: v.detach() for k, v in model_a.state_dict().items()}
     sd_b = {k: v.detach() for k, v in model_b.state_dict().items()}
     for k in exclude:
         if k not in sd_a or k not in sd_b:
             raise ValueError(f"exclude: parameter {k!r} is not in both models")
+    if len(spec) == 0:
+        raise ValueError("spec has no permutation groups: there is nothing to align (average_merge averages "
+                         "without alignment)")
     spec.check(model_a)
     full_spec, spec = spec, spec.without_params(exclude) if exclude else spec
     spec.check(model_a, model_b)
-    _check_same_devices_and_dtypes(model_a, model_b)
     batches = _reiterable(calibration)
     needs_acts = w < 1 or init == "activation"
     if needs_acts and batches is None:
@@ -803,7 +830,8 @@ def average_merge(model_a: nn.Module, model_b: nn.Module, calibration=None, *, a
         to their dtype; integer buffers such as ``num_batches_tracked`` copied from A).
     """
     alpha = check_real(alpha, "alpha", low=0.0, high=1.0)
-    _check_same_devices_and_dtypes(model_a, model_b)
+    reset_bn = check_bool(reset_bn, "reset_bn")
+    _check_models(model_a, model_b)
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     for k in sd_a:
         if k not in sd_b or sd_a[k].shape != sd_b[k].shape:
@@ -818,8 +846,12 @@ def average_merge(model_a: nn.Module, model_b: nn.Module, calibration=None, *, a
     return merged
 
 
-def _check_same_devices_and_dtypes(model_a: nn.Module, model_b: nn.Module) -> None:
-    """Both models' floating tensors on one device and of one dtype (ValueError naming the first mismatch)."""
+def _check_models(model_a: nn.Module, model_b: nn.Module) -> None:
+    """Two nn.Modules whose floating tensors are on one real device, of one dtype and finite (errors name the
+    first offender: a NaN weight would otherwise surface as a NaN similarity deep in the assignment)."""
+    for label, model in (("model_a", model_a), ("model_b", model_b)):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{label} must be a torch.nn.Module, got {type(model).__name__}")
     ref = None
     for label, model in (("model_a", model_a), ("model_b", model_b)):
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -830,6 +862,14 @@ def _check_same_devices_and_dtypes(model_a: nn.Module, model_b: nn.Module) -> No
             elif (t.device, t.dtype) != ref[:2]:
                 raise ValueError(f"{label}.{name} is {t.dtype} on {t.device} but {ref[2]} is {ref[1]} on "
                                  f"{ref[0]}: move/cast both models to one device and dtype first")
+            check_has_data(t, f"{label}.{name}")
+    named = [(f"{label}.{name}", t) for label, model in (("model_a", model_a), ("model_b", model_b))
+             for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_floating_point()]
+    if named:
+        finite = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()  # one sync on a GPU
+        if not bool(finite.all()):
+            bad = named[int((~finite).nonzero()[0])][0]
+            raise ValueError(f"{bad} holds NaN or Inf values: the models must be finite to be merged")
 
 
 def weight_matching_merge(model_a, model_b, spec=None, calibration=None, **options):

@@ -77,8 +77,9 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from .._modes import evaluating
 from .._progress import tqdm_disable
-from .._validation import check_real
+from .._validation import check_bool, check_real
 from ..permutation_spec import PermutationSpec
 from .mudsc import MuDSCResult, _batch_input, reset_batchnorm
 
@@ -132,6 +133,7 @@ def repair_producers(model: nn.Module, spec: PermutationSpec, groups: Iterable[s
 
 
 def _group_names(spec, groups, residual) -> list[str]:
+    residual = check_bool(residual, "residual")
     if not isinstance(spec, PermutationSpec):
         raise TypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
     if groups is None:
@@ -447,6 +449,9 @@ def repair(merged: nn.Module | None, model_a: nn.Module, model_b: nn.Module, mer
         if not isinstance(model, nn.Module):
             raise TypeError(f"{label} must be an nn.Module, got {type(model).__name__}")
     eps = check_real(eps, "eps", low=0.0, low_open=True)
+    add_bias, reset_bn, inplace = (check_bool(v, n) for v, n in (
+        (add_bias, "add_bias"), (reset_bn, "reset_bn"), (inplace, "inplace")))  # residual: _group_names
+    tqdm_disable(progress)  # checks it
     if calibration is None:
         raise ValueError("calibration is None: REPAIR needs calibration data (an iterable of input batches)")
     if isinstance(calibration, torch.Tensor):
@@ -474,16 +479,13 @@ def repair(merged: nn.Module | None, model_a: nn.Module, model_b: nn.Module, mer
 
     target = merged if inplace else copy.deepcopy(merged)
     mods = dict(target.named_modules())
-    modes = [{m: m.training for m in model.modules()} for model in (target, model_a, model_b)]
     saved = {p.module: (mods[p.module].weight.detach().clone(),
                         None if mods[p.module].bias is None else mods[p.module].bias.detach().clone())
              for p in producers} if inplace else {}
     bns = [m for m in target.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if reset_bn else []
     saved_bn = [copy.deepcopy(dict(m.named_buffers(recurse=False))) for m in bns] if inplace else []
     try:
-        for model in (target, model_a, model_b):
-            model.eval()
-        with torch.no_grad():
+        with evaluating(target, model_a, model_b), torch.no_grad():
             stats, stages = _endpoint_statistics(model_a, model_b, producers, calibration, device)
             targets = {}
             for p in producers:
@@ -517,8 +519,4 @@ def repair(merged: nn.Module | None, model_a: nn.Module, model_b: nn.Module, mer
                 if value is not None:
                     getattr(bn, key).copy_(value)
         raise
-    finally:
-        for mode in modes:
-            for m, training in mode.items():
-                m.train(training)
     return target
