@@ -746,3 +746,31 @@ def test_merge_with_own_permutation_is_exact_in_every_float_dtype(name, dtype):
         merged, original = result.model.state_dict(), a.state_dict()
         for k, v in original.items():
             assert merged[k].dtype == v.dtype and torch.equal(merged[k], v), (mode, k)
+
+
+def test_a_shared_inf_mask_buffer_is_copied_and_other_non_finite_buffers_are_refused():
+    class Masked(MLP):
+        def __init__(self):
+            super().__init__(64, [24, 16], 10)
+            self.register_buffer("mask", torch.tensor([0.0, float("-inf"), 0.0]))
+
+        def forward(self, x):
+            return super().forward(x) + self.mask.exp().sum()
+
+    torch.manual_seed(0)
+    a, b = Masked(), Masked()
+    spec = spec_for(MAKERS["mlp"]())
+    for merge in (lambda: mudsc_merge(a, b, spec, _calib(), progress=False),
+                  lambda: mudsc_merge(a, b, spec, _calib(), mode="zip", progress=False),
+                  lambda: average_merge(a, b)):
+        merged = merge()
+        assert torch.equal(merged.mask, a.mask)  # lerp(-inf, -inf) would be NaN
+        assert torch.isfinite(merged(torch.randn(4, 8, 8))).all()
+    with torch.no_grad():
+        b.mask[0] = float("inf")
+    with pytest.raises(ValueError, match="model_a.mask holds NaN or Inf values: a buffer may hold NaN/Inf only where"):
+        mudsc_merge(a, b, spec, _calib())
+    with torch.no_grad():
+        a.mask[0], b.mask[0] = float("nan"), float("nan")
+    with pytest.raises(ValueError, match="model_a.mask holds NaN or Inf"):
+        average_merge(a, b)

@@ -658,7 +658,9 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
 
     Raises:
         ValueError: models that do not match the spec (naming the parameter), bad arguments, missing
-            calibration data where it is needed.
+            calibration data where it is needed, a NaN/Inf parameter (a buffer may hold Inf where both
+            models hold the same values, e.g. a -inf attention mask: it is copied as is).
+        TypeError: a model that is not an ``nn.Module``, a flag that is not a bool.
     """
     from tqdm.auto import tqdm
 
@@ -675,7 +677,7 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
     if repair is not None and not isinstance(repair, bool):
         raise TypeError(f"repair must be True, False or None, got {type(repair).__name__}")
     tqdm_disable(progress)  # checks it
-    _check_models(model_a, model_b)
+    constants = _check_models(model_a, model_b)
     if mode == "zip" and not 0.0 < float(alpha) < 1.0:
         raise ValueError(f"alpha must be in (0, 1) with mode='zip' (units merged within one model would get "
                          f"weight 0), got {alpha}")
@@ -705,6 +707,11 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
     spec.check(model_a)
     full_spec, spec = spec, spec.without_params(exclude) if exclude else spec
     spec.check(model_a, model_b)
+    for name in constants:
+        if name in spec.param_axes():
+            raise ValueError(f"buffer {name!r} holds NaN or Inf and is permuted by group "
+                             f"{spec.param_axes()[name][0][0]!r}: only finite tensors can be aligned")
+    constants = tuple(name for name in constants if name in sd_a and name not in exclude)  # persistent ones
     batches = _reiterable(calibration)
     needs_acts = w < 1 or init == "activation"
     if needs_acts and batches is None:
@@ -783,9 +790,11 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
             with timer("assignment"):
                 zips[g.name] = greedy_zip(sim, alpha, zip_factor)
     with timer("rewrite"):
-        merged_sd = _rewrite(sd_a, state.sd_b, spec, zips, float(alpha), skip=exclude)
+        merged_sd = _rewrite(sd_a, state.sd_b, spec, zips, float(alpha), skip=exclude + constants)
         for name in exclude:  # A's head reads the merged units
             merged_sd[name] = _project(sd_a[name], name, 0, full_spec, state.perms, zips)
+        for name in constants:  # equal in both models (checked); an average would turn -inf into NaN
+            merged_sd[name] = sd_a[name].clone()
         merged = copy.deepcopy(model_a)
         merged.load_state_dict(merged_sd)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in merged.modules())
@@ -827,18 +836,19 @@ def average_merge(model_a: nn.Module, model_b: nn.Module, calibration=None, *, a
 
     Returns:
         A deep copy of ``model_a`` holding the average (floating tensors averaged in float32 and cast back
-        to their dtype; integer buffers such as ``num_batches_tracked`` copied from A).
+        to their dtype; integer buffers such as ``num_batches_tracked``, and buffers with Inf entries that
+        both models hold alike, such as a -inf attention mask, copied from A).
     """
     alpha = check_real(alpha, "alpha", low=0.0, high=1.0)
     reset_bn = check_bool(reset_bn, "reset_bn")
-    _check_models(model_a, model_b)
+    constants = _check_models(model_a, model_b)
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     for k in sd_a:
         if k not in sd_b or sd_a[k].shape != sd_b[k].shape:
             raise ValueError(f"parameter {k!r} is missing from model_b or has another shape")
     merged = copy.deepcopy(model_a)
     merged.load_state_dict({k: torch.lerp(sd_b[k].float(), v.float(), alpha).to(v.dtype)
-                            if v.is_floating_point() else v.clone() for k, v in sd_a.items()})
+                            if v.is_floating_point() and k not in constants else v.clone() for k, v in sd_a.items()})
     if reset_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in merged.modules()):
         if calibration is None:
             raise ValueError("reset_bn needs calibration data (or pass reset_bn=False)")
@@ -846,9 +856,11 @@ def average_merge(model_a: nn.Module, model_b: nn.Module, calibration=None, *, a
     return merged
 
 
-def _check_models(model_a: nn.Module, model_b: nn.Module) -> None:
-    """Two nn.Modules whose floating tensors are on one real device, of one dtype and finite (errors name the
-    first offender: a NaN weight would otherwise surface as a NaN similarity deep in the assignment)."""
+def _check_models(model_a: nn.Module, model_b: nn.Module) -> set[str]:
+    """Two nn.Modules whose floating tensors are on one real device and of one dtype, with finite parameters
+    (errors name the first offender: a NaN weight would otherwise surface as a NaN similarity deep in the
+    assignment). A buffer may hold NaN/Inf (a -inf attention mask) when both models hold the same one: the
+    names of such buffers are returned, to be copied as is (an average turns -inf into NaN)."""
     for label, model in (("model_a", model_a), ("model_b", model_b)):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{label} must be a torch.nn.Module, got {type(model).__name__}")
@@ -863,13 +875,24 @@ def _check_models(model_a: nn.Module, model_b: nn.Module) -> None:
                 raise ValueError(f"{label}.{name} is {t.dtype} on {t.device} but {ref[2]} is {ref[1]} on "
                                  f"{ref[0]}: move/cast both models to one device and dtype first")
             check_has_data(t, f"{label}.{name}")
-    named = [(f"{label}.{name}", t) for label, model in (("model_a", model_a), ("model_b", model_b))
-             for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_floating_point()]
+    named = [(label, name, t, kind) for label, model in (("model_a", model_a), ("model_b", model_b))
+             for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers()))
+             for name, t in items if t.is_floating_point()]
+    constants: set[str] = set()
     if named:
-        finite = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()  # one sync on a GPU
-        if not bool(finite.all()):
-            bad = named[int((~finite).nonzero()[0])][0]
-            raise ValueError(f"{bad} holds NaN or Inf values: the models must be finite to be merged")
+        finite = torch.stack([torch.isfinite(t).all() for *_, t, _ in named]).cpu().tolist()  # one sync on a GPU
+        buffers_b = dict(model_b.named_buffers())
+        for (label, name, t, kind), ok in zip(named, finite):
+            if ok or name in constants:
+                continue
+            if kind == "buffer" and label == "model_a" and name in buffers_b and torch.equal(t, buffers_b[name]):
+                constants.add(name)  # equal NaNs compare unequal: a NaN buffer is refused below
+                continue
+            reason = ("the models' parameters must be finite to be merged" if kind == "parameter" else
+                      "a buffer may hold NaN/Inf only where both models hold the same values (a constant such as "
+                      "a -inf attention mask, copied as is), and never NaN")
+            raise ValueError(f"{label}.{name} holds NaN or Inf values: {reason}")
+    return constants
 
 
 def weight_matching_merge(model_a, model_b, spec=None, calibration=None, **options):
