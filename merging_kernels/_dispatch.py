@@ -97,7 +97,13 @@ _warned: set[str] = set()
 
 def resolve_backend(op: OpBackends, backend: str | None, device: torch.device | str) -> str:
     """The backend to run ``op`` with on ``device``: see the module docstring."""
-    device_type = torch.device(device).type
+    # torch.device("cpu") alone costs ~0.4 µs, a quarter of a small assignment call's overhead
+    if isinstance(device, torch.device):
+        device_type = device.type
+    elif isinstance(device, str) and device in ("cpu", "cuda"):
+        device_type = device
+    else:
+        device_type = torch.device(device).type
     if backend is not None:
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")

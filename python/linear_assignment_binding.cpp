@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
+#include <vector>
 
 #include "bindings.h"
 #include "cpu/linear_assignment.h"
@@ -77,7 +78,9 @@ void register_linear_assignment(py::module_& m) {
   m.def(
       "lsa_solve_cpu_array",
       [](const py::array& cost, bool maximize, bool compute_float32, bool want_duals) {
-        if (cost.ndim() != 3) throw std::invalid_argument("cost must be a 3-D array (batch, nr, nc)");
+        // 2-D: one problem, 1-D outputs (saves the caller a view and four index operations per call)
+        const bool single = cost.ndim() == 2;
+        if (!single && cost.ndim() != 3) throw std::invalid_argument("cost must be a 2-D or 3-D array");
         if (!(cost.flags() & py::array::c_style)) throw std::invalid_argument("cost must be C-contiguous");
         // numpy's equivalence test (py::isinstance of array_t), not dtype identity: an unpickled or
         // metadata-carrying float64 is equal to float64 but another object; byte order counts
@@ -89,14 +92,18 @@ void register_linear_assignment(py::module_& m) {
         } else {
           throw std::invalid_argument("cost must be float32 or float64 in native byte order");
         }
-        const int64_t batch = cost.shape(0), nr = cost.shape(1), nc = cost.shape(2), k = std::min(nr, nc);
-        py::array_t<int64_t> rows({batch, k}), cols({batch, k});
+        const int64_t batch = single ? 1 : cost.shape(0), nr = cost.shape(single ? 0 : 1),
+                      nc = cost.shape(single ? 1 : 2), k = std::min(nr, nc);
+        auto shape = [&](int64_t last) {
+          return single ? std::vector<py::ssize_t>{last} : std::vector<py::ssize_t>{batch, last};
+        };
+        py::array_t<int64_t> rows(shape(k)), cols(shape(k));
         py::array_t<int32_t> status(batch);
         py::object u = py::none(), v = py::none();
         void *u_ptr = nullptr, *v_ptr = nullptr;
         if (want_duals) {
           const py::dtype dual = compute_float32 ? py::dtype::of<float>() : py::dtype::of<double>();
-          py::array ua(dual, {batch, nr}), va(dual, {batch, nc});
+          py::array ua(dual, shape(nr)), va(dual, shape(nc));
           u_ptr = ua.mutable_data();
           v_ptr = va.mutable_data();
           u = ua;
@@ -112,8 +119,9 @@ void register_linear_assignment(py::module_& m) {
         const bool all_ok = std::all_of(codes, codes + batch, [](int32_t code) { return code == lsa::kOk; });
         return py::make_tuple(rows, cols, u, v, all_ok);
       },
-      "lsa_solve_cpu on a C-contiguous float32/float64 numpy array (batch, nr, nc): returns numpy "
-      "(rows, cols, u, v) (u and v None unless want_duals) and whether every problem's status is ok "
+      "lsa_solve_cpu on a C-contiguous float32/float64 numpy array (batch, nr, nc), or (nr, nc) for one problem "
+      "(then 1-D outputs): returns numpy (rows, cols, u, v) (u and v None unless want_duals) and whether every "
+      "problem's status is ok "
       "(the caller re-solves through lsa_solve_cpu otherwise). ValueError for other arrays.",
       py::arg("cost"), py::arg("maximize"), py::arg("compute_float32"), py::arg("want_duals"));
   m.def(

@@ -496,11 +496,17 @@ def test_numpy_binding_refuses_arrays_it_cannot_read():
     from merging_kernels._native import native_module
 
     solve = native_module("cpu").lsa_solve_cpu_array
-    for bad, match in [(np.zeros((3, 3)), "3-D"), (np.zeros((1, 4, 4))[:, ::2], "C-contiguous"),
+    for bad, match in [(np.zeros(3), "2-D or 3-D"), (np.zeros((1, 4, 4))[:, ::2], "C-contiguous"),
                        (np.zeros((1, 3, 3), dtype=np.int64), "float32 or float64"),
                        (np.zeros((1, 3, 3), dtype=">f8"), "byte order")]:
         with pytest.raises(ValueError, match=match):
             solve(bad, False, False, False)
+    cost = make_cost("uniform", 5, 7, seed=1)  # a 2-D cost is one problem with 1-D outputs
+    rows, cols, u, v, ok = solve(cost, False, False, True)
+    rows3, cols3, u3, v3, ok3 = solve(cost[None], False, False, True)
+    assert ok and ok3 and rows.shape == (5,) and u.shape == (5,) and v.shape == (7,)
+    for one, batched in ((rows, rows3), (cols, cols3), (u, u3), (v, v3)):
+        assert np.array_equal(one, batched[0])
 
 
 def test_bad_arguments():

@@ -312,16 +312,13 @@ def _solve_numpy_fast(array: np.ndarray, maximize: bool, compute_dtype: torch.dt
         return None  # e.g. float128: the general path says what it takes
     if compute_dtype == torch.float32 and array.dtype.char == "d":
         return None  # needs the float32-range check
-    batched = array.ndim == 3
-    array3 = array if batched else array[None]
-    if not array3.size:
+    if not array.size:
         return None
-    rows, cols, u, v, all_ok = native_module("cpu").lsa_solve_cpu_array(
-        array3, maximize, compute_dtype == torch.float32, return_duals)
+    rows, cols, u, v, all_ok = native_module("cpu").lsa_solve_cpu_array(  # 2-D in, 1-D out
+        array, maximize, compute_dtype == torch.float32, return_duals)
     if not all_ok:
         return None
-    out = (rows, cols, u, v) if return_duals else (rows, cols)
-    return out if batched else tuple(x[0] for x in out)
+    return (rows, cols, u, v) if return_duals else (rows, cols)
 
 
 def _check_flag(value, name: str) -> bool:
