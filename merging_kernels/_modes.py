@@ -21,5 +21,5 @@ def evaluating(*models: nn.Module) -> Iterator[None]:
             model.eval()
         yield
     finally:
-        for m, training in modes:
-            m.train(training)
+        for m, training in modes:  # not m.train(): it sets the children too, and a shared module is listed
+            m.training = training  # once, so a later parent would overwrite the mode given back to it

@@ -60,6 +60,7 @@ import copy
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -273,8 +274,9 @@ class PermutationSpec:
         range or does not hold ``outer * n * inner`` entries consistent with
         the rest of its group, ``group_size`` does not divide n, an
         activation point names no module, or a group permutes the rows of
-        ``<module>.weight`` but leaves that module's ``<module>.bias`` out
-        (other omissions need a forward pass: :func:`verify_spec`). Returns ``self``.
+        ``<module>.weight`` but leaves that module's ``<module>.bias`` out (a
+        heuristic: it assumes the bias is added to the module's output; other
+        omissions need a forward pass: :func:`verify_spec`). Returns ``self``.
         """
         models = [("model_a", model_a)] + ([("model_b", model_b)] if model_b is not None else [])
         states = {label: _state(m) for label, m in models}
@@ -338,9 +340,12 @@ class PermutationSpec:
                 t = first.get(bias)
                 if (isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == first[a.param].shape[a.dim]
                         and bias not in claimed_params):
+                    layout = (f"{'' if a.outer == 1 else f', outer={a.outer}'}"
+                              f"{'' if a.inner == 1 else f', inner={a.inner}'}")
                     raise ValueError(f"group {g.name!r} permutes the output side of {a.param!r} but not {bias!r}: "
-                                     f"add out_axis({bias!r}{'' if a.outer == 1 else f', outer={a.outer}'}) to it "
-                                     f"(its entries belong to the same units)")
+                                     f"add out_axis({bias!r}{layout}) to it (its entries belong to the same units; "
+                                     f"a bias that acts on the module's input instead, as in W(x - b), is the one "
+                                     f"case this check gets wrong)")
         for g in self:
             if g.heads_with is not None and self.groups[g.heads_with].size != g.size:
                 raise ValueError(f"groups {g.name!r} and {g.heads_with!r} share heads but have {g.size} and "
@@ -399,6 +404,8 @@ def apply_permutations(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
 def _check_permutation(value, n: int, name: str) -> torch.Tensor:
     """``value`` as an int64 tensor if it reorders n units (each of 0..n-1 once); else a named error. A repeated
     index would copy one unit over another and silently change the model's function."""
+    if isinstance(value, np.ndarray):
+        value = np.ascontiguousarray(value)  # torch cannot take negative strides (a reversed view)
     index = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
     if index.dtype == torch.bool or index.dtype.is_floating_point or index.dtype.is_complex:
         raise TypeError(f"{name} must hold integer unit indices, got {index.dtype}")

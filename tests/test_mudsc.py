@@ -654,6 +654,7 @@ def test_flags_refuse_truthy_strings_and_exclude_none_means_nothing_excluded():
             mudsc_merge(a, b, spec, _calib(), **{flag: "no"})
     with pytest.raises(TypeError, match="repair must be True, False or None, got str"):
         mudsc_merge(a, b, spec, _calib(), repair="no")
+    mudsc_merge(a, b, spec, _calib(), refine=np.bool_(True), repair=np.bool_(False), progress=False)  # numpy's bools
     with pytest.raises(TypeError, match="reset_bn must be True or False"):
         average_merge(a, b, _calib(), reset_bn="no")
     x = torch.randn(8, 8, 8)
@@ -722,6 +723,9 @@ def test_apply_permutations_refuses_what_is_not_a_permutation_of_the_group():
     ]:
         with pytest.raises(error, match=match):
             apply_permutations(state, spec, perms)
+    reversed_view = np.arange(24)[::-1]  # negative strides, which torch cannot take as they are
+    flipped = apply_permutations(state, spec, {"hidden0": reversed_view})
+    assert torch.equal(flipped["layers.0.bias"], state["layers.0.bias"].flip(0))
     perm = torch.randperm(24, generator=torch.Generator().manual_seed(0))
     as_list = apply_permutations(state, spec, {"hidden0": perm.tolist()})
     as_numpy = apply_permutations(state, spec, {"hidden0": perm.numpy().astype(np.int32)})
@@ -766,6 +770,21 @@ def test_a_shared_inf_mask_buffer_is_copied_and_other_non_finite_buffers_are_ref
         merged = merge()
         assert torch.equal(merged.mask, a.mask)  # lerp(-inf, -inf) would be NaN
         assert torch.isfinite(merged(torch.randn(4, 8, 8))).all()
+    class SharedMask(MLP):  # one tensor under two names: the state dict lists both, named_buffers() one
+        def __init__(self):
+            super().__init__(64, [24, 16], 10)
+            mask = torch.tensor([float("-inf"), 0.0])
+            self.acts[0].register_buffer("mask", mask)
+            self.acts[1].register_buffer("mask", mask)
+            self.register_buffer("cache", torch.full((2,), float("inf")) * torch.rand(2), persistent=False)
+
+    s_a, s_b = SharedMask(), SharedMask()
+    with torch.no_grad():
+        s_b.cache[0] = float("nan")  # not in the state dict: never merged, so not refused
+    for merged in (mudsc_merge(s_a, s_b, spec, _calib(), progress=False), average_merge(s_a, s_b)):
+        assert torch.equal(merged.acts[0].mask, s_a.acts[0].mask) and torch.equal(merged.acts[1].mask,
+                                                                                  s_a.acts[0].mask)
+        assert torch.equal(merged.cache, s_a.cache)
     with torch.no_grad():
         b.mask[0] = float("inf")
     with pytest.raises(ValueError, match="model_a.mask holds NaN or Inf values: a buffer may hold NaN/Inf only where"):
@@ -774,3 +793,16 @@ def test_a_shared_inf_mask_buffer_is_copied_and_other_non_finite_buffers_are_ref
         a.mask[0], b.mask[0] = float("nan"), float("nan")
     with pytest.raises(ValueError, match="model_a.mask holds NaN or Inf"):
         average_merge(a, b)
+
+
+def test_evaluating_gives_a_shared_submodule_its_own_mode_back():
+    from merging_kernels._modes import evaluating
+
+    shared = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
+    root = torch.nn.Sequential(torch.nn.Sequential(shared), torch.nn.Sequential(shared), torch.nn.Dropout())
+    root.train()
+    shared.eval()  # a frozen part of a model in training; the second parent must not re-train it
+    before = {name: m.training for name, m in root.named_modules(remove_duplicate=False)}
+    with evaluating(root):
+        assert not any(m.training for m in root.modules())
+    assert {name: m.training for name, m in root.named_modules(remove_duplicate=False)} == before

@@ -674,8 +674,11 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
     seed = check_int(seed, "seed")
     refine, zip_residual, reset_bn, return_result = (check_bool(v, n) for v, n in (
         (refine, "refine"), (zip_residual, "zip_residual"), (reset_bn, "reset_bn"), (return_result, "return_result")))
-    if repair is not None and not isinstance(repair, bool):
-        raise TypeError(f"repair must be True, False or None, got {type(repair).__name__}")
+    if repair is not None:
+        try:
+            repair = check_bool(repair, "repair")
+        except TypeError:
+            raise TypeError(f"repair must be True, False or None, got {type(repair).__name__}") from None
     tqdm_disable(progress)  # checks it
     constants = _check_models(model_a, model_b)
     if mode == "zip" and not 0.0 < float(alpha) < 1.0:
@@ -711,7 +714,7 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
         if name in spec.param_axes():
             raise ValueError(f"buffer {name!r} holds NaN or Inf and is permuted by group "
                              f"{spec.param_axes()[name][0][0]!r}: only finite tensors can be aligned")
-    constants = tuple(name for name in constants if name in sd_a and name not in exclude)  # persistent ones
+    constants = tuple(name for name in constants if name not in exclude)
     batches = _reiterable(calibration)
     needs_acts = w < 1 or init == "activation"
     if needs_acts and batches is None:
@@ -864,28 +867,27 @@ def _check_models(model_a: nn.Module, model_b: nn.Module) -> set[str]:
     for label, model in (("model_a", model_a), ("model_b", model_b)):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{label} must be a torch.nn.Module, got {type(model).__name__}")
+    # what a merge reads and writes: the state dict's floating entries (every name of a shared tensor; no
+    # non-persistent buffer, which the merged copy of model_a keeps as it is)
+    entries = {label: _floating_entries(model) for label, model in (("model_a", model_a), ("model_b", model_b))}
+    named = [(label, name, t, kind) for label, items in entries.items() for name, (t, kind) in items.items()]
     ref = None
-    for label, model in (("model_a", model_a), ("model_b", model_b)):
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if not t.is_floating_point():
-                continue
-            if ref is None:
-                ref = (t.device, t.dtype, f"{label}.{name}")
-            elif (t.device, t.dtype) != ref[:2]:
-                raise ValueError(f"{label}.{name} is {t.dtype} on {t.device} but {ref[2]} is {ref[1]} on "
-                                 f"{ref[0]}: move/cast both models to one device and dtype first")
-            check_has_data(t, f"{label}.{name}")
-    named = [(label, name, t, kind) for label, model in (("model_a", model_a), ("model_b", model_b))
-             for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers()))
-             for name, t in items if t.is_floating_point()]
+    for label, name, t, _ in named:
+        if ref is None:
+            ref = (t.device, t.dtype, f"{label}.{name}")
+        elif (t.device, t.dtype) != ref[:2]:
+            raise ValueError(f"{label}.{name} is {t.dtype} on {t.device} but {ref[2]} is {ref[1]} on "
+                             f"{ref[0]}: move/cast both models to one device and dtype first")
+        check_has_data(t, f"{label}.{name}")
     constants: set[str] = set()
     if named:
         finite = torch.stack([torch.isfinite(t).all() for *_, t, _ in named]).cpu().tolist()  # one sync on a GPU
-        buffers_b = dict(model_b.named_buffers())
+        entries_b = entries["model_b"]
         for (label, name, t, kind), ok in zip(named, finite):
             if ok or name in constants:
                 continue
-            if kind == "buffer" and label == "model_a" and name in buffers_b and torch.equal(t, buffers_b[name]):
+            other = entries_b.get(name)
+            if kind == "buffer" and label == "model_a" and other is not None and torch.equal(t, other[0]):
                 constants.add(name)  # equal NaNs compare unequal: a NaN buffer is refused below
                 continue
             reason = ("the models' parameters must be finite to be merged" if kind == "parameter" else
@@ -893,6 +895,13 @@ def _check_models(model_a: nn.Module, model_b: nn.Module) -> set[str]:
                       "a -inf attention mask, copied as is), and never NaN")
             raise ValueError(f"{label}.{name} holds NaN or Inf values: {reason}")
     return constants
+
+
+def _floating_entries(model: nn.Module) -> dict[str, tuple[torch.Tensor, str]]:
+    """state-dict name -> (tensor, "parameter" or "buffer") for the model's floating entries."""
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return {name: (t, "parameter" if name in params else "buffer") for name, t in model.state_dict().items()
+            if t.is_floating_point()}
 
 
 def weight_matching_merge(model_a, model_b, spec=None, calibration=None, **options):
