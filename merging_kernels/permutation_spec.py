@@ -274,8 +274,9 @@ class PermutationSpec:
         range or does not hold ``outer * n * inner`` entries consistent with
         the rest of its group, ``group_size`` does not divide n, an
         activation point names no module, or a group permutes the rows of
-        ``<module>.weight`` but leaves that module's ``<module>.bias`` out (a
-        heuristic: it assumes the bias is added to the module's output; other
+        ``<module>.weight`` but leaves that module's ``<module>.bias`` out or
+        puts it in an unrelated group (a heuristic: it assumes the bias is added
+        to the module's output, or to its input by the group feeding it; other
         omissions need a forward pass: :func:`verify_spec`). Returns ``self``.
         """
         models = [("model_a", model_a)] + ([("model_b", model_b)] if model_b is not None else [])
@@ -331,21 +332,28 @@ class PermutationSpec:
                     raise ValueError(f"parameter {a.param!r} dim {key[1]} is permuted by both groups "
                                      f"{claimed[key]!r} and {g.name!r}")
                 claimed[key] = g.name
-        claimed_params = {param for param, _ in claimed}
         for g in self:  # the commonest slip in a hand-written spec: a producer's rows permuted, its bias not
             for a in g.axes:
-                if a.role != "out" or not (a.param == "weight" or a.param.endswith(".weight")):
+                # "<m>.weight" -> "<m>.bias", and "in_proj_weight" -> "in_proj_bias" (nn.MultiheadAttention)
+                if a.role != "out" or not a.param.endswith("weight"):
                     continue
                 bias = a.param[: -len("weight")] + "bias"
                 t = first.get(bias)
-                if (isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == first[a.param].shape[a.dim]
-                        and bias not in claimed_params):
-                    layout = (f"{'' if a.outer == 1 else f', outer={a.outer}'}"
-                              f"{'' if a.inner == 1 else f', inner={a.inner}'}")
+                if not (isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == first[a.param].shape[a.dim]):
+                    continue
+                owner = claimed.get((bias, 0))
+                # a bias acting on the module's input, as in W(x - b), moves with the group that feeds it
+                feeding = {h.name for h in self for ax in h.axes if ax.param == a.param and ax.role == "in"}
+                if owner == g.name or owner in feeding:
+                    continue
+                layout = (f"{'' if a.outer == 1 else f', outer={a.outer}'}"
+                          f"{'' if a.inner == 1 else f', inner={a.inner}'}")
+                if owner is None:
                     raise ValueError(f"group {g.name!r} permutes the output side of {a.param!r} but not {bias!r}: "
                                      f"add out_axis({bias!r}{layout}) to it (its entries belong to the same units; "
-                                     f"a bias that acts on the module's input instead, as in W(x - b), is the one "
-                                     f"case this check gets wrong)")
+                                     f"this check assumes the bias is added to the output, as in nn.Linear)")
+                raise ValueError(f"{bias!r} is permuted by group {owner!r}, but the rows of {a.param!r} by group "
+                                 f"{g.name!r}: a bias belongs to the group of its weight's rows")
         for g in self:
             if g.heads_with is not None and self.groups[g.heads_with].size != g.size:
                 raise ValueError(f"groups {g.name!r} and {g.heads_with!r} share heads but have {g.size} and "

@@ -617,7 +617,7 @@ def test_models_that_are_not_modules_or_not_finite_are_named():
         bad = copy.deepcopy(b)
         with torch.no_grad():
             bad.layers[1].bias[3] = float("nan") if w < 1 else float("inf")
-        with pytest.raises(ValueError, match=r"model_b\.layers\.1\.bias holds NaN or Inf"):
+        with pytest.raises(ValueError, match=r"model_b\.layers\.1\.bias \(parameter\) holds NaN or Inf"):
             mudsc_merge(a, bad, spec, _calib(), w=w, progress=False)
     with pytest.raises(ValueError, match=r"model_a\.layers\.0\.weight is on the meta device"):
         mudsc_merge(copy.deepcopy(a).to("meta"), copy.deepcopy(b).to("meta"), spec, _calib())
@@ -641,7 +641,7 @@ def test_calibration_errors_name_the_batch_group_point_and_model():
         "hidden0", [out_axis("layers.0.weight"), out_axis("layers.0.bias"), in_axis("layers.1.weight")],
         activations=["acts"])])  # the ModuleList itself: forward() calls its members, never it
     with pytest.raises(ValueError, match=r"activation point 'acts' recorded nothing while the models ran 4 "
-                                         r"calibration batch\(es\): the module is never called"):
+                                         r"non-empty calibration batch\(es\): the module is never called"):
         mudsc_merge(a, b, never_called, _calib(), progress=False)
     with pytest.raises(ValueError, match="calibration data is empty or holds batches of 0 samples"):
         mudsc_merge(a, b, spec, [torch.randn(0, 8, 8)], progress=False)
@@ -787,11 +787,12 @@ def test_a_shared_inf_mask_buffer_is_copied_and_other_non_finite_buffers_are_ref
         assert torch.equal(merged.cache, s_a.cache)
     with torch.no_grad():
         b.mask[0] = float("inf")
-    with pytest.raises(ValueError, match="model_a.mask holds NaN or Inf values: a buffer may hold NaN/Inf only where"):
+    with pytest.raises(ValueError, match=r"model_a\.mask \(buffer\) holds NaN or Inf values: only finite tensors "
+                                         r"are merged, and an Inf constant .* only where both models hold the same"):
         mudsc_merge(a, b, spec, _calib())
     with torch.no_grad():
         a.mask[0], b.mask[0] = float("nan"), float("nan")
-    with pytest.raises(ValueError, match="model_a.mask holds NaN or Inf"):
+    with pytest.raises(ValueError, match=r"model_a\.mask \(buffer\) holds NaN or Inf"):
         average_merge(a, b)
 
 
@@ -806,3 +807,102 @@ def test_evaluating_gives_a_shared_submodule_its_own_mode_back():
     with evaluating(root):
         assert not any(m.training for m in root.modules())
     assert {name: m.training for name, m in root.named_modules(remove_duplicate=False)} == before
+
+
+def test_an_inf_mask_held_as_a_frozen_parameter_is_copied_unless_a_group_permutes_it():
+    class FrozenMask(MLP):
+        def __init__(self):
+            super().__init__(64, [24, 16], 10)
+            self.mask = torch.nn.Parameter(torch.tensor([0.0, float("-inf")]), requires_grad=False)
+
+        def forward(self, x):
+            return super().forward(x) + self.mask.exp().sum()
+
+    torch.manual_seed(0)
+    a, b = FrozenMask(), FrozenMask()
+    spec = spec_for(MAKERS["mlp"]())
+    for merged in (mudsc_merge(a, b, spec, _calib(), progress=False), average_merge(a, b)):
+        assert torch.equal(merged.mask, a.mask)
+    permuted = PermutationSpec(list(spec) + [PermutationGroup("m", [out_axis("mask")], activations=["acts.0"])])
+    with pytest.raises(ValueError, match="'mask' holds Inf values and is permuted by group 'm'"):
+        mudsc_merge(a, b, permuted, _calib(), w=1.0)
+
+
+def test_bias_rule_wants_the_bias_in_its_weights_group_or_the_group_feeding_it():
+    class Three(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = torch.nn.Linear(4, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+    model = Three()
+    swapped = PermutationSpec([  # each bias in the other layer's group: passed any "is the bias claimed" test
+        PermutationGroup("g1", [out_axis("fc1.weight"), out_axis("fc2.bias"), in_axis("fc2.weight")]),
+        PermutationGroup("g2", [out_axis("fc2.weight"), out_axis("fc1.bias"), in_axis("fc3.weight")]),
+    ])
+    with pytest.raises(ValueError, match=r"'fc1\.bias' is permuted by group 'g2', but the rows of 'fc1\.weight' by "
+                                         r"group 'g1': a bias belongs to the group of its weight's rows"):
+        swapped.check(model)
+
+    class Centered(torch.nn.Module):  # y = W (x - b): the bias lives on the input side, with the feeding group
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc3 = torch.nn.Linear(4, 6), torch.nn.Linear(6, 2)
+            self.fc2 = torch.nn.Linear(6, 6, bias=False)
+            self.fc2.register_parameter("bias", torch.nn.Parameter(torch.randn(6)))
+
+        def forward(self, x):
+            return self.fc3(torch.relu(torch.nn.functional.linear(torch.relu(self.fc1(x)) - self.fc2.bias,
+                                                                  self.fc2.weight)))
+
+    centered = PermutationSpec([
+        PermutationGroup("g1", [out_axis("fc1.weight"), out_axis("fc1.bias"), out_axis("fc2.bias"),
+                                in_axis("fc2.weight")]),
+        PermutationGroup("g2", [out_axis("fc2.weight"), in_axis("fc3.weight")]),
+    ])
+    verify_spec(centered, Centered(), torch.randn(3, 4))  # correct, and accepted
+
+    mha = torch.nn.Module()
+    mha.attn = torch.nn.MultiheadAttention(8, 2)
+    no_in_proj_bias = PermutationSpec([PermutationGroup(
+        "heads", [out_axis("attn.in_proj_weight", outer=3), in_axis("attn.out_proj.weight")], group_size=4)])
+    with pytest.raises(ValueError, match=r"but not 'attn\.in_proj_bias': add out_axis\('attn\.in_proj_bias', "
+                                         r"outer=3\)"):
+        no_in_proj_bias.check(mha)
+
+
+def test_errors_raised_inside_the_hooks_name_the_point_and_the_batch():
+    class Seq(torch.nn.Module):  # sequence-first input (T, B, C), a GRU whose output is a tuple, an embedding
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 6)
+            self.fc1 = torch.nn.Linear(6, 8)
+            self.act = torch.nn.ReLU()
+            self.gru = torch.nn.GRU(8, 8)
+            self.fc2 = torch.nn.Linear(8, 3)
+
+        def forward(self, tokens):
+            h = self.act(self.fc1(self.emb(tokens)))
+            return self.fc2(self.gru(h)[0])
+
+    torch.manual_seed(0)
+    a, b = Seq(), Seq()
+    axes = [out_axis("fc1.weight"), out_axis("fc1.bias"), in_axis("gru.weight_ih_l0")]
+    tokens = [torch.randint(0, 10, (5, 4))]
+    for point, error, match in [
+        (ActivationPoint("gru"), TypeError, r"calibration batch 0: group 'h', activation point 'gru': "
+                                            r"modules_per_model\[0\]'s output must be a tensor, got tuple"),
+        (ActivationPoint("act", channel_dim=5), ValueError,
+         r"calibration batch 0: group 'h', activation point 'act': channel_dim 5 is out of range"),
+        (ActivationPoint("emb", input=True), TypeError,
+         r"calibration batch 0: group 'h', activation point 'emb' \(input\): model_a's feature tensor must be"),
+    ]:
+        spec = PermutationSpec([PermutationGroup("h", axes, activations=[point])])
+        with pytest.raises(error, match=match):
+            mudsc_merge(a, b, spec, tokens, w=0.0, progress=False)
+    spec = PermutationSpec([PermutationGroup("h", axes, activations=["act"])])
+    mudsc_merge(a, b, spec, tokens, w=0.0, progress=False)  # the same spec with a usable point merges
+    with pytest.raises(ValueError, match=r"no activations were recorded \(the calibration data is empty"):
+        mudsc_merge(a, b, spec, [torch.randint(0, 10, (5, 0))], w=0.0, progress=False)  # B = 0 in dim 1

@@ -518,10 +518,11 @@ class _PointStats(ActivationStats):
     def update(self, *features):
         try:
             super().update(*features)
-        except ValueError as exc:  # "features[0] (model 0) ..." -> the merge's names
+        except (ValueError, TypeError) as exc:  # "features[0] (model 0) ..." -> the merge's names
             message = str(exc).replace("features[0] (model 0)", "model_a's feature tensor")
             message = message.replace("features[1] (model 1)", "model_b's feature tensor")
-            raise ValueError(f"{self.label}: {message}") from exc
+            message = message.replace("features[0]", "model_a's").replace("features[1]", "model_b's")
+            raise type(exc)(f"{self.label}: {message}") from exc
 
 
 def _collect_statistics(model_a, model_b, spec, batches, backend, timer, progress):
@@ -530,7 +531,7 @@ def _collect_statistics(model_a, model_b, spec, batches, backend, timer, progres
     mods_a, mods_b = dict(model_a.named_modules()), dict(model_b.named_modules())
     device = _device(model_a)
     stats: dict[str, list[_PointStats]] = {}
-    nonempty_batches = 0  # batches holding at least one sample
+    nonempty_batches = 0  # batches with any entries (numel, not the first dim: inputs may be sequence-first)
     with timer("statistics"), contextlib.ExitStack() as stack:
         for g in spec:
             if not g.activations:
@@ -540,13 +541,13 @@ def _collect_statistics(model_a, model_b, spec, batches, backend, timer, progres
                 st = _PointStats(f"group {g.name!r}, activation point {p.module!r}"
                                  f"{' (input)' if p.input else ''}", [g.size, g.size], device=device, backend=backend)
                 stack.enter_context(activation_stats_hooks((mods_a[p.module], mods_b[p.module]), st, input=p.input,
-                                                           channel_dim=p.channel_dim))
+                                                           channel_dim=p.channel_dim, label=st.label))
                 stats[g.name].append(st)
         with evaluating(model_a, model_b), torch.no_grad():
             for index, batch in enumerate(tqdm(batches, desc="MuDSC statistics", disable=tqdm_disable(progress),
                                                leave=False)):
                 x = _batch_input(batch).to(device)
-                nonempty_batches += int(x.dim() == 0 or x.shape[0] > 0)
+                nonempty_batches += x.numel() > 0
                 try:
                     model_a(x)
                     model_b(x)
@@ -554,16 +555,18 @@ def _collect_statistics(model_a, model_b, spec, batches, backend, timer, progres
                     raise  # callers retry with smaller batches; keep its type
                 except RuntimeError as exc:
                     raise _calibration_error(exc, index, spec) from exc
-                except ValueError as exc:  # the statistics' own checks (_PointStats names the point)
-                    raise ValueError(f"calibration batch {index}: {exc}") from exc
+                except (ValueError, TypeError) as exc:  # the statistics' own checks (they name the point)
+                    raise type(exc)(f"calibration batch {index}: {exc}") from exc
     with timer("similarity"):
         out = {}
+        some_recorded = any(st.count for sts in stats.values() for st in sts)
         for name, sts in stats.items():
             for st in sts:
-                if st.count == 0 and nonempty_batches:
+                if st.count == 0 and (some_recorded or nonempty_batches):
                     raise ValueError(f"{st.label} recorded nothing while the models ran {nonempty_batches} "
-                                     f"calibration batch(es): the module is never called in the forward pass (a "
-                                     f"container such as an nn.ModuleList, or an unused branch); hook one that runs")
+                                     f"non-empty calibration batch(es): the module is never called in the forward "
+                                     f"pass (a container such as an nn.ModuleList, or an unused branch); hook one "
+                                     f"that runs")
                 if st.count == 0:
                     raise ValueError(f"group {name!r}: no activations were recorded (the calibration data is empty "
                                      f"or holds batches of 0 samples)")
@@ -658,8 +661,8 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
 
     Raises:
         ValueError: models that do not match the spec (naming the parameter), bad arguments, missing
-            calibration data where it is needed, a NaN/Inf parameter (a buffer may hold Inf where both
-            models hold the same values, e.g. a -inf attention mask: it is copied as is).
+            calibration data where it is needed, NaN/Inf values (a tensor may hold Inf where both models
+            hold the same values and no group permutes it, e.g. a -inf attention mask: it is copied as is).
         TypeError: a model that is not an ``nn.Module``, a flag that is not a bool.
     """
     from tqdm.auto import tqdm
@@ -712,7 +715,7 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
     spec.check(model_a, model_b)
     for name in constants:
         if name in spec.param_axes():
-            raise ValueError(f"buffer {name!r} holds NaN or Inf and is permuted by group "
+            raise ValueError(f"{name!r} holds Inf values and is permuted by group "
                              f"{spec.param_axes()[name][0][0]!r}: only finite tensors can be aligned")
     constants = tuple(name for name in constants if name not in exclude)
     batches = _reiterable(calibration)
@@ -860,10 +863,11 @@ def average_merge(model_a: nn.Module, model_b: nn.Module, calibration=None, *, a
 
 
 def _check_models(model_a: nn.Module, model_b: nn.Module) -> set[str]:
-    """Two nn.Modules whose floating tensors are on one real device and of one dtype, with finite parameters
-    (errors name the first offender: a NaN weight would otherwise surface as a NaN similarity deep in the
-    assignment). A buffer may hold NaN/Inf (a -inf attention mask) when both models hold the same one: the
-    names of such buffers are returned, to be copied as is (an average turns -inf into NaN)."""
+    """Two nn.Modules whose floating tensors are on one real device and of one dtype, and finite (errors name
+    the first offender: a NaN weight would otherwise surface as a NaN similarity deep in the assignment).
+    An entry may hold Inf (a -inf attention mask, as a buffer or a frozen parameter) when both models hold
+    the same values: the names of such constants are returned, to be copied as is (an average turns -inf
+    into NaN)."""
     for label, model in (("model_a", model_a), ("model_b", model_b)):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{label} must be a torch.nn.Module, got {type(model).__name__}")
@@ -887,13 +891,12 @@ def _check_models(model_a: nn.Module, model_b: nn.Module) -> set[str]:
             if ok or name in constants:
                 continue
             other = entries_b.get(name)
-            if kind == "buffer" and label == "model_a" and other is not None and torch.equal(t, other[0]):
-                constants.add(name)  # equal NaNs compare unequal: a NaN buffer is refused below
+            if label == "model_a" and other is not None and torch.equal(t, other[0]):
+                constants.add(name)  # equal NaNs compare unequal: a NaN (a broken checkpoint) is refused below
                 continue
-            reason = ("the models' parameters must be finite to be merged" if kind == "parameter" else
-                      "a buffer may hold NaN/Inf only where both models hold the same values (a constant such as "
-                      "a -inf attention mask, copied as is), and never NaN")
-            raise ValueError(f"{label}.{name} holds NaN or Inf values: {reason}")
+            raise ValueError(f"{label}.{name} ({kind}) holds NaN or Inf values: only finite tensors are merged, "
+                             f"and an Inf constant (a -inf attention mask) only where both models hold the same "
+                             f"values, which is then copied as is")
     return constants
 
 

@@ -1201,12 +1201,14 @@ class ActivationStats:
 
 @contextlib.contextmanager
 def activation_stats_hooks(modules_per_model: Sequence[torch.nn.Module], stats: ActivationStats, *,
-                           input: bool = False, channel_dim: int | None = None) -> Iterator[ActivationStats]:
+                           input: bool = False, channel_dim: int | None = None,
+                           label: str | None = None) -> Iterator[ActivationStats]:
     """Feed ``stats`` from forward hooks: one module per model, its output (or ``input[0]`` if input=True).
 
     ``channel_dim``: where the units are, when it is not the layout :meth:`ActivationStats.update`
     assumes ((N, C), (N, T, C) or (N, C, H, W)); e.g. 1 for a Conv1d's (N, C, L) output. That dim is
-    moved last and the rest pooled.
+    moved last and the rest pooled. ``label``: what the hooks' own errors start with (e.g. which layer
+    of which group they watch), so that an error raised inside a forward pass says where it comes from.
 
     Each hook keeps its model's feature of the current batch (detached); when all M have fired,
     ``stats.update(*features)`` runs and the buffers are cleared. Run the models on the same batch
@@ -1222,6 +1224,9 @@ def activation_stats_hooks(modules_per_model: Sequence[torch.nn.Module], stats: 
     input = check_bool(input, "input")
     if channel_dim is not None:
         channel_dim = check_int(channel_dim, "channel_dim")
+    if label is not None and not isinstance(label, str):
+        raise TypeError(f"label must be a str or None, got {type(label).__name__}")
+    where = "" if label is None else f"{label}: "
     modules = list(modules_per_model)
     if not modules:
         raise ValueError("modules_per_model must hold one module per model, got none")
@@ -1237,14 +1242,15 @@ def activation_stats_hooks(modules_per_model: Sequence[torch.nn.Module], stats: 
         def hook(module, args, output):
             value = (args[0] if args else None) if input else output
             if not isinstance(value, torch.Tensor):
-                raise TypeError(f"modules_per_model[{i}]'s {what} must be a tensor, got {type(value).__name__}")
+                raise TypeError(f"{where}modules_per_model[{i}]'s {what} must be a tensor, got "
+                                f"{type(value).__name__}")
             if buffered[i] is not None:
-                raise RuntimeError(f"modules_per_model[{i}] (model {i}) fired twice before every model ran the "
+                raise RuntimeError(f"{where}modules_per_model[{i}] (model {i}) fired twice before every model ran the "
                                    "batch once: run the models on the same batch in turn")
             value = value.detach()
             if channel_dim is not None:
                 if not -value.dim() <= channel_dim < value.dim():
-                    raise ValueError(f"channel_dim {channel_dim} is out of range for modules_per_model[{i}]'s "
+                    raise ValueError(f"{where}channel_dim {channel_dim} is out of range for modules_per_model[{i}]'s "
                                      f"{what} of shape {tuple(value.shape)}")
                 value = value.movedim(channel_dim, -1).reshape(-1, value.shape[channel_dim])
             buffered[i] = value
@@ -1262,7 +1268,8 @@ def activation_stats_hooks(modules_per_model: Sequence[torch.nn.Module], stats: 
             h.remove()
     missing = [i for i, b in enumerate(buffered) if b is None]
     if len(missing) != len(buffered):
-        raise RuntimeError(f"the last batch ran through some models but not models {missing}: it was not counted")
+        raise RuntimeError(f"{where}the last batch ran through some models but not models {missing}: it was not "
+                           f"counted")
 
 
 def dual_similarity(s_weight: torch.Tensor, s_act: torch.Tensor, w: float = 0.5) -> torch.Tensor:
