@@ -332,6 +332,11 @@ class PermutationSpec:
                     raise ValueError(f"parameter {a.param!r} dim {key[1]} is permuted by both groups "
                                      f"{claimed[key]!r} and {g.name!r}")
                 claimed[key] = g.name
+        feeding: dict[str, set[str]] = {}  # parameter -> the groups permuting its input side
+        for g in self:
+            for a in g.axes:
+                if a.role == "in":
+                    feeding.setdefault(a.param, set()).add(g.name)
         for g in self:  # the commonest slip in a hand-written spec: a producer's rows permuted, its bias not
             for a in g.axes:
                 # "<m>.weight" -> "<m>.bias", and "in_proj_weight" -> "in_proj_bias" (nn.MultiheadAttention)
@@ -343,8 +348,7 @@ class PermutationSpec:
                     continue
                 owner = claimed.get((bias, 0))
                 # a bias acting on the module's input, as in W(x - b), moves with the group that feeds it
-                feeding = {h.name for h in self for ax in h.axes if ax.param == a.param and ax.role == "in"}
-                if owner == g.name or owner in feeding:
+                if owner == g.name or owner in feeding.get(a.param, ()):
                     continue
                 layout = (f"{'' if a.outer == 1 else f', outer={a.outer}'}"
                           f"{'' if a.inner == 1 else f', inner={a.inner}'}")
