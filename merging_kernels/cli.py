@@ -36,7 +36,7 @@ import torch
 
 from .errors import BackendUnavailableError
 from .ops.philox import tensor_key
-from .ops.task_vectors import merge_task_vectors, streamed_magnitude_thresholds
+from .ops.task_vectors import merge_task_vectors, streamed_magnitude_thresholds, task_vector_torch
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
 
 PROG = "merging-kernels"
@@ -307,8 +307,8 @@ class _NoProgress:
 
 
 def _nonfinite_experts(base: torch.Tensor, experts: Sequence[torch.Tensor], paths: Sequence[str]) -> list[str]:
-    b = base.to(torch.float64)
-    return [p for e, p in zip(experts, paths) if not torch.isfinite(e.to(torch.float64) - b).all()]
+    """The experts whose task vector, as the merge computes it, holds NaN or inf."""
+    return [p for e, p in zip(experts, paths) if not torch.isfinite(task_vector_torch(e, base)).all()]
 
 
 def merge_command(args: argparse.Namespace) -> int:

@@ -35,6 +35,8 @@ def make_base(seed: int = 0) -> dict[str, torch.Tensor]:
         "empty": torch.zeros(0, 3),
         "num_batches_tracked": torch.tensor(17, dtype=torch.int64),
         "mask": torch.tensor([True, False, True]),
+        # a constant float buffer, the same in every checkpoint: its -inf entries must come back as they are
+        "attn_mask": torch.full((4, 4), float("-inf")).triu(1),
     }
 
 
@@ -42,7 +44,9 @@ def make_expert(base: dict[str, torch.Tensor], seed: int, spread: float) -> dict
     g = torch.Generator().manual_seed(1000 + seed)
     expert = {}
     for name, value in base.items():
-        if value.is_floating_point():
+        if name == "attn_mask":
+            expert[name] = value.clone()
+        elif value.is_floating_point():
             noise = torch.randn(value.shape, generator=g) * spread * torch.rand(value.shape, generator=g)
             expert[name] = (value.float() + noise).to(value.dtype)
         else:
@@ -123,6 +127,7 @@ def test_streamed_merge_equals_in_memory(checkpoints, tmp_path, case, capsys):
     merged = load_file(out)
     check_equal(merged, in_memory(method, base, experts, options, "torch"), exact=True)
     assert merged["num_batches_tracked"].item() == 17 and torch.equal(merged["mask"], base["mask"])
+    assert torch.equal(merged["attn_mask"], base["attn_mask"])
     assert sorted(os.listdir(tmp_path)) == sorted([p.name for p in [base_path, *expert_paths]] + [out.name])
 
 

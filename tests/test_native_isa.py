@@ -16,10 +16,15 @@ shapes = [(0,), (1,), (37,), (1000, 3), (4099,)]
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
     bases = [torch.randn(s, generator=g).to(dtype) for s in shapes]
     experts = [[(b.float() + 0.1 * torch.randn(b.shape, generator=g)).to(dtype) for b in bases] for _ in range(3)]
+    mask = torch.full((45, 45), float("-inf")).triu(1).to(dtype)  # kept by every expert: merged to itself
+    bases.append(mask)
+    for task in experts:
+        task.append(mask.clone())
     for kwargs in ({}, dict(density=0.3, elect_sign=True), dict(drop_rate=0.5, seed=2**40 + 1, elect_sign=True),
                    dict(density=0.2, trim_scope="model", elect_sign=True, normalize=False, out_dtype=torch.float16)):
         ref = mk.merge_task_vectors(bases, experts, [0.5, 1.0, -0.25], backend="torch", **kwargs)
         out = mk.merge_task_vectors(bases, experts, [0.5, 1.0, -0.25], backend="native", **kwargs)
+        assert torch.equal(out[-1], mask)
         for o, r in zip(out, ref):
             tol = 1e-6 if o.dtype == torch.float32 else torch.finfo(o.dtype).eps
             torch.testing.assert_close(o.float(), r.float(), rtol=tol, atol=tol)

@@ -235,6 +235,65 @@ def test_non_finite_task_vectors_are_refused_with_the_name(backend, bad):
     assert not torch.isfinite(merged["layer.bad"]).all()
 
 
+def _with_constant_masks(dtype, seed=0):
+    """A state dict with a weight that the experts change and float buffers they all keep: a causal -inf mask,
+    a +inf constant and a tensor that is -inf in the base and in every expert."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(33, 5, generator=g)
+    base = {"w": w.to(dtype), "attn.mask": torch.full((9, 9), float("-inf")).triu(1).to(dtype),
+            "clip": torch.full((3,), float("inf"), dtype=dtype), "b": torch.randn(7, generator=g).to(dtype)}
+    experts = []
+    for _ in range(3):
+        e = {name: t.clone() for name, t in base.items()}
+        e["w"] = (w + 0.1 * torch.randn(33, 5, generator=g)).to(dtype)
+        e["b"] = (base["b"].float() + 0.1 * torch.randn(7, generator=g)).to(dtype)
+        experts.append(e)
+    return base, experts
+
+
+MERGES = {
+    "ta": lambda b, e, **kw: mk.task_arithmetic(b, e, [0.3, 0.5, 0.2], **kw),
+    "ties": lambda b, e, **kw: mk.ties_merging(b, e, density=0.4, **kw),
+    "ties_model": lambda b, e, **kw: mk.ties_merging(b, e, density=0.4, trim_scope="model", **kw),
+    "dare": lambda b, e, **kw: mk.dare_merging(b, e, drop_rate=0.5, weights=0.4, seed=3, **kw),
+    "dare_ties": lambda b, e, **kw: mk.ties_merging(b, e, density=0.5, drop_rate=0.3, seed=1, **kw),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
+@pytest.mark.parametrize("method", sorted(MERGES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_entries_every_expert_kept_merge_to_themselves_infinities_included(backend, method, dtype):
+    # θk = θ0 = ±inf is an unchanged entry (task vector 0), not inf − inf = NaN: the buffer comes back as it is
+    base, experts = _with_constant_masks(dtype)
+    merged = MERGES[method](base, experts, backend=backend)
+    for name in ("attn.mask", "clip"):
+        assert torch.equal(merged[name], base[name]), name
+    reference = MERGES[method](base, experts, backend="torch")
+    assert_outputs_close([merged["w"], merged["b"]], [reference["w"], reference["b"]], dtype)
+    if method != "ties_model":  # a per-tensor merge of the weights alone is the same merge
+        alone = MERGES[method]({n: base[n] for n in ("w", "b")}, [{n: e[n] for n in ("w", "b")} for e in experts],
+                               backend="torch")
+        assert torch.equal(merged["w"], alone["w"]) and torch.equal(merged["b"], alone["b"])
+
+
+@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
+@pytest.mark.parametrize("change", ["finite", "other_sign", "nan_kept"])
+def test_an_infinity_an_expert_changes_is_still_refused(backend, change):
+    base, experts = _with_constant_masks(torch.float32)
+    if change == "finite":  # one expert replaced a masked entry: inf in its task vector
+        experts[1]["attn.mask"][0, 5] = 0.0
+    elif change == "other_sign":  # +inf -> -inf
+        experts[2]["clip"][1] = float("-inf")
+    else:  # NaN is never equal to itself: a NaN buffer is refused even when every model holds it
+        for sd in (base, *experts):
+            sd["b"][2] = float("nan")
+    name = {"finite": "attn.mask", "other_sign": "clip", "nan_kept": "'b'"}[change]
+    for method in ("ta", "ties", "dare"):
+        with pytest.raises(ValueError, match=name):
+            MERGES[method](base, experts, backend=backend)
+
+
 # --------------------------------------------------------------------------- DARE statistics and reproducibility
 
 

@@ -10,7 +10,8 @@
 //    widest variant the CPU runs is picked once at run time
 //    (MERGING_KERNELS_CPU_ISA=generic or =avx2 caps it). FMA is never enabled and
 //    contraction is off, so every product and sum rounds like the torch
-//    reference (d = expert - base is exactly one float32 subtraction).
+//    reference (d = expert - base is exactly one float32 subtraction, or 0 where
+//    the two are equal: see task_delta).
 //  * the drivers below split the concatenation of all T tensors into one
 //    contiguous range per OpenMP thread (static schedule); a range is walked
 //    as pieces (a tensor's part of it), each processed in blocks of kBlock.
@@ -71,9 +72,14 @@ namespace {
 
 constexpr int kBlock = 512;  // elements per block: K + 5 float rows of it stay in L1
 constexpr uint32_t kDummyBins = 16;  // histogram bins taking the entries that miss the prefix
-constexpr int kPrefetchBlocks = 2;
-constexpr size_t kListSlack = 16;  // uint32 slots past a block's match list (8-lane stores)  // software prefetch distance, in blocks
+constexpr int kPrefetchBlocks = 2;  // software prefetch distance, in blocks
+constexpr size_t kListSlack = 16;  // uint32 slots past a block's match list (8-lane stores)
 constexpr float kFloatMax = std::numeric_limits<float>::max();
+
+// The task vector of one entry, d = x - b, with d = 0 where the expert kept the base's value: an entry that
+// is the same infinity in both (a -inf attention mask) is unchanged, not inf - inf = NaN. Finite x == b gives
+// +0 either way, and a NaN is never equal, so it stays NaN (and is counted).
+MK_TV_INLINE float task_delta(float x, float b) { return x == b ? 0.0f : x - b; }
 
 // Storage tags of the 16-bit formats (memory holds uint16_t bit patterns).
 struct Half {

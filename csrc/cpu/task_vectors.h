@@ -38,7 +38,8 @@ struct Dare {
 // Adds into counts (S * K * 2^bits int64, row (s * K + k)) the digit
 // (key >> shift) & (2^bits - 1) of every entry whose key >> (shift + bits)
 // equals prefix[s * K + k] >> (shift + bits), where key is the float32 bit
-// pattern of |d| and d = expert - base (float32) after DARE.
+// pattern of |d| and d = expert - base (float32; 0 where the two are equal, infinities
+// included) after DARE.
 void task_vectors_histogram(const TaskTensors& tensors, int64_t num_segments, int shift, int bits,
                             const int64_t* prefix, int64_t* counts, const Dare& dare);
 
@@ -47,7 +48,8 @@ void task_vectors_histogram(const TaskTensors& tensors, int64_t num_segments, in
 // weights: T * K float32; thresholds: S * K float32 (S > every segment id) or
 // nullptr (no trim).
 // nonfinite (T int64) gets the number of (element, task) pairs whose
-// expert - base (float32, before DARE) is NaN or infinite added.
+// expert - base (float32, before DARE; 0 where the two are equal) is NaN or infinite
+// added.
 void task_vectors_apply(const TaskTensors& tensors, const std::vector<void*>& outs,
                         const std::vector<int64_t>& out_dtypes, const float* weights, float scale,
                         const float* thresholds, bool elect_sign, bool normalize,

@@ -65,11 +65,11 @@ MK_TV_INLINE void prefetch_block(const T* data, int64_t e, int64_t end, bool wri
   }
 }
 
-// d[j] = x[j] - b[j]; returns how many d are NaN or infinite.
+// d[j] = task_delta(x[j], b[j]); returns how many d are NaN or infinite.
 MK_TV_INLINE uint32_t delta_block(const float* __restrict x, const float* __restrict b, float* __restrict d, int n) {
   uint32_t nonfinite = 0;
   for (int j = 0; j < n; ++j) {
-    const float dj = x[j] - b[j];
+    const float dj = task_delta(x[j], b[j]);
     nonfinite += static_cast<uint32_t>(!(std::fabs(dj) <= kFloatMax));
     d[j] = dj;
   }
@@ -213,6 +213,8 @@ MK_TV_INLINE vf vmask(vf v, vi keep) { return (vf)((vi)v & keep); }  // v where 
 
 MK_TV_INLINE vu vselect(vi m, vu a, vu b) { return (a & (vu)m) | (b & ~(vu)m); }
 
+MK_TV_INLINE vf vtask_delta(vf x, vf b) { return x != b ? x - b : vf{}; }  // task_delta, lane-wise
+
 // ---- a tile of kLanes elements of any storage type, as floats, and back
 
 MK_TV_INLINE vf vload_in(const float* p) { return vload(p); }
@@ -280,7 +282,7 @@ MK_TV_INLINE void store_float(float v, Half* o) { o->bits = float_to_half(v); }
 
 // One tile: returns m (the combined task vector) for the lanes at rows[k] + off
 // (RowT elements). FROM_D: the rows hold the task vectors d (after DARE);
-// otherwise they hold the experts and d = x - b is formed here, and every lane
+// otherwise they hold the experts and d = task_delta(x, b) is formed here, and every lane
 // of `nonfinite` counts the non-finite d it saw (d - d is 0 for finite d, NaN
 // otherwise), as negative numbers (a true lane mask is -1).
 template <bool ELECT, bool TRIM, bool FROM_D, class RowT>
@@ -290,7 +292,7 @@ MK_TV_INLINE vf combine_tile(vf b, const void* const* rows, int off, int K, cons
   vf acc = zero;  // plain: the sum; ELECT: the sign vote
   for (int k = 0; k < K; ++k) {
     const vf x = vload_in(static_cast<const RowT*>(rows[k]) + off);
-    const vf d = FROM_D ? x : x - b;
+    const vf d = FROM_D ? x : vtask_delta(x, b);
     if (!FROM_D) nonfinite += (d - d) != zero;
     const vf wd = splat(weights[k]) * d;
     // Entries with d = 0 add (+-)0 to a sum that starts at +0, which changes
@@ -306,7 +308,7 @@ MK_TV_INLINE vf combine_tile(vf b, const void* const* rows, int off, int K, cons
   vf num = zero, den = zero;
   for (int k = 0; k < K; ++k) {
     const vf x = vload_in(static_cast<const RowT*>(rows[k]) + off);  // L1: read a moment ago
-    const vf d = FROM_D ? x : x - b;
+    const vf d = FROM_D ? x : vtask_delta(x, b);
     vi agree = (d != zero) & ((d > zero) == positive);
     if (TRIM) agree &= vabs(d) >= splat(thresholds[k]);
     const vf w = splat(weights[k]);
@@ -321,7 +323,7 @@ MK_TV_INLINE vf combine_tile(vf b, const void* const* rows, int off, int K, cons
 
 // dst[j] = b[j] + scale * m[j] for the n (<= kBlock) elements of a block, read and
 // written in their storage types (BaseT, RowT, OutT); returns the number of
-// non-finite x - b (always 0 with FROM_D, where the caller counts). Each tile is
+// non-finite task vectors (always 0 with FROM_D, where the caller counts). Each tile is
 // read completely before it is written: dst may be the base (an in-place merge).
 template <bool ELECT, bool TRIM, bool FROM_D, class BaseT, class RowT, class OutT>
 MK_TV_INLINE uint32_t combine_block(const BaseT* b, const void* const* rows, int n, int K, const float* weights,
@@ -481,7 +483,10 @@ MK_TV_INLINE uint32_t compact_matches(const float* __restrict x, const float* __
   int j = 0;
   for (; j + 8 <= n; j += 8) {
     __m256 d = _mm256_loadu_ps(x + j);
-    if (subtract) d = _mm256_sub_ps(d, _mm256_loadu_ps(b + j));
+    if (subtract) {  // task_delta: 0 where x == b
+      const __m256 bj = _mm256_loadu_ps(b + j);
+      d = _mm256_andnot_ps(_mm256_cmp_ps(d, bj, _CMP_EQ_OQ), _mm256_sub_ps(d, bj));
+    }
     const __m256i key = _mm256_and_si256(_mm256_castps_si256(d), vabs_mask);
     const __m256i match = _mm256_cmpeq_epi32(_mm256_and_si256(key, vmask), vwant);
     const unsigned bits = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(match)));
@@ -491,7 +496,7 @@ MK_TV_INLINE uint32_t compact_matches(const float* __restrict x, const float* __
     count += static_cast<uint32_t>(__builtin_popcount(bits));
   }
   for (; j < n; ++j) {
-    const float dj = subtract ? x[j] - b[j] : x[j];
+    const float dj = subtract ? task_delta(x[j], b[j]) : x[j];
     const uint32_t key = float_bits(dj) & 0x7FFFFFFFu;
     list[count] = (static_cast<uint32_t>(j) & copy_mask) * copy_stride + row + ((key >> shift) & digit_mask);
     count += static_cast<uint32_t>((key & mask) == want);
@@ -552,7 +557,7 @@ void hist_piece(const HistParams& p, const HistJob& job, const Scratch& s, uint3
         d = dd;
       }
       for (int j = 0; j < n; ++j) {
-        const float dj = dare ? d[j] : x[j] - b[j];
+        const float dj = dare ? d[j] : task_delta(x[j], b[j]);
         const uint32_t key = float_bits(std::fabs(dj));
         const uint32_t uj = static_cast<uint32_t>(j);
         const uint32_t bin = ((key & mask) == want) ? ((key >> shift) & digit_mask) : num_bins + (uj & (kDummyBins - 1u));

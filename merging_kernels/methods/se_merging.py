@@ -60,7 +60,7 @@ from torch import nn
 
 from .._validation import check_choice, check_real
 from ..layers import Coefficients, PerSampleConv2d, PerSampleLayerNorm, PerSampleLinear
-from ..ops.task_vectors import magnitude_thresholds
+from ..ops.task_vectors import magnitude_thresholds, task_vector_torch
 
 SCORES = ("shift", "closest", "cosine_shift", "cosine_closest")
 BASE_METHODS = ("ta", "ties")
@@ -253,10 +253,10 @@ def coefficients_from_scores(scores: torch.Tensor, temperature: float, total: fl
 
 def _task_vectors(base_sd, expert_sds, names, base_method: str, density: float):
     """name -> (K, *shape) task vectors that the per-sample layers mix (see the module docstring, step 1)."""
-    def acc(t):  # float32 for 16-bit parameters, float64 stays float64
-        return t.detach().to(torch.promote_types(t.dtype, torch.float32))
-
-    deltas = {n: torch.stack([acc(sd[n]) - acc(base_sd[n]) for sd in expert_sds]) for n in names}
+    # float32 for 16-bit parameters, float64 stays float64; 0 where an expert kept the base's value (as the
+    # trim thresholds below count them)
+    deltas = {n: torch.stack([task_vector_torch(sd[n].detach(), base_sd[n].detach()).view(base_sd[n].shape)
+                              for sd in expert_sds]) for n in names}
     if base_method == "ta":
         return deltas
     thresholds = magnitude_thresholds([base_sd[n].detach() for n in names],

@@ -2,7 +2,9 @@
 
 One op family merges T tensors (a whole state dict) from a base θ0 and K
 experts θk in as few passes over memory as the method allows. For every
-element, with d_k = θk − θ0 computed in float32 (float64 for float64 inputs):
+element, with d_k = θk − θ0 computed in float32 (float64 for float64 inputs),
+and d_k = 0 where θk equals θ0 (so an entry that is the same ±inf in both, such
+as a -inf attention mask, is kept as it is instead of becoming inf − inf = NaN):
 
 1. DARE (``drop_rate`` p > 0): d_k ← 0 where the Philox draw keyed on
    (seed, tensor_key, element, k) says drop (see :mod:`.philox`), else
@@ -98,11 +100,19 @@ def _acc_dtype(base: torch.Tensor) -> torch.dtype:
     return torch.float64 if base.dtype == torch.float64 else torch.float32
 
 
+def task_vector_torch(expert: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """θk − θ0 flattened, in the accumulation dtype, and 0 where the expert kept the base's value: the same
+    ±inf in both is an unchanged entry, not inf − inf = NaN (a finite equal pair gives +0 either way; NaN is
+    never equal, so it stays NaN)."""
+    acc = _acc_dtype(base)
+    e, b = expert.reshape(-1).to(acc), base.reshape(-1).to(acc)
+    return torch.where(e == b, torch.zeros((), dtype=acc, device=b.device), e - b)
+
+
 def _deltas_torch(base: torch.Tensor, experts: Sequence[torch.Tensor], spec: MergeSpec, key: int) -> torch.Tensor:
     """(K, n) task vectors of one tensor after DARE, in the accumulation dtype."""
-    acc = _acc_dtype(base)
-    b = base.reshape(-1).to(acc)
-    deltas = torch.stack([e.reshape(-1).to(acc) - b for e in experts]) if experts else b.new_zeros((0, b.numel()))
+    b = base.reshape(-1).to(_acc_dtype(base))
+    deltas = torch.stack([task_vector_torch(e, base) for e in experts]) if experts else b.new_zeros((0, b.numel()))
     if spec.drop_rate > 0:
         for k in range(deltas.shape[0]):
             keep = dare_keep_mask_torch(b.numel(), seed=spec.seed, tensor_key=key, task=k, p=spec.drop_rate,
@@ -130,7 +140,7 @@ def merge_task_vectors_torch(
     # counted on the task vectors as computed (float32, or float64 for float64 inputs), so a
     # difference that overflows counts too
     nonfinite = torch.tensor(
-        [sum(int((~torch.isfinite(experts[k][t].to(_acc_dtype(b)) - b.to(_acc_dtype(b)))).sum())
+        [sum(int((~torch.isfinite(task_vector_torch(experts[k][t], b))).sum())
              for k in range(num_tasks)) for t, b in enumerate(bases)],
         dtype=torch.int64,
     )
@@ -334,9 +344,10 @@ if triton is not None:
     @triton.jit
     def _tv_delta(expert_address, b, start, idx, inb, key, k, drop_threshold, drop_scale, seed_lo, seed_hi,
                   DTYPE: tl.constexpr, ALIGNED: tl.constexpr, EVEN: tl.constexpr, HAS_DARE: tl.constexpr):
-        """Task vector k of a block after DARE, and the expert values (for the finiteness count)."""
+        """Task vector k of a block after DARE, and before it (for the finiteness count)."""
         e = _tv_load(expert_address, start, idx, inb, DTYPE, ALIGNED, EVEN, "evict_first")  # read once
-        d = e - b
+        raw = tl.where(e == b, 0.0, e - b)  # as task_vector_torch: an unchanged ±inf is 0, not NaN
+        d = raw
         if HAS_DARE:  # tl.cast, not .to: the interpreter passes the loop index k as a Python int
             # counter = (element lo, element hi, tensor key, task), key = seed: see philox.py. Blocks
             # start at multiples of BLOCK, which divides 2**32, so the high word is one per block.
@@ -345,7 +356,7 @@ if triton is not None:
                                                        tl.cast(k, tl.uint32), tl.cast(seed_lo, tl.uint32),
                                                        tl.cast(seed_hi, tl.uint32))
             d = tl.where((word >> 8) < tl.cast(drop_threshold, tl.uint32), 0.0, d * drop_scale)
-        return d, e
+        return d, raw
 
     @triton.jit
     def _tv_histogram_block(base_address, expert_address, numel, start, key, k, prefix, drop_threshold, drop_scale,
@@ -355,7 +366,7 @@ if triton is not None:
         idx = tl.arange(0, BLOCK)
         inb = idx < numel - start
         b = _tv_load(base_address, start, idx, inb, IN_DTYPE, ALIGNED, EVEN, "")  # read again per task: keep
-        d, _e = _tv_delta(expert_address, b, start, idx, inb, key, k, drop_threshold, drop_scale, seed_lo, seed_hi,
+        d, _raw = _tv_delta(expert_address, b, start, idx, inb, key, k, drop_threshold, drop_scale, seed_lo, seed_hi,
                           IN_DTYPE, ALIGNED, EVEN, HAS_DARE)
         # float32 bits of |d|: non-negative, so int32 and its shifts order like the magnitudes
         mag = tl.abs(d).to(tl.int32, bitcast=True)
@@ -433,10 +444,10 @@ if triton is not None:
         neg_num = tl.zeros([BLOCK], dtype=tl.float32)
         neg_den = tl.zeros([BLOCK], dtype=tl.float32)
         for k in range(num_tasks):
-            d, e = _tv_delta(tl.load(expert_table_ptr + row * num_tasks + k), b, start, idx, inb, key, k,
-                             drop_threshold, drop_scale, seed_lo, seed_hi, IN_DTYPE, ALIGNED, EVEN, HAS_DARE)
+            d, raw = _tv_delta(tl.load(expert_table_ptr + row * num_tasks + k), b, start, idx, inb, key, k,
+                               drop_threshold, drop_scale, seed_lo, seed_hi, IN_DTYPE, ALIGNED, EVEN, HAS_DARE)
             # the float32 task vector before DARE, so an overflowing difference counts; masked lanes load 0
-            bad += (~(tl.abs(e - b) < _K_INF)).to(tl.int32)
+            bad += (~(tl.abs(raw) < _K_INF)).to(tl.int32)
             kept = d != 0.0
             if HAS_TRIM:
                 kept = kept & (tl.abs(d) >= tl.load(thresholds_ptr + segment * num_tasks + k))
@@ -728,7 +739,8 @@ def merge_task_vectors(
         out_dtype: dtype of new outputs (default: each base's dtype); with ``out``, it must
             equal the out tensors' dtype.
         check_finite: raise ValueError naming the tensor when any θk − θ0, as computed in
-            float32 (float64 for float64 inputs), is NaN/±inf — overflow included. Not checked:
+            float32 (float64 for float64 inputs; 0 where θk equals θ0, the same ±inf included),
+            is NaN/±inf — overflow included. Not checked:
             the combination, which sums w_k·d_k in that dtype before any division (the disjoint
             mean divides by Σ w_k last), so task vectors within ~2× of float32's maximum (|d|
             ≳ 1.7e38) can sum to ±inf where the mean itself would be finite; every backend does
