@@ -535,6 +535,17 @@ def test_bad_arguments():
         mk.linear_sum_assignment(np.zeros((2, 2)), backend="scipy")
 
 
+@pytest.mark.parametrize("shape", [(1, la.MAX_DIMENSION + 1), (la.MAX_DIMENSION + 1, 1), (2, 1, 2**31)])
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_more_rows_or_columns_than_the_solvers_index_are_refused(shape, backend):
+    # the native solvers count rows and columns in int32: refused by name before anything is read or copied
+    cost = torch.zeros(()).expand(shape)  # no memory behind it
+    with pytest.raises(ValueError, match=rf"cost has shape \({shape[0]}, .*at most {la.MAX_DIMENSION}"):
+        mk.linear_sum_assignment(cost, backend=backend)
+    edge = torch.zeros(()).expand(3, 1)  # ordinary sizes still pass the same check
+    assert mk.linear_sum_assignment(edge, backend=backend)[1].tolist() == [0]
+
+
 def test_argument_checks_found_by_the_input_audit():
     c = np.array([[1.0, 2.0], [3.0, 0.0]])
     rows, cols, u, v = mk.linear_sum_assignment(c, return_duals=True)
@@ -699,7 +710,8 @@ def test_thread_team_lanes():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(64, 64, 64), (8, 256, 256), (5, 40, 70), (5, 70, 40), (1, 1500, 1500), (3, 1, 1)],
+@pytest.mark.parametrize("shape", [(64, 64, 64), (8, 256, 256), (5, 40, 70), (5, 70, 40), (1, 1500, 1500), (3, 1, 1),
+                                   (2, 200, 600), (2, 600, 200)],  # beyond shared memory: prepare_kernel's copy
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("compute_dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
@@ -724,3 +736,33 @@ def test_cuda_large_single_problem_is_exact():
     cost = make_cost("uniform", 4096, 4096, seed=11)
     rows, cols, u, v = mk.linear_sum_assignment(torch.from_numpy(cost).cuda(), return_duals=True)
     assert_optimal(cost, rows.cpu().numpy(), cols.cpu().numpy(), u.cpu().numpy(), v.cpu().numpy())
+
+
+def _offset_batch_on(device):
+    """Three problems in a tensor that starts one problem into its storage (contiguous, storage offset > 0)."""
+    kinds = ["uniform", "int_ties", "correlated"]
+    batch = np.stack([make_cost(kind, 50, 30, seed=s) for s, kind in enumerate(kinds)])
+    big = torch.from_numpy(np.concatenate([np.full((1, 50, 30), np.nan), batch])).to(device)
+    return batch, big[1:]
+
+
+def test_offset_batch_helper_is_what_the_cuda_stream_test_needs():
+    batch, view = _offset_batch_on("cpu")  # the GPU test's input, checked where it runs everywhere
+    assert view.storage_offset() == 50 * 30 and view.is_contiguous()
+    rows, cols = mk.linear_sum_assignment(view)
+    for b, cost in enumerate(batch):
+        assert total(cost, rows[b].numpy(), cols[b].numpy()) == pytest.approx(total(cost, *scipy_lsa(cost)), rel=1e-12)
+
+
+@pytest.mark.gpu
+def test_cuda_solves_on_the_current_stream_from_a_view_with_a_storage_offset():
+    batch, view = _offset_batch_on("cuda")  # the NaN problem before the view must never be read
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # the input was copied on the default stream
+    with torch.cuda.stream(side):
+        rows, cols, u, v = mk.linear_sum_assignment(view, return_duals=True, backend="native")
+    torch.cuda.current_stream().wait_stream(side)
+    for b, cost in enumerate(batch):
+        r, c = rows[b].cpu().numpy(), cols[b].cpu().numpy()
+        assert total(cost, r, c) == pytest.approx(total(cost, *scipy_lsa(cost)), rel=1e-12)
+        assert mk.check_assignment(cost, r, c, u[b].cpu().numpy(), v[b].cpu().numpy())

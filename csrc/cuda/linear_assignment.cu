@@ -320,12 +320,13 @@ int launch(const void* cost, int dtype, int64_t batch, int64_t nr, int64_t nc, b
   a.status = status;
   a.plan = make_plan<T>(dtype, nr, nc, maximize);
   const Plan& pl = a.plan;
-  if (batch == 0 || pl.n == 0) return 0;
+  if (batch == 0) return 0;
+  cudaError_t err = cudaMemsetAsync(status, 0, sizeof(int32_t) * batch, stream);  // ok, as the CPU solvers say
+  if (err != cudaSuccess) return static_cast<int>(err);
+  if (pl.n == 0) return 0;  // empty problems: nothing to assign
   if (workspace_bytes < batch * (pl.ws_mat_stride + pl.ws_vec_stride)) return static_cast<int>(cudaErrorInvalidValue);
   a.ws_mat = static_cast<unsigned char*>(workspace);
   a.ws_vec = a.ws_mat + batch * pl.ws_mat_stride;
-  cudaError_t err = cudaMemsetAsync(status, 0, sizeof(int32_t) * batch, stream);
-  if (err != cudaSuccess) return static_cast<int>(err);
   if (!pl.smem_matrix) {
     const int64_t total = batch * pl.n * static_cast<int64_t>(pl.m);
     const int64_t blocks = (total + 255) / 256;

@@ -36,6 +36,8 @@ LINEAR_ASSIGNMENT = OpBackends("linear_assignment", cpu=("native",), cuda=("nati
 INVALID_MESSAGE = "matrix contains invalid numeric entries"  # scipy's words
 INFEASIBLE_MESSAGE = "cost matrix is infeasible"
 STATUS_OUT_OF_RANGE = 3  # a native solve met a finite |cost| beyond the safe magnitude (see _range_exponents)
+# rows and columns are int32 in the native solvers, whose loops step by up to 1024 lanes past the last one
+MAX_DIMENSION = 2**31 - 1025
 # log2 of the largest finite |cost| the native solvers take (team::safe_magnitude in csrc/common/lsa_team.h)
 SAFE_MAGNITUDE_EXP = {torch.float64: 1000, torch.float32: 100}
 
@@ -392,6 +394,8 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
     shape = tuple(cost.shape if tensor_in else array.shape)
     if len(shape) not in (2, 3):
         raise ValueError(f"cost must be 2-D (n, m) or 3-D (B, n, m), got shape {shape}")
+    if max(shape[-2:]) > MAX_DIMENSION:
+        raise ValueError(f"cost has shape {shape}: at most {MAX_DIMENSION} rows and columns per problem")
     maximize = _check_flag(maximize, "maximize")
     return_duals = _check_flag(return_duals, "return_duals")
     if compute_dtype is None:
