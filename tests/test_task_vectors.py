@@ -13,6 +13,9 @@ from merging_kernels.ops.task_vectors import TASK_VECTORS, keep_count
 from helpers import fast_backend_params, guard_launches
 
 FAST = fast_backend_params(TASK_VECTORS)
+# every backend with its device: the torch reference and the CPU fast paths here, the CUDA ones (gpu marked)
+# where there is a GPU, so the compiled Triton kernels meet the same edge cases as the interpreted ones
+EVERY = [pytest.param("torch", "cpu", id="torch-cpu"), *FAST]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(0,), (1,), (7,), (33, 5), (3, 1, 4), (2049,)]
 
@@ -35,6 +38,15 @@ def assert_outputs_close(actual, expected, dtype):
         torch.testing.assert_close(a.cpu().float(), e.cpu().float(), rtol=tol, atol=tol)
 
 
+def on(device, x):
+    """``x`` (a tensor, or lists / dicts of them) on ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: on(device, v) for k, v in x.items()}
+    return [on(device, v) for v in x]
+
+
 def clone_all(bases, experts):
     return [b.clone() for b in bases], [[e.clone() for e in task] for task in experts]
 
@@ -44,20 +56,20 @@ def clone_all(bases, experts):
 TAU = torch.tensor([[4.0, -1.0, 2.0, 0.0], [-3.0, -2.0, 1.0, 5.0], [1.0, 3.0, -6.0, -1.0]])
 
 
-@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
-def test_ties_hand_worked_example(backend):
+@pytest.mark.parametrize("backend,device", EVERY)
+def test_ties_hand_worked_example(backend, device):
     # density 0.5 on 4 entries keeps 2 per task: τ1 → [4,0,2,0], τ2 → [-3,0,0,5], τ3 → [0,3,-6,0];
     # signs of the sum [1,3,-4,5] → [+,+,-,+]; disjoint means → [4,3,-6,5]; × λ = 0.5.
-    base = torch.zeros(4)
-    merged = mk.ties_merging(base, list(TAU), density=0.5, scale=0.5, backend=backend)
-    assert torch.equal(merged, torch.tensor([2.0, 1.5, -3.0, 2.5]))
+    base = torch.zeros(4, device=device)
+    merged = mk.ties_merging(base, list(TAU.to(device)), density=0.5, scale=0.5, backend=backend)
+    assert torch.equal(merged.cpu(), torch.tensor([2.0, 1.5, -3.0, 2.5]))
 
 
-@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
-def test_task_arithmetic_hand_worked_example(backend):
+@pytest.mark.parametrize("backend,device", EVERY)
+def test_task_arithmetic_hand_worked_example(backend, device):
     base = torch.full((4,), 10.0)
-    merged = mk.task_arithmetic(base, list(base + TAU), [0.5, 0.25, 1.0], backend=backend)
-    assert torch.equal(merged, base + torch.tensor([2.25, 2.0, -4.75, 0.25]))
+    merged = mk.task_arithmetic(base.to(device), list((base + TAU).to(device)), [0.5, 0.25, 1.0], backend=backend)
+    assert torch.equal(merged.cpu(), base + torch.tensor([2.25, 2.0, -4.75, 0.25]))
 
 
 def test_ties_trim_scopes_differ_as_stated():
@@ -127,7 +139,7 @@ def test_ties_matches_reference(backend, device, scope, density, dtype):
     if density < 1:
         fast_thresholds = mk.magnitude_thresholds(bases, experts, density=density, trim_scope=scope, backend=backend)
         ref_thresholds = mk.magnitude_thresholds(bases, experts, density=density, trim_scope=scope, backend="torch")
-        assert torch.equal(fast_thresholds.cpu(), ref_thresholds)
+        assert torch.equal(fast_thresholds.cpu(), ref_thresholds.cpu())
 
 
 @pytest.mark.parametrize("backend,device", FAST)
@@ -143,7 +155,7 @@ def test_ties_with_many_magnitude_ties_is_exact(backend, device, scope):
         ref = mk.merge_task_vectors(bases, experts, [1.0] * 4, backend="torch", **kwargs)
         out = mk.merge_task_vectors(bases, experts, [1.0] * 4, backend=backend, **kwargs)
         for o, r in zip(out, ref):
-            assert torch.equal(o.cpu(), r)
+            assert torch.equal(o.cpu(), r.cpu())
 
 
 @pytest.mark.parametrize("backend,device", FAST)
@@ -219,14 +231,14 @@ def test_huge_and_tiny_magnitudes(backend, device):
     for kwargs in ({}, dict(density=0.5, elect_sign=True)):
         ref = mk.merge_task_vectors([base], [[expert]], [1.0], backend="torch", **kwargs)
         out = mk.merge_task_vectors([base], [[expert]], [1.0], backend=backend, **kwargs)
-        assert torch.equal(out[0].cpu(), ref[0])
+        assert torch.equal(out[0].cpu(), ref[0].cpu())
 
 
-@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
+@pytest.mark.parametrize("backend,device", EVERY)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_task_vectors_are_refused_with_the_name(backend, bad):
-    base = {"ok": torch.zeros(3), "layer.bad": torch.zeros(5)}
-    expert = {"ok": torch.ones(3), "layer.bad": torch.tensor([0.0, 1.0, bad, 0.0, 0.0])}
+def test_non_finite_task_vectors_are_refused_with_the_name(backend, device, bad):
+    base = on(device, {"ok": torch.zeros(3), "layer.bad": torch.zeros(5)})
+    expert = on(device, {"ok": torch.ones(3), "layer.bad": torch.tensor([0.0, 1.0, bad, 0.0, 0.0])})
     with pytest.raises(ValueError, match="layer.bad"):
         mk.task_arithmetic(base, [expert], backend=backend)
     with pytest.raises(ValueError, match="layer.bad"):
@@ -260,26 +272,26 @@ MERGES = {
 }
 
 
-@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
+@pytest.mark.parametrize("backend,device", EVERY)
 @pytest.mark.parametrize("method", sorted(MERGES))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_entries_every_expert_kept_merge_to_themselves_infinities_included(backend, method, dtype):
+def test_entries_every_expert_kept_merge_to_themselves_infinities_included(backend, device, method, dtype):
     # θk = θ0 = ±inf is an unchanged entry (task vector 0), not inf − inf = NaN: the buffer comes back as it is
     base, experts = _with_constant_masks(dtype)
-    merged = MERGES[method](base, experts, backend=backend)
+    merged = on("cpu", MERGES[method](on(device, base), on(device, experts), backend=backend))
     for name in ("attn.mask", "clip"):
         assert torch.equal(merged[name], base[name]), name
     reference = MERGES[method](base, experts, backend="torch")
     assert_outputs_close([merged["w"], merged["b"]], [reference["w"], reference["b"]], dtype)
-    if method != "ties_model":  # a per-tensor merge of the weights alone is the same merge
+    if method != "ties_model" and device == "cpu":  # a per-tensor merge of the weights alone is the same merge
         alone = MERGES[method]({n: base[n] for n in ("w", "b")}, [{n: e[n] for n in ("w", "b")} for e in experts],
                                backend="torch")
         assert torch.equal(merged["w"], alone["w"]) and torch.equal(merged["b"], alone["b"])
 
 
-@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
+@pytest.mark.parametrize("backend,device", EVERY)
 @pytest.mark.parametrize("change", ["finite", "other_sign", "nan_kept"])
-def test_an_infinity_an_expert_changes_is_still_refused(backend, change):
+def test_an_infinity_an_expert_changes_is_still_refused(backend, device, change):
     base, experts = _with_constant_masks(torch.float32)
     if change == "finite":  # one expert replaced a masked entry: inf in its task vector
         experts[1]["attn.mask"][0, 5] = 0.0
@@ -291,18 +303,18 @@ def test_an_infinity_an_expert_changes_is_still_refused(backend, change):
     name = {"finite": "attn.mask", "other_sign": "clip", "nan_kept": "'b'"}[change]
     for method in ("ta", "ties", "dare"):
         with pytest.raises(ValueError, match=name):
-            MERGES[method](base, experts, backend=backend)
+            MERGES[method](on(device, base), on(device, experts), backend=backend)
 
 
 # --------------------------------------------------------------------------- DARE statistics and reproducibility
 
 
-@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
-def test_dare_keep_rate_and_unbiased_mean(backend):
+@pytest.mark.parametrize("backend,device", EVERY)
+def test_dare_keep_rate_and_unbiased_mean(backend, device):
     n, p = 40_000, 0.7
-    base = torch.zeros(n)
+    base = torch.zeros(n, device=device)
     g = torch.Generator().manual_seed(4)
-    expert = 1.0 + torch.rand(n, generator=g)
+    expert = (1.0 + torch.rand(n, generator=g)).to(device)
     out = mk.dare_merging(base, [expert], drop_rate=p, seed=11, backend=backend)
     kept = (out != 0).float().mean().item()
     sigma = (p * (1 - p) / n) ** 0.5
@@ -398,9 +410,9 @@ def test_both_radix_digit_layouts_select_the_kthvalue(scope):
         assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
-def test_out_may_be_the_base_itself(backend):
-    bases, experts = make_case([(300,), (7, 5)], 3)
+@pytest.mark.parametrize("backend,device", EVERY)
+def test_out_may_be_the_base_itself(backend, device):
+    bases, experts = make_case([(300,), (7, 5)], 3, device=device)
     kwargs = dict(density=0.4, elect_sign=True, drop_rate=0.2, seed=1)
     expected = mk.merge_task_vectors(bases, experts, [1.0, 1.0, 1.0], backend="torch", **kwargs)
     in_place = [b.clone() for b in bases]
@@ -412,22 +424,22 @@ def test_out_may_be_the_base_itself(backend):
     assert not torch.equal(in_place[0], inputs[0])
 
 
-@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
-def test_overflowing_task_vector_is_refused_on_every_backend(backend):
+@pytest.mark.parametrize("backend,device", EVERY)
+def test_overflowing_task_vector_is_refused_on_every_backend(backend, device):
     # both values finite, their float32 difference is not: every backend counts it the same way
-    base = torch.tensor([3e38, 0.0], dtype=torch.bfloat16)
-    expert = torch.tensor([-3e38, 1.0], dtype=torch.bfloat16)
+    base = torch.tensor([3e38, 0.0], dtype=torch.bfloat16, device=device)
+    expert = torch.tensor([-3e38, 1.0], dtype=torch.bfloat16, device=device)
     with pytest.raises(ValueError, match="non-finite"):
         mk.merge_task_vectors([base], [[expert]], [0.1], backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
-def test_in_place_merge_of_tied_weights(backend):
+@pytest.mark.parametrize("backend,device", EVERY)
+def test_in_place_merge_of_tied_weights(backend, device):
     # a state dict whose embedding and head are one tensor, merged in place: every backend equals the
     # torch reference computed on separate copies (the fast kernels used to apply the task vector twice)
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(1000, generator=g)
-    e = w + torch.randn(1000, generator=g)
+    w = torch.randn(1000, generator=g).to(device)
+    e = w + torch.randn(1000, generator=g).to(device)
     experts = [{"embed.weight": e, "lm_head.weight": e}]
     expected = mk.task_arithmetic({"embed.weight": w.clone(), "lm_head.weight": w.clone()}, experts, 0.5,
                                   backend="torch")["embed.weight"]
@@ -437,19 +449,19 @@ def test_in_place_merge_of_tied_weights(backend):
     assert torch.equal(sd["embed.weight"], expected)
 
 
-@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
+@pytest.mark.parametrize("backend,device", EVERY)
 @pytest.mark.parametrize("layout", ["shifted_own_base", "other_base", "other_expert", "own_expert", "own_base"])
-def test_out_sharing_memory_with_inputs(backend, layout):
+def test_out_sharing_memory_with_inputs(backend, device, layout):
     n = 5000
     g = torch.Generator().manual_seed(1)
-    buf = torch.randn(2 * n + 1, generator=g)
+    buf = torch.randn(2 * n + 1, generator=g).to(device)  # the views are taken on the device
     kwargs = dict(density=0.5, elect_sign=True)
     bases = [buf[:n], buf[n + 1:]]
-    experts = [[b + torch.randn(n, generator=g) for b in bases] for _ in range(2)]
+    experts = [[b + torch.randn(n, generator=g).to(device) for b in bases] for _ in range(2)]
     expected = mk.merge_task_vectors([b.clone() for b in bases], [[x.clone() for x in e] for e in experts], [1.0, 0.7],
                                      backend="torch", **kwargs)
-    out = {"shifted_own_base": [buf[1:n + 1], torch.empty(n)], "other_base": [bases[1], bases[0]],
-           "other_expert": [experts[0][1], torch.empty(n)], "own_expert": [experts[1][0], experts[0][1]],
+    out = {"shifted_own_base": [buf[1:n + 1], torch.empty(n, device=device)], "other_base": [bases[1], bases[0]],
+           "other_expert": [experts[0][1], torch.empty(n, device=device)], "own_expert": [experts[1][0], experts[0][1]],
            "own_base": list(bases)}[layout]
     mk.merge_task_vectors(bases, experts, [1.0, 0.7], out=out, backend=backend, **kwargs)
     for t in range(2):
@@ -470,53 +482,65 @@ def test_out_memory_sharing_check_is_exact_about_aliases():
     assert _outs_sharing_memory([a[:6], b], [[a[5:], b]], [a[:6], b]) == {0}
 
 
-@pytest.mark.parametrize("backend", ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]])
-def test_refused_merge_leaves_inputs_and_torch_out_untouched(backend):
-    base = torch.tensor([1.0, 2.0, 3.0])
-    experts = [[torch.tensor([1.5, float("nan"), 3.0])], [torch.tensor([0.0, 2.0, 4.0])]]
+@pytest.mark.parametrize("backend,device", EVERY)
+def test_refused_merge_leaves_inputs_and_torch_out_untouched(backend, device):
+    base = torch.tensor([1.0, 2.0, 3.0], device=device)
+    experts = on(device, [[torch.tensor([1.5, float("nan"), 3.0])], [torch.tensor([0.0, 2.0, 4.0])]])
     copies = [base.clone(), *(e[0].clone() for e in experts)]
-    out = [torch.full((3,), 7.0)]
+    out = [torch.full((3,), 7.0, device=device)]
     with pytest.raises(ValueError, match="non-finite"):
         mk.merge_task_vectors([base], experts, [1.0, 1.0], out=out, backend=backend)
     for t, c in zip([base, experts[0][0], experts[1][0]], copies):
         torch.testing.assert_close(t, c, rtol=0, atol=0, equal_nan=True)
     if backend == "torch":  # documented: the reference writes out only after the check
-        assert torch.equal(out[0], torch.full((3,), 7.0))
+        assert torch.equal(out[0].cpu(), torch.full((3,), 7.0))
 
 
 # --------------------------------------------------------------------------- input validation (API audit)
 
-CPU_BACKENDS = ["torch", *[p.values[0] for p in FAST if p.values[1] == "cpu"]]
-
-
-def _stream_case():
+def _stream_case(device="cpu"):
     g = torch.Generator().manual_seed(5)
     bases = [torch.randn(8, 16, generator=g), torch.randn(33, generator=g)]
     experts = [[b + 0.1 * torch.randn(b.shape, generator=g) for b in bases] for _ in range(3)]
-    return bases, experts
+    return on(device, bases), on(device, experts)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_streamed_thresholds_equal_in_memory_ones(backend):
-    bases, experts = _stream_case()
+@pytest.mark.parametrize("backend,device", EVERY)
+def test_streamed_thresholds_equal_in_memory_ones(backend, device):
+    bases, experts = _stream_case(device)
     chunks = lambda: iter([([bases[t]], [[task[t]] for task in experts], [t]) for t in range(2)])  # noqa: E731
     streamed = mk.streamed_magnitude_thresholds(chunks, num_tasks=3, total_numel=128 + 33, density=0.2,
-                                                backend=backend)
+                                                device=device, backend=backend)
     in_memory = mk.magnitude_thresholds(bases, experts, density=0.2, trim_scope="model", backend=backend)
     assert streamed.shape == (1, 3) and torch.equal(streamed, in_memory)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_streamed_thresholds_refuse_a_wrong_total_or_a_one_shot_iterator(backend):
-    bases, experts = _stream_case()
+@pytest.mark.parametrize("backend,device", EVERY)
+def test_streamed_thresholds_refuse_a_wrong_total_or_a_one_shot_iterator(backend, device):
+    bases, experts = _stream_case(device)
     chunks = lambda: iter([(bases, experts, [0, 1])])  # noqa: E731
     for total in (1000, 128, 0):  # more, fewer than the 161 elements yielded; 0 used to give zeros
         with pytest.raises(ValueError, match="total_numel"):
-            mk.streamed_magnitude_thresholds(chunks, num_tasks=3, total_numel=total, density=0.2, backend=backend)
+            mk.streamed_magnitude_thresholds(chunks, num_tasks=3, total_numel=total, density=0.2, device=device,
+                                             backend=backend)
     one_shot = iter([(bases, experts, [0, 1])])
     with pytest.raises(ValueError, match="fresh iterable"):  # the second pass found it exhausted
         mk.streamed_magnitude_thresholds(lambda: one_shot, num_tasks=3, total_numel=161, density=0.2,
-                                         backend=backend)
+                                         device=device, backend=backend)
+
+
+@pytest.mark.gpu
+def test_streamed_thresholds_refuse_chunks_on_another_device():
+    bases, experts = _stream_case("cuda")
+    args = dict(num_tasks=3, total_numel=161, density=0.2)
+    with pytest.raises(ValueError, match="chunk 0 is on cuda:0 but device is cpu"):
+        mk.streamed_magnitude_thresholds(lambda: iter([(bases, experts, [0, 1])]), device="cpu", **args)
+    cpu_bases, cpu_experts = _stream_case()
+    with pytest.raises(ValueError, match=r"chunk 0 is on cpu but device is cuda:\d"):  # "cuda": the current one
+        mk.streamed_magnitude_thresholds(lambda: iter([(cpu_bases, cpu_experts, [0, 1])]), device="cuda", **args)
+    at_current = mk.streamed_magnitude_thresholds(lambda: iter([(bases, experts, [0, 1])]), device="cuda", **args)
+    assert torch.equal(at_current.cpu(), mk.magnitude_thresholds(cpu_bases, cpu_experts, density=0.2,
+                                                                 trim_scope="model", backend="torch"))
 
 
 @pytest.mark.parametrize(
@@ -573,9 +597,9 @@ def test_magnitude_thresholds_needs_a_density():
         mk.magnitude_thresholds(bases, experts, density=None)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_user_thresholds_are_used_and_checked(backend):
-    bases, experts = _stream_case()
+@pytest.mark.parametrize("backend,device", EVERY)
+def test_user_thresholds_are_used_and_checked(backend, device):
+    bases, experts = _stream_case(device)
     kwargs = dict(density=0.3, trim_scope="model", elect_sign=True, backend=backend)
     thresholds = mk.magnitude_thresholds(bases, experts, density=0.3, trim_scope="model", backend=backend)
     given = mk.merge_task_vectors(bases, experts, [1.0] * 3, thresholds=thresholds, **kwargs)
@@ -583,8 +607,8 @@ def test_user_thresholds_are_used_and_checked(backend):
     for a, b in zip(given, selected):
         assert torch.equal(a, b)
     # +inf is a valid threshold (keep nothing): the base comes back
-    nothing = mk.merge_task_vectors(bases, experts, [1.0] * 3, thresholds=torch.full((1, 3), float("inf")),
-                                    **kwargs)
+    nothing = mk.merge_task_vectors(bases, experts, [1.0] * 3,
+                                    thresholds=torch.full((1, 3), float("inf"), device=device), **kwargs)
     for a, b in zip(nothing, bases):
         assert torch.equal(a, b)
     bad = [
@@ -688,11 +712,11 @@ def test_weights_may_name_the_copied_buffers_and_out_may_match_out_dtype():
     assert torch.equal(strided, torch.full((3, 2), 0.5))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_results_are_detached_on_every_backend(backend):
+@pytest.mark.parametrize("backend,device", EVERY)
+def test_results_are_detached_on_every_backend(backend, device):
     g = torch.Generator().manual_seed(2)
-    base = torch.nn.Parameter(torch.randn(5, 7, generator=g))
-    experts = [torch.nn.Parameter(base.detach() + torch.randn(5, 7, generator=g)) for _ in range(2)]
+    base = torch.nn.Parameter(torch.randn(5, 7, generator=g).to(device))
+    experts = [torch.nn.Parameter(base.detach() + torch.randn(5, 7, generator=g).to(device)) for _ in range(2)]
     results = [
         mk.task_arithmetic(base, experts, 0.5, backend=backend),
         mk.ties_merging(base, experts, density=0.5, backend=backend),
@@ -702,7 +726,7 @@ def test_results_are_detached_on_every_backend(backend):
     for r in results:
         assert not r.requires_grad and r.grad_fn is None
     # an in-place merge into a parameter works too (autograd would refuse to write into a leaf)
-    target = torch.nn.Parameter(torch.zeros(5, 7))
+    target = torch.nn.Parameter(torch.zeros(5, 7, device=device))
     mk.task_arithmetic(base, experts, 0.5, out=target, backend=backend)
     torch.testing.assert_close(target.detach(), results[0])
 
@@ -742,14 +766,14 @@ def test_out_may_be_a_strided_view_whose_steps_exceed_the_inner_span_but_not_an_
             mk.task_arithmetic(base, [expert], 0.5, out=bad)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_streamed_thresholds_with_dare_need_model_wide_tensor_keys(backend):
-    bases, experts = _stream_case()
+@pytest.mark.parametrize("backend,device", EVERY)
+def test_streamed_thresholds_with_dare_need_model_wide_tensor_keys(backend, device):
+    bases, experts = _stream_case(device)
 
     def chunks(keys):
         return lambda: iter([([bases[t]], [[task[t]] for task in experts], keys(t)) for t in range(2)])
 
-    options = dict(num_tasks=3, total_numel=161, density=0.2, drop_rate=0.5, seed=3, backend=backend)
+    options = dict(num_tasks=3, total_numel=161, density=0.2, drop_rate=0.5, seed=3, device=device, backend=backend)
     whole = mk.magnitude_thresholds(bases, experts, density=0.2, trim_scope="model", drop_rate=0.5, seed=3,
                                     backend=backend)
     assert torch.equal(mk.streamed_magnitude_thresholds(chunks(lambda t: [t]), **options), whole)
@@ -762,11 +786,11 @@ def test_streamed_thresholds_with_dare_need_model_wide_tensor_keys(backend):
                        mk.magnitude_thresholds(bases, experts, density=0.2, trim_scope="model", backend=backend))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend,device", EVERY)
 @pytest.mark.parametrize("scope", ["tensor", "model"])
-def test_thresholds_at_density_one_are_used_as_given(backend, scope):
+def test_thresholds_at_density_one_are_used_as_given(backend, device, scope):
     # a pipeline with a configurable density passes magnitude_thresholds(density=ρ) on at ρ = 1.0 too
-    bases, experts = _stream_case()
+    bases, experts = _stream_case(device)
     weights = [0.3, 0.7, 1.1]
     for drop_rate in (0.0, 0.4):  # TIES and DARE-TIES
         kwargs = dict(trim_scope=scope, elect_sign=True, drop_rate=drop_rate, seed=1, backend=backend)

@@ -1020,6 +1020,8 @@ def streamed_magnitude_thresholds(
     density = check_real(density, "density", low=0.0, high=1.0, low_open=True)  # None (no trim): no thresholds
     spec = make_spec(density=density, trim_scope="model", drop_rate=drop_rate, seed=seed)
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():  # the current device
+        device = torch.device("cuda", torch.cuda.current_device())
     chosen = resolve_backend(TASK_VECTORS, backend, device)
     keep = torch.tensor([keep_count(spec.density, total_numel)], dtype=torch.int64, device=device)
     passes = [0]
@@ -1038,8 +1040,7 @@ def streamed_magnitude_thresholds(
                                                 if isinstance(bases, Sequence) else None)
             if len(experts) != num_tasks:
                 raise ValueError(f"num_tasks is {num_tasks} but chunk {c} has {len(experts)} experts")
-            if bases and (chunk_device.type != device.type
-                          or (device.index is not None and chunk_device.index != device.index)):
+            if bases and chunk_device != device:
                 raise ValueError(f"chunk {c} is on {chunk_device} but device is {device}")
             if any(b.dtype == torch.float64 for b in bases):
                 raise TypeError(f"chunk {c} holds float64 tensors; thresholds are selected on float32 magnitudes")
