@@ -37,16 +37,17 @@ BACKENDS = [pytest.param("torch", "cpu", id="torch-cpu"), *fast_backend_params(S
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
-def corr_tol(dtype: torch.dtype, device: str, d: int) -> float:
+def corr_tol(dtype: torch.dtype, device: str, d: int, backend: str | None = None) -> float:
     """Allowed |Δ| of a correlation against the float64 reference computed on the same (rounded) input.
 
     The input's own rounding is not part of the error (the reference sees the same values); what
     remains is fp32 arithmetic: normalized values and products rounded at 2^-24, summed over d terms
     (a few ulps times sqrt(d) in practice: 16 ulps·sqrt(d) leaves a margin of ~5x over what we see).
-    On CUDA, 16-bit inputs multiply in tf32: each product of the unit-norm rows is off by ≤ 2·2^-11
-    relatively, so |Δ| ≤ 2·2^-11·Σ|x̂_k ŷ_k| ≤ 2^-10 (Cauchy–Schwarz); allow twice that.
+    The Triton kernels (and anything on CUDA) multiply 16-bit inputs in tf32, operands rounded to
+    nearest: each product of the unit-norm rows is off by ≤ 2·2^-11 relatively, so
+    |Δ| ≤ 2·2^-11·Σ|x̂_k ŷ_k| ≤ 2^-10 (Cauchy–Schwarz); allow twice that.
     """
-    if device == "cuda" and dtype in (torch.float16, torch.bfloat16):
+    if dtype in (torch.float16, torch.bfloat16) and (device == "cuda" or backend == "triton"):
         return 2.0 ** -9
     return 16 * 2.0 ** -24 * max(d, 1) ** 0.5
 
@@ -72,7 +73,7 @@ def test_correlation_matrix_matches_reference(backend, device, dtype, n, m, d):
         want = correlation_matrix_torch(x, other)
         assert got.dtype == torch.float32 and got.shape == want.shape
         assert not torch.isnan(got).any()
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=corr_tol(dtype, device, d))
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=corr_tol(dtype, device, d, backend))
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
@@ -249,7 +250,7 @@ def test_correlation_matrix_extreme_magnitudes(backend, device, dtype, peak, eps
         assert bool((off_diagonal > 1e-3).all())  # the rows at the extremes are alive
         got = correlation_matrix(x, other, eps=eps, backend=backend)
         assert not torch.isnan(got).any()
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=corr_tol(dtype, device, d))
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=corr_tol(dtype, device, d, backend))
     c = correlation_matrix(x, eps=eps, backend=backend)
     expect = torch.zeros(23, device=device)
     expect[7] = 1.0
@@ -581,7 +582,7 @@ def test_activation_stats_dtypes(backend, device, dtype):
     fb = _data(48, 14, dtype, device, seed=13, std=3.0)
     stats = _stream(ActivationStats([9, 14], backend=backend), _split([fa, fb], [16, 16, 16]))
     # the reference sees the same rounded inputs; float64 features are rounded to fp32 on the fast paths
-    tol = corr_tol(dtype, device, 48) + (2.0 ** -22 if dtype == torch.float64 else 0.0)
+    tol = corr_tol(dtype, device, 48, backend) + (2.0 ** -22 if dtype == torch.float64 else 0.0)
     _check_stats(stats, [fa, fb], tol, tol)
 
 
@@ -654,14 +655,14 @@ def test_activation_stats_extreme_magnitudes(backend, device, dtype, peak, eps, 
     corr = stats.correlation(eps=eps)
     assert not torch.isnan(corr).any()
     torch.testing.assert_close(corr.double(), activation_correlation_torch(fa, fb, eps=eps), rtol=0,
-                               atol=corr_tol(dtype, device, 96))
+                               atol=corr_tol(dtype, device, 96, backend))
     expect = torch.zeros(9, device=device)
     expect[4] = 1.0
     assert torch.equal(corr[4], expect) and torch.equal(corr[:, 4], expect)
     count, mean, cov = activation_moments_torch(fa, fb)
     scale = float(cov.diagonal().max())
     got = stats.covariance(torch.float64)
-    torch.testing.assert_close(got, cov, rtol=0, atol=corr_tol(dtype, device, 96) * scale)
+    torch.testing.assert_close(got, cov, rtol=0, atol=corr_tol(dtype, device, 96, backend) * scale)
     assert float(got[4].abs().max()) == 0.0
     torch.testing.assert_close(stats.mean(torch.float64), mean, rtol=0, atol=1e-6 * scale ** 0.5)
     fp32 = torch.finfo(torch.float32)
@@ -670,7 +671,7 @@ def test_activation_stats_extreme_magnitudes(backend, device, dtype, peak, eps, 
             stats.covariance()
     elif scale > fp32.tiny / fp32.eps:  # (smaller ones round to fp32 subnormals or 0, as any cast to fp32 does)
         torch.testing.assert_close(stats.covariance().double(), cov, rtol=0,
-                                   atol=corr_tol(dtype, device, 96) * scale)
+                                   atol=corr_tol(dtype, device, 96, backend) * scale)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow warnings from the Triton interpreter: intended
@@ -1224,3 +1225,49 @@ def test_group_similarity_errors_and_empty():
 def test_exports():
     for name in ("ActivationStats", "correlation_matrix", "dual_similarity", "group_similarity"):
         assert getattr(mk, name) is getattr(sim, name)
+
+
+# --------------------------------------------------------------------------- tf32 operand rounding
+
+if sim.triton is not None:
+    tl = sim.tl
+
+    @sim.triton.jit
+    def _tf32_round_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + i, sim._tf32_rounded(tl.load(x_ptr + i, mask=i < n)), mask=i < n)
+
+
+def _nearest_tf32(x: np.ndarray) -> np.ndarray:
+    """Round-to-nearest on 10 mantissa bits, ties away from zero, by comparing the two neighbours in float64."""
+    bits = x.astype(np.float32).view(np.uint32)
+    low = (bits & np.uint32(0xFFFFE000)).view(np.float32).astype(np.float64)  # toward zero
+    high = ((bits & np.uint32(0xFFFFE000)) + np.uint32(0x2000)).view(np.float32).astype(np.float64)  # away
+    exact = x.astype(np.float64)
+    away = np.abs(high - exact) <= np.abs(exact - low)
+    return np.where(away, high, low).astype(np.float32)
+
+
+@pytest.mark.skipif(sim.triton is None, reason="triton not installed")
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="interpreter"), pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_tf32_operand_rounding_is_to_nearest(device):
+    # the 16-bit correlation kernels round their fp32 operands before the tensor cores read the top 19 bits
+    if device == "cpu" and not triton_interpreting():
+        pytest.skip("Triton kernels run on CPU only in the interpreter")
+    rng = np.random.default_rng(0)
+    one_ulp = np.float32(2.0 ** -23)
+    x = np.concatenate([
+        rng.standard_normal(3000).astype(np.float32) * np.float32(10.0) ** rng.integers(-30, 30, 3000),
+        np.float32(1.0) + np.arange(0, 0x2000, 0x100, dtype=np.float32) * one_ulp,  # every low-bit pattern
+        np.array([1.0 + 0x1000 * 2.0 ** -23, -(1.0 + 0x1000 * 2.0 ** -23)], dtype=np.float32),  # ties: away from 0
+        np.array([2.0 - 2.0 ** -23], dtype=np.float32),  # rounds up into the next binade
+        np.array([0.0, -0.0, 1e-40, -3e38, 3.3e38], dtype=np.float32),  # zeros, a subnormal, near the max
+    ]).astype(np.float32)
+    out = torch.empty(len(x), dtype=torch.float32, device=device)
+    _tf32_round_kernel[(sim.triton.cdiv(len(x), 1024),)](torch.from_numpy(x).to(device), out, len(x), BLOCK=1024)
+    got = out.cpu().numpy()
+    want = _nearest_tf32(x)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    normal = np.abs(x) >= np.finfo(np.float32).tiny  # subnormals have fewer bits to keep
+    err = np.abs(got.astype(np.float64) - x)[normal]
+    assert np.all(err <= 2.0 ** -11 * np.abs(x[normal].astype(np.float64)))  # half a tf32 ulp at most

@@ -44,7 +44,9 @@ materializes every sample's weights in float64-capable plain torch.
 The op is declared with ``torch.library`` (``merging_kernels::per_sample_linear``
 and ``merging_kernels::per_sample_lowrank_linear``) with fake implementations,
 so models that call it work under ``torch.compile``; the Triton kernel is
-compiled once per (dtype, tile config) and never per batch size or K. The ops are
+compiled once per (dtype, tile config, layer shape) and never per batch size or
+sequence length (Triton specializes integers that are 1 or multiples of 16, so a
+new K may add a variant, compiled once). The ops are
 for inference: they have no autograd formula (backward raises; forward-mode AD such
 as ``torch.func.jvp`` gets zero tangents, torch's rule for ops without one, so do not
 differentiate through them).

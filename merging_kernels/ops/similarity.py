@@ -65,7 +65,10 @@ On CUDA, Triton kernels fuse the centering/normalization into the GEMM tiles:
 ``tl.dot`` precision: fp32 inputs use ``input_precision="ieee"`` (what torch's default fp32 matmul
 computes; tf32 would cost ~1e-3 relative error); fp16/bf16 inputs are centered in fp32 and multiplied
 with ``"tf32"`` (tensor cores, fp32 range — an fp16 dot could overflow on centered values — and
-a rounding of the centered values comparable to the inputs' own 16-bit rounding). float64 inputs
+a rounding of the centered values comparable to the inputs' own 16-bit rounding). The operands are
+rounded to tf32 in the kernel first (``_tf32_rounded``): the tensor cores read only their top 19 bits,
+which truncates; the interpreter multiplies the same rounded values in fp32, so the CPU tests see the
+rounding a GPU does. float64 inputs
 are rounded to fp32 by the Triton kernels (``correlation_matrix``: after centering each row in float64 and
 scaling it by a power of two, so that values beyond the fp32 range, or a spread far below the mean, keep
 their correlation) and by :class:`ActivationStats` (after the shift and scale, done in float64; its products
@@ -451,18 +454,29 @@ except ImportError:
 if triton is not None:
 
     @triton.jit
+    def _tf32_rounded(x):
+        """Finite fp32 x rounded to the nearest tf32 value (10 mantissa bits, ties away from zero, as
+        cvt.rna.tf32.f32 does). tf32 tensor-core products read only the top 19 bits of each fp32 operand,
+        so unrounded operands are truncated: up to 2^-10 relative and one-sided, instead of 2^-11."""
+        bits = x.to(tl.uint32, bitcast=True)
+        return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _corr_gemm_kernel(x_ptr, y_ptr, mx_ptr, rx_ptr, my_ptr, ry_ptr, out_ptr, n, m, d,
                           sxn, sxd, syn, syd, son, som,
-                          SELF: tl.constexpr, PRECISION: tl.constexpr,
+                          SELF: tl.constexpr, PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """One (BLOCK_M, BLOCK_N) tile of corr = x̂ ŷᵀ, x̂ = (x − μ)·r centered and scaled while loading.
 
         μ, r: float32 row means and 1/‖row − μ‖ (0 for dead rows, which then contribute nothing).
         SELF (y is x): tiles below the diagonal return at once; the others store their entries on and
-        above the diagonal, each also at its transpose.
+        above the diagonal, each also at its transpose. A 1-D grid of row-major tiles (a second grid axis
+        would stop at 65535 tiles: 4M rows of y).
         """
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(m, BLOCK_N)
+        pid_m = pid // num_n
+        pid_n = pid % num_n
         if SELF and pid_n < pid_m:
             return
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -483,6 +497,9 @@ if triton is not None:
             b = tl.load(y_rows + rk[None, :] * syd, mask=in_n[:, None] & in_k[None, :], other=0.0).to(tl.float32)
             a = tl.where(in_k[None, :], (a - mu_x[:, None]) * r_x[:, None], 0.0)
             b = tl.where(in_k[None, :], (b - mu_y[:, None]) * r_y[:, None], 0.0)
+            if ROUND_TF32:
+                a = _tf32_rounded(a)
+                b = _tf32_rounded(b)
             acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
         acc = tl.minimum(tl.maximum(acc, -1.0), 1.0)
         if SELF:
@@ -498,7 +515,8 @@ if triton is not None:
 
     @triton.jit
     def _shifted_gram_kernel(z_ptr, scale_ptr, nks_ptr, k_ptr, rows, D, szr, szd, skr, skc,
-                             PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+                             PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_R: tl.constexpr):
         """K[tile i, tile j] += ((z[:, i] − k_i)·s_i)ᵀ ((z[:, j] − k_j)·s_j) for tiles j ≥ i; K float64,
         products fp32.
 
@@ -525,6 +543,9 @@ if triton is not None:
             b = tl.load(base + rj[None, :] * szd, mask=in_r[:, None] & in_j[None, :], other=0.0).to(tl.float32)
             a = tl.where(in_r[:, None], a * s_i[None, :] + nks_i[None, :], 0.0)
             b = tl.where(in_r[:, None], b * s_j[None, :] + nks_j[None, :], 0.0)
+            if ROUND_TF32:
+                a = _tf32_rounded(a)
+                b = _tf32_rounded(b)
             acc += tl.dot(tl.trans(a), b, input_precision=PRECISION)
         ptrs = k_ptr + ri.to(tl.int64)[:, None] * skr + rj[None, :] * skc
         mask = in_i[:, None] & in_j[None, :]
@@ -650,13 +671,15 @@ def _correlation_matrix_triton(x, y, eps):
         bn = bm
     if not triton_interpreting() and (d % 16 or x.stride(0) % 16 or y.stride(0) % 16):
         bk = 16  # rows not 16-aligned (scalar loads): BLOCK_K=32 spills in the K loop (sm_90, triton 3.6)
-    grid = (triton.cdiv(n, bm), triton.cdiv(m, bn))
+    grid = (triton.cdiv(n, bm) * triton.cdiv(m, bn),)
+    precision = _dot_precision(x.dtype, y.dtype)
     # d = 1: any column stride is valid and .contiguous() keeps it; only column 0 is read, so pass 1
     sxd, syd = (x.stride(1), y.stride(1)) if d > 1 else (1, 1)
     with launch_device(x):
         _corr_gemm_kernel[grid](x, y, mx, rx, my, ry, out, n, m, d, x.stride(0), sxd, y.stride(0), syd,
-                                out.stride(0), out.stride(1), SELF=same, PRECISION=_dot_precision(x.dtype, y.dtype),
-                                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+                                out.stride(0), out.stride(1), SELF=same, PRECISION=precision,
+                                ROUND_TF32=precision == "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                num_warps=warps, num_stages=stages)
     return out
 
 
@@ -675,10 +698,12 @@ def _shifted_gram_add_triton(k64: torch.Tensor, z: torch.Tensor, scale32: torch.
         block_d, block_r, warps, stages = (128, 32, 8, 3) if z.dtype in (torch.float16, torch.bfloat16) and aligned \
             else (64, 32, 4, 3)
     tiles = triton.cdiv(D, block_d)
+    precision = _dot_precision(z.dtype)
     with launch_device(z):
         _shifted_gram_kernel[(tiles, tiles)](z, scale32, neg_kscale32, k64, rows, D, z.stride(0), z.stride(1),
-                                             k64.stride(0), k64.stride(1), PRECISION=_dot_precision(z.dtype),
-                                             BLOCK_D=block_d, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
+                                             k64.stride(0), k64.stride(1), PRECISION=precision,
+                                             ROUND_TF32=precision == "tf32", BLOCK_D=block_d, BLOCK_R=block_r,
+                                             num_warps=warps, num_stages=stages)
 
 
 def _correlation_from_moments_triton(mean, second_moment, count, eps, upper):
