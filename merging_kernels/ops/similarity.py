@@ -464,7 +464,7 @@ if triton is not None:
     @triton.jit
     def _corr_gemm_kernel(x_ptr, y_ptr, mx_ptr, rx_ptr, my_ptr, ry_ptr, out_ptr, n, m, d,
                           sxn, sxd, syn, syd, son, som,
-                          SELF: tl.constexpr, PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
+                          SELF: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """One (BLOCK_M, BLOCK_N) tile of corr = x̂ ŷᵀ, x̂ = (x − μ)·r centered and scaled while loading.
 
@@ -497,7 +497,7 @@ if triton is not None:
             b = tl.load(y_rows + rk[None, :] * syd, mask=in_n[:, None] & in_k[None, :], other=0.0).to(tl.float32)
             a = tl.where(in_k[None, :], (a - mu_x[:, None]) * r_x[:, None], 0.0)
             b = tl.where(in_k[None, :], (b - mu_y[:, None]) * r_y[:, None], 0.0)
-            if ROUND_TF32:
+            if PRECISION == "tf32":  # the tensor cores would truncate the fp32 operands
                 a = _tf32_rounded(a)
                 b = _tf32_rounded(b)
             acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
@@ -515,8 +515,7 @@ if triton is not None:
 
     @triton.jit
     def _shifted_gram_kernel(z_ptr, scale_ptr, nks_ptr, k_ptr, rows, D, szr, szd, skr, skc,
-                             PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_R: tl.constexpr):
+                             PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
         """K[tile i, tile j] += ((z[:, i] − k_i)·s_i)ᵀ ((z[:, j] − k_j)·s_j) for tiles j ≥ i; K float64,
         products fp32.
 
@@ -543,7 +542,7 @@ if triton is not None:
             b = tl.load(base + rj[None, :] * szd, mask=in_r[:, None] & in_j[None, :], other=0.0).to(tl.float32)
             a = tl.where(in_r[:, None], a * s_i[None, :] + nks_i[None, :], 0.0)
             b = tl.where(in_r[:, None], b * s_j[None, :] + nks_j[None, :], 0.0)
-            if ROUND_TF32:
+            if PRECISION == "tf32":  # the tensor cores would truncate the fp32 operands
                 a = _tf32_rounded(a)
                 b = _tf32_rounded(b)
             acc += tl.dot(tl.trans(a), b, input_precision=PRECISION)
@@ -672,14 +671,12 @@ def _correlation_matrix_triton(x, y, eps):
     if not triton_interpreting() and (d % 16 or x.stride(0) % 16 or y.stride(0) % 16):
         bk = 16  # rows not 16-aligned (scalar loads): BLOCK_K=32 spills in the K loop (sm_90, triton 3.6)
     grid = (triton.cdiv(n, bm) * triton.cdiv(m, bn),)
-    precision = _dot_precision(x.dtype, y.dtype)
     # d = 1: any column stride is valid and .contiguous() keeps it; only column 0 is read, so pass 1
     sxd, syd = (x.stride(1), y.stride(1)) if d > 1 else (1, 1)
     with launch_device(x):
         _corr_gemm_kernel[grid](x, y, mx, rx, my, ry, out, n, m, d, x.stride(0), sxd, y.stride(0), syd,
-                                out.stride(0), out.stride(1), SELF=same, PRECISION=precision,
-                                ROUND_TF32=precision == "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                num_warps=warps, num_stages=stages)
+                                out.stride(0), out.stride(1), SELF=same, PRECISION=_dot_precision(x.dtype, y.dtype),
+                                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -698,12 +695,10 @@ def _shifted_gram_add_triton(k64: torch.Tensor, z: torch.Tensor, scale32: torch.
         block_d, block_r, warps, stages = (128, 32, 8, 3) if z.dtype in (torch.float16, torch.bfloat16) and aligned \
             else (64, 32, 4, 3)
     tiles = triton.cdiv(D, block_d)
-    precision = _dot_precision(z.dtype)
     with launch_device(z):
         _shifted_gram_kernel[(tiles, tiles)](z, scale32, neg_kscale32, k64, rows, D, z.stride(0), z.stride(1),
-                                             k64.stride(0), k64.stride(1), PRECISION=precision,
-                                             ROUND_TF32=precision == "tf32", BLOCK_D=block_d, BLOCK_R=block_r,
-                                             num_warps=warps, num_stages=stages)
+                                             k64.stride(0), k64.stride(1), PRECISION=_dot_precision(z.dtype),
+                                             BLOCK_D=block_d, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
 
 
 def _correlation_from_moments_triton(mean, second_moment, count, eps, upper):
