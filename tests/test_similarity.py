@@ -1271,3 +1271,18 @@ def test_tf32_operand_rounding_is_to_nearest(device):
     normal = np.abs(x) >= np.finfo(np.float32).tiny  # subnormals have fewer bits to keep
     err = np.abs(got.astype(np.float64) - x)[normal]
     assert np.all(err <= 2.0 ** -11 * np.abs(x[normal].astype(np.float64)))  # half a tf32 ulp at most
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="interpreter"), pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_cross_correlation_beyond_the_grid_limit_is_done_in_slices(device, monkeypatch):
+    # CUDA grids stop at 65535 tiles on their second axis (4M rows of y): the launcher slices y and out's columns
+    if sim.triton is None or (device == "cpu" and not triton_interpreting()):
+        pytest.skip("needs the Triton backend")
+    x, y = _data(21, 33, torch.float32, device, seed=5), _data(70, 33, torch.float32, device, seed=6)
+    whole = correlation_matrix(x, y, backend="triton")
+    monkeypatch.setattr(sim, "_MAX_GRID_Y", 1)  # one tile of y rows per slice
+    sliced = correlation_matrix(x, y, backend="triton")
+    assert torch.equal(sliced, whole)  # the same tiles, computed in other launches
+    torch.testing.assert_close(sliced.double(), correlation_matrix_torch(x, y), rtol=0,
+                               atol=corr_tol(torch.float32, device, 33, "triton"))
+    assert torch.equal(correlation_matrix(x, backend="triton"), correlation_matrix(x, backend="triton").T)

@@ -470,13 +470,10 @@ if triton is not None:
 
         μ, r: float32 row means and 1/‖row − μ‖ (0 for dead rows, which then contribute nothing).
         SELF (y is x): tiles below the diagonal return at once; the others store their entries on and
-        above the diagonal, each also at its transpose. A 1-D grid of row-major tiles (a second grid axis
-        would stop at 65535 tiles: 4M rows of y).
+        above the diagonal, each also at its transpose.
         """
-        pid = tl.program_id(0)
-        num_n = tl.cdiv(m, BLOCK_N)
-        pid_m = pid // num_n
-        pid_n = pid % num_n
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
         if SELF and pid_n < pid_m:
             return
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -585,6 +582,9 @@ if triton is not None:
         tl.store(out_ptr + r2 * D + c2, corr.to(tl.float32), mask=mask)
 
 
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis
+
+
 def _dot_precision(*dtypes: torch.dtype) -> str:
     """fp32 operands: exact fp32 products ("ieee"); 16-bit operands: tf32 (see the module docstring)."""
     return "ieee" if any(dt in (torch.float32, torch.float64) for dt in dtypes) else "tf32"
@@ -670,13 +670,18 @@ def _correlation_matrix_triton(x, y, eps):
         bn = bm
     if not triton_interpreting() and (d % 16 or x.stride(0) % 16 or y.stride(0) % 16):
         bk = 16  # rows not 16-aligned (scalar loads): BLOCK_K=32 spills in the K loop (sm_90, triton 3.6)
-    grid = (triton.cdiv(n, bm) * triton.cdiv(m, bn),)
     # d = 1: any column stride is valid and .contiguous() keeps it; only column 0 is read, so pass 1
     sxd, syd = (x.stride(1), y.stride(1)) if d > 1 else (1, 1)
+    # grid axis 1 stops at 65535 tiles: more rows of y (over 4M; never with y = x, whose n x n output could not
+    # be held) are done in slices of y and of out's columns
+    step = m if same else _MAX_GRID_Y * bn
     with launch_device(x):
-        _corr_gemm_kernel[grid](x, y, mx, rx, my, ry, out, n, m, d, x.stride(0), sxd, y.stride(0), syd,
-                                out.stride(0), out.stride(1), SELF=same, PRECISION=_dot_precision(x.dtype, y.dtype),
-                                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        for j in range(0, m, step):
+            part = min(step, m - j)
+            _corr_gemm_kernel[(triton.cdiv(n, bm), triton.cdiv(part, bn))](
+                x, y[j:], mx, rx, my[j:], ry[j:], out[:, j:], n, part, d, x.stride(0), sxd, y.stride(0), syd,
+                out.stride(0), out.stride(1), SELF=same, PRECISION=_dot_precision(x.dtype, y.dtype),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out
 
 
