@@ -15,6 +15,10 @@ if not torch.cuda.is_available():
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
+    markexpr = config.getoption("markexpr") or ""
+    if "gpu" in markexpr and "not gpu" not in markexpr:  # a GPU run on a machine without one tests nothing
+        raise pytest.UsageError(f"-m {markexpr!r} selects the GPU tests, but torch.cuda.is_available() is False "
+                                f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:

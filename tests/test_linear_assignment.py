@@ -154,6 +154,8 @@ def test_matches_scipy(backend, device, method, kind, shape):
 @pytest.mark.parametrize("kind", ["uniform", "int_ties", "correlated", "rank1", "forbidden"])
 @pytest.mark.parametrize("backend, device, method", FAST_ONLY)
 def test_n1000(backend, device, method, kind):
+    if backend == "torch" and device == "cuda":  # host-synced steps: rank1 takes ~500k of them, minutes on a GPU
+        pytest.skip("the torch reference at n = 1000 is checked on CPU (test_reference_n1000)")
     cost = make_cost(kind, 1000, 1000, seed=1)
     assert_optimal(cost, *solve(cost, backend, device, method))
 

@@ -218,7 +218,7 @@ def test_alpha_is_validated(zip_fn):
         assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu  # (a skipif alone left it out of `pytest -m gpu`)
 def test_cuda_input_gives_cuda_results_equal_to_cpu():
     g = torch.Generator().manual_seed(11)
     s = torch.randn(16, 16, generator=g)
