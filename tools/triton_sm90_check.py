@@ -218,7 +218,7 @@ def main(argv: list[str]) -> int:
         spilling += info["spill"] > 0
         print(f"{name:28s} {case:44s} {info['registers']:>5} {info['spill']:>6} {info['stack']:>6} "
               f"{kernel.metadata.shared:>7}")
-    print(f"\n{len(seen)} variants compiled for sm_{ARCH}; {spilling} spill registers; {failures} failed")
+    print(f"\n{len(seen)} variants compiled for sm_{ARCH}; {spilling} of them spill registers; {failures} failed")
     return 1 if failures else 0
 
 
