@@ -7,7 +7,7 @@
 # and one call at most 10, so the script keeps its own clock: GPU_SESSION_SECONDS (default 540) from its
 # start. Each step runs under `timeout` for what is left of that budget (SIGINT first, so pytest still
 # prints its summary and a runner its last rows), and a step that would start with under 30 s left is
-# skipped and listed in $OUT/skipped.txt. The call therefore returns inside the tool's limit with every
+# skipped and listed in skipped.txt. The call therefore returns inside the tool's limit with every
 # finished log under $OUT; a second call made at once (the machine stays warm ~30 s, _C included) picks
 # up the skipped steps.
 #
