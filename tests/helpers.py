@@ -3,7 +3,20 @@
 import pytest
 import torch
 
-from merging_kernels._dispatch import OpBackends, available_backends
+from merging_kernels._dispatch import OpBackends, available_backends, triton_interpreting
+
+# where a Triton kernel of a test runs: the CPU interpreter here, compiled on a CUDA device (gpu marked)
+TRITON_DEVICES = [pytest.param("cpu", id="interpreter"), pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def skip_unless_triton_runs_on(device: str) -> None:
+    """Skip a TRITON_DEVICES test where its kernel cannot run: no triton, or a CPU outside the interpreter."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip("triton not installed")
+    if device == "cpu" and not triton_interpreting():
+        pytest.skip("Triton kernels run on CPU only in the interpreter")
 
 
 def fast_backend_params(op: OpBackends):

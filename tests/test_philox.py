@@ -1,7 +1,5 @@
 """Philox4x32-10: known answers, and the DARE keep rule."""
 
-import os
-
 import pytest
 import torch
 
@@ -9,6 +7,8 @@ import merging_kernels as mk
 from merging_kernels._native import native_module
 
 from merging_kernels.ops.philox import UNIFORM_BITS, dare_keep_mask_torch, drop_threshold, philox4x32_10, tensor_key
+
+from helpers import TRITON_DEVICES, skip_unless_triton_runs_on
 
 
 def _words(c, k):
@@ -56,13 +56,11 @@ if triton is not None:
         tl.store(out_ptr + 3, w3.to(tl.int64))
 
 
-@pytest.mark.skipif(triton is None, reason="triton not installed")
-@pytest.mark.parametrize("device", [pytest.param("cpu", id="interpreter"), pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("counter,key,expected", KNOWN_ANSWERS)
 def test_triton_philox_known_answers(device, counter, key, expected):
     # the generator inside the Triton DARE kernels, on its own: wrap-around and umulhi with operands >= 2**31
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        pytest.skip("Triton kernels run on CPU only in the interpreter")
+    skip_unless_triton_runs_on(device)
     out = torch.full((4,), -1, dtype=torch.int64, device=device)
     _philox_words_kernel[(1,)](torch.tensor(counter, dtype=torch.int64, device=device),
                                torch.tensor(key, dtype=torch.int64, device=device), out)

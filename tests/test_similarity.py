@@ -31,7 +31,7 @@ from merging_kernels.ops.similarity import (
     group_similarity_torch,
 )
 
-from helpers import fast_backend_params
+from helpers import TRITON_DEVICES, fast_backend_params, skip_unless_triton_runs_on
 
 BACKENDS = [pytest.param("torch", "cpu", id="torch-cpu"), *fast_backend_params(SIMILARITY)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -1248,12 +1248,10 @@ def _nearest_tf32(x: np.ndarray) -> np.ndarray:
     return np.where(away, high, low).astype(np.float32)
 
 
-@pytest.mark.skipif(sim.triton is None, reason="triton not installed")
-@pytest.mark.parametrize("device", [pytest.param("cpu", id="interpreter"), pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_tf32_operand_rounding_is_to_nearest(device):
     # the 16-bit correlation kernels round their fp32 operands before the tensor cores read the top 19 bits
-    if device == "cpu" and not triton_interpreting():
-        pytest.skip("Triton kernels run on CPU only in the interpreter")
+    skip_unless_triton_runs_on(device)
     rng = np.random.default_rng(0)
     one_ulp = np.float32(2.0 ** -23)
     x = np.concatenate([
@@ -1273,11 +1271,10 @@ def test_tf32_operand_rounding_is_to_nearest(device):
     assert np.all(err <= 2.0 ** -11 * np.abs(x[normal].astype(np.float64)))  # half a tf32 ulp at most
 
 
-@pytest.mark.parametrize("device", [pytest.param("cpu", id="interpreter"), pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_cross_correlation_beyond_the_grid_limit_is_done_in_slices(device, monkeypatch):
     # CUDA grids stop at 65535 tiles on their second axis (4M rows of y): the launcher slices y and out's columns
-    if sim.triton is None or (device == "cpu" and not triton_interpreting()):
-        pytest.skip("needs the Triton backend")
+    skip_unless_triton_runs_on(device)
     x, y = _data(21, 33, torch.float32, device, seed=5), _data(70, 33, torch.float32, device, seed=6)
     whole = correlation_matrix(x, y, backend="triton")
     monkeypatch.setattr(sim, "_MAX_GRID_Y", 1)  # one tile of y rows per slice
