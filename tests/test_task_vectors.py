@@ -25,8 +25,7 @@ def make_case(shapes, num_tasks, dtype=torch.float32, device="cpu", spread=0.1, 
     bases = [torch.randn(s, generator=g).to(dtype) for s in shapes]
     experts = [[(b.float() + spread * torch.randn(s, generator=g)).to(dtype) for b, s in zip(bases, shapes)]
                for _ in range(num_tasks)]
-    move = lambda t: t.to(device)  # noqa: E731
-    return [move(b) for b in bases], [[move(e) for e in task] for task in experts]
+    return on(device, bases), on(device, experts)
 
 
 def assert_outputs_close(actual, expected, dtype):

@@ -164,7 +164,6 @@ def similarity_cases():
 
 def per_sample_linear_cases():
     k, i, o = 4, 256, 192
-    matmul = torch.backends.cuda.matmul
     for dt in (F32, F16, BF16):
         for tf32 in ((False, True) if dt == F32 else (False,)):
             for rows in (8, 48, 256):
@@ -180,7 +179,6 @@ def per_sample_linear_cases():
                         psl._stacked_triton(x, alpha, weight, packed_bias)
                     finally:
                         psl._matmul_allows_tf32 = old
-    del matmul
 
 
 FAMILIES = {"task_vectors": task_vector_cases, "similarity": similarity_cases,
