@@ -11,3 +11,15 @@ def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Context for a Triton launch on ``t``'s data: Triton launches on the *current* CUDA device (and its
     current stream), so ``t``'s device is made current for the launch; nothing for CPU tensors (interpreter)."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of a host list on ``device`` without stalling the host on a CUDA device.
+
+    A pageable host-to-device copy first waits for the stream to drain; from pinned memory the copy is
+    queued (torch keeps the pinned block alive until the copy has run), so launches keep overlapping.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

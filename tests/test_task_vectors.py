@@ -823,6 +823,22 @@ def test_triton_launches_on_the_tensors_device(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_triton_threshold_selection_queues_without_a_host_sync():
+    # the 4 radix passes each copy a pointer table to the device: pinned and queued, the host never waits on
+    # the stream between passes (a pageable copy would drain it first)
+    bases, experts = make_case([(33, 5), (2049,)], 3, device="cuda")
+    expected = mk.magnitude_thresholds(bases, experts, density=0.5, backend="triton")  # compiles outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        thresholds = mk.magnitude_thresholds(bases, experts, density=0.5, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(thresholds, expected)
+    assert torch.equal(thresholds, mk.magnitude_thresholds(bases, experts, density=0.5, backend="torch"))
+
+
+@pytest.mark.gpu
 def test_triton_merge_on_a_device_other_than_the_current_one():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")

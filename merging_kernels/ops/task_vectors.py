@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .._cuda import launch_device
+from .._cuda import host_to_device, launch_device
 from .._dispatch import OpBackends, resolve_backend
 from .._validation import (
     check_bool,
@@ -529,8 +529,8 @@ def _triton_tables(members, bases, experts, outs, tensor_keys, segment_ids, bloc
     if first >= 2**31:
         raise ValueError("too many elements for one triton launch")  # > 4e12 elements
     device = bases[members[0]].device
-    # one host -> device copy for the whole group
-    packed = torch.tensor([v for r in rows for v in r] + expert_ptrs, dtype=torch.int64).to(device)
+    # one queued host -> device copy for the whole group (rebuilt each pass: streamed chunks change)
+    packed = host_to_device([v for r in rows for v in r] + expert_ptrs, torch.int64, device)
     table, expert_table = packed[:len(rows) * _ROW_WIDTH], packed[len(rows) * _ROW_WIDTH:]
     block_row = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32, device=device),
                                         table.view(-1, _ROW_WIDTH)[:, _ROW_NUM_BLOCKS], output_size=first)
@@ -882,7 +882,7 @@ def magnitude_thresholds(
 def _select_in_memory(backend, bases, experts, spec, keys, seg_numel, device) -> torch.Tensor:
     """Trim thresholds of tensors held in memory, by radix select on ``backend``'s histograms."""
     seg_of, _ = segments_of([b.numel() for b in bases], spec.trim_scope)
-    keep = torch.tensor([keep_count(spec.density, n) for n in seg_numel], dtype=torch.int64, device=device)
+    keep = host_to_device([keep_count(spec.density, n) for n in seg_numel], torch.int64, device)
     return select_thresholds(
         lambda shift, bits, prefix: _HISTOGRAM[backend](bases, experts, spec, keys, seg_of, len(seg_numel), shift,
                                                         bits, prefix),
@@ -1023,7 +1023,7 @@ def streamed_magnitude_thresholds(
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():  # the current device
         device = torch.device("cuda", torch.cuda.current_device())
     chosen = resolve_backend(TASK_VECTORS, backend, device)
-    keep = torch.tensor([keep_count(spec.density, total_numel)], dtype=torch.int64, device=device)
+    keep = host_to_device([keep_count(spec.density, total_numel)], torch.int64, device)
     passes = [0]
 
     def histogram(shift, bits, prefix):
