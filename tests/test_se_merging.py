@@ -335,11 +335,22 @@ def test_float64_models_merge_in_float64():
     base, experts = base.double(), [e.double() for e in experts]
     x = torch.randn(3, 2, 12, dtype=torch.float64)
     model = se_merge(base, experts, lam=0.3)
+    assert model.static_alpha(3).dtype == model.probe_table.dtype == torch.float64
     static = _load(base, task_arithmetic(base.state_dict(), [e.state_dict() for e in experts], 0.3))
     assert (model(x, alpha=model.static_alpha(3)) - static(x)).abs().max() < 1e-12
     ties = se_merge(base, experts, base_method="ties", lam=0.7, density=0.3)  # float64 thresholds (kthvalue)
     static = _load(base, ties_merging(base.state_dict(), [e.state_dict() for e in experts], density=0.3, scale=0.7))
     assert (ties(x, alpha=ties.static_alpha(3)) - static(x)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_and_routing_coefficients_are_float32_below_float64(dtype):
+    # the layers mix in float32 for these models: coefficients already in it are used without a cast per layer
+    base, experts = _family()
+    model = se_merge(base.to(dtype), [e.to(dtype) for e in experts], lam=[0.1, 0.2, 0.3])
+    assert model.static_alpha(2).dtype == model.probe_table.dtype == torch.float32
+    torch.testing.assert_close(model.static_alpha(2)[1], torch.tensor([0.1, 0.2, 0.3]))
+    assert model.route(torch.randn(2, 3, 12).to(dtype)).dtype == torch.float32
 
 
 def test_runs_under_autocast():

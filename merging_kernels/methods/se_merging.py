@@ -391,7 +391,11 @@ def se_merge(
         else:
             new = PerSampleConv2d(old, tv("weight"), tv("bias"), coefficients, name=name)
         _replace(model, name, new)
-    lam_dev = lam_t.to(next(iter(base_sd.values())).device) if base_sd else lam_t
+    # λ in the layers' mixing dtype (float32 unless the model is float64): the static and routing passes
+    # then hand every layer coefficients it uses as they are, without a cast per layer per call
+    wide = any(p.dtype == torch.float64 for p in base_sd.values())
+    device = next(iter(base_sd.values())).device if base_sd else torch.device("cpu")
+    lam_dev = lam_t.to(device=device, dtype=torch.float64 if wide else torch.float32)
     return SEMergedModel(model, coefficients, lam_dev, probe=probe, score=score, temperature=temperature,
                          total=total_value).eval()
 
@@ -406,7 +410,7 @@ def _lambda_vector(lam, k: int, base_method: str) -> torch.Tensor:
     if isinstance(lam, torch.Tensor) and lam.dim() == 0:
         lam = lam.item()
     if isinstance(lam, numbers.Real) and not isinstance(lam, bool):
-        return torch.full((k,), check_real(lam, "lam"), dtype=torch.float64)  # cast per use
+        return torch.full((k,), check_real(lam, "lam"), dtype=torch.float64)
     if isinstance(lam, (Sequence, torch.Tensor)) and not isinstance(lam, str):
         if base_method == "ties":
             raise ValueError("for base_method='ties', lam is TIES' single scale; per-task lam needs 'ta'")
