@@ -1,6 +1,7 @@
 """Per-sample merged linear side by side: each strategy vs the per-sample loop merge tools use today.
 
     python benchmarks/run_per_sample_linear.py [--device cpu|cuda] [--quick] [--ks 4,8] [--batches 1,16,128]
+    python benchmarks/run_per_sample_linear.py --conv [--device cpu|cuda]   (per-sample Conv2d instead)
 
 Shapes: ViT-B-like MLP up-projection, in 768 → out 3072, with bias, K task vectors, B samples of T tokens
 (T = 1: one feature vector per sample; T = 197: a ViT-B/16 sequence). fp32 on CPU, bf16 on CUDA.
@@ -15,6 +16,10 @@ Providers, timed in the same process (median of repeats after a warm-up):
 Ratios: x ref (ref/ours), loop/ours and naive/ours for the auto strategy; at T = 197 also ours / (plain + build).
 On CUDA the stacked Triton kernel's TFLOP/s for its (K+1)-fold work is compared with cuBLAS running the
 same-size GEMM ([B·T, (K+1)·in] x [(K+1)·in, out]) in the same run.
+
+--conv: per_sample_conv2d on ResNet-20-like 3x3 convs (C -> C channels, padding 1) with one row of α per
+sample: loop (per sample, merge the filters and run F.conv2d), plain (one conv with the base filters, the
+floor), and ours with strategy banks / stacked / auto (the pick of choose_conv_strategy).
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ except ImportError:  # not installed: run from a source checkout
 from common import commit_line, device_name, measure  # noqa: E402
 
 from merging_kernels.ops.per_sample_linear import (  # noqa: E402
+    choose_conv_strategy,
     choose_strategy,
     lowrank_factors,
     pack_weights,
+    per_sample_conv2d,
     per_sample_linear,
     per_sample_linear_torch,
     per_sample_lowrank_linear,
@@ -129,6 +136,40 @@ def run_case(device, dtype, k, batch, tokens, args, lines):
     return t
 
 
+CONV_SHAPES = ((16, 8), (32, 4), (64, 2), (64, 16), (128, 8))  # (channels, image side)
+
+
+def loop_conv(x, alpha, packed, packed_bias):
+    """Per sample: merge the filters and bias, run F.conv2d on that sample (what a loop over samples does)."""
+    outs = []
+    for b in range(x.shape[0]):
+        a1 = torch.cat([alpha.new_ones(1), alpha[b]]).to(packed.dtype)
+        w = torch.tensordot(a1, packed, dims=1)
+        outs.append(F.conv2d(x[b:b + 1], w, a1 @ packed_bias, 1, 1))
+    return torch.cat(outs)
+
+
+def run_conv_case(device, dtype, k, batch, channels, side, args, lines):
+    g = torch.Generator().manual_seed(0)
+    packed = (torch.randn(k + 1, channels, channels, 3, 3, generator=g) / (3 * channels**0.5)).to(device, dtype)
+    packed_bias = torch.randn(k + 1, channels, generator=g).to(device, dtype)
+    x = torch.randn(batch, channels, side, side, generator=g).to(device, dtype)
+    alpha = torch.rand(batch, k, generator=g).to(device)
+    rep = dict(device=device, repeats=3 if args.quick else 7, budget_s=4.0 if args.quick else 15.0)
+    t = {}
+    with torch.inference_mode():
+        t["loop"] = measure(lambda: loop_conv(x, alpha, packed, packed_bias), **rep).median_s
+        t["plain"] = measure(lambda: F.conv2d(x, packed[0], packed_bias[0], 1, 1), **rep).median_s
+        for strategy in ("banks", "stacked", "auto"):
+            t[strategy] = measure(lambda: per_sample_conv2d(x, alpha, packed, packed_bias, padding=1,
+                                                            strategy=strategy), **rep).median_s
+    pick = choose_conv_strategy(1, k, side * side, torch.device(device).type)
+    lines.append(f"{k:>2} {batch:>4} {channels:>4} {side:>3}x{side:<3}| {t['loop'] * 1e3:9.2f} {t['plain'] * 1e3:9.2f} | "
+                 f"{t['banks'] * 1e3:9.2f} {t['stacked'] * 1e3:9.2f} {t['auto'] * 1e3:9.2f} {pick:>7} | "
+                 f"{t['loop'] / t['auto']:7.1f}x {t['banks'] / t['auto']:7.2f}x {t['auto'] / t['plain']:6.1f}")
+    print(lines[-1], flush=True)
+
+
 def gpu_throughput(k, batch, tokens, dtype, lines):
     """Stacked Triton kernel vs cuBLAS on a GEMM of the same (K+1)-fold size."""
     g = torch.Generator().manual_seed(0)
@@ -156,8 +197,28 @@ def main(argv=None):
     parser.add_argument("--batches", default="1,16,128")
     parser.add_argument("--tokens", default="1,197")
     parser.add_argument("--out", default=None, help="also write the table to this file")
+    parser.add_argument("--conv", action="store_true", help="per-sample Conv2d (ResNet-20-like shapes) instead")
     args = parser.parse_args(argv)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    if args.conv:
+        lines = [f"# python benchmarks/run_per_sample_linear.py {' '.join(sys.argv[1:])}",
+                 f"# {datetime.date.today()}  device: {device_name(args.device)}  dtype: {dtype}  torch threads "
+                 f"{torch.get_num_threads()}; merging_kernels at "
+                 f"{commit_line(['merging_kernels/ops/per_sample_linear.py'])}",
+                 "# per_sample_conv2d, 3x3 conv C -> C, padding 1, one row of α per sample; times in ms (median); "
+                 "loop = merge filters and conv per sample; plain = one conv with the base filters (the floor); "
+                 "x loop = loop/auto, x banks = banks/auto, / plain = auto/plain",
+                 " K    B    C   HxW  |      loop     plain |     banks   stacked      auto    pick |  x loop "
+                 " x banks / plain"]
+        print("\n".join(lines), flush=True)
+        for k in map(int, args.ks.split(",")):
+            for batch in (16, 128):
+                for channels, side in CONV_SHAPES:
+                    run_conv_case(args.device, dtype, k, batch, channels, side, args, lines)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+        return
     lines = [f"# python benchmarks/run_per_sample_linear.py {' '.join(sys.argv[1:])}",
              f"# {datetime.date.today()}  device: {device_name(args.device)}  dtype: {dtype}  in {IN} out {OUT}",
              f"# versions: torch {torch.__version__}; merging_kernels at "

@@ -286,7 +286,7 @@ class PerSampleLayerNorm(nn.Module):
 
 
 class PerSampleConv2d(nn.Module):
-    """nn.Conv2d (zero padding) with per-sample filters, run as one grouped convolution: :func:`per_sample_conv2d`.
+    """nn.Conv2d (zero padding) with per-sample filters, one conv call per forward: :func:`per_sample_conv2d`.
 
     Args:
         base: the nn.Conv2d giving W0, b0, stride, padding, dilation and groups (numeric zero padding only).
@@ -329,12 +329,6 @@ class PerSampleConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.coefficients.rows_for(x, self.name or "PerSampleConv2d")
         x = _match_dtype(x, self.packed_weight.dtype)
-        if x.shape[0] == 0:  # a grouped conv cannot have 0 groups: the base filters give the empty output
-            bias = None if self.packed_bias is None else self.packed_bias[0]
-            return torch.nn.functional.conv2d(x, self.packed_weight[0], bias, self.stride, self.padding,
-                                              self.dilation, self.groups)
-        if x.shape[0] != alpha.shape[0]:  # blocks of rows share a row of α; filters are small: expand
-            alpha = alpha.repeat_interleave(x.shape[0] // alpha.shape[0], dim=0)
         return per_sample_conv2d(x, alpha, self.packed_weight, self.packed_bias, stride=self.stride,
                                  padding=self.padding, dilation=self.dilation, groups=self.groups)
 

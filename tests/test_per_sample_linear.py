@@ -10,6 +10,7 @@ from merging_kernels.ops.per_sample_linear import (
     choose_strategy,
     lowrank_factors,
     pack_weights,
+    choose_conv_strategy,
     per_sample_conv2d,
     per_sample_layer_norm,
     per_sample_linear,
@@ -315,17 +316,55 @@ def test_per_sample_layer_norm_matches_per_sample_loop():
         torch.testing.assert_close(y[i], F.layer_norm(x[i], (10,), a1 @ pw, a1 @ pb, 1e-5), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("groups,stride,padding", [(1, 1, 1), (2, 2, 0)])
-def test_per_sample_conv2d_matches_per_sample_loop(groups, stride, padding):
+@pytest.mark.parametrize("strategy", [None, "banks", "stacked"])
+@pytest.mark.parametrize("rows", [6, 3, 1])  # one row of α per sample, per block of 2 samples, for all 6
+@pytest.mark.parametrize("groups,stride,padding,dilation", [(1, 1, 1, 1), (2, 2, 0, 1), (2, 1, "same", 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_per_sample_conv2d_matches_per_sample_loop(groups, stride, padding, dilation, rows, strategy, dtype):
     g = torch.Generator().manual_seed(2)
-    x, alpha = torch.randn(3, 4, 7, 6, generator=g), torch.randn(3, 2, generator=g)
-    pw, pb = torch.randn(3, 6, 4 // groups, 3, 3, generator=g), torch.randn(3, 6, generator=g)
-    y = per_sample_conv2d(x, alpha, pw, pb, stride=stride, padding=padding, groups=groups)
-    for i in range(3):
-        a1 = torch.cat([torch.ones(1), alpha[i]])
-        w = torch.einsum("t,t...->...", a1, pw)
-        expected = F.conv2d(x[i:i + 1], w, a1 @ pb, stride, padding, 1, groups)
-        torch.testing.assert_close(y[i:i + 1], expected, rtol=1e-4, atol=1e-4)
+    x = torch.randn(6, 7, 4, 6, generator=g).transpose(1, 2).to(dtype)  # (6, 4, 7, 6), not contiguous
+    alpha = torch.randn(rows, 2, generator=g)
+    pw, pb = torch.randn(3, 6, 4 // groups, 3, 3, generator=g).to(dtype), torch.randn(3, 6, generator=g).to(dtype)
+    y = per_sample_conv2d(x, alpha, pw, pb, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                          strategy=strategy)
+    assert y.dtype == dtype
+    # oracle: per sample, filters merged in float64 and one float64 conv; plain torch at the same precision
+    # (merged filters rounded to the dtype, then F.conv2d in it) sets the bar for 16-bit dtypes
+    errors, torch_errors = [], []
+    for i in range(6):
+        a1 = torch.cat([torch.ones(1), alpha[i // (6 // rows)]]).double()
+        w, bias = torch.einsum("t,t...->...", a1, pw.double()), a1 @ pb.double()
+        expected = F.conv2d(x[i:i + 1].double(), w, bias, stride, padding, dilation, groups)
+        plain = F.conv2d(x[i:i + 1], w.to(dtype), bias.to(dtype), stride, padding, dilation, groups)
+        errors.append((y[i:i + 1].double() - expected).abs().max())
+        torch_errors.append((plain.double() - expected).abs().max())
+    if dtype == torch.bfloat16:
+        assert max(errors) <= 2 * max(torch_errors)
+    else:
+        assert max(errors) <= {torch.float32: 2e-5, torch.float64: 1e-12}[dtype]
+    assert per_sample_conv2d(x[:0], alpha[:0], pw, None, stride=stride, padding=padding, dilation=dilation,
+                             groups=groups, strategy=strategy).shape == (0, 6) + y.shape[2:]
+
+
+def test_conv_strategies_agree_and_auto_follows_the_rule():
+    g = torch.Generator().manual_seed(4)
+    x, alpha = torch.randn(5, 8, 4, 4, generator=g), torch.randn(5, 3, generator=g)
+    pw, pb = torch.randn(4, 8, 8, 3, 3, generator=g), torch.randn(4, 8, generator=g)
+    banks, stacked = (per_sample_conv2d(x, alpha, pw, pb, padding=1, strategy=s) for s in ("banks", "stacked"))
+    torch.testing.assert_close(stacked, banks, rtol=1e-5, atol=1e-5)
+    # (K+1)·H'·W' = 4·16 = 64: stacked on CPU; one more pixel row, or a block of 2 samples per row: banks
+    assert choose_conv_strategy(1, 3, 16) == "stacked"
+    assert choose_conv_strategy(1, 3, 17) == choose_conv_strategy(2, 3, 16) == "banks"
+    assert choose_conv_strategy(1, 3, 16, "cuda") == "banks"  # not measured on a GPU yet
+    with pytest.raises(ValueError, match="strategy"):
+        per_sample_conv2d(x, alpha, pw, pb, strategy="grouped")
+
+
+def test_per_sample_conv2d_refuses_rows_that_do_not_divide_the_batch():
+    x, pw = torch.randn(6, 2, 5, 5), torch.randn(3, 4, 2, 3, 3)
+    for alpha in (torch.randn(4, 2), torch.randn(0, 2), torch.randn(6, 3), torch.randn(6)):
+        with pytest.raises(ValueError, match=r"^alpha must be \(R, K\) with R dividing B = 6 and K \+ 1 = 3"):
+            per_sample_conv2d(x, alpha, pw, None)
 
 
 def test_blocks_of_samples_sharing_a_row_equal_repeated_rows():

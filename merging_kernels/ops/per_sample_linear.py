@@ -659,7 +659,8 @@ def per_sample_lowrank_linear(
 
 # --------------------------------------------------------------------------- other per-sample layers
 # LayerNorm and Conv2d mix their (small) parameters per sample and reuse torch's kernels: the mix is
-# one (B, K+1) x (K+1, P) GEMM, and a conv with per-sample filters is one grouped conv.
+# one (B, K+1) x (K+1, P) GEMM; a conv with per-sample filters is one grouped conv or one conv with all K+1
+# filter sets (per_sample_conv2d picks by shape).
 
 
 def per_sample_layer_norm(
@@ -697,6 +698,30 @@ def per_sample_layer_norm(
     return y
 
 
+CONV_STRATEGIES = ("banks", "stacked")
+
+
+def choose_conv_strategy(samples_per_row: int, num_tasks: int, out_pixels: int, device_type: str = "cpu") -> str:
+    """``stacked`` where one filter bank per sample makes the grouped conv slow, else ``banks``.
+
+    A grouped conv with one sample per group runs far below a plain conv's rate on CPU (oneDNN), the
+    more so the fewer output pixels a filter has (measured on 2 cores: ~2x at 32x32, 3-6x at 8x8, 10-20x
+    at 4x4, ~50x at 2x2); ``stacked`` always costs K+1 plain convs. Measured crossover: (K+1)·H'·W' <= 64.
+    Blocks of samples sharing a row batch well in ``banks``. CUDA keeps ``banks`` until measured there.
+    """
+    if device_type == "cpu" and samples_per_row == 1 and (num_tasks + 1) * out_pixels <= 64:
+        return "stacked"
+    return "banks"
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def per_sample_conv2d(
     x: torch.Tensor,
     alpha: torch.Tensor,
@@ -707,12 +732,21 @@ def per_sample_conv2d(
     padding=0,
     dilation=1,
     groups: int = 1,
+    strategy: str | None = None,
 ) -> torch.Tensor:
-    """Conv2d with per-sample filters W0 + Σ_k α_k τ_k, run as one grouped convolution.
+    """Conv2d with per-sample filters W0 + Σ_k α_k τ_k, without a Python loop over samples.
 
     Args:
-        x: (B, C_in, H, W); alpha: (B, K); packed_weight: (K+1, C_out, C_in / groups, kh, kw);
-        packed_bias: (K+1, C_out) or None. Padding modes other than zeros are not supported.
+        x: (B, C_in, H, W); alpha: (R, K) with R dividing B: row r gives the filters of the block of B/R
+            consecutive samples r·B/R … (r+1)·B/R − 1 (R = B: one row per sample);
+        packed_weight: (K+1, C_out, C_in / groups, kh, kw); packed_bias: (K+1, C_out) or None.
+        Padding modes other than zeros are not supported.
+        strategy: ``"banks"`` (mix one filter bank per row of α, then one grouped conv with a group per
+            row), ``"stacked"`` (one conv with all K+1 filter sets, outputs mixed per sample: K+1 times
+            the FLOPs at a plain conv's rate), or None / ``"auto"`` (:func:`choose_conv_strategy`).
+
+    Returns:
+        (B, C_out, H', W') in x's dtype.
     """
     check_float_tensor(x, "x")
     check_float_tensor(alpha, "alpha")
@@ -721,22 +755,54 @@ def per_sample_conv2d(
     if packed_weight.dim() != 5 or packed_weight.shape[2] * groups != x.shape[1]:
         raise ValueError(f"packed_weight must be (K+1, C_out, C_in / groups, kh, kw) with C_in = {x.shape[1]}, "
                          f"groups = {groups}; got shape {tuple(packed_weight.shape)}")
-    if alpha.dim() != 2 or alpha.shape[0] != x.shape[0] or packed_weight.shape[0] != alpha.shape[1] + 1:
-        raise ValueError(f"alpha must be (B, K) with B = {x.shape[0]} and K + 1 = {packed_weight.shape[0]}, "
-                         f"got shape {tuple(alpha.shape)}")
     b = x.shape[0]
+    if (alpha.dim() != 2 or packed_weight.shape[0] != alpha.shape[1] + 1
+            or (b % alpha.shape[0] if alpha.shape[0] else b) or (b and not alpha.shape[0])):
+        raise ValueError(f"alpha must be (R, K) with R dividing B = {b} and K + 1 = {packed_weight.shape[0]}, "
+                         f"got shape {tuple(alpha.shape)}")
+    if strategy is None:
+        strategy = "auto"
+    check_choice(strategy, "strategy", ("auto",) + CONV_STRATEGIES)
     kp1, c_out = packed_weight.shape[:2]
+    if b == 0:  # a grouped conv cannot have 0 groups: the base filters give the empty output
+        return F.conv2d(x, packed_weight[0], None if packed_bias is None else packed_bias[0], stride, padding,
+                        dilation, groups)
+    rows = alpha.shape[0]
+    n = b // rows  # samples per row of α
+    if strategy == "auto":
+        if padding == "same":  # F.conv2d's string paddings
+            out_pixels = math.prod(x.shape[2:])
+        else:
+            out_pixels = math.prod(_conv_out_size(size, k, s, p, d) for size, k, s, p, d in zip(
+                x.shape[2:], packed_weight.shape[3:], _pair(stride), _pair(0 if padding == "valid" else padding),
+                _pair(dilation)))
+        strategy = choose_conv_strategy(n, kp1 - 1, out_pixels, x.device.type)
     acc = _acc_dtype(x.dtype)
     a1 = _alpha1(alpha, acc)
-    w = (a1 @ packed_weight.reshape(kp1, -1).to(acc)).to(x.dtype).view(b * c_out, *packed_weight.shape[2:])
-    bias = None if packed_bias is None else (a1 @ packed_bias.to(acc)).to(x.dtype).reshape(b * c_out)
-    y = F.conv2d(x.reshape(1, b * x.shape[1], *x.shape[2:]), w, bias, stride, padding, dilation, groups * b)
-    return y.view(b, c_out, *y.shape[2:])
+    if strategy == "stacked":
+        # filters ordered (group, task, channel) so that each conv group holds its K+1 filter sets
+        g_out = c_out // groups
+        w = packed_weight.view(kp1, groups, g_out, *packed_weight.shape[2:]).transpose(0, 1)
+        y = F.conv2d(x, w.reshape(kp1 * c_out, *packed_weight.shape[2:]), None, stride, padding, dilation, groups)
+        y = y.view(rows, n, groups, kp1, g_out, *y.shape[2:])
+        mixed = torch.einsum("rt,rngtchw->rngchw", a1, y.to(acc)).reshape(b, c_out, *y.shape[-2:])
+        if packed_bias is not None:
+            mixed = mixed + (a1 @ packed_bias.to(acc)).repeat_interleave(n, dim=0)[:, :, None, None]
+        return mixed.to(x.dtype)
+    w = (a1 @ packed_weight.reshape(kp1, -1).to(acc)).to(x.dtype).view(rows * c_out, *packed_weight.shape[2:])
+    bias = None if packed_bias is None else (a1 @ packed_bias.to(acc)).to(x.dtype).reshape(rows * c_out)
+    # one filter bank per row of α (not per sample): the block's samples are the conv's batch, the R banks
+    # its groups; (R, n, C) -> (n, R·C) puts block r's channels in group r
+    xg = x.view(rows, n, *x.shape[1:]).transpose(0, 1).reshape(n, rows * x.shape[1], *x.shape[2:])
+    y = F.conv2d(xg, w, bias, stride, padding, dilation, groups * rows)
+    return y.view(n, rows, c_out, *y.shape[2:]).transpose(0, 1).reshape(b, c_out, *y.shape[2:])
 
 
 __all__ = [
+    "CONV_STRATEGIES",
     "PER_SAMPLE_LINEAR",
     "STRATEGIES",
+    "choose_conv_strategy",
     "choose_strategy",
     "lowrank_factors",
     "pack_weights",
