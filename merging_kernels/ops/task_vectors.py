@@ -138,12 +138,10 @@ def merge_task_vectors_torch(
     """
     num_tasks = len(experts)
     # counted on the task vectors as computed (float32, or float64 for float64 inputs), so a
-    # difference that overflows counts too
-    nonfinite = torch.tensor(
-        [sum(int((~torch.isfinite(task_vector_torch(experts[k][t], b))).sum())
-             for k in range(num_tasks)) for t, b in enumerate(bases)],
-        dtype=torch.int64,
-    )
+    # difference that overflows counts too; the counts stay on the device (read back once by the caller)
+    counts = [sum((~torch.isfinite(task_vector_torch(experts[k][t], b))).sum() for k in range(num_tasks))
+              for t, b in enumerate(bases)]
+    nonfinite = torch.stack(counts) if counts else torch.zeros(0, dtype=torch.int64)
     deltas = [_deltas_torch(b, [experts[k][t] for k in range(num_tasks)], spec, tensor_keys[t])
               for t, b in enumerate(bases)]
     kept = [d != 0 for d in deltas]
@@ -790,8 +788,8 @@ def _merge_checked(bases, experts, w, spec, keys, names, out, out_dtypes, chosen
         scratch = _outs_sharing_memory(bases_c, experts_c, out) if out is not None else set()
         results = [out[t] if out is not None and out[t].is_contiguous() and t not in scratch
                    else torch.empty(b.shape, dtype=dt, device=device) for t, (b, dt) in enumerate(zip(bases, out_dtypes))]
-        nonfinite = _APPLY[chosen](bases_c, experts_c, results, w.to(device=device, dtype=torch.float32), spec, keys,
-                                   seg_of, thresholds)
+        nonfinite = _APPLY[chosen](bases_c, experts_c, results, host_to_device(w, torch.float32, device), spec,
+                                   keys, seg_of, thresholds)
     if check_finite:
         _raise_on_nonfinite(nonfinite, names)
     if out is None:
