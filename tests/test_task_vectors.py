@@ -382,6 +382,24 @@ def test_bad_input_is_refused_with_a_named_error(call, error, match):
         call(base, experts)
 
 
+@pytest.mark.parametrize("backend,device", EVERY)
+def test_coefficients_beyond_float32_are_refused_below_float64(backend, device):
+    # finite in float64 but ±inf once the merge casts them: inf · 0 would write NaN where nothing changed
+    base, experts = on(device, {"w": torch.zeros(3, 2)}), [on(device, {"w": torch.ones(3, 2)})]
+    for call, name in ((lambda: mk.task_arithmetic(base, experts, weights=1e39, backend=backend), "weights"),
+                       (lambda: mk.dare_merging(base, experts, drop_rate=0.5, weights=[-1e39], backend=backend),
+                        "weights"),
+                       (lambda: mk.ties_merging(base, experts, scale=1e300, backend=backend), "scale")):
+        with pytest.raises(ValueError, match=rf"^{name} must lie within float32's range"):
+            call()
+    at_max = mk.task_arithmetic(base, experts, weights=3.4e38, backend=backend)["w"]
+    assert torch.equal(at_max, torch.full((3, 2), 3.4e38, device=device))
+    if backend == "torch":  # float64 merges combine in float64
+        wide = mk.task_arithmetic({"w": torch.zeros(2, dtype=torch.float64)}, [{"w": torch.ones(2, dtype=torch.float64)}],
+                                  weights=1e39)["w"]
+        assert torch.equal(wide, torch.full((2,), 1e39, dtype=torch.float64))
+
+
 def test_float64_runs_on_the_reference_and_fast_backends_refuse_it():
     base, expert = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     assert mk.task_arithmetic(base, [expert], 0.5).dtype == torch.float64

@@ -759,6 +759,9 @@ def merge_task_vectors(
     keys = _tensor_keys(tensor_keys, num_tensors)
     out_dtypes = _out_dtypes(bases, out, out_dtype, names)
     chosen = _choose_backend(backend, device, bases, out_dtypes)
+    if not any(b.dtype == torch.float64 for b in bases):  # combined in float32: beyond its range w is ±inf
+        _check_float32_range(w, "weights")
+        _check_float32_range(torch.tensor(spec.scale, dtype=torch.float64), "scale")
     seg_of, seg_numel = segments_of([b.numel() for b in bases], spec.trim_scope)
     if thresholds is not None:
         if spec.density is None:
@@ -771,6 +774,15 @@ def merge_task_vectors(
     with torch.no_grad():
         return _merge_checked(bases, experts, w, spec, keys, names, out, out_dtypes, chosen, device, seg_of,
                               seg_numel, thresholds, check_finite)
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_float32_range(values: torch.Tensor, name: str) -> None:
+    if values.numel() and float(values.abs().max()) > _FLOAT32_MAX:
+        raise ValueError(f"{name} must lie within float32's range (|{name}| <= {_FLOAT32_MAX:.4g}), the precision "
+                         f"the merge combines in for these tensors; got {float(values.abs().max()):.4g}")
 
 
 def _merge_checked(bases, experts, w, spec, keys, names, out, out_dtypes, chosen, device, seg_of, seg_numel,
