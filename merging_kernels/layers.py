@@ -225,6 +225,9 @@ class PerSampleLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.coefficients.rows_for(x, self.name or "PerSampleLinear")
+        if x.dim() < 2 or x.shape[-1] != self.in_features:  # a batch of samples, each with in_features
+            raise ValueError(f"{self.name or 'PerSampleLinear'}: x must be (N, ..., {self.in_features}) with N "
+                             f"samples (or blocks of them) in dim 0, got shape {tuple(x.shape)}")
         weights = self.packed_weight if self.rank is None else self.base_weight
         x = _match_dtype(x, weights.dtype)
         shape = x.shape
@@ -265,6 +268,7 @@ class PerSampleLayerNorm(nn.Module):
                             f"got {base.normalized_shape}")
         _check_coefficients(coefficients, label)
         self.eps, self.coefficients, self.name = base.eps, coefficients, name
+        self.normalized_size = base.normalized_shape[0]
         k = coefficients.num_tasks
         self.register_buffer("packed_weight", _packed(base.weight, task_weights, "task_weights", label, k))
         self.register_buffer("packed_bias", _packed(base.bias, task_biases, "task_biases", label, k))
@@ -279,6 +283,9 @@ class PerSampleLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.coefficients.rows_for(x, self.name or "PerSampleLayerNorm")
+        if x.dim() < 2 or x.shape[-1] != self.normalized_size:
+            raise ValueError(f"{self.name or 'PerSampleLayerNorm'}: x must be (N, ..., {self.normalized_size}) with "
+                             f"N samples (or blocks of them) in dim 0, got shape {tuple(x.shape)}")
         if self.packed_weight is not None:
             x = _match_dtype(x, self.packed_weight.dtype)
         xg = x.reshape(alpha.shape[0], _tokens(x.shape, alpha.shape[0]), x.shape[-1])

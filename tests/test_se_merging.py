@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -207,6 +208,67 @@ def test_errors_on_mismatched_experts_and_bad_arguments():
     model = se_merge(base, experts)
     with pytest.raises(ValueError, match="alpha must be"):
         model(torch.randn(2, 2, 12), alpha=torch.ones(2, 2))
+
+
+def test_non_finite_experts_and_calibration_inputs_are_refused():
+    base, experts = _family(k=2)
+    broken = copy.deepcopy(experts[0])
+    with torch.no_grad():
+        broken.hidden.weight[0, 0] = float("nan")
+    for method in ("ta", "ties"):  # as task_arithmetic / ties_merging refuse the same state dicts
+        with pytest.raises(ValueError, match=r"non-finite task vectors .* 'hidden.weight'"):
+            se_merge(base, [broken, experts[1]], base_method=method)
+    model = se_merge(base, experts)
+    scales = model.score_scale.clone()
+    with pytest.raises(ValueError, match="^calibrate: the inputs gave non-finite expert scores"):
+        model.calibrate(torch.full((4, 3, 12), float("nan")))
+    assert torch.equal(model.score_scale, scales)  # left as it was: routing still works
+    assert torch.isfinite(model(torch.randn(2, 3, 12))).all()
+    for inputs in (None, 5):
+        with pytest.raises(TypeError, match="^inputs must be a tensor"):
+            model.calibrate(inputs)
+
+
+@pytest.mark.parametrize("lam,error,match", [
+    ([None, 1, 2], TypeError, "^lam must be a real number"),
+    (["0.1", "0.2", "0.3"], TypeError, "^lam must be a real number"),
+    ([True, False, True], TypeError, "^lam must be a real number"),
+    ("0.3", TypeError, "^lam must be a real number"),
+    (torch.tensor([[0.1, 0.2, 0.3]]), ValueError, r"^lam must be a number or K numbers, got shape \(1, 3\)"),
+    ([0.1, float("inf"), 0.3], ValueError, "^lam must be finite"),
+    (1e39, ValueError, "^lam must lie within float32's range"),
+])
+def test_lam_is_validated_alike_in_every_form(lam, error, match):
+    base, experts = _family()
+    with pytest.raises(error, match=match):
+        se_merge(base, experts, lam=lam)
+
+
+def test_lam_accepts_arrays_and_tensors_of_k_numbers():
+    base, experts = _family()
+    for lam in (np.array([0.1, 0.2, 0.3]), torch.tensor([0.1, 0.2, 0.3]), (0.1, 0.2, 0.3)):
+        torch.testing.assert_close(se_merge(base, experts, lam=lam).static_alpha(1)[0], torch.tensor([0.1, 0.2, 0.3]))
+    assert torch.equal(se_merge(base, experts, lam=torch.tensor(0.4)).static_alpha(1), torch.full((1, 3), 0.4))
+
+
+def test_static_alpha_and_layer_inputs_are_checked_by_name():
+    base, experts = _family()
+    model = se_merge(base, experts)
+    with pytest.raises(ValueError, match="^batch must be >= 0"):
+        model.static_alpha(-1)
+    for batch in ("3", 2.5):
+        with pytest.raises(TypeError, match="^batch must be an integer"):
+            model.static_alpha(batch)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8)).eval()
+    others = _perturbed_copies(mlp, 2)
+    model = se_merge(mlp, others)
+    for x in (torch.randn(3, 5), torch.randn(4)):  # wrong features; no batch dim (replicated 4x by routing)
+        with pytest.raises(ValueError, match=r"^0: x must be \(N, \.\.\., 4\) with N samples"):
+            model(x)
+    model.module[0] = others[0][0]  # a plain Linear(4, 8): the per-sample LayerNorm checks its own input
+    with pytest.raises(ValueError, match=r"^1: x must be \(N, \.\.\., 8\) with N samples"):
+        model(torch.randn(4), alpha=torch.ones(4, 2))  # the Linear makes (8,): no batch dim
 
 
 def test_compiles_to_one_graph_with_routing_inside():

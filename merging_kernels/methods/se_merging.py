@@ -51,14 +51,13 @@ choose on your own validation data.
 from __future__ import annotations
 
 import copy
-import numbers
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .._validation import check_choice, check_real
+from .._validation import check_choice, check_int, check_real, real_numbers
 from ..layers import Coefficients, PerSampleConv2d, PerSampleLayerNorm, PerSampleLinear
 from ..ops.task_vectors import magnitude_thresholds, task_vector_torch
 
@@ -112,7 +111,7 @@ class SEMergedModel(nn.Module):
 
     def static_alpha(self, batch: int) -> torch.Tensor:
         """(batch, K) coefficients of the static merge (λ for every sample)."""
-        return self.lam.expand(batch, -1)
+        return self.lam.expand(check_int(batch, "batch", low=0), -1)
 
     def forward(self, x: torch.Tensor, *args, alpha: torch.Tensor | None = None, **kwargs):
         """Run the model with per-sample coefficients: routed (:meth:`route`) or given, alpha (B, K).
@@ -205,6 +204,9 @@ class SEMergedModel(nn.Module):
                 :meth:`forward`, or an iterable of such tensors (bare tensors: ``(x, y)`` tuples, e.g.
                 from a labelled DataLoader, are refused with TypeError; pass ``(x for x, _ in loader)``).
         """
+        if not isinstance(inputs, (torch.Tensor, Iterable)):
+            raise TypeError(f"inputs must be a tensor (N, ...) or an iterable of such tensors, got "
+                            f"{type(inputs).__name__}")
         batches = [inputs] if isinstance(inputs, torch.Tensor) else inputs
         total = torch.zeros_like(self.score_scale)
         count = 0
@@ -217,6 +219,9 @@ class SEMergedModel(nn.Module):
             count += scores.shape[0]
         if count == 0:
             raise ValueError("calibrate needs at least one input sample")
+        if not bool(torch.isfinite(total).all()):  # NaN/inf inputs would make every later routing NaN
+            raise ValueError("calibrate: the inputs gave non-finite expert scores (NaN or inf in the inputs or "
+                             "the probe features); the score scales are left unchanged")
         self.score_scale.copy_((total / count).clamp_min(torch.finfo(total.dtype).tiny))
         return self
 
@@ -257,6 +262,10 @@ def _task_vectors(base_sd, expert_sds, names, base_method: str, density: float):
     # trim thresholds below count them)
     deltas = {n: torch.stack([task_vector_torch(sd[n].detach(), base_sd[n].detach()).view(base_sd[n].shape)
                               for sd in expert_sds]) for n in names}
+    bad = [n for n in names if not bool(torch.isfinite(deltas[n]).all())]  # as the static merges refuse them
+    if bad:
+        listed = ", ".join(repr(n) for n in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise ValueError(f"non-finite task vectors (NaN or inf in θk − θ0) in parameter(s) {listed}")
     if base_method == "ta":
         return deltas
     thresholds = magnitude_thresholds([base_sd[n].detach() for n in names],
@@ -394,6 +403,8 @@ def se_merge(
     # λ in the layers' mixing dtype (float32 unless the model is float64): the static and routing passes
     # then hand every layer coefficients it uses as they are, without a cast per layer per call
     wide = any(p.dtype == torch.float64 for p in base_sd.values())
+    if not wide and float(lam_t.abs().max()) > torch.finfo(torch.float32).max:
+        raise ValueError(f"lam must lie within float32's range, the precision the layers mix in; got {lam_t.tolist()}")
     device = next(iter(base_sd.values())).device if base_sd else torch.device("cpu")
     lam_dev = lam_t.to(device=device, dtype=torch.float64 if wide else torch.float32)
     return SEMergedModel(model, coefficients, lam_dev, probe=probe, score=score, temperature=temperature,
@@ -407,18 +418,19 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _lambda_vector(lam, k: int, base_method: str) -> torch.Tensor:
-    if isinstance(lam, torch.Tensor) and lam.dim() == 0:
-        lam = lam.item()
-    if isinstance(lam, numbers.Real) and not isinstance(lam, bool):
-        return torch.full((k,), check_real(lam, "lam"), dtype=torch.float64)
-    if isinstance(lam, (Sequence, torch.Tensor)) and not isinstance(lam, str):
-        if base_method == "ties":
-            raise ValueError("for base_method='ties', lam is TIES' single scale; per-task lam needs 'ta'")
-        values = [check_real(float(v), f"lam[{i}]") for i, v in enumerate(lam)]
-        if len(values) != k:
-            raise ValueError(f"lam must have one value per expert ({k}), got {len(values)}")
-        return torch.tensor(values, dtype=torch.float64)
-    raise TypeError(f"lam must be a number or a sequence of numbers, got {type(lam).__name__}")
+    """λ as K float64 values: one real number for every expert, or K of them (a sequence, array or 1-D tensor)."""
+    values = real_numbers(lam, "lam must be a real number or a sequence of K real numbers")
+    if values.dim() > 1:
+        raise ValueError(f"lam must be a number or K numbers, got shape {tuple(values.shape)}")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"lam must be finite, got {values.tolist()}")
+    if values.dim() == 0:
+        return values.expand(k).clone()
+    if base_method == "ties":
+        raise ValueError("for base_method='ties', lam is TIES' single scale; per-task lam needs 'ta'")
+    if values.shape[0] != k:
+        raise ValueError(f"lam must have one value per expert ({k}), got {values.shape[0]}")
+    return values
 
 
 def _check_same_parameters(base_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], i: int) -> None:
