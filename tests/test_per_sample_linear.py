@@ -277,6 +277,18 @@ def test_errors_name_the_argument():
         per_sample_linear(x[0], alpha, pw, pb)
 
 
+def test_backward_names_the_op_as_inference_only():
+    g = torch.Generator().manual_seed(5)
+    w0, tw = torch.randn(5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    pw, pb = pack_weights(w0, tw, torch.zeros(5), torch.zeros(2, 5))
+    up, down = lowrank_factors(tw, 1)
+    x = torch.randn(3, 4, generator=g, requires_grad=True)
+    for y in (per_sample_linear(x, torch.rand(3, 2, generator=g), pw, pb),
+              per_sample_lowrank_linear(x, torch.rand(3, 2, generator=g), w0, up, down, pb)):
+        with pytest.raises(RuntimeError, match="^per_sample_linear is inference-only"):
+            y.sum().backward()
+
+
 def test_declared_op_compiles_without_graph_breaks():
     x, alpha, w, tw, b, tb = _problem(4, 3, 16, 8, 2)
     pw, pb = pack_weights(w, tw, b, tb)

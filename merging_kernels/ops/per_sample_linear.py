@@ -544,6 +544,15 @@ if hasattr(torch.library, "custom_op"):  # torch >= 2.4: declared ops, traceable
     _run_lowrank_op = torch.library.custom_op("merging_kernels::per_sample_lowrank_linear",
                                               mutates_args=())(_run_lowrank)
     _run_lowrank_op.register_fake(_lowrank_fake)
+
+    def _no_backward(ctx, *grads):
+        raise RuntimeError("per_sample_linear is inference-only (it has no backward): run the forward under "
+                           "torch.no_grad() or torch.inference_mode(); per_sample_linear_torch is the differentiable "
+                           "reference")
+
+    if hasattr(_run_op, "register_autograd"):  # torch >= 2.4: name the op's limit instead of torch's generic error
+        _run_op.register_autograd(_no_backward)
+        _run_lowrank_op.register_autograd(_no_backward)
 else:  # pragma: no cover - torch 2.3
     _run_op, _run_lowrank_op = _run, _run_lowrank
 
