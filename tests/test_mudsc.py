@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from merging_kernels.errors import BackendUnavailableError
 from merging_kernels.methods.mudsc import average_merge, greedy_zip, mudsc_merge, reset_batchnorm
 from merging_kernels.models import MLP, ResNet20, ViT
 from merging_kernels.permutation_spec import (ActivationPoint, PermutationGroup, PermutationSpec, apply_permutations,
@@ -212,6 +213,28 @@ def test_bad_arguments():
         mudsc_merge(a, b, spec, _calib(), w=1.5, progress=False)
     with pytest.raises(ValueError, match="calibration"):
         mudsc_merge(a, b, spec, None, w=0.5, progress=False)
+    with pytest.raises(TypeError, match="^calibration must be a tensor or an iterable of input batches"):
+        mudsc_merge(a, b, spec, 5, w=0.5, progress=False)
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match="^seed must be"):
+            mudsc_merge(a, b, spec, _calib(), seed=seed, progress=False)
+    with pytest.raises(ValueError, match=r"^backend: unknown op family \['assignment'\]"):
+        mudsc_merge(a, b, spec, _calib(), backend={"assignment": "native"}, progress=False)
+    with pytest.raises(TypeError, match="^backend must be a name, a mapping"):
+        mudsc_merge(a, b, spec, _calib(), backend=["torch"], progress=False)
+
+
+def test_backend_may_differ_per_op_family():
+    # on CPU, similarity's fast path is torch and assignment's is native: one name cannot ask for both
+    a, b, spec, perms = _permuted_pair("mlp")
+    with pytest.raises(BackendUnavailableError, match="^similarity has no 'native' implementation for cpu"):
+        mudsc_merge(a, b, spec, _calib(), backend="native", progress=False)
+    reference = mudsc_merge(a, b, spec, _calib(), backend="torch", progress=False, return_result=True)
+    mixed = mudsc_merge(a, b, spec, _calib(), backend={"linear_assignment": "native"}, progress=False,
+                        return_result=True)
+    assert all(torch.equal(mixed.perms[g], reference.perms[g]) for g in reference.perms)
+    for k, v in reference.model.state_dict().items():
+        assert torch.equal(mixed.model.state_dict()[k], v)
 
 
 @pytest.mark.parametrize("mode", ["permute", "zip"])

@@ -71,8 +71,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -80,12 +80,12 @@ from torch import nn
 from .._modes import evaluating
 from .._progress import tqdm_disable
 from .._validation import check_bool, check_has_data, check_int, check_real
-from ..ops.linear_assignment import linear_sum_assignment
+from ..ops.linear_assignment import LINEAR_ASSIGNMENT, linear_sum_assignment
 from ..ops.zip_matching import greedy_zip
 from ..permutation_spec import Axis, PermutationSpec, permute_axis, spec_for
 
-from ..ops.similarity import (ActivationStats, activation_stats_hooks, correlation_matrix, dual_similarity,
-                              group_similarity)
+from ..ops.similarity import (SIMILARITY, ActivationStats, activation_stats_hooks, correlation_matrix,
+                              dual_similarity, group_similarity)
 
 __all__ = ["MuDSCResult", "activation_matching_merge", "average_merge", "mudsc_merge", "reset_batchnorm",
            "weight_matching_merge", "zipit_merge"]
@@ -196,11 +196,28 @@ def _batch_input(batch):
     raise TypeError(f"calibration batches must be tensors or (input, ...) tuples, got {type(batch).__name__}")
 
 
+def _op_backends(backend) -> dict:
+    """{op family name: backend or None} of the ops a merge calls, from one name or a mapping of them."""
+    families = (SIMILARITY.name, LINEAR_ASSIGNMENT.name)
+    if backend is None or isinstance(backend, str):
+        return dict.fromkeys(families, backend)
+    if not isinstance(backend, Mapping):
+        raise TypeError(f"backend must be a name, a mapping op family -> name, or None; got {type(backend).__name__}")
+    unknown = [k for k in backend if k not in families]
+    if unknown:
+        raise ValueError(f"backend: unknown op famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
+                         f"the merge calls {list(families)}")
+    return {f: backend.get(f) for f in families}
+
+
 def _reiterable(calibration):
     if calibration is None:
         return None
     if isinstance(calibration, torch.Tensor):
         return [calibration]
+    if not isinstance(calibration, Iterable):
+        raise TypeError(f"calibration must be a tensor or an iterable of input batches (e.g. a DataLoader), got "
+                        f"{type(calibration).__name__}")
     if iter(calibration) is calibration:  # a one-shot iterator: keep its batches for the second pass
         return list(calibration)
     return calibration
@@ -327,8 +344,9 @@ def reset_batchnorm(model: nn.Module, calibration: Iterable) -> bool:
 class _Alignment:
     """Current alignment of B to A: per-group permutations, B's state in that order, objective terms."""
 
-    def __init__(self, spec: PermutationSpec, sd_a, sd_b, s_act_full, w: float, backend):
-        self.spec, self.w, self.backend = spec, w, backend
+    def __init__(self, spec: PermutationSpec, sd_a, sd_b, s_act_full, w: float, backends: dict):
+        self.spec, self.w = spec, w
+        self.sim_backend, self.lsa_backend = backends[SIMILARITY.name], backends[LINEAR_ASSIGNMENT.name]
         self.sd_b = dict(sd_b)  # aligned B (entries replaced, never mutated in place)
         self.s_act_full = s_act_full
         self.s_act = {g: s[: spec[g].size, spec[g].size:] for g, s in s_act_full.items()} if s_act_full else {}
@@ -370,8 +388,8 @@ class _Alignment:
                 # every unit vector alike; the group's own permutation only reorders B's units)
                 if name not in self._within:
                     vb0 = _unit_vectors(self.sd_b0, g, g.size)
-                    self._within[name] = (correlation_matrix(self.vec_a[name], None, backend=self.backend),
-                                          correlation_matrix(vb0, None, backend=self.backend))
+                    self._within[name] = (correlation_matrix(self.vec_a[name], None, backend=self.sim_backend),
+                                          correlation_matrix(vb0, None, backend=self.sim_backend))
                 s_aa, s_bb0 = self._within[name]
                 perm = self.perms[name]
                 s_w = torch.cat([torch.cat([s_aa, s_w], 1), torch.cat([s_w.T, s_bb0[perm][:, perm]], 1)], 0)
@@ -477,14 +495,14 @@ class _Alignment:
         with timer("assignment"):
             if group.group_size is None:
                 (name,) = unit
-                return {name: linear_sum_assignment(sims[name], maximize=True, backend=self.backend)[1]}
+                return {name: linear_sum_assignment(sims[name], maximize=True, backend=self.lsa_backend)[1]}
             s = group.group_size
             total, within = None, {}
             for name in unit:
-                scores, perms = group_similarity(sims[name], s, backend=self.backend)
+                scores, perms = group_similarity(sims[name], s, backend=self.lsa_backend)
                 within[name] = perms
                 total = scores if total is None else total + scores
-            heads = linear_sum_assignment(total, maximize=True, backend=self.backend)[1]
+            heads = linear_sum_assignment(total, maximize=True, backend=self.lsa_backend)[1]
             g = heads.numel()
             out = {}
             for name in unit:
@@ -612,7 +630,7 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
                 mode: str = "permute", w: float = 0.5, alpha: float = 0.5, refine: bool = True,
                 max_sweeps: int = 100, patience: int = 5, init: str = "auto", zip_factor: float = 0.5,
                 zip_residual: bool = True, exclude: Iterable[str] = (), reset_bn: bool = True,
-                repair: bool | None = None, progress: bool | None = None, backend: str | None = None, seed: int = 0,
+                repair: bool | None = None, progress: bool | None = None, backend: str | Mapping[str, str] | None = None, seed: int = 0,
                 return_result: bool = False):
     """Merge two models of one architecture trained from different initializations (MuDSC).
 
@@ -651,7 +669,9 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
             BatchNorm (``repair=True``), and ``reset_bn``, its statistics are re-estimated after each stage.
         progress: tqdm bars for the statistics pass, the sweeps and REPAIR's stages; None (default): only
             when stderr is a terminal.
-        backend: passed to the ops (similarity, assignment).
+        backend: the ops' backend: one name for both op families (``"torch"``, or one that both have), or a
+            mapping ``{"similarity": ..., "linear_assignment": ...}`` (e.g. ``{"linear_assignment":
+            "native"}`` on CPU, where similarity's fast path is torch); a family left out, or None: its default.
         seed: order of the groups in the sweeps.
         return_result: return a :class:`MuDSCResult` (model, matchings, objective history, timings).
 
@@ -674,7 +694,8 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
     zip_factor = check_real(zip_factor, "zip_factor", low=0.0, high=1.0)  # scales a merged unit's similarities
     max_sweeps = check_int(max_sweeps, "max_sweeps", low=0)
     patience = check_int(patience, "patience", low=1)
-    seed = check_int(seed, "seed")
+    seed = check_int(seed, "seed", low=-(2**63), high=2**64 - 1)  # torch.Generator's seed range
+    backends = _op_backends(backend)
     refine, zip_residual, reset_bn, return_result = (check_bool(v, n) for v, n in (
         (refine, "refine"), (zip_residual, "zip_residual"), (reset_bn, "reset_bn"), (return_result, "return_result")))
     if repair is not None:
@@ -730,9 +751,10 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
         if k not in exclude and (k not in sd_b or sd_a[k].shape != sd_b[k].shape):
             raise ValueError(f"parameter {k!r} is missing from model_b or has another shape (pass it in exclude= "
                              f"if it is a per-task head)")
-    s_act = _collect_statistics(model_a, model_b, spec, batches, backend, timer, progress) if needs_acts else None
+    s_act = (_collect_statistics(model_a, model_b, spec, batches, backends[SIMILARITY.name], timer, progress)
+             if needs_acts else None)
 
-    state = _Alignment(spec, sd_a, sd_b, s_act, float(w), backend)
+    state = _Alignment(spec, sd_a, sd_b, s_act, float(w), backends)
     units = spec.matching_units()
     if init == "activation":
         for unit in units:
