@@ -572,6 +572,9 @@ def test_streamed_thresholds_refuse_chunks_on_another_device():
         (dict(density=None), TypeError, "density"),
         (dict(chunks=[]), TypeError, "chunks"),
         (dict(chunks=lambda: iter([(1, 2)])), TypeError, "chunks"),
+        (dict(chunks=lambda: None), TypeError, r"^chunks\(\) must return an iterable of \(bases, experts"),
+        (dict(device="bogus"), ValueError, "^device must name a torch device"),
+        (dict(device=3.5), ValueError, "^device must name a torch device"),
     ],
 )
 def test_streamed_thresholds_bad_arguments_are_named(kwargs, error, match):

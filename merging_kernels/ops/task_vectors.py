@@ -1029,7 +1029,10 @@ def streamed_magnitude_thresholds(
     total_numel = check_int(total_numel, "total_numel", low=0)
     density = check_real(density, "density", low=0.0, high=1.0, low_open=True)  # None (no trim): no thresholds
     spec = make_spec(density=density, trim_scope="model", drop_rate=drop_rate, seed=seed)
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda:0', got {device!r}") from exc
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():  # the current device
         device = torch.device("cuda", torch.cuda.current_device())
     chosen = resolve_backend(TASK_VECTORS, backend, device)
@@ -1040,7 +1043,11 @@ def streamed_magnitude_thresholds(
         passes[0] += 1
         counts = torch.zeros((1, num_tasks, 1 << bits), dtype=torch.int64, device=device)
         seen = 0
-        for c, chunk in enumerate(chunks()):
+        pieces = chunks()
+        if not isinstance(pieces, Iterable):
+            raise TypeError(f"chunks() must return an iterable of (bases, experts, tensor_keys) triples, got "
+                            f"{type(pieces).__name__}")
+        for c, chunk in enumerate(pieces):
             try:
                 bases, experts, keys = chunk
             except (TypeError, ValueError):
