@@ -289,6 +289,22 @@ def test_backward_names_the_op_as_inference_only():
             y.sum().backward()
 
 
+def test_eager_inference_skips_the_declared_ops_dispatch(monkeypatch):
+    import merging_kernels.ops.per_sample_linear as psl
+
+    calls = []
+    declared = psl._run_op
+    monkeypatch.setattr(psl, "_run_op", lambda *args: calls.append(1) or declared(*args))
+    g = torch.Generator().manual_seed(6)
+    pw, pb = pack_weights(torch.randn(5, 4, generator=g), torch.randn(2, 5, 4, generator=g))
+    x, alpha = torch.randn(3, 4, generator=g), torch.rand(3, 2, generator=g)
+    with torch.inference_mode():
+        direct = per_sample_linear(x, alpha, pw, pb)
+    assert calls == []  # custom_op's dispatch costs ~15 µs a call; eager inference does not need it
+    through_op = per_sample_linear(x.requires_grad_(), alpha, pw, pb)  # autograd records: the declared op
+    assert calls == [1] and torch.equal(through_op.detach(), direct)
+
+
 def test_declared_op_compiles_without_graph_breaks():
     x, alpha, w, tw, b, tb = _problem(4, 3, 16, 8, 2)
     pw, pb = pack_weights(w, tw, b, tb)
