@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors package enforces
+INT64_MAX = 2**63 - 1  # torch counts sizes, element counts and bytes in int64
 METADATA_KEY = "__metadata__"
 
 # safetensors dtype code -> torch dtype; codes whose torch dtype this torch lacks are left out.
@@ -74,6 +75,8 @@ def dtype_from_code(code: str) -> torch.dtype:
 
 def code_from_dtype(dtype: torch.dtype) -> str:
     """The safetensors dtype code of a torch dtype."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
     try:
         return _CODES[dtype]
     except (KeyError, TypeError):
@@ -83,6 +86,43 @@ def code_from_dtype(dtype: torch.dtype) -> str:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _fits_int64(shape: Sequence[int], itemsize: int) -> bool:
+    """Whether torch can hold ``shape``: its byte size (hence its element count) fits int64, zeros aside.
+
+    A 0 in the shape makes the true size 0 but torch still multiplies the other dimensions out.
+    """
+    return math.prod(d for d in shape if d) * itemsize <= INT64_MAX
+
+
+def _path_arg(path) -> str:
+    # os.fspath's own error does not say which argument; open(3) would even open file descriptor 3.
+    try:
+        return os.fsdecode(path)
+    except TypeError:
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}") from None
+
+
+def _check_storable(what: str, tensor) -> None:
+    """Refuse, before anything touches its data, a value that has no dense bytes to write."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.is_nested:
+        raise TypeError(f"{what} is a nested tensor; only dense tensors can be stored")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{what} has layout {tensor.layout}; only dense (torch.strided) tensors can be stored")
+    if tensor.is_meta:
+        raise ValueError(f"{what} is a meta tensor, which has no data to store")
+
+
+def _is_utf8(text: str) -> bool:
+    """False for a string with a lone surrogate: JSON's "\\ud800" decodes to one, but UTF-8 cannot hold it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class TensorInfo(NamedTuple):
@@ -121,7 +161,7 @@ class SafetensorsReader:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
+        self.path = _path_arg(path)
         self._file = open(self.path, "rb", buffering=0)  # tensors are read straight into their memory
         try:
             self._parse_header()
@@ -155,6 +195,8 @@ class SafetensorsReader:
             raise self._fail(f"the header is not UTF-8 JSON ({exc})") from None
         except _DuplicateKey as exc:
             raise self._fail(f"the header names {exc.args[0]!r} twice") from None
+        except RecursionError:  # e.g. "[[[[...": no valid header nests beyond an entry's lists
+            raise self._fail("the header's JSON is nested too deeply") from None
         if not isinstance(header, dict):
             raise self._fail(f"the header is a JSON {type(header).__name__}, not an object")
 
@@ -163,6 +205,8 @@ class SafetensorsReader:
             if not isinstance(metadata, dict) or not all(
                     isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
                 raise self._fail(f"{METADATA_KEY} must be an object mapping strings to strings")
+            if not all(_is_utf8(k) and _is_utf8(v) for k, v in metadata.items()):
+                raise self._fail(f"{METADATA_KEY} holds a string that is not valid Unicode (a lone surrogate)")
         self.metadata: dict[str, str] | None = metadata
         self._data_start = 8 + header_len
         data_size = file_size - self._data_start
@@ -184,18 +228,23 @@ class SafetensorsReader:
         self._infos: dict[str, TensorInfo] = {info.name: info for info in infos}
 
     def _parse_entry(self, name: str, entry, data_size: int) -> TensorInfo:
+        if not _is_utf8(name):
+            raise self._fail(f"tensor name {name!r} is not valid Unicode (it holds a lone surrogate)")
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise self._fail(f"entry {name!r} must be an object with exactly dtype, shape and data_offsets")
         code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(code, str) or code not in _DTYPES:
             raise self._fail(f"tensor {name!r} has unknown dtype {code!r} (supported: {', '.join(SUPPORTED_DTYPES)})")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= INT64_MAX for d in shape):
             raise self._fail(f"tensor {name!r} has invalid shape {shape!r}")
+        dtype = _DTYPES[code]
+        if not _fits_int64(shape, _itemsize(dtype)):
+            raise self._fail(f"tensor {name!r} of dtype {code} and shape {shape} is too large for torch "
+                             "(its size overflows int64)")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int and o >= 0 for o in offsets)):
             raise self._fail(f"tensor {name!r} has invalid data_offsets {offsets!r}")
         begin, end = offsets
-        dtype = _DTYPES[code]
         if end < begin:
             raise self._fail(f"tensor {name!r} has data_offsets {offsets} with end before begin")
         if end > data_size:
@@ -218,7 +267,7 @@ class SafetensorsReader:
         return self.names
 
     def __contains__(self, name: object) -> bool:
-        return name in self._infos
+        return isinstance(name, str) and name in self._infos
 
     def __len__(self) -> int:
         return len(self._infos)
@@ -227,6 +276,8 @@ class SafetensorsReader:
         return iter(self.names)
 
     def info(self, name: str) -> TensorInfo:
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names are strings, got {type(name).__name__}")
         try:
             return self._infos[name]
         except KeyError:
@@ -356,13 +407,16 @@ class SafetensorsWriter:
 
     def __init__(self, path: str | os.PathLike, specs: Iterable[tuple[str, torch.dtype, Sequence[int]]],
                  metadata: Mapping[str, str] | None = None):
-        self.path = os.fspath(path)
+        self.path = _path_arg(path)
         self._specs = self._check_specs(specs)
         header: dict[str, object] = {}
         if metadata is not None:
             if not isinstance(metadata, Mapping) or not all(
                     isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
                 raise TypeError("metadata must map strings to strings")
+            for key, value in metadata.items():
+                if not (_is_utf8(key) and _is_utf8(value)):
+                    raise ValueError(f"metadata[{key!r}] is not valid Unicode (it holds a lone surrogate)")
             header[METADATA_KEY] = dict(metadata)
         offset = 0
         for name, dtype, shape in self._specs:
@@ -377,8 +431,12 @@ class SafetensorsWriter:
         self._next = 0
         self._done = False
         directory = os.path.dirname(os.path.abspath(self.path))
+        if not self.path:
+            raise FileNotFoundError("path is empty; give a file name")
         if os.path.isdir(self.path):
             raise IsADirectoryError(f"{self.path} is a directory")
+        if not os.path.basename(self.path):  # "new_dir/": the rename would fail only after all the writing
+            raise IsADirectoryError(f"{self.path} names a directory, not a file")
         self._file, self._tmp_path = _create_temp(directory, os.path.basename(self.path))
         try:
             self._file.write(struct.pack("<Q", len(encoded)))
@@ -390,6 +448,8 @@ class SafetensorsWriter:
     @staticmethod
     def _check_specs(specs) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         checked, seen = [], set()
+        if isinstance(specs, (str, bytes)) or not isinstance(specs, Iterable):
+            raise TypeError(f"specs must be an iterable of (name, dtype, shape), got {type(specs).__name__}")
         for entry in specs:
             try:
                 name, dtype, shape = entry
@@ -397,15 +457,25 @@ class SafetensorsWriter:
                 raise TypeError(f"each spec must be (name, dtype, shape), got {entry!r}") from None
             if not isinstance(name, str) or not name:
                 raise TypeError(f"tensor names must be non-empty strings, got {name!r}")
+            if not _is_utf8(name):
+                raise ValueError(f"tensor name {name!r} is not valid Unicode (it holds a lone surrogate)")
             if name == METADATA_KEY:
                 raise ValueError(f"{METADATA_KEY!r} is reserved and cannot name a tensor")
             if name in seen:
                 raise ValueError(f"tensor {name!r} is declared twice")
             seen.add(name)
-            code_from_dtype(dtype)
+            try:
+                code_from_dtype(dtype)
+            except TypeError as exc:
+                raise TypeError(f"tensor {name!r}: {exc}") from None
+            if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable):
+                raise TypeError(f"tensor {name!r}: shape must be a sequence of ints, got {type(shape).__name__}")
             shape = tuple(shape)
-            if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= INT64_MAX for d in shape):
                 raise ValueError(f"tensor {name!r} has invalid shape {shape!r}")
+            if not _fits_int64(shape, _itemsize(dtype)):
+                raise ValueError(f"tensor {name!r} of dtype {dtype} and shape {shape} is too large for torch "
+                                 "(its size overflows int64)")
             checked.append((name, dtype, shape))
         return checked
 
@@ -426,8 +496,7 @@ class SafetensorsWriter:
             if name != want_name:
                 raise ValueError(f"{self.path}: expected tensor {want_name!r} next (in declaration order), "
                                  f"got {name!r}")
-            if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"{self.path}: tensor {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
+            _check_storable(f"{self.path}: tensor {name!r}", tensor)
             if tensor.dtype != want_dtype:
                 raise TypeError(f"{self.path}: tensor {name!r} has dtype {tensor.dtype}, declared {want_dtype}")
             if tuple(tensor.shape) != want_shape:
@@ -503,6 +572,8 @@ def _create_temp(directory: str, base: str):
             fd = os.open(tmp_path, flags, 0o666)
         except FileExistsError:
             continue
+        except (FileNotFoundError, NotADirectoryError) as exc:  # name the directory, not our temporary file
+            raise type(exc)(exc.errno, exc.strerror, directory) from None
         return os.fdopen(fd, "wb"), tmp_path
     raise FileExistsError(f"could not create a temporary file in {directory}")
 
@@ -510,6 +581,10 @@ def _create_temp(directory: str, base: str):
 def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
               metadata: Mapping[str, str] | None = None) -> None:
     """Write a state dict to ``path`` atomically (tensors in the mapping's order)."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors must be a mapping of names to torch.Tensor, got {type(tensors).__name__}")
+    for name, t in tensors.items():
+        _check_storable(f"tensors[{name!r}]", t)
     specs = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
     with SafetensorsWriter(path, specs, metadata=metadata) as writer:
         for name, tensor in tensors.items():

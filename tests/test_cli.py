@@ -239,12 +239,30 @@ def test_refuses_mismatched_experts(checkpoints, tmp_path, capsys, problem):
         assert_refused(capsys, tmp_path, code, out, *needles)
 
 
-@pytest.mark.parametrize("problem", ["corrupt", "truncated", "nonexistent", "directory", "empty", "text"])
+def add_huge_empty_tensor(path: Path) -> None:
+    """Add ``huge: shape [0, 10**20]`` (0 bytes, so the offsets still add up; the dimension overflows int64)."""
+    blob = path.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    header["huge"] = {"dtype": "F32", "shape": [0, 10**20], "data_offsets": [0, 0]}
+    encoded = json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + blob[8 + n:])
+
+
+def write_deeply_nested_header(path: Path) -> None:
+    encoded = b"[" * 100_000 + b"]" * 100_000  # used to end in a RecursionError from the JSON decoder
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded)
+
+
+@pytest.mark.parametrize("problem", ["corrupt", "truncated", "nonexistent", "directory", "empty", "text",
+                                     "deeply_nested"])
 @pytest.mark.parametrize("role", ["base", "expert"])
 def test_refuses_unreadable_files(checkpoints, tmp_path, capsys, problem, role):
     _, _, base_path, expert_paths = checkpoints
     target = base_path if role == "base" else expert_paths[2]
-    if problem == "corrupt":
+    if problem == "deeply_nested":
+        write_deeply_nested_header(target)
+    elif problem == "corrupt":
         blob = bytearray(target.read_bytes())
         blob[10:20] = b"\x00garbage\xff\xfe"
         target.write_bytes(bytes(blob))
@@ -262,6 +280,15 @@ def test_refuses_unreadable_files(checkpoints, tmp_path, capsys, problem, role):
     out = tmp_path / "merged.safetensors"
     code = run_cli(base_path, expert_paths, out, "--method", "ta")
     assert_refused(capsys, tmp_path, code, out, str(target), role)
+
+
+def test_refuses_dimension_beyond_int64(checkpoints, tmp_path, capsys):
+    _, _, base_path, expert_paths = checkpoints
+    for path in [base_path, *expert_paths]:  # in every input, so that the architectures still match
+        add_huge_empty_tensor(path)
+    out = tmp_path / "merged.safetensors"
+    code = run_cli(base_path, expert_paths, out, "--method", "ta", "--backend", "torch")  # was a C++ stack trace
+    assert_refused(capsys, tmp_path, code, out, str(base_path), "'huge' has invalid shape")
 
 
 @pytest.mark.parametrize("options, needle", [
@@ -398,6 +425,16 @@ def test_info_command(checkpoints, capsys):
     out = capsys.readouterr().out
     assert "layers.0.weight" in out and "bfloat16" in out and "format: pt" in out
     assert cli.main(["info", str(base_path) + ".missing"]) == 2
+
+
+@pytest.mark.parametrize("problem, needle", [("deeply_nested", "nested too deeply"),
+                                             ("huge_dimension", "'huge' has invalid shape")])
+def test_info_refuses_malformed_headers(checkpoints, capsys, problem, needle):
+    _, _, base_path, _ = checkpoints
+    (write_deeply_nested_header if problem == "deeply_nested" else add_huge_empty_tensor)(base_path)
+    assert cli.main(["info", str(base_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(base_path) in err[0] and needle in err[0], err
 
 
 def test_python_dash_m_entry_point(checkpoints, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 
 import pytest
 import torch
@@ -252,6 +253,14 @@ def entry(dtype="F32", shape=(2,), offsets=(0, 8)):
     ("extra_key", "exactly dtype, shape and data_offsets"),
     ("duplicate", "twice"),
     ("truncated", "past the end of the data"),
+    ("deeply_nested", "nested too deeply"),  # used to be a RecursionError
+    ("deeply_nested_entry", "nested too deeply"),
+    ("dimension_beyond_int64", "invalid shape"),  # opened, then failed in torch's reshape
+    ("bool_dimension", "invalid shape"),
+    ("numel_beyond_int64", "too large for torch"),
+    ("nbytes_beyond_int64", "too large for torch"),
+    ("surrogate_name", "not valid Unicode"),
+    ("surrogate_metadata", "not valid Unicode"),
 ])
 def test_corrupt_files_raise_value_error_naming_the_file(tmp_path, case, match):
     path = tmp_path / f"{case}.safetensors"
@@ -295,6 +304,22 @@ def test_corrupt_files_raise_value_error_naming_the_file(tmp_path, case, match):
     elif case == "duplicate":
         write_raw(path, b'{"x":' + json.dumps(entry()).encode() + b',"x":' + json.dumps(entry()).encode() + b"}",
                   data8)
+    elif case == "deeply_nested":
+        write_raw(path, b"[" * 100_000 + b"]" * 100_000)
+    elif case == "deeply_nested_entry":
+        write_raw(path, b'{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    elif case == "dimension_beyond_int64":
+        write_raw(path, {"x": entry(shape=(0, 99999999999999999999), offsets=(0, 0))})
+    elif case == "bool_dimension":
+        write_raw(path, {"x": entry(shape=(True,), offsets=(0, 4))}, bytes(4))
+    elif case == "numel_beyond_int64":
+        write_raw(path, {"x": entry(dtype="U8", shape=(0, 2**62, 4), offsets=(0, 0))})
+    elif case == "nbytes_beyond_int64":
+        write_raw(path, {"x": entry(dtype="F64", shape=(2**61, 0), offsets=(0, 0))})
+    elif case == "surrogate_name":
+        write_raw(path, b'{"\\ud800":' + json.dumps(entry()).encode() + b"}", data8)
+    elif case == "surrogate_metadata":
+        write_raw(path, {"__metadata__": {"k": "\udc00"}})
     elif case == "truncated":
         save_file(state(), path)
         size = path.stat().st_size
@@ -303,6 +328,8 @@ def test_corrupt_files_raise_value_error_naming_the_file(tmp_path, case, match):
     with pytest.raises(ValueError, match=match) as info:
         SafetensorsReader(path)
     assert str(path) in str(info.value)
+    with pytest.raises(ValueError, match=match):
+        load_file(path)
 
 
 def test_truncated_at_every_point_is_detected(tmp_path):
@@ -329,6 +356,133 @@ def test_file_truncated_after_open(tmp_path):
 def test_missing_file_raises_oserror(tmp_path):
     with pytest.raises(FileNotFoundError):
         SafetensorsReader(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("path", [3, None, 1.5])
+@pytest.mark.parametrize("function", ["SafetensorsReader", "load_file", "read_metadata", "save_file",
+                                      "SafetensorsWriter"])
+def test_non_path_arguments_raise_type_error(tmp_path, path, function):
+    calls = {
+        "SafetensorsReader": lambda: SafetensorsReader(path), "load_file": lambda: load_file(path),
+        "read_metadata": lambda: read_metadata(path), "save_file": lambda: save_file({"a": torch.ones(2)}, path),
+        "SafetensorsWriter": lambda: SafetensorsWriter(path, []),
+    }
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got " + type(path).__name__):
+        calls[function]()
+
+
+def test_bytes_paths(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.ones(2)}, os.fsencode(path), metadata={"k": "v"})  # used to fail joining str and bytes
+    assert torch.equal(load_file(os.fsencode(path))["a"], torch.ones(2))
+    assert read_metadata(os.fsencode(path)) == {"k": "v"}
+    with SafetensorsReader(os.fsencode(path)) as reader:
+        assert reader.path == str(path)  # messages name the file, not b'...'
+
+
+def test_save_file_refuses_paths_that_name_no_file(tmp_path):
+    tensors = {"a": torch.ones(2)}
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        save_file(tensors, tmp_path)
+    # these used to fail only at the final rename, naming the temporary file
+    with pytest.raises(IsADirectoryError, match="names a directory"):
+        save_file(tensors, str(tmp_path / "new_dir") + os.sep)
+    with pytest.raises(FileNotFoundError, match="empty"):
+        save_file(tensors, "")
+    with pytest.raises(FileNotFoundError) as info:
+        save_file(tensors, tmp_path / "missing_dir" / "x.safetensors")
+    assert info.value.filename == str(tmp_path / "missing_dir")
+    assert leftovers(tmp_path) == []
+
+
+def test_reader_tensor_names_must_be_strings(tmp_path):
+    save_file({"a": torch.ones(2)}, tmp_path / "x.safetensors")
+    with SafetensorsReader(tmp_path / "x.safetensors") as reader:
+        with pytest.raises(TypeError, match="tensor names are strings, got list"):
+            reader.get_tensor(["a"])
+        assert ["a"] not in reader and 0 not in reader and "a" in reader
+
+
+@pytest.mark.parametrize("case", ["list", "none_value", "list_value", "numpy_value", "sparse_coo", "sparse_csr",
+                                  "nested", "meta", "int_key", "surrogate_name", "surrogate_metadata",
+                                  "metadata_list", "metadata_int_value"])
+def test_save_file_refuses_bad_arguments(tmp_path, case):
+    np = pytest.importorskip("numpy")
+    good = torch.ones(2)
+    tensors, metadata = {"a": good}, None
+    expected = {
+        "list": (TypeError, "tensors must be a mapping of names to torch.Tensor, got list"),
+        "none_value": (TypeError, r"tensors\['a'\] must be a torch.Tensor, got NoneType"),
+        "list_value": (TypeError, r"tensors\['a'\] must be a torch.Tensor, got list"),
+        "numpy_value": (TypeError, r"tensors\['a'\] must be a torch.Tensor, got ndarray"),
+        "sparse_coo": (TypeError, r"tensors\['a'\] has layout torch.sparse_coo"),
+        "sparse_csr": (TypeError, r"tensors\['a'\] has layout torch.sparse_csr"),
+        "nested": (TypeError, r"tensors\['a'\] is a nested tensor"),
+        "meta": (ValueError, r"tensors\['a'\] is a meta tensor"),
+        "int_key": (TypeError, "tensor names must be non-empty strings, got 1"),
+        "surrogate_name": (ValueError, "tensor name .* not valid Unicode"),
+        "surrogate_metadata": (ValueError, r"metadata\['k'\] is not valid Unicode"),
+        "metadata_list": (TypeError, "metadata must map strings to strings"),
+        "metadata_int_value": (TypeError, "metadata must map strings to strings"),
+    }[case]
+    if case == "list":
+        tensors = [good]
+    elif case == "none_value":
+        tensors["a"] = None
+    elif case == "list_value":
+        tensors["a"] = [1.0]
+    elif case == "numpy_value":
+        tensors["a"] = np.zeros(2)  # float64 is storable: the message must not say the dtype is the problem
+    elif case == "sparse_coo":
+        tensors["a"] = torch.eye(2).to_sparse()
+    elif case == "sparse_csr":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            tensors["a"] = torch.eye(2).to_sparse_csr()
+    elif case == "nested":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "nested tensors are a prototype"
+            tensors["a"] = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    elif case == "meta":
+        tensors["a"] = torch.ones(2, device="meta")
+    elif case == "int_key":
+        tensors = {1: good}
+    elif case == "surrogate_name":
+        tensors = {"\ud800": good}
+    elif case == "surrogate_metadata":
+        metadata = {"k": "\udc00"}
+    elif case == "metadata_list":
+        metadata = [("k", "v")]
+    elif case == "metadata_int_value":
+        metadata = {"k": 1}
+    with pytest.raises(expected[0], match=expected[1]):
+        save_file(tensors, tmp_path / "x.safetensors", metadata=metadata)
+    assert leftovers(tmp_path) == []
+
+
+def test_writer_refuses_tensors_without_dense_data(tmp_path):
+    for tensor, error in ((torch.eye(2).to_sparse(), TypeError), (torch.ones(2, 2, device="meta"), ValueError)):
+        with pytest.raises(error, match="tensor 'a'"):
+            with SafetensorsWriter(tmp_path / "x.safetensors", [("a", torch.float32, (2, 2))]) as writer:
+                writer.write("a", tensor)
+    assert leftovers(tmp_path) == []
+
+
+def test_writer_rejects_bad_spec_types(tmp_path):
+    path = tmp_path / "out.safetensors"
+    with pytest.raises(TypeError, match="specs must be an iterable of \\(name, dtype, shape\\), got NoneType"):
+        SafetensorsWriter(path, None)
+    with pytest.raises(TypeError, match="tensor 'a': shape must be a sequence of ints, got int"):
+        SafetensorsWriter(path, [("a", torch.float32, 5)])
+    with pytest.raises(TypeError, match="tensor 'a': dtype must be a torch.dtype, got str"):
+        SafetensorsWriter(path, [("a", "float32", (2,))])
+    with pytest.raises(ValueError, match="invalid shape"):
+        SafetensorsWriter(path, [("a", torch.float32, (0, 2**64))])
+    with pytest.raises(ValueError, match="too large for torch"):
+        SafetensorsWriter(path, [("a", torch.float64, (0, 2**61))])
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype, got str"):
+        code_from_dtype("float32")
+    assert leftovers(tmp_path) == []
 
 
 # --------------------------------------------------------------------------- the safetensors package
