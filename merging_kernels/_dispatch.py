@@ -44,6 +44,12 @@ class OpBackends:
         return fast + ("torch",)
 
 
+def compiling() -> bool:
+    """Whether torch.compile (dynamo) or torch.export is tracing the current call."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling and is_compiling())
+
+
 def triton_interpreting() -> bool:
     """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

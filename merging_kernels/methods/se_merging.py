@@ -57,6 +57,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .._dispatch import compiling
 from .._validation import check_choice, check_int, check_real, real_numbers
 from ..layers import Coefficients, PerSampleConv2d, PerSampleLayerNorm, PerSampleLinear
 from ..ops.task_vectors import magnitude_thresholds, task_vector_torch
@@ -64,11 +65,6 @@ from ..ops.task_vectors import magnitude_thresholds, task_vector_torch
 SCORES = ("shift", "closest", "cosine_shift", "cosine_closest")
 BASE_METHODS = ("ta", "ties")
 _SUPPORTED = (nn.Linear, nn.LayerNorm, nn.Conv2d)
-
-
-def _compiling() -> bool:
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling and is_compiling())
 
 
 class _ProbeReached(Exception):
@@ -102,7 +98,7 @@ class SEMergedModel(nn.Module):
         captured = getattr(self._local, "captured", None)
         if captured is not None:
             captured.append(output[0] if isinstance(output, tuple) else output)
-            if not _compiling():  # eager: nothing after the probe is needed; compiled: run to the end
+            if not compiling():  # eager: nothing after the probe is needed; compiled: run to the end
                 raise _ProbeReached
 
     @property

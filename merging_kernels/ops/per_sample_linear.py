@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from .._cuda import launch_device
-from .._dispatch import OpBackends, resolve_backend, triton_interpreting
+from .._dispatch import OpBackends, compiling, resolve_backend, triton_interpreting
 from .._validation import check_choice, check_float_dtype, check_float_tensor, check_int
 
 PER_SAMPLE_LINEAR = OpBackends("per_sample_linear", cpu=(), cuda=("triton",))
@@ -557,17 +557,12 @@ else:  # pragma: no cover - torch 2.3
     _run_op, _run_lowrank_op = _run, _run_lowrank
 
 
-def _compiling() -> bool:
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling and is_compiling())
-
-
 def _dispatch(op, fn, *args) -> torch.Tensor:
     """``op(*args)``, the declared op, where it matters: under torch.compile / export, for tensor subclasses
     (fake, functional) and when autograd records (its backward names the op as inference-only). Otherwise, in
     eager inference, ``fn(*args)`` directly: the same function without custom_op's dispatch, ~15 µs a call."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if (_compiling() or any(type(a) is not torch.Tensor for a in tensors)
+    if (compiling() or any(type(a) is not torch.Tensor for a in tensors)
             or (torch.is_grad_enabled() and any(a.requires_grad for a in tensors))):
         return op(*args)
     return fn(*args)
