@@ -200,40 +200,34 @@ def main(argv=None):
     parser.add_argument("--conv", action="store_true", help="per-sample Conv2d (ResNet-20-like shapes) instead")
     args = parser.parse_args(argv)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    lines = [f"# python benchmarks/run_per_sample_linear.py {' '.join(sys.argv[1:])}",
+             f"# {datetime.date.today()}  device: {device_name(args.device)}  dtype: {dtype}  torch threads "
+             f"{torch.get_num_threads()}" + ("" if args.conv else f"  in {IN} out {OUT}"),
+             f"# versions: torch {torch.__version__}; merging_kernels at "
+             f"{commit_line(['merging_kernels/ops/per_sample_linear.py'])}"]
     if args.conv:
-        lines = [f"# python benchmarks/run_per_sample_linear.py {' '.join(sys.argv[1:])}",
-                 f"# {datetime.date.today()}  device: {device_name(args.device)}  dtype: {dtype}  torch threads "
-                 f"{torch.get_num_threads()}; merging_kernels at "
-                 f"{commit_line(['merging_kernels/ops/per_sample_linear.py'])}",
-                 "# per_sample_conv2d, 3x3 conv C -> C, padding 1, one row of α per sample; times in ms (median); "
-                 "loop = merge filters and conv per sample; plain = one conv with the base filters (the floor); "
-                 "x loop = loop/auto, x banks = banks/auto, / plain = auto/plain",
-                 " K    B    C   HxW  |      loop     plain |     banks   stacked      auto    pick |  x loop "
-                 " x banks / plain"]
-        print("\n".join(lines), flush=True)
-        for k in map(int, args.ks.split(",")):
+        lines += ["# per_sample_conv2d, 3x3 conv C -> C, padding 1, one row of α per sample; times in ms (median); "
+                  "loop = merge filters and conv per sample; plain = one conv with the base filters (the floor); "
+                  "x loop = loop/auto, x banks = banks/auto, / plain = auto/plain",
+                  " K    B    C   HxW  |      loop     plain |     banks   stacked      auto    pick |  x loop "
+                  " x banks / plain"]
+    else:
+        lines += ["# times in ms (median); ref = the torch reference per_sample_linear_torch (materializes the B "
+                  "weights); loop = per-sample functional_call, naive = concat+GEMM per call; "
+                  "auto = the strategy the cost model picks; x ref = ref/auto; bound = auto / (plain + build) at T > 1",
+                  " K    B    T |       ref      loop     naive     plain     build |      auto  pick   stacked "
+                  "materializ  lowrank16 |   x ref loop/us naive/us  bound"]
+    print("\n".join(lines), flush=True)
+    for k in map(int, args.ks.split(",")):
+        if args.conv:
             for batch in (16, 128):
                 for channels, side in CONV_SHAPES:
                     run_conv_case(args.device, dtype, k, batch, channels, side, args, lines)
-        if args.out:
-            with open(args.out, "w", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
-        return
-    lines = [f"# python benchmarks/run_per_sample_linear.py {' '.join(sys.argv[1:])}",
-             f"# {datetime.date.today()}  device: {device_name(args.device)}  dtype: {dtype}  in {IN} out {OUT}",
-             f"# versions: torch {torch.__version__}; merging_kernels at "
-             f"{commit_line(['merging_kernels/ops/per_sample_linear.py'])}",
-             "# times in ms (median); ref = the torch reference per_sample_linear_torch (materializes the B weights); "
-             "loop = per-sample functional_call, naive = concat+GEMM per call; "
-             "auto = the strategy the cost model picks; x ref = ref/auto; bound = auto / (plain + build) at T > 1",
-             " K    B    T |       ref      loop     naive     plain     build |      auto  pick   stacked materializ "
-             " lowrank16 |   x ref loop/us naive/us  bound"]
-    print("\n".join(lines), flush=True)
-    for k in map(int, args.ks.split(",")):
+            continue
         for tokens in map(int, args.tokens.split(",")):
             for batch in map(int, args.batches.split(",")):
                 run_case(args.device, dtype, k, batch, tokens, args, lines)
-    if args.device == "cuda":
+    if args.device == "cuda" and not args.conv:
         lines.append("# stacked Triton kernel vs cuBLAS at the same (K+1)-fold GEMM size")
         for k in map(int, args.ks.split(",")):
             for batch, tokens in ((16, 1), (128, 1), (16, 197), (128, 197)):
