@@ -59,7 +59,7 @@ def assert_optimal(cost, rows, cols, u, v, maximize=False, rtol=1e-9):
     assert np.all(np.diff(rows) > 0), "rows ascending and distinct"
     assert len(set(cols.tolist())) == len(cols)
     finite = np.isfinite(cost)
-    scale = max(float(np.abs(cost[finite]).max(initial=0.0)) * max(len(rows), 1), 1e-300)
+    scale = float(np.abs(cost[finite]).max(initial=0.0)) * max(len(rows), 1)  # no floor: tiny costs are checked too
     assert abs(total(cost, rows, cols) - total(cost, r0, c0)) <= rtol * scale
     assert mk.check_assignment(cost, rows, cols, u, v, maximize=maximize)
 
@@ -295,6 +295,117 @@ def test_rescaling_is_per_problem_in_a_batch(backend, device, compute_dtype):
         assert np.array_equal(cols[b], want) and np.array_equal(alone, want), b
     for b in (1, 2):
         assert mk.check_assignment(batch[b], rows[b], cols[b], u[b], v[b])
+
+
+# --------------------------------------------------------------------------- near the smallest magnitudes
+
+# A float32 solve of float64 costs rounds them to float32: 1e-50 became 0 (any assignment read as optimal, duals 0)
+# and entries below 2**-126 lost their precision to subnormals. linear_sum_assignment now scales such problems up by
+# a power of two (exact) first. Solves in the costs' own dtype take tiny costs as they are: entries are exact and
+# sums of subnormals too (test_subnormal_costs_in_their_own_dtype).
+TINY_EXPONENTS = [-40, -61, -100, -126, -130, -134, -140, -160, -300, -1000]
+
+
+@pytest.mark.parametrize("backend, device", [pytest.param("torch", "cpu", id="torch-cpu")]
+                         + [pytest.param(*p.values, id=p.id, marks=p.marks) for p in FAST])
+def test_tiny_float64_costs_in_a_float32_solve(backend, device):
+    def lsa(cost, maximize=False, return_duals=False):
+        out = mk.linear_sum_assignment(torch.from_numpy(cost).to(device), maximize, return_duals=return_duals,
+                                       backend=backend, compute_dtype=torch.float32)
+        return tuple(x.cpu().numpy() for x in out)
+
+    c = np.array([[1e-50, 3e-50], [3e-50, 2e-50]])  # the audit's case: cols [1, 0] (cost 6e-50), duals 0
+    for maximize, want in ((False, [0, 1]), (True, [1, 0])):
+        assert lsa(c, maximize)[1].tolist() == want == scipy_lsa(c, maximize=maximize)[1].tolist()
+    rng = np.random.default_rng(12)
+    for e in TINY_EXPONENTS:
+        for shape in ((9, 9), (5, 12), (12, 5)):
+            for maximize in (False, True):
+                cost = rng.random(shape) * 2.0 ** e
+                rows, cols = lsa(cost, maximize)
+                k = 2.0 ** -e  # totals compared where float64 is exact and far from the subnormals
+                want = total(cost * k, *scipy_lsa(cost, maximize=maximize))
+                assert total(cost * k, rows, cols) == pytest.approx(want, rel=1e-5), (e, shape, maximize)
+                if e >= -134:  # float32 duals that certify it, in the caller's units
+                    rows, cols, u, v = lsa(cost, maximize, return_duals=True)
+                    assert u.dtype == np.float32 and mk.check_assignment(cost, rows, cols, u, v, maximize=maximize)
+                elif e <= -140:  # no float32 duals can certify these: refused, not zeros
+                    with pytest.raises(ValueError, match="dual potentials.*below torch.float32's normal range"):
+                        lsa(cost, maximize, return_duals=True)
+    ints = rng.integers(0, 4, (9, 9))  # in units of the smallest float64 magnitude, 2**-1074
+    assert total(ints, *lsa(ints * 2.0 ** -1074)) == total(ints, *scipy_lsa(ints))
+
+
+@pytest.mark.parametrize("backend, device", [pytest.param("torch", "cpu", id="torch-cpu")]
+                         + [pytest.param(*p.values, id=p.id, marks=p.marks) for p in FAST])
+def test_tiny_costs_are_scaled_up_per_problem_in_a_batch(backend, device):
+    rng = np.random.default_rng(13)
+    forbidden = np.where(np.eye(4, dtype=bool), 2.0 ** -149, np.inf)  # no finite nonzero entry: left as it is
+    batch = np.stack([near_max_cost((4, 4), 2, 1e37), rng.random((4, 4)) * 1e-50, np.zeros((4, 4)),
+                      rng.random((4, 4)), forbidden, rng.random((4, 4)) * 1e-40, np.full((4, 4), np.inf)])
+    batch[-1, np.arange(4), [1, 2, 3, 0]] = 0.0  # only zeros allowed
+    out = mk.linear_sum_assignment(torch.from_numpy(batch).to(device), backend=backend, compute_dtype=torch.float32)
+    rows, cols = (x.cpu().numpy() for x in out)
+    for b, cost in enumerate(batch):
+        k = 2.0 ** -30 if b == 0 else 2.0 ** 140
+        assert total(cost * k, rows[b], cols[b]) == pytest.approx(total(cost * k, *scipy_lsa(cost * k)), rel=1e-5), b
+    assert cols[-1].tolist() == [1, 2, 3, 0] and cols[-3].tolist() == [0, 1, 2, 3]
+    keep = [0, 2, 3, 4, 5, 6]  # without the 1e-50 problem, whose float32 duals would be 0: refused by its index
+    with pytest.raises(ValueError, match=r"below torch.float32's normal range.*\(problem 1 of the batch\)"):
+        mk.linear_sum_assignment(torch.from_numpy(batch).to(device), return_duals=True, backend=backend,
+                                 compute_dtype=torch.float32)
+    rows, cols, u, v = (x.cpu().numpy() for x in mk.linear_sum_assignment(
+        torch.from_numpy(batch[keep]).to(device), return_duals=True, backend=backend, compute_dtype=torch.float32))
+    for i, b in enumerate(keep[1:], 1):
+        assert mk.check_assignment(batch[b], rows[i], cols[i], u[i], v[i]), b
+    assert mk.check_assignment(batch[0] * 2.0 ** -4, rows[0], cols[0], u[0] * 2.0 ** -4, v[0] * 2.0 ** -4)
+
+
+def test_range_exponents():
+    big = torch.tensor([0.0, 1e-50, 1.0, 2.0 ** -60, 2.0 ** -61, 1e37, 2.0 ** -1074], dtype=torch.float64)
+    got = la._range_exponents(big, torch.float32, True)
+    assert got.tolist() == [0, 166, 0, 0, 60, 100 - 123, 1073]  # largest |cost| to [0.5, 1); 1e37 < 2**123
+    assert la._range_exponents(big[:5], torch.float32, False) is None  # costs solved in their own dtype
+    assert la._range_exponents(big[:5], torch.float64, False) is None
+    assert la._range_exponents(torch.zeros(3, dtype=torch.float64), torch.float32, True) is None
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-308, 1e-310, 1e-315, 1e-320, 1e-322])
+@pytest.mark.parametrize("backend, device, method", ALL)
+def test_subnormal_costs_in_their_own_dtype(backend, device, method, scale):
+    """float64 costs near and in float64's subnormals, float32 costs in float32's: solved as they are, exactly
+    (no rescaling: the entries are exact, and so are sums and differences of subnormals)."""
+    rng = np.random.default_rng(14)
+    for kind, shape in (("uniform", (9, 9)), ("int_ties", (17, 40)), ("mixed", (40, 17))):
+        cost = {"uniform": rng.random(shape), "int_ties": rng.integers(0, 4, shape).astype(np.float64),
+                "mixed": rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 4, shape) / 1e3}[kind] * scale
+        rows, cols, u, v = solve(cost, backend, device, method)
+        k = 2.0 ** 1000
+        assert total(cost * k, rows, cols) == pytest.approx(total(cost * k, *scipy_lsa(cost)), rel=1e-12), kind
+        assert mk.check_assignment(cost, rows, cols, u, v)  # its tol has no floor any more
+    scale32 = {1e-300: 1e-30, 1e-308: 1e-36, 1e-310: 1e-38, 1e-315: 1e-40, 1e-320: 1e-43, 1e-322: 1e-44}[scale]
+    cost32 = (rng.random((9, 9)) * scale32).astype(np.float32)  # float32's subnormals from 1e-38 on
+    assert cost32.any()
+    rows, cols, u, v = solve(cost32, backend, device, method, compute_dtype=torch.float32)
+    c64 = cost32.astype(np.float64)
+    assert total(c64 * 2.0 ** 150, rows, cols) == pytest.approx(total(c64 * 2.0 ** 150, *scipy_lsa(c64)), rel=1e-5)
+    assert mk.check_assignment(cost32, rows, cols, u, v)
+
+
+def test_check_assignment_tolerance_is_per_problem_without_a_floor():
+    # the default tol was 4096 ulps of max(largest |cost|, |u|, |v| over the whole batch, 1e-300): tiny costs, or a
+    # problem of tiny costs batched with larger ones, certified wrong assignments
+    c = np.array([[1.0, 3.0], [3.0, 2.0]])
+    rows, wrong = np.array([0, 1]), np.array([1, 0])  # total 6, the optimum is 3
+    for scale in (1e-300, 1e-310, 1e-320):
+        for dtype in (np.float64, np.float32):
+            assert not mk.check_assignment(c * scale, rows, wrong, np.zeros(2, dtype), np.zeros(2, dtype)), scale
+        assert mk.check_assignment(c * scale, *mk.linear_sum_assignment(c * scale, return_duals=True))
+    batch = np.stack([c, c * 1e-20])
+    u = np.array([[1.0, 2.0], [0.0, 0.0]])
+    assert not mk.check_assignment(batch, np.stack([rows, rows]), np.stack([rows, wrong]), u, np.zeros((2, 2)))
+    assert mk.check_assignment(batch, *mk.linear_sum_assignment(batch, return_duals=True))
+    assert mk.check_assignment(np.zeros((3, 3)), *mk.linear_sum_assignment(np.zeros((3, 3)), return_duals=True))
 
 
 @pytest.mark.skipif(not NATIVE_CPU, reason="native backend not built")
@@ -535,6 +646,52 @@ def test_bad_arguments():
         mk.linear_sum_assignment(np.zeros((2, 2)), compute_dtype=torch.float16)
     with pytest.raises(ValueError, match="backend"):
         mk.linear_sum_assignment(np.zeros((2, 2)), backend="scipy")
+
+
+@pytest.mark.parametrize("backend", [None, "torch"] + (["native"] if NATIVE_CPU else []))
+def test_complex_tensors_are_refused(backend):
+    c = make_cost("uniform", 4, 4, seed=15)
+    with pytest.raises(TypeError):  # scipy refuses complex costs with TypeError (numpy input: already ours too)
+        scipy_lsa(c.astype(np.complex128))
+    for dtype in (torch.complex128, torch.complex64):
+        with pytest.raises(TypeError, match="cost must be real"):
+            mk.linear_sum_assignment(torch.from_numpy(c).to(dtype), backend=backend)
+    rows, cols, u, v = mk.linear_sum_assignment(torch.from_numpy(c), return_duals=True, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the casts used to warn, drop the imaginary part and certify
+        for i, name in ((0, "cost"), (3, "u"), (4, "v")):
+            args = [torch.from_numpy(c), rows, cols, u, v]
+            args[i] = args[i].to(torch.complex128) + 100j
+            with pytest.raises(TypeError, match=f"{name} must be real"):
+                mk.check_assignment(*args)
+        with pytest.raises(TypeError, match="u must hold real numbers"):  # numpy: as before
+            mk.check_assignment(c, rows, cols, u.numpy() + 1j, v)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("backend", [None, "torch"] + (["native"] if NATIVE_CPU else []))
+def test_sparse_tensors_are_refused(backend):
+    # these failed deep inside: "unsupported memory format option Contiguous" (native), NotImplementedError
+    # ... SparseCPU (torch), "Sparse CSR tensors do not have strides"; scipy's sparse matrices are refused too
+    c = torch.from_numpy(make_cost("uniform", 4, 5, seed=16))
+    rows, cols, u, v = mk.linear_sum_assignment(c, return_duals=True, backend=backend)
+    for sparse in (lambda t: t.to_sparse(), lambda t: t.to_sparse_csr(), lambda t: t.to_sparse_csc()):
+        with pytest.raises(TypeError, match="cost must be a dense tensor, got layout torch.sparse"):
+            mk.linear_sum_assignment(sparse(c), backend=backend)
+        with pytest.raises(TypeError, match="cost must be a dense tensor"):
+            mk.linear_sum_assignment(sparse(c)[None] if sparse(c).layout == torch.sparse_coo else sparse(c),
+                                     return_duals=True, backend=backend)
+        args = [c, rows, cols, u, v]
+        for i, name in enumerate(("cost", "rows", "cols", "u", "v")):
+            bad = list(args)
+            bad[i] = sparse(bad[i]) if bad[i].dim() == 2 else bad[i].to_sparse()
+            with pytest.raises(TypeError, match=f"{name} must be a dense tensor"):
+                mk.check_assignment(*bad)
+    assert mk.check_assignment(*args)
+    import scipy.sparse
+
+    with pytest.raises(TypeError, match="cost must hold real numbers"):
+        mk.linear_sum_assignment(scipy.sparse.csr_array(c.numpy()), backend=backend)
 
 
 @pytest.mark.parametrize("shape", [(1, la.MAX_DIMENSION + 1), (la.MAX_DIMENSION + 1, 1), (2, 1, 2**31)])

@@ -40,6 +40,10 @@ STATUS_OUT_OF_RANGE = 3  # a native solve met a finite |cost| beyond the safe ma
 MAX_DIMENSION = 2**31 - 1025
 # log2 of the largest finite |cost| the native solvers take (team::safe_magnitude in csrc/common/lsa_team.h)
 SAFE_MAGNITUDE_EXP = {torch.float64: 1000, torch.float32: 100}
+# log2 of the smallest largest finite |cost| a float32 solve of float64 costs takes as it is (see _range_exponents).
+# Solves in the costs' own dtype need no such bound: their entries are exact, and sums and differences of
+# subnormals are exact too (checked against scipy down to 1e-322 in float64 and 1e-43 in float32)
+SMALL_MAGNITUDE_EXP = -60
 
 # native method switch (tests use it to exercise each CPU path): 0 auto, 1 dense LAPJV, 2 sparse-then-certify
 METHOD_AUTO, METHOD_DENSE, METHOD_SPARSE = 0, 1, 2
@@ -236,21 +240,54 @@ def _largest_finite(t3: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(t3), t3.abs(), 0).amax(dim=(1, 2))
 
 
-def _range_exponents(t3: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor | None:
-    """(B,) per problem the power of two (<= 0) that brings its finite |costs| within the solvers' safe
-    magnitude; None when every problem is within it.
+def _range_exponents(big: torch.Tensor, compute_dtype: torch.dtype, narrowed: bool) -> torch.Tensor | None:
+    """(B,) per problem the power of two that brings its finite |costs| (largest: ``big``, (B,), from
+    :func:`_largest_finite`) within the solvers' range; None when every problem is within it.
 
     Near the type's maximum, reduced costs c - u - v overflow into +inf, which reads as a forbidden
-    pair: a wrong assignment or a false "infeasible". Scaling a problem by 2**k is exact (short of
-    underflow in its entries 2**|k| below its largest, which change none of its totals), so the solve
-    is the same problem; per problem, so that the other problems of a batch keep their small entries.
+    pair: a wrong assignment or a false "infeasible"; those problems are scaled down (k <= 0).
+    ``narrowed`` (float64 costs, float32 compute): the costs are rounded to float32, where a problem
+    whose largest |cost| is below 2**SMALL_MAGNITUDE_EXP loses its entries to subnormals and zeros
+    (1e-50 becomes 0: any assignment reads as optimal); those are scaled up (k > 0), their largest
+    |cost| to [0.5, 1). Problems with no finite nonzero entry are left as they are. Scaling a problem
+    by 2**k is exact (short of underflow in its entries 2**|k| below its largest, which change none of
+    its totals), so the solve is the same problem; per problem, so that the other problems of a batch
+    keep their small entries.
     """
-    big = _largest_finite(t3).to(torch.float64)
+    big = big.to(torch.float64)
     limit = SAFE_MAGNITUDE_EXP[compute_dtype]
     over = big > 2.0 ** limit
-    if not bool(over.any()):
+    under = (big > 0) & (big < 2.0 ** SMALL_MAGNITUDE_EXP) if narrowed else torch.zeros_like(over)
+    if not bool((over | under).any()):
         return None
-    return torch.where(over, limit - torch.frexp(big)[1], 0)
+    exponent = torch.frexp(big)[1]
+    return torch.where(over, limit - exponent, torch.where(under, -exponent, 0))
+
+
+def _unscale_duals(costs: torch.Tensor, exponents: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                   compute_dtype: torch.dtype, batched: bool):
+    """The duals of problems solved scaled by 2**exponents (B,) (``costs``: the scaled costs), in the caller's
+    units: ValueError where they leave the compute dtype's range, or lose precision to its subnormals (tiny
+    costs scaled up for a float32 solve: 1e-50 is 0 in float32, and no float32 duals can certify it).
+
+    Computed in float64 and rounded once (ldexp of a float32 tensor scales by a float32 power of two, which is
+    0 or inf beyond 2**±149)."""
+    unscale = (-exponents)[:, None]
+    out = [torch.ldexp(x.to(torch.float64), unscale).to(compute_dtype) for x in (u, v)]
+    if not bool(torch.isfinite(out[0]).all() & torch.isfinite(out[1]).all()):
+        raise ValueError(f"cost: the dual potentials of this problem exceed {compute_dtype}'s range; "
+                         "solve with return_duals=False or with smaller costs")
+    if bool((exponents > 0).any()):  # scaled up: what rounds off in the subnormals must stay far below
+        # check_assignment's tol (4096 ulps of the problem's magnitude)
+        lost = torch.stack([(torch.ldexp(y.to(torch.float64), exponents[:, None]) - x.to(torch.float64)).abs().amax(1)
+                            for x, y in zip((u, v), out)]).amax(0)
+        magnitude = _largest_finite(costs).to(torch.float64) + u.abs().amax(1) + v.abs().amax(1)
+        bad = (lost > 256 * torch.finfo(compute_dtype).eps * magnitude).cpu().numpy()
+        if bad.any():
+            raise ValueError(_where(f"cost: the dual potentials of this problem fall below {compute_dtype}'s normal "
+                                    "range (its costs are too small); solve with compute_dtype=torch.float64 or "
+                                    "with return_duals=False", int(np.flatnonzero(bad)[0]), batched))
+    return out[0], out[1]
 
 
 def _where(message: str, b: int, batched: bool) -> str:
@@ -281,6 +318,17 @@ def _as_tensor(cost: Any, name: str = "cost") -> tuple[torch.Tensor, bool]:
     if not array.flags.writeable:  # torch.from_numpy warns on read-only arrays; the solver never writes to it
         array = array.copy()
     return torch.from_numpy(array), False
+
+
+def _check_dense(t: torch.Tensor, name: str, real: bool = True) -> torch.Tensor:
+    """A tensor argument: strided (sparse layouts have no strides and few kernels: they failed deep inside with
+    RuntimeError / NotImplementedError) and, with ``real``, not complex (the casts to float dropped the imaginary
+    part with only a warning; complex numpy input is refused alike, and so is it by scipy)."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor, got layout {t.layout}; convert it with .to_dense()")
+    if real and t.is_complex():
+        raise TypeError(f"{name} must be real, got {t.dtype}")
+    return t
 
 
 # CPU tensors that numpy can view (bfloat16 and the rest take the general path)
@@ -339,9 +387,10 @@ def _index_tensor(value: torch.Tensor, name: str) -> torch.Tensor:
     return value.to(torch.int64)
 
 
-def _check_fits_float32(t3: torch.Tensor) -> None:
-    """Finite costs beyond float32's range would turn into ±inf (forbidden pairs) in a float32 solve."""
-    big = float(_largest_finite(t3).amax())
+def _check_fits_float32(big: torch.Tensor) -> None:
+    """Finite costs beyond float32's range would turn into ±inf (forbidden pairs) in a float32 solve.
+    ``big``: (B,) the largest finite |cost| of each problem."""
+    big = float(big.amax())
     if big > torch.finfo(torch.float32).max:
         raise ValueError(f"cost has finite entries beyond float32's range (largest |cost| {big:.3g}); "
                          "solve with compute_dtype=torch.float64")
@@ -352,8 +401,6 @@ def _cost_dtype(t: torch.Tensor) -> torch.dtype:
         return t.dtype
     if t.dtype in (torch.float16, torch.bfloat16):
         return torch.float32  # exact
-    if t.dtype.is_complex:
-        raise TypeError(f"cost must be real, got {t.dtype}")
     return torch.float64  # bool and integers (exact up to 2**53, as in scipy)
 
 
@@ -372,7 +419,10 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
         backend: ``"native"`` (C++ on CPU, CUDA on GPU), ``"torch"`` (the
             reference) or None (fastest available).
         compute_dtype: float64 (default) or float32 arithmetic inside the
-            solver; the duals come back in this dtype.
+            solver; the duals come back in this dtype. float64 costs are
+            rounded to float32 for a float32 solve: problems of tiny costs
+            are scaled by a power of two first (exact), so that they keep
+            their precision.
 
     Returns:
         ``(row_ind, col_ind)`` as scipy: k = min(n, m) pairs, rows ascending,
@@ -384,12 +434,15 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
     Raises:
         ValueError: a cost that is not 2-D/3-D; NaN, or -inf (+inf when
             maximizing), with the problem's index in a batch; an infeasible
-            problem (no assignment of finite cost), with its index in a batch.
-        TypeError: a non-real cost or bad argument types.
+            problem (no assignment of finite cost), with its index in a batch;
+            with compute_dtype=torch.float32, float64 costs beyond float32's
+            range, and (with return_duals) duals that would fall below its
+            normal range (largest |cost| below about 2**-135).
+        TypeError: a non-real cost (complex included), a sparse tensor, or bad argument types.
     """
     tensor_in = isinstance(cost, torch.Tensor)
     if tensor_in:
-        check_has_data(cost, "cost")
+        _check_dense(check_has_data(cost, "cost"), "cost")
     array = None if tensor_in else _as_array(cost)
     shape = tuple(cost.shape if tensor_in else array.shape)
     if len(shape) not in (2, 3):
@@ -417,13 +470,16 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
         t3 = t3.to(dtype)
     name = resolve_backend(LINEAR_ASSIGNMENT, backend, t3.device)
     b, n, m = t3.shape
-    if compute_dtype == torch.float32 and dtype == torch.float64 and t3.numel():
-        _check_fits_float32(t3)
+    narrowed = compute_dtype == torch.float32 and dtype == torch.float64  # rounded to float32 in the solve
+    big = _largest_finite(t3).cpu() if narrowed and t3.numel() else None  # (B,): one device-to-host copy
+    if big is not None:
+        _check_fits_float32(big)
 
     def solve(costs: torch.Tensor, exponents: torch.Tensor | None):
         """(rows, cols, u, v, status or None) of the problems scaled by 2**exponents (B,), duals unscaled."""
         if exponents is not None:
-            costs = torch.ldexp(costs, exponents.to(costs.device)[:, None, None])
+            exponents = exponents.to(costs.device)
+            costs = torch.ldexp(costs, exponents[:, None, None])
         status = None
         if name == "torch":
             rows, cols, u, v = _solve_torch(costs, maximize, compute_dtype, batched)
@@ -432,11 +488,7 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
         else:
             rows, cols, u, v, status, _ = _solve_native_cpu(costs.contiguous(), maximize, compute_dtype, return_duals)
         if exponents is not None and return_duals:
-            unscale = (-exponents).to(u.device)[:, None]
-            u, v = torch.ldexp(u, unscale), torch.ldexp(v, unscale)
-            if not bool(torch.isfinite(u).all() & torch.isfinite(v).all()):
-                raise ValueError(f"cost: the dual potentials of this problem exceed {compute_dtype}'s range; "
-                                 "solve with return_duals=False or with smaller costs")
+            u, v = _unscale_duals(costs, exponents, u, v, compute_dtype, batched)
         return rows, cols, u, v, status
 
     if b == 0 or n == 0 or m == 0:
@@ -445,12 +497,18 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
         u = torch.zeros((b, n), dtype=compute_dtype, device=t3.device)
         v = torch.zeros((b, m), dtype=compute_dtype, device=t3.device)
     else:
-        # the native solvers check the range on their first scan and report it; the reference cannot
-        rows, cols, u, v, status = solve(t3, _range_exponents(t3, compute_dtype) if name == "torch" else None)
+        # the native solvers check the range on their first scan and report it; the reference cannot, and
+        # float32 solves of float64 costs are scaled up first where tiny costs would underflow
+        first = None
+        if name == "torch" or narrowed:
+            big = _largest_finite(t3) if big is None else big
+            first = _range_exponents(big, compute_dtype, narrowed)
+        rows, cols, u, v, status = solve(t3, first)
         if status is not None:
             status = status.cpu()  # one device-to-host copy per call
             if bool((status == STATUS_OUT_OF_RANGE).any()):  # rare: rescale, solve again
-                rows, cols, u, v, status = solve(t3, _range_exponents(t3, compute_dtype))
+                big = _largest_finite(t3) if big is None else big
+                rows, cols, u, v, status = solve(t3, _range_exponents(big, compute_dtype, narrowed))
             _raise_on_status(status, batched)
 
     out = (rows, cols, u, v) if return_duals else (rows, cols)
@@ -472,7 +530,7 @@ def check_assignment(cost, rows, cols, u, v, maximize: bool = False, *, tol: flo
     |v_j| ≤ tol on unassigned columns (u likewise for n > m). Together these
     prove that no assignment has a better total (weak duality). ``tol``
     defaults to a few thousand ulps of the problem's magnitude (costs and
-    duals) in the duals' dtype.
+    duals), per problem, in the duals' dtype.
 
     Args:
         cost: (n, m) or (B, n, m) costs, as passed to :func:`linear_sum_assignment`.
@@ -488,12 +546,13 @@ def check_assignment(cost, rows, cols, u, v, maximize: bool = False, *, tol: flo
     Raises:
         ValueError: a cost that is not 2-D/3-D, a negative or non-finite ``tol``, float indices
             that are not integral, meta tensors.
-        TypeError: a ``maximize`` or ``tol`` of the wrong type, bool or complex indices.
+        TypeError: a ``maximize`` or ``tol`` of the wrong type, bool or complex indices, complex costs or
+            duals, sparse tensors.
     """
     c, _ = _as_tensor(cost)
     tensors = [c] + [_as_tensor(x, name)[0] for x, name in ((rows, "rows"), (cols, "cols"), (u, "u"), (v, "v"))]
     for x, name in zip(tensors, ("cost", "rows", "cols", "u", "v")):
-        check_has_data(x, name)
+        _check_dense(check_has_data(x, name), name, real=name not in ("rows", "cols"))  # indices: _index_tensor
     maximize = _check_flag(maximize, "maximize")
     if tol is not None:
         tol = check_real(tol, "tol", low=0.0)
@@ -528,11 +587,13 @@ def check_assignment(cost, rows, cols, u, v, maximize: bool = False, *, tol: flo
         if bool((used > 1).any()):
             return False
     finite = torch.isfinite(c)
-    if tol is None:
-        scale = torch.where(finite, c.abs(), 0).amax() + u.abs().amax() + v.abs().amax()
-        tol = float(4096 * eps * max(float(scale), 1e-300))
+    if tol is None:  # per problem, (B, 1): no floor, and no batch-wide scale (both certified wrong assignments of
+        # tiny costs: 1e-320 entries, or 1e-20 entries next to a problem of 1s); sums of subnormals are exact
+        tol = (4096 * eps * (_largest_finite(c) + u.abs().amax(1) + v.abs().amax(1)))[:, None]
+    else:
+        tol = torch.full((b, 1), tol, dtype=torch.float64, device=device)
     slack = c - u[:, :, None] - v[:, None, :]
-    if bool((finite & (slack < -tol)).any()):
+    if bool((finite & (slack < -tol[:, :, None])).any()):
         return False
     picked = slack[torch.arange(b, device=device)[:, None], rows, cols]
     if not bool(torch.isfinite(picked).all()) or bool((picked.abs() > tol).any()):
