@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that only a GPU can show, in one device call (steps in the order given, most important first):
 #
-#   bash benchmarks/gpu_session.sh build tests-la la similarity tests-rest psl task-vectors mudsc
+#   bash benchmarks/gpu_session.sh build tests-la la similarity tests-rest psl task-vectors mudsc psl-conv
 #
 # (run tool: timeout_s=600). A lease is 15 minutes of device time, machine start and idle time included,
 # and one call at most 10, so the script keeps its own clock: GPU_SESSION_SECONDS (default 540) from its
@@ -123,7 +123,7 @@ pytest_gpu() {  # pytest_gpu NAME ARGS...: the gpu tests, on xdist workers and w
     run "$name" python3 -m pytest -m gpu -q -rs --durations=15 -o addopts="" ${extra[@]+"${extra[@]}"} "$@"
 }
 
-steps="build tests tests-la tests-rest la similarity psl task-vectors mudsc"
+steps="build tests tests-la tests-rest la similarity psl task-vectors mudsc psl-conv"
 for step in "$@"; do  # a typo fails before any build
     case " $steps " in *" $step "*) ;; *) echo "unknown step $step ($steps)"; exit 2 ;; esac
 done
@@ -138,6 +138,8 @@ for step in "$@"; do
         la) run "linear-assignment-$day" python3 benchmarks/run_linear_assignment.py --device cuda ;;
         similarity) run "similarity-$day" python3 benchmarks/run_similarity.py --device cuda ;;
         psl) run "per-sample-linear-$day" python3 benchmarks/run_per_sample_linear.py --device cuda ;;
+        # banks vs stacked per-sample conv on a GPU: choose_conv_strategy keeps banks on CUDA until this is read
+        psl-conv) run "per-sample-conv2d-$day" python3 benchmarks/run_per_sample_linear.py --conv --device cuda --quick ;;
         task-vectors) run "task-vectors-$day" python3 benchmarks/run.py --device cuda ;;
         mudsc) run "mudsc-$day" python3 benchmarks/run_mudsc.py --device cuda ;;
     esac

@@ -163,7 +163,7 @@ def run_conv_case(device, dtype, k, batch, channels, side, args, lines):
         for strategy in ("banks", "stacked", "auto"):
             t[strategy] = measure(lambda: per_sample_conv2d(x, alpha, packed, packed_bias, padding=1,
                                                             strategy=strategy), **rep).median_s
-    pick = choose_conv_strategy(1, k, side * side, torch.device(device).type)
+    pick = choose_conv_strategy(1, k, channels, channels, side * side, torch.device(device).type)
     lines.append(f"{k:>2} {batch:>4} {channels:>4} {side:>3}x{side:<3}| {t['loop'] * 1e3:9.2f} {t['plain'] * 1e3:9.2f} | "
                  f"{t['banks'] * 1e3:9.2f} {t['stacked'] * 1e3:9.2f} {t['auto'] * 1e3:9.2f} {pick:>7} | "
                  f"{t['loop'] / t['auto']:7.1f}x {t['banks'] / t['auto']:7.2f}x {t['auto'] / t['plain']:6.1f}")

@@ -721,17 +721,20 @@ def per_sample_layer_norm(
 CONV_STRATEGIES = ("banks", "stacked")
 
 
-def choose_conv_strategy(samples_per_row: int, num_tasks: int, out_pixels: int, device_type: str = "cpu") -> str:
-    """``stacked`` where one filter bank per sample makes the grouped conv slow, else ``banks``.
+def choose_conv_strategy(samples_per_row: int, num_tasks: int, in_per_group: int, out_channels: int,
+                         out_pixels: int, device_type: str = "cpu") -> str:
+    """``stacked`` where a filter bank per row of α makes the grouped conv slow, else ``banks``.
 
-    A grouped conv with one sample per group runs far below a plain conv's rate on CPU (oneDNN), the
-    more so the fewer output pixels a filter has (measured on 2 cores: ~2x at 32x32, 3-6x at 8x8, 10-20x
-    at 4x4, ~50x at 2x2); ``stacked`` always costs K+1 plain convs. Measured crossover: (K+1)·H'·W' <= 64.
-    Blocks of samples sharing a row batch well in ``banks``. CUDA keeps ``banks`` until measured there.
+    ``banks`` reads one filter bank per row of α for only its samples' output pixels: on CPU (oneDNN) such a
+    grouped conv runs below a plain conv's rate by a factor that grows with the filter's size over the pixels
+    it serves, ~1 + 0.45·sqrt(C_in/groups · C_out / (samples per row · H'·W')) (fitted on 2 cores, 3x3 convs of
+    16-256 channels at 2x2-32x32, B = 16-256: 1.5x at 16 channels 8x8, 7x at 128 channels 8x8, 15x at 64
+    channels 2x2). ``stacked`` costs K+1 plain convs. CUDA keeps ``banks`` until measured there.
     """
-    if device_type == "cpu" and samples_per_row == 1 and (num_tasks + 1) * out_pixels <= 64:
-        return "stacked"
-    return "banks"
+    if device_type != "cpu" or out_pixels <= 0:
+        return "banks"
+    slowdown = 1 + 0.45 * math.sqrt(in_per_group * out_channels / (samples_per_row * out_pixels))
+    return "stacked" if num_tasks + 1 <= slowdown else "banks"
 
 
 def _pair(value) -> tuple[int, int]:
@@ -796,7 +799,7 @@ def per_sample_conv2d(
             out_pixels = math.prod(_conv_out_size(size, k, s, p, d) for size, k, s, p, d in zip(
                 x.shape[2:], packed_weight.shape[3:], _pair(stride), _pair(0 if padding == "valid" else padding),
                 _pair(dilation)))
-        strategy = choose_conv_strategy(n, kp1 - 1, out_pixels, x.device.type)
+        strategy = choose_conv_strategy(n, kp1 - 1, packed_weight.shape[2], c_out, out_pixels, x.device.type)
     acc = _acc_dtype(x.dtype)
     a1 = _alpha1(alpha, acc)
     if strategy == "stacked":
