@@ -32,14 +32,15 @@ correlation of the cross-model unit pairs that linear assignment matches, each u
 with a unit of the other model, and its best with another unit of its own model: whether the two models
 learned alike features at all (compare the last two: both are unconstrained maxima).
 
-Part 2, speed. A wide MLP (64-1024-1024-1024-10) pair and a ResNet-20 x2 pair trained on the full task:
+Part 2, speed. A wide MLP (64-1024-1024-1024-10) pair, a ResNet-20 x2 pair and a ViT (dim 128, depth 4)
+pair trained on the full task:
 the whole merge (MuDSC-zip and MuDSC-permute, w=0.5) with merging_kernels vs the straightforward
 implementation of benchmarks/mudsc_reference.py (scipy in a Python loop, numpy corrcoef, fp32 outer
 products accumulated in torch, Python greedy zip), same inputs and decisions, per-stage breakdown, and
 the merged models' test accuracy side by side. Ratios use process CPU time (one thread each, so it is
-immune to time spent descheduled on a shared machine); wall time is listed beside it. For the CNN the
-forward passes over the calibration set (the same model code in both) are timed alone too, and the
-ratio of the rest is printed: they bound the end-to-end ratio (Amdahl).
+immune to time spent descheduled on a shared machine); wall time is listed beside it. For the CNN and
+the ViT the forward passes over the calibration set (the same model code in both) are timed alone too,
+and the ratio of the rest is printed: they bound the end-to-end ratio (Amdahl).
 
 Part 2 with --device cuda (instead of parts 1 and 2): the same merges with models and calibration on
 the GPU, wall time per stage, beside our CPU merge and the reference on the CPU.
@@ -345,14 +346,17 @@ SPEED_MODELS = {
                      head=("layers.3.weight", "layers.3.bias"), label="MLP 64-1024-1024-1024-10"),
     "resnet20x2": dict(make=lambda out: ResNet20(2.0, out, 1), epochs=4, lr=3e-3, head=("fc.weight", "fc.bias"),
                        label="ResNet-20 x2 (32/64/128 channels)"),
+    "vit-wide": dict(make=lambda out: ViT(8, 2, 128, 4, 8, 256, out), epochs=20, lr=2e-3,
+                     head=("head.weight", "head.bias"), label="ViT dim 128, depth 4, 8 heads, MLP 256 (33 tokens)"),
 }
 
 
 def forward_pass_cpu(model_a, model_b, calib, repeats):
-    """CPU s of the forward passes any implementation runs: A and B in eval mode, then one model in train
-    mode (the BatchNorm reset); best of ``repeats``."""
+    """CPU s of the forward passes any implementation runs: A and B in eval mode, then, for a model with
+    BatchNorm, one model in train mode (the BatchNorm reset); best of ``repeats``."""
     best = None
     probe = copy.deepcopy(model_a)
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in probe.modules())
     for _ in range(repeats):
         cpu0 = time.process_time()
         with torch.no_grad():
@@ -360,7 +364,7 @@ def forward_pass_cpu(model_a, model_b, calib, repeats):
                 model_a.eval()(x)
                 model_b.eval()(x)
             probe.train()
-            for x in calib:
+            for x in (calib if has_bn else ()):
                 probe(x)
         cpu = time.process_time() - cpu0
         best = cpu if best is None else min(best, cpu)
@@ -392,7 +396,7 @@ def speed_part(args, data, log):
             f"groups: {len(spec)}, units per group {min(g.size for g in spec)}..{max(g.size for g in spec)}")
         log(f"  {'variant':<40}{'cpu s':>8}{'wall s':>8}" + "".join(f"{s:>11}" for s in stages)
             + f"{'sweeps':>7}{'test acc':>9}")
-        forward_cpu = forward_pass_cpu(ma, mb, calib, args.repeats) if key.startswith("resnet") else 0.0
+        forward_cpu = forward_pass_cpu(ma, mb, calib, args.repeats) if not key.startswith("mlp") else 0.0
         for mode in ("zip", "permute"):
             runs = {}
             for impl in ("merging_kernels", "reference"):
@@ -416,8 +420,10 @@ def speed_part(args, data, log):
             ratio = runs["reference"][0] / runs["merging_kernels"][0]
             if forward_cpu:  # Amdahl: the forward passes are the same model code in both implementations
                 rest = (runs["reference"][0] - forward_cpu) / max(runs["merging_kernels"][0] - forward_cpu, 1e-9)
-                log(f"  MuDSC-{mode}: forward passes both run (statistics pass of A and B, BN-reset pass of the "
-                    f"merged model) take {forward_cpu:.2f} s CPU alone; the rest of the merge is {rest:.1f}x faster")
+                passes = "statistics pass of A and B" + (", BN-reset pass of the merged model" if key.startswith(
+                    "resnet") else "")
+                log(f"  MuDSC-{mode}: forward passes both run ({passes}) take {forward_cpu:.2f} s CPU alone; the rest "
+                    f"of the merge is {rest:.1f}x faster")
             per = "  ".join(f"{s} {runs['reference'][2].get(s, 0) / max(runs['merging_kernels'][2].get(s, 0), 1e-9):.1f}x"
                             for s in stages[:4])
             log(f"  MuDSC-{mode}: end to end {ratio:.1f}x faster by CPU time "
@@ -553,7 +559,7 @@ def main(argv=None):
                         help="only the accuracy along the aligned path vs alpha, with and without REPAIR")
     parser.add_argument("--alignment-quality", action="store_true",
                         help="only the matched cross-model vs within-model unit correlations per group")
-    parser.add_argument("--speed-models", default="mlp-wide,resnet20x2")
+    parser.add_argument("--speed-models", default="mlp-wide,resnet20x2,vit-wide")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="cuda: the speed part (only) with models and calibration on the GPU")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "merging_kernels_mudsc_digits"))
