@@ -19,7 +19,8 @@ same-size GEMM ([B·T, (K+1)·in] x [(K+1)·in, out]) in the same run.
 
 --conv: per_sample_conv2d on ResNet-20-like 3x3 convs (C -> C channels, padding 1) with one row of α per
 sample: loop (per sample, merge the filters and run F.conv2d), plain (one conv with the base filters, the
-floor), and ours with strategy banks / stacked / auto (the pick of choose_conv_strategy).
+floor), and ours with strategy banks / stacked / auto (the pick of choose_conv_strategy); then SE-Merging's
+ResNet-20 forward with its convs as banks vs auto, beside the base model's forward.
 """
 
 from __future__ import annotations
@@ -170,6 +171,46 @@ def run_conv_case(device, dtype, k, batch, channels, side, args, lines):
     print(lines[-1], flush=True)
 
 
+def se_merging_resnet(device, dtype, args, lines):
+    """SE-Merging on ResNet-20 (width 1, 8x8 inputs, K = 3 experts): a forward with given α, its per-sample convs
+    with the strategy auto picks vs banks for all of them, beside the base model's plain forward."""
+    import copy
+
+    from merging_kernels import se_merge
+    from merging_kernels.layers import PerSampleConv2d
+    from merging_kernels.models import ResNet20
+
+    torch.manual_seed(0)
+    base = ResNet20(1.0, 10, 1).to(device, dtype).eval()
+    experts = []
+    for _ in range(3):
+        expert = copy.deepcopy(base)
+        with torch.no_grad():
+            for m in expert.modules():
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                    for p in m.parameters():
+                        p.add_(0.01 * torch.randn_like(p))
+        experts.append(expert)
+    model = se_merge(base, experts)
+    convs = [m for m in model.modules() if isinstance(m, PerSampleConv2d)]
+    rep = dict(device=device, repeats=3 if args.quick else 7, budget_s=4.0 if args.quick else 15.0)
+    lines.append("# SE-Merging, ResNet-20 (16/32/64 channels, 8x8 inputs), K = 3, forward with given α, ms (median)")
+    for batch in map(int, args.batches.split(",")):
+        x = torch.randn(batch, 1, 8, 8, device=device, dtype=dtype)
+        alpha = model.static_alpha(batch)
+        t = {}
+        with torch.inference_mode():
+            t["plain"] = measure(lambda: base(x), **rep).median_s
+            for strategy in ("banks", None):
+                for conv in convs:
+                    conv.strategy = strategy
+                t[strategy or "auto"] = measure(lambda: model(x, alpha=alpha), **rep).median_s
+        lines.append(f"   B {batch:>4}: base model {t['plain'] * 1e3:8.2f}   per-sample, convs as banks "
+                     f"{t['banks'] * 1e3:8.2f}   per-sample, auto {t['auto'] * 1e3:8.2f}   banks/auto "
+                     f"{t['banks'] / t['auto']:5.2f}x")
+        print(lines[-1], flush=True)
+
+
 def gpu_throughput(k, batch, tokens, dtype, lines):
     """Stacked Triton kernel vs cuBLAS on a GEMM of the same (K+1)-fold size."""
     g = torch.Generator().manual_seed(0)
@@ -194,11 +235,13 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quick", action="store_true", help="fewer repeats; skip the loop at B·T ≥ 128·197")
     parser.add_argument("--ks", default="4,8")
-    parser.add_argument("--batches", default="1,16,128")
+    parser.add_argument("--batches", default=None, help="default 1,16,128 (--conv: 16,128)")
     parser.add_argument("--tokens", default="1,197")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     parser.add_argument("--conv", action="store_true", help="per-sample Conv2d (ResNet-20-like shapes) instead")
     args = parser.parse_args(argv)
+    if args.batches is None:
+        args.batches = "16,128" if args.conv else "1,16,128"
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     lines = [f"# python benchmarks/run_per_sample_linear.py {' '.join(sys.argv[1:])}",
              f"# {datetime.date.today()}  device: {device_name(args.device)}  dtype: {dtype}  torch threads "
@@ -220,13 +263,15 @@ def main(argv=None):
     print("\n".join(lines), flush=True)
     for k in map(int, args.ks.split(",")):
         if args.conv:
-            for batch in (16, 128):
+            for batch in map(int, args.batches.split(",")):
                 for channels, side in CONV_SHAPES:
                     run_conv_case(args.device, dtype, k, batch, channels, side, args, lines)
             continue
         for tokens in map(int, args.tokens.split(",")):
             for batch in map(int, args.batches.split(",")):
                 run_case(args.device, dtype, k, batch, tokens, args, lines)
+    if args.conv:
+        se_merging_resnet(args.device, dtype, args, lines)
     if args.device == "cuda" and not args.conv:
         lines.append("# stacked Triton kernel vs cuBLAS at the same (K+1)-fold GEMM size")
         for k in map(int, args.ks.split(",")):

@@ -30,6 +30,7 @@ from torch import nn
 from ._dispatch import BACKENDS
 from ._validation import check_choice, check_float_tensor, check_int
 from .ops.per_sample_linear import (
+    CONV_STRATEGIES,
     STRATEGIES,
     lowrank_factors,
     pack_weights,
@@ -279,7 +280,7 @@ class PerSampleLayerNorm(nn.Module):
         """The layer of ``base`` and K ``experts`` of the same shape (τ_k = θk − θ0)."""
         label = _label(name, cls)
         return cls(base, _deltas(base, experts, "weight", label)[1], _deltas(base, experts, "bias", label)[1],
-                   coefficients, name)
+                   coefficients, name, strategy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.coefficients.rows_for(x, self.name or "PerSampleLayerNorm")
@@ -300,11 +301,13 @@ class PerSampleConv2d(nn.Module):
         task_weights: (K, C_out, C_in / groups, kh, kw) filter task vectors, K = ``coefficients.num_tasks``.
         task_biases: (K, C_out), or None (no bias in the base, or zero task vectors of its bias).
         coefficients: the shared :class:`Coefficients`; name: for error messages (default: the class name).
+        strategy: ``"banks"``, ``"stacked"`` or None (picked per call by shape): see :func:`per_sample_conv2d`.
 
     Input (N, C_in, H, W) with N a multiple of α's R rows; output (N, C_out, H', W') in the filters' dtype.
     """
 
-    def __init__(self, base: nn.Conv2d, task_weights, task_biases, coefficients: Coefficients, name: str = ""):
+    def __init__(self, base: nn.Conv2d, task_weights, task_biases, coefficients: Coefficients, name: str = "",
+                 strategy: str | None = None):
         super().__init__()
         label = _label(name, self)
         if not isinstance(base, nn.Conv2d):
@@ -314,13 +317,15 @@ class PerSampleConv2d(nn.Module):
                             f"(got padding={base.padding!r}, padding_mode={base.padding_mode!r})")
         _check_coefficients(coefficients, label)
         self.coefficients, self.name = coefficients, name
+        self.strategy = None if strategy is None else check_choice(strategy, "strategy", CONV_STRATEGIES)
         self.stride, self.padding, self.dilation, self.groups = base.stride, base.padding, base.dilation, base.groups
         k = coefficients.num_tasks
         self.register_buffer("packed_weight", _packed(base.weight, task_weights, "task_weights", label, k))
         self.register_buffer("packed_bias", _packed(base.bias, task_biases, "task_biases", label, k))
 
     @classmethod
-    def from_modules(cls, base: nn.Conv2d, experts: Sequence[nn.Conv2d], coefficients: Coefficients, name: str = ""):
+    def from_modules(cls, base: nn.Conv2d, experts: Sequence[nn.Conv2d], coefficients: Coefficients, name: str = "",
+                     strategy: str | None = None):
         """The layer of ``base`` and K ``experts`` with the same shapes and convolution settings."""
         label = _label(name, cls)
         if isinstance(base, nn.Conv2d) and _module_sequence(experts):
@@ -331,13 +336,14 @@ class PerSampleConv2d(nn.Module):
                                      f"({', '.join(f'{a}={getattr(e, a)!r}' for a in settings)} vs "
                                      f"{', '.join(f'{a}={getattr(base, a)!r}' for a in settings)})")
         return cls(base, _deltas(base, experts, "weight", label)[1], _deltas(base, experts, "bias", label)[1],
-                   coefficients, name)
+                   coefficients, name, strategy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.coefficients.rows_for(x, self.name or "PerSampleConv2d")
         x = _match_dtype(x, self.packed_weight.dtype)
         return per_sample_conv2d(x, alpha, self.packed_weight, self.packed_bias, stride=self.stride,
-                                 padding=self.padding, dilation=self.dilation, groups=self.groups)
+                                 padding=self.padding, dilation=self.dilation, groups=self.groups,
+                                 strategy=self.strategy)
 
 
 __all__ = ["Coefficients", "PerSampleConv2d", "PerSampleLayerNorm", "PerSampleLinear"]

@@ -6,11 +6,12 @@ import torch.nn.functional as F
 
 from merging_kernels.layers import Coefficients, PerSampleConv2d, PerSampleLayerNorm, PerSampleLinear
 from merging_kernels.ops.per_sample_linear import (
+    CONV_STRATEGIES,
     PER_SAMPLE_LINEAR,
+    choose_conv_strategy,
     choose_strategy,
     lowrank_factors,
     pack_weights,
-    choose_conv_strategy,
     per_sample_conv2d,
     per_sample_layer_norm,
     per_sample_linear,
@@ -305,6 +306,21 @@ def test_eager_inference_skips_the_declared_ops_dispatch(monkeypatch):
     assert calls == [1] and torch.equal(through_op.detach(), direct)
 
 
+def test_tracers_record_the_declared_op():
+    # torch.jit.trace and make_fx run eagerly on plain tensors: they must still see one op, not its insides
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    g = torch.Generator().manual_seed(7)
+    pw, pb = pack_weights(torch.randn(5, 4, generator=g), torch.randn(2, 5, 4, generator=g))
+    x, alpha = torch.randn(3, 4, generator=g), torch.rand(3, 2, generator=g)
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda x, a: per_sample_linear(x, a, pw, pb), (x, alpha))
+        assert "merging_kernels::per_sample_linear" in str(traced.graph)
+        torch.testing.assert_close(traced(x, alpha), per_sample_linear(x, alpha, pw, pb))
+        graph = make_fx(lambda x, a: per_sample_linear(x, a, pw, pb))(x, alpha)
+        assert "merging_kernels.per_sample_linear" in graph.code
+
+
 def test_declared_op_compiles_without_graph_breaks():
     x, alpha, w, tw, b, tb = _problem(4, 3, 16, 8, 2)
     pw, pb = pack_weights(w, tw, b, tb)
@@ -380,8 +396,8 @@ def test_conv_strategies_agree_and_auto_follows_the_rule():
     pw, pb = torch.randn(4, 8, 8, 3, 3, generator=g), torch.randn(4, 8, generator=g)
     banks, stacked = (per_sample_conv2d(x, alpha, pw, pb, padding=1, strategy=s) for s in ("banks", "stacked"))
     torch.testing.assert_close(stacked, banks, rtol=1e-5, atol=1e-5)
-    # measured here (benchmarks/results/cpu-per-sample-conv2d-2026-12-04.txt, K = 3): 64 channels at 2x2 run
-    # 7.6x faster stacked, 128 channels at 8x8 1.7x; 16 channels at 8x8 and 64 at 16x16 run faster as banks
+    # measured here (benchmarks/results/cpu-per-sample-conv2d-2026-12-04.txt, K = 3, B = 16/128): 64 channels at
+    # 2x2 run 2.3x/7.5x faster stacked, 128 channels at 8x8 1.4x/1.6x; 16 at 8x8 and 64 at 16x16 faster as banks
     assert choose_conv_strategy(1, 3, 64, 64, 4) == choose_conv_strategy(1, 3, 128, 128, 64) == "stacked"
     assert choose_conv_strategy(1, 3, 16, 16, 64) == choose_conv_strategy(1, 3, 64, 64, 256) == "banks"
     assert choose_conv_strategy(1, 8, 128, 128, 64) == "banks"  # 9 plain convs cost more than the slowdown
@@ -389,6 +405,13 @@ def test_conv_strategies_agree_and_auto_follows_the_rule():
     assert choose_conv_strategy(1, 3, 64, 64, 4, "cuda") == "banks"  # not measured on a GPU yet
     with pytest.raises(ValueError, match="strategy"):
         per_sample_conv2d(x, alpha, pw, pb, strategy="grouped")
+    # both strategies take filters in another dtype than x (cast like banks does) and return autocast's dtype
+    for strategy in CONV_STRATEGIES:
+        assert per_sample_conv2d(x.half(), alpha, pw, pb, padding=1, strategy=strategy).dtype == torch.float16
+        with torch.autocast("cpu", torch.bfloat16):
+            assert per_sample_conv2d(x, alpha, pw, pb, padding=1, strategy=strategy).dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="padding"):  # F.conv2d's own words for an unknown padding string
+        per_sample_conv2d(x, alpha, pw, pb, padding="bogus")
 
 
 def test_per_sample_conv2d_refuses_rows_that_do_not_divide_the_batch():

@@ -559,13 +559,21 @@ else:  # pragma: no cover - torch 2.3
 
 def _dispatch(op, fn, *args) -> torch.Tensor:
     """``op(*args)``, the declared op, where it matters: under torch.compile / export, for tensor subclasses
-    (fake, functional) and when autograd records (its backward names the op as inference-only). Otherwise, in
+    (fake, functional), under torch.jit.trace or a dispatch mode (make_fx), and when autograd records (its
+    backward names the op as inference-only). Otherwise, in
     eager inference, ``fn(*args)`` directly: the same function without custom_op's dispatch, ~15 µs a call."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if (compiling() or any(type(a) is not torch.Tensor for a in tensors)
+    if (compiling() or torch.jit.is_tracing() or _dispatch_mode_active()
+            or any(type(a) is not torch.Tensor for a in tensors)
             or (torch.is_grad_enabled() and any(a.requires_grad for a in tensors))):
         return op(*args)
     return fn(*args)
+
+
+def _dispatch_mode_active() -> bool:
+    """A TorchDispatchMode (make_fx, a profiler of ops) records the op: it must see the declared one."""
+    current = getattr(torch.utils._python_dispatch, "_get_current_dispatch_mode", None)
+    return current is not None and current() is not None
 
 
 # --------------------------------------------------------------------------- public functions
@@ -727,9 +735,10 @@ def choose_conv_strategy(samples_per_row: int, num_tasks: int, in_per_group: int
 
     ``banks`` reads one filter bank per row of α for only its samples' output pixels: on CPU (oneDNN) such a
     grouped conv runs below a plain conv's rate by a factor that grows with the filter's size over the pixels
-    it serves, ~1 + 0.45·sqrt(C_in/groups · C_out / (samples per row · H'·W')) (fitted on 2 cores, 3x3 convs of
-    16-256 channels at 2x2-32x32, B = 16-256: 1.5x at 16 channels 8x8, 7x at 128 channels 8x8, 15x at 64
-    channels 2x2). ``stacked`` costs K+1 plain convs. CUDA keeps ``banks`` until measured there.
+    it serves, ~1 + 0.45·sqrt(C_in/groups · C_out / (samples per row · H'·W')), fitted on 2 cores to 3x3 convs
+    of 16-128 channels at 2x2-16x16, B = 16/128 (benchmarks/results/cpu-per-sample-conv2d-2026-12-04.txt:
+    banks / plain conv at B = 128 is 1.9x at 16 channels 8x8, 6.1x at 128 channels 8x8, 18x at 64 channels
+    2x2). ``stacked`` costs K+1 plain convs. CUDA keeps ``banks`` until measured there.
     """
     if device_type != "cpu" or out_pixels <= 0:
         return "banks"
@@ -738,7 +747,11 @@ def choose_conv_strategy(samples_per_row: int, num_tasks: int, in_per_group: int
 
 
 def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
+    """A conv setting as (height, width): an int or a 1-element sequence applies to both, like F.conv2d's."""
+    if isinstance(value, int):
+        return value, value
+    value = tuple(value)
+    return value * 2 if len(value) == 1 else value
 
 
 def _conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -793,25 +806,28 @@ def per_sample_conv2d(
     rows = alpha.shape[0]
     n = b // rows  # samples per row of α
     if strategy == "auto":
-        if padding == "same":  # F.conv2d's string paddings
-            out_pixels = math.prod(x.shape[2:])
+        if isinstance(padding, str):  # F.conv2d's "same" / "valid"; it names any other string itself, via banks
+            out_pixels = math.prod(x.shape[2:]) if padding == "same" else 0
+            if padding == "valid":
+                out_pixels = math.prod(_conv_out_size(size, k, s, 0, d) for size, k, s, d in zip(
+                    x.shape[2:], packed_weight.shape[3:], _pair(stride), _pair(dilation)))
         else:
             out_pixels = math.prod(_conv_out_size(size, k, s, p, d) for size, k, s, p, d in zip(
-                x.shape[2:], packed_weight.shape[3:], _pair(stride), _pair(0 if padding == "valid" else padding),
-                _pair(dilation)))
+                x.shape[2:], packed_weight.shape[3:], _pair(stride), _pair(padding), _pair(dilation)))
         strategy = choose_conv_strategy(n, kp1 - 1, packed_weight.shape[2], c_out, out_pixels, x.device.type)
     acc = _acc_dtype(x.dtype)
     a1 = _alpha1(alpha, acc)
     if strategy == "stacked":
         # filters ordered (group, task, channel) so that each conv group holds its K+1 filter sets
         g_out = c_out // groups
-        w = packed_weight.view(kp1, groups, g_out, *packed_weight.shape[2:]).transpose(0, 1)
+        w = packed_weight.to(x.dtype).view(kp1, groups, g_out, *packed_weight.shape[2:]).transpose(0, 1)
         y = F.conv2d(x, w.reshape(kp1 * c_out, *packed_weight.shape[2:]), None, stride, padding, dilation, groups)
+        out_dtype = y.dtype  # x's, or autocast's: what banks' conv returns too
         y = y.view(rows, n, groups, kp1, g_out, *y.shape[2:])
         mixed = torch.einsum("rt,rngtchw->rngchw", a1, y.to(acc)).reshape(b, c_out, *y.shape[-2:])
         if packed_bias is not None:
             mixed = mixed + (a1 @ packed_bias.to(acc)).repeat_interleave(n, dim=0)[:, :, None, None]
-        return mixed.to(x.dtype)
+        return mixed.to(out_dtype)
     w = (a1 @ packed_weight.reshape(kp1, -1).to(acc)).to(x.dtype).view(rows * c_out, *packed_weight.shape[2:])
     bias = None if packed_bias is None else (a1 @ packed_bias.to(acc)).to(x.dtype).reshape(rows * c_out)
     # one filter bank per row of α (not per sample): the block's samples are the conv's batch, the R banks
