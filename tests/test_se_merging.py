@@ -218,6 +218,8 @@ def test_non_finite_experts_and_calibration_inputs_are_refused():
     for method in ("ta", "ties"):  # as task_arithmetic / ties_merging refuse the same state dicts
         with pytest.raises(ValueError, match=r"non-finite task vectors .* 'hidden.weight'"):
             se_merge(base, [broken, experts[1]], base_method=method)
+    unchecked = se_merge(base, [broken, experts[1]], check_finite=False)  # the static merges' opt-out too
+    assert torch.isnan(unchecked(torch.randn(2, 3, 12), alpha=torch.tensor([[1.0, 0.0], [0.0, 1.0]]))[0]).all()
     model = se_merge(base, experts)
     scales = model.score_scale.clone()
     with pytest.raises(ValueError, match="^calibrate: the inputs gave non-finite expert scores"):

@@ -398,6 +398,13 @@ def test_coefficients_beyond_float32_are_refused_below_float64(backend, device):
         wide = mk.task_arithmetic({"w": torch.zeros(2, dtype=torch.float64)}, [{"w": torch.ones(2, dtype=torch.float64)}],
                                   weights=1e39)["w"]
         assert torch.equal(wide, torch.full((2,), 1e39, dtype=torch.float64))
+        # a float32 tensor beside float64 ones still combines in float32: its coefficient is checked
+        mixed = ([torch.zeros(2, dtype=torch.float64), torch.zeros(2)], [[torch.ones(2, dtype=torch.float64),
+                                                                         torch.ones(2)]])
+        with pytest.raises(ValueError, match="^weights must lie within float32's range"):
+            mk.merge_task_vectors(*mixed, [[1.0], [1e39]], backend=backend)
+        assert torch.equal(mk.merge_task_vectors(*mixed, [[1e39], [1.0]], backend=backend)[0],
+                           torch.full((2,), 1e39, dtype=torch.float64))
 
 
 def test_float64_runs_on_the_reference_and_fast_backends_refuse_it():

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from .._dispatch import compiling
-from .._validation import check_choice, check_int, check_real, real_numbers
+from .._validation import check_bool, check_choice, check_int, check_real, real_numbers
 from ..layers import Coefficients, PerSampleConv2d, PerSampleLayerNorm, PerSampleLinear
 from ..ops.task_vectors import magnitude_thresholds, task_vector_torch
 
@@ -252,16 +252,17 @@ def coefficients_from_scores(scores: torch.Tensor, temperature: float, total: fl
     return torch.softmax(z / temperature, dim=1) * total
 
 
-def _task_vectors(base_sd, expert_sds, names, base_method: str, density: float):
+def _task_vectors(base_sd, expert_sds, names, base_method: str, density: float, check_finite: bool):
     """name -> (K, *shape) task vectors that the per-sample layers mix (see the module docstring, step 1)."""
     # float32 for 16-bit parameters, float64 stays float64; 0 where an expert kept the base's value (as the
     # trim thresholds below count them)
     deltas = {n: torch.stack([task_vector_torch(sd[n].detach(), base_sd[n].detach()).view(base_sd[n].shape)
                               for sd in expert_sds]) for n in names}
-    bad = [n for n in names if not bool(torch.isfinite(deltas[n]).all())]  # as the static merges refuse them
+    bad = [n for n in names if check_finite and not bool(torch.isfinite(deltas[n]).all())]  # as the static merges
     if bad:
         listed = ", ".join(repr(n) for n in bad[:5]) + (" ..." if len(bad) > 5 else "")
-        raise ValueError(f"non-finite task vectors (NaN or inf in θk − θ0) in parameter(s) {listed}")
+        raise ValueError(f"non-finite task vectors (NaN or inf in θk − θ0) in parameter(s) {listed}; pass "
+                         "check_finite=False to merge them anyway")
     if base_method == "ta":
         return deltas
     thresholds = magnitude_thresholds([base_sd[n].detach() for n in names],
@@ -291,6 +292,7 @@ def se_merge(
     strategy: str | None = None,
     backend: str | None = None,
     rank: int | None = None,
+    check_finite: bool = True,
 ) -> SEMergedModel:
     """Build an SE-Merging model from a base and K experts fine-tuned from it.
 
@@ -314,6 +316,8 @@ def se_merge(
         backend: op backend ("torch", "triton" or None for the fastest).
         rank: store each linear task vector as a rank-r factorization and use the low-rank strategy
             (approximate; None keeps them exact).
+        check_finite: refuse (ValueError naming the parameters) task vectors θk − θ0 holding NaN or ±inf, as
+            the static merges do; False merges them anyway (the outputs they reach are then NaN/inf).
 
     Returns:
         An :class:`SEMergedModel` in eval mode, on the base's device. Layers whose parameters
@@ -334,6 +338,7 @@ def se_merge(
             raise TypeError(f"experts[{i}] must be an nn.Module, got {type(e).__name__}")
     base_method = check_choice(base_method, "base_method", BASE_METHODS)
     check_choice(score, "score", SCORES)
+    check_finite = check_bool(check_finite, "check_finite")
     temperature = check_real(temperature, "temperature", low=0.0, low_open=True)
     density = check_real(density, "density", low=0.0, high=1.0, low_open=True)
     k = len(experts)
@@ -376,7 +381,7 @@ def se_merge(
         raise ValueError(f"probe {probe!r} is not a module of the model; e.g. {list(modules)[1:6]}")
 
     param_names = [f"{t}.{p}" if t else p for t in targets for p, _ in modules[t].named_parameters(recurse=False)]
-    taus = _task_vectors(base_sd, expert_sds, param_names, base_method, density)
+    taus = _task_vectors(base_sd, expert_sds, param_names, base_method, density, check_finite)
 
     model = copy.deepcopy(base).eval()
     coefficients = Coefficients(k)

@@ -759,8 +759,9 @@ def merge_task_vectors(
     keys = _tensor_keys(tensor_keys, num_tensors)
     out_dtypes = _out_dtypes(bases, out, out_dtype, names)
     chosen = _choose_backend(backend, device, bases, out_dtypes)
-    if not any(b.dtype == torch.float64 for b in bases):  # combined in float32: beyond its range w is ±inf
-        _check_float32_range(w, "weights")
+    narrow = [t for t, b in enumerate(bases) if b.dtype != torch.float64]  # combined in float32: beyond its
+    if narrow:  # range a coefficient is ±inf (float64 tensors combine in float64)
+        _check_float32_range(w[narrow], "weights")
         _check_float32_range(torch.tensor(spec.scale, dtype=torch.float64), "scale")
     seg_of, seg_numel = segments_of([b.numel() for b in bases], spec.trim_scope)
     if thresholds is not None:
