@@ -203,6 +203,11 @@ class MergeSettings:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise CLIError(f"device {self.device} is not available (no CUDA device)"
                            + ("; the triton backend needs one" if args.backend == "triton" else ""))
+        try:  # another device type (mps, xla, ...) may name no backend this torch has: ask it for memory once
+            torch.empty(0, device=self.device)
+        except Exception as exc:  # RuntimeError, or an ImportError from a backend torch loads lazily
+            reason = str(exc).splitlines()[0].split(". ")[0]  # torch's first sentence, not its list of backends
+            raise CLIError(f"device {self.device} is not available here ({reason})") from None
 
     @property
     def trims_model(self) -> bool:
@@ -277,7 +282,17 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _check_result_fits(name: str, result: torch.Tensor, base: torch.Tensor) -> None:
+    """A merge finite in float32 but beyond the output dtype's range is written as inf: refuse it (entries the
+    base holds as ±inf, such as masks, are kept as they are)."""
+    if result.dtype in (torch.float16, torch.bfloat16) and bool((torch.isinf(result) & torch.isfinite(base)).any()):
+        raise CLIError(f"tensor {name!r}: the merge overflows {str(result.dtype).replace('torch.', '')} (|value| > "
+                       f"{torch.finfo(result.dtype).max:.4g}); write a wider --dtype or use smaller --weights/--scale")
+
+
 def _check_output(out: str, inputs: Sequence[str]) -> None:
+    if not out or not os.path.basename(out):  # "" or "dir/": no file name to write
+        raise CLIError(f"--out {out!r} names no file; give a file name")
     directory = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(directory):
         raise CLIError(f"the output directory {directory} does not exist")
@@ -367,6 +382,7 @@ def merge_command(args: argparse.Namespace) -> int:
                                 raise CLIError(f"tensor {name!r}: NaN or inf in expert - base for expert(s) "
                                                f"{', '.join(bad)}") from None
                             raise CLIError(f"cannot merge tensor {name!r}: {exc}") from None
+                        _check_result_fits(name, result, base_tensor)
                         del expert_tensors
                     else:
                         result = base_tensor  # integer buffers, masks: the base's

@@ -316,6 +316,9 @@ def test_refuses_dimension_beyond_int64(checkpoints, tmp_path, capsys):
     (["--method", "ta", "--device", "cuda:0"] if not torch.cuda.is_available() else ["--method", "ta", "--device",
                                                                                      "nonsense"], "device"),
     (["--method", "ta", "--device", "meta"], "--device"),  # used to end in a traceback
+    (["--method", "ta", "--device", "xla"], "device xla is not available here"),  # torch builds the device object
+    (["--method", "ta", "--device", "privateuseone"], "is not available here"),  # ... and then cannot allocate
+    (["--method", "ta", "--weights", "1e39"], "float32's range"),
 ])
 def test_refuses_bad_options(checkpoints, tmp_path, capsys, options, needle):
     _, _, base_path, expert_paths = checkpoints
@@ -336,6 +339,25 @@ def test_refuses_bad_output_paths(checkpoints, tmp_path, capsys):
     out_dir.mkdir()
     assert_refused(capsys, tmp_path, run_cli(base_path, expert_paths, out_dir, "--method", "ta"), out_dir,
                    "directory", keep={out_dir.name})
+
+
+def test_refuses_paths_that_name_no_file_and_merges_that_overflow_the_output_dtype(checkpoints, tmp_path, capsys):
+    _, _, base_path, expert_paths = checkpoints
+    for out in ("", str(tmp_path / "sub") + os.sep):
+        assert run_cli(base_path, expert_paths, out, "--method", "ta") == cli.EXIT_REFUSED
+        assert "names no file" in capsys.readouterr().err
+    out = tmp_path / "merged.safetensors"
+    code = run_cli(base_path, expert_paths, out, "--method", "ta", "--dtype", "float16", "--weights", "1e9")
+    assert_refused(capsys, tmp_path, code, out, "overflows float16")  # was written as inf, exit 0
+    half_base, half_expert = tmp_path / "b16.safetensors", tmp_path / "e16.safetensors"
+    save_file({"w": torch.full((3,), 60000.0).half(), "mask": torch.tensor([0.0, -math.inf]).half()}, half_base)
+    save_file({"w": torch.full((3,), 65000.0).half(), "mask": torch.tensor([0.0, -math.inf]).half()}, half_expert)
+    code = run_cli(half_base, [half_expert], out, "--method", "ta", "--weights", "2")
+    assert_refused(capsys, tmp_path, code, out, "'w': the merge overflows float16",
+                   keep={half_base.name, half_expert.name})
+    assert run_cli(half_base, [half_expert], out, "--method", "ta", "--weights", "0.5") == cli.EXIT_OK
+    merged = load_file(out)  # the mask's -inf is the base's own: kept
+    assert torch.equal(merged["mask"], torch.tensor([0.0, -math.inf]).half())
 
 
 def test_refusal_keeps_existing_output(checkpoints, tmp_path, capsys):
