@@ -65,7 +65,7 @@ import torch
 from torch import nn
 
 from ._modes import evaluating
-from ._validation import check_bool, check_int
+from ._validation import check_bool, check_int, check_real
 
 __all__ = [
     "ActivationPoint", "Axis", "PermutationGroup", "PermutationSpec", "apply_permutations", "in_axis", "mlp_spec",
@@ -250,9 +250,16 @@ class PermutationSpec:
         """A copy of the spec with every axis of ``params`` dropped (group names, sizes and flags kept).
 
         Raises ValueError when a dropped parameter is on the output side of a group (its units would no
-        longer be produced consistently) or a group would be left with no axes.
+        longer be produced consistently) or a group would be left with no axes; TypeError when ``params`` is
+        not a collection of parameter names.
         """
+        # a bare string would become a set of its characters and silently drop nothing
+        if isinstance(params, (str, bytes)) or not isinstance(params, Iterable):
+            raise TypeError(f"params must be a list of parameter names, got {type(params).__name__} {params!r}")
         params = set(params)
+        for p in params:
+            if not isinstance(p, str):
+                raise TypeError(f"params must hold parameter names (str), got {type(p).__name__} {p!r}")
         groups = []
         for g in self:
             for a in g.axes:
@@ -280,7 +287,7 @@ class PermutationSpec:
         omissions need a forward pass: :func:`verify_spec`). Returns ``self``.
         """
         models = [("model_a", model_a)] + ([("model_b", model_b)] if model_b is not None else [])
-        states = {label: _state(m) for label, m in models}
+        states = {label: _state(m, label) for label, m in models}
         for label, m in models:
             if isinstance(m, nn.Module):
                 names = dict(m.named_modules())
@@ -295,6 +302,9 @@ class PermutationSpec:
                 for a in g.axes:
                     if a.param not in sd:
                         raise ValueError(f"group {g.name!r}: parameter {a.param!r} is missing from {label}")
+                    if not isinstance(sd[a.param], torch.Tensor):  # e.g. a list or numpy array in a state dict
+                        raise TypeError(f"group {g.name!r}: parameter {a.param!r} of {label} must be a "
+                                        f"torch.Tensor, got {type(sd[a.param]).__name__}")
         if "model_b" in states:
             sd_b = states["model_b"]
             for g in self:
@@ -365,24 +375,50 @@ class PermutationSpec:
         return self
 
 
-def _state(model) -> Mapping[str, torch.Tensor]:
+def _state(model, name: str) -> Mapping[str, torch.Tensor]:
     if isinstance(model, nn.Module):
         return model.state_dict()
     if isinstance(model, Mapping):
         return model
-    raise TypeError(f"expected an nn.Module or a state dict, got {type(model).__name__}")
+    raise TypeError(f"{name} must be an nn.Module or a state dict, got {type(model).__name__}")
+
+
+def _check_spec(spec) -> "PermutationSpec":
+    if not isinstance(spec, PermutationSpec):
+        raise TypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
+    return spec
 
 
 # ---------------------------------------------------------------------- permuting a state dict
 
 
 def permute_axis(t: torch.Tensor, axis: Axis, index: torch.Tensor) -> torch.Tensor:
-    """``t`` with the units along ``axis`` reordered: new unit k = old unit ``index[k]``."""
-    dim = axis.dim % t.dim()
+    """``t`` with the units along ``axis`` reordered: new unit k = old unit ``index[k]``.
+
+    Raises TypeError for a ``t`` that is not a tensor, an ``axis`` that is not an :class:`Axis` or a non-integer
+    ``index``; ValueError when ``t`` has no dim ``axis.dim``, that dim does not hold ``outer * n * inner``
+    entries, or ``index`` is not a permutation of the n units.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(axis, Axis):
+        raise TypeError(f"axis must be an Axis (out_axis(...), in_axis(...)), got {type(axis).__name__}")
     shape = t.shape
+    if not -len(shape) <= axis.dim < len(shape):  # a wrapped dim would silently permute another axis
+        raise ValueError(f"axis: t (parameter {axis.param!r}) of shape {tuple(shape)} has no dim {axis.dim}")
+    dim = axis.dim % len(shape)
+    if shape[dim] % (axis.outer * axis.inner):
+        raise ValueError(f"axis: t (parameter {axis.param!r}) dim {axis.dim} has {shape[dim]} entries, not a "
+                         f"multiple of outer*inner = {axis.outer * axis.inner}")
     n = shape[dim] // (axis.outer * axis.inner)
+    # a repeated index would copy one unit over another; the check is cheap next to the copy (one sort of n)
+    index = _check_permutation(index, n, "index")
     view = t.reshape(*shape[:dim], axis.outer, n, axis.inner, *shape[dim + 1:])
-    return view.index_select(dim + 1, index.to(t.device)).reshape(shape)
+    return _select_units(view, dim + 1, index).reshape(shape)
+
+
+def _select_units(view: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    return view.index_select(dim, index.to(view.device))
 
 
 def apply_permutations(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
@@ -395,8 +431,13 @@ def apply_permutations(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
     Raises:
         ValueError: ``state`` does not fit ``spec`` (see :meth:`PermutationSpec.check`), ``perms`` names a
             group ``spec`` does not have, or an entry is not a permutation of its group's n units.
-        TypeError: an entry is not a 1-D integer tensor (or a sequence of ints).
+        TypeError: ``state`` is not a state dict, ``spec`` not a :class:`PermutationSpec`, or an entry is not a
+            1-D integer tensor (or a sequence of ints).
     """
+    _check_spec(spec)
+    if not isinstance(state, Mapping):  # an nn.Module would pass spec.check but is no dict to copy
+        raise TypeError(f"state must be a state dict (a mapping of names to tensors; model.state_dict()), got "
+                        f"{type(state).__name__}")
     spec.check(state)
     if not isinstance(perms, Mapping):
         raise TypeError(f"perms must map group names to permutations, got {type(perms).__name__}")
@@ -408,8 +449,11 @@ def apply_permutations(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
         if g.name not in perms:
             continue
         index = _check_permutation(perms[g.name], g.size, f"perms[{g.name!r}]")
-        for a in g.axes:
-            out[a.param] = permute_axis(out[a.param], a, index)
+        for a in g.axes:  # the index is checked once per group above, and the axes by spec.check
+            t = out[a.param]
+            dim = a.dim % t.dim()
+            view = t.reshape(*t.shape[:dim], a.outer, g.size, a.inner, *t.shape[dim + 1:])
+            out[a.param] = _select_units(view, dim + 1, index).reshape(t.shape)
     return out
 
 
@@ -418,14 +462,20 @@ def _check_permutation(value, n: int, name: str) -> torch.Tensor:
     index would copy one unit over another and silently change the model's function."""
     if isinstance(value, np.ndarray):
         value = np.ascontiguousarray(value)  # torch cannot take negative strides (a reversed view)
-    index = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if value is None or isinstance(value, (str, bytes)):  # torch's own errors for these name no argument
+        raise TypeError(f"{name} must be a 1-D integer tensor or a sequence of ints, got {type(value).__name__}")
+    try:
+        index = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} must be a 1-D integer tensor or a sequence of ints, got "
+                        f"{type(value).__name__}: {exc}") from None
     if index.dtype == torch.bool or index.dtype.is_floating_point or index.dtype.is_complex:
         raise TypeError(f"{name} must hold integer unit indices, got {index.dtype}")
     if index.dim() != 1 or index.numel() != n:
         raise ValueError(f"{name} must be a permutation of the group's {n} units (shape ({n},)), got shape "
                          f"{tuple(index.shape)}")
     index = index.long()
-    if not torch.equal(index.sort().values.cpu(), torch.arange(n)):
+    if not torch.equal(index.sort().values, torch.arange(n, device=index.device)):
         raise ValueError(f"{name} is not a permutation of 0..{n - 1} (an index is repeated or out of range)")
     return index
 
@@ -433,6 +483,9 @@ def _check_permutation(value, n: int, name: str) -> torch.Tensor:
 def random_permutations(spec: PermutationSpec, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """A random permutation per group that respects head structure (heads as wholes, units within a head,
     one head permutation shared by groups tied with ``heads_with``). ``spec`` must have been checked."""
+    _check_spec(spec)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     perms: dict[str, torch.Tensor] = {}
     head_perm: dict[str, torch.Tensor] = {}
     for g in spec:
@@ -459,14 +512,30 @@ def verify_spec(spec: PermutationSpec, model: nn.Module, example_input, *, seed:
     Each group (with the groups that share its heads) is permuted alone by a random permutation and
     the output on ``example_input`` compared with the original, in eval mode. A group that forgets a
     parameter (a bias, a norm, a consumer's columns) changes the function: the error names it. Run it
-    once on a new spec before merging with it.
+    once on a new spec before merging with it. The output may be a tensor or a tuple, list or dict of
+    tensors (each compared; other entries must be equal).
 
     Raises:
-        ValueError: naming the first group whose permutation changes the model's output.
+        ValueError: naming the first group whose permutation changes the model's output; ``example_input``
+            that does not run through ``model``; a negative ``rtol``/``atol``.
+        TypeError: ``model`` is not an ``nn.Module`` (a state dict cannot be run), or an output holds no tensor.
     """
+    _check_spec(spec)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module (verify_spec runs it), got {type(model).__name__}")
+    seed = check_int(seed, "seed", low=-(2 ** 63), high=2 ** 64 - 1)  # the range torch's generators take
+    rtol = check_real(rtol, "rtol", low=0)
+    atol = check_real(atol, "atol", low=0)
     spec.check(model)
     with evaluating(model), torch.no_grad():
-        reference = model(example_input)
+        try:
+            reference = model(example_input)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:
+            raise ValueError(f"example_input does not run through model: {exc}") from exc
+        if not _output_tensors(reference):
+            raise TypeError(f"model's output holds no tensor to compare, got {type(reference).__name__}")
         perms = random_permutations(spec, torch.Generator().manual_seed(seed))
         state = model.state_dict()
         probe = copy.deepcopy(model)
@@ -474,19 +543,67 @@ def verify_spec(spec: PermutationSpec, model: nn.Module, example_input, *, seed:
             tied = {g.name} | ({g.heads_with} if g.heads_with else set()) | \
                 {h.name for h in spec if h.heads_with == g.name}
             probe.load_state_dict(apply_permutations(state, spec, {n: perms[n] for n in tied}))
-            out = probe(example_input)
-            if not torch.allclose(out, reference, rtol=rtol, atol=atol):
-                err = (out - reference).abs().max().item()
+            err = _output_difference(probe(example_input), reference, rtol, atol)
+            if err is not None:
                 raise ValueError(f"permuting group {g.name!r} changes the model's output (max |diff| {err:.3g}): "
                                  f"a parameter its units touch is missing from its axes, or an axis is wrong")
     return spec
 
 
+def _output_tensors(out) -> list[torch.Tensor]:
+    """The tensors of a model output: a tensor, or tuples / lists / dicts of them (other leaves skipped)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for k in out for t in _output_tensors(out[k])]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _output_tensors(v)]
+    return []
+
+
+def _output_difference(out, reference, rtol: float, atol: float) -> float | None:
+    """None when ``out`` matches ``reference`` (tensors within tolerance, other entries equal); else the
+    largest |difference| of a tensor (inf where the structure or a non-tensor entry differs)."""
+    if isinstance(reference, torch.Tensor):
+        if not isinstance(out, torch.Tensor) or out.shape != reference.shape:
+            return float("inf")
+        if torch.allclose(out, reference, rtol=rtol, atol=atol):
+            return None
+        if out.is_floating_point() or out.is_complex():
+            return (out - reference).abs().max().item()
+        return (out.double() - reference.double()).abs().max().item()
+    if isinstance(reference, Mapping):
+        if not isinstance(out, Mapping) or list(out) != list(reference):
+            return float("inf")
+        diffs = [_output_difference(out[k], reference[k], rtol, atol) for k in reference]
+    elif isinstance(reference, (tuple, list)):
+        if type(out) is not type(reference) or len(out) != len(reference):
+            return float("inf")
+        diffs = [_output_difference(o, r, rtol, atol) for o, r in zip(out, reference)]
+    else:
+        try:
+            same = bool(out == reference)
+        except (TypeError, ValueError, RuntimeError):  # e.g. arrays, whose == has no single truth value
+            same = out is reference
+        return None if same else float("inf")
+    diffs = [d for d in diffs if d is not None]
+    return max(diffs) if diffs else None
+
+
 # ---------------------------------------------------------------------- reference models
+
+
+def _check_model(model, kind: str, builder: str):
+    from . import models
+
+    if not isinstance(model, getattr(models, kind)):
+        raise TypeError(f"{builder} takes a merging_kernels.models.{kind}, got {type(model).__name__}; describe "
+                        f"other models with PermutationSpec")
 
 
 def mlp_spec(model) -> PermutationSpec:
     """Groups of :class:`merging_kernels.models.MLP`: one per hidden layer (hook: the ReLU's output)."""
+    _check_model(model, "MLP", "mlp_spec")
     groups = []
     for i in range(len(model.layers) - 1):
         groups.append(PermutationGroup(
@@ -510,6 +627,7 @@ def resnet_spec(model) -> PermutationSpec:
     and of the next consumer. One block-internal group per block: conv1 + bn1
     rows, conv2 columns; hook: conv2's input.
     """
+    _check_model(model, "ResNet20", "resnet_spec")
     groups = []
     stages = model.stages
     for s, stage in enumerate(stages):
@@ -558,6 +676,7 @@ def vit_spec(model) -> PermutationSpec:
     columns; hook: out-projection input), and ``blockI.mlp`` (fc1 rows, fc2
     columns; hook: fc2's input).
     """
+    _check_model(model, "ViT", "vit_spec")
     stream: list[Axis] = [out_axis("patch_embed.weight"), out_axis("patch_embed.bias"), out_axis("cls_token", 2),
                           out_axis("pos_embed", 2)]
     stream_acts: list[ActivationPoint] = []
