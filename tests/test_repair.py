@@ -468,3 +468,50 @@ def test_bias_free_warning_from_mudsc_merge_names_a_route_that_exists():
     out = repair(None, a, b, result, calib, add_bias=True)
     targets = _targets(a, b, result.merge_matrix, repair_producers(a, spec), calib)
     assert max(_max_errors(_output_stats(out, list(targets), calib), targets)) < 1e-5  # measured 1e-7
+
+
+def test_calibration_and_dtype_errors_are_named_like_mudsc_merge():
+    a, b = _pair("mlp")
+    calib = _calib()
+    result = mudsc_merge(a, b, None, calib, progress=False, return_result=True, repair=False)
+    m = result.model
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x, y = calib[0], torch.randint(0, 10, (calib[0].shape[0],))
+    for calibration, error, match in [
+            ([torch.randn(8, 5)], ValueError, "calibration batch 0 does not run through model_a"),
+            ([calib[0], calib[1].double()], ValueError, "calibration batch 1 does not run through model_a.*cast"),
+            ([calib[0].long()], ValueError, "calibration batch 0 does not run through model_a.*int64"),
+            ((x, y), ValueError, "calibration batch 1 does not run through model_a.*labels"),
+            (5, TypeError, "calibration must be a tensor or an iterable")]:
+        with pytest.raises(error, match=match):
+            repair(m, a, b, result, calibration, inplace=True)
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[k]), k  # left as it was
+    with pytest.raises(ValueError, match=r"model_b\.layers\.0\.weight is torch.float32 but model_a.* torch.float64"):
+        repair(None, copy.deepcopy(a).double(), b, result, calib)
+    with pytest.raises(ValueError, match=r"merged\.layers\.0\.weight is torch.float64 but model_a.* torch.float32"):
+        repair(copy.deepcopy(m).double(), a, b, result, calib)
+    repair(m, a, b, result, [(x, y)])  # one (input, label) batch: fine
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_a_group_of_zero_units_has_no_producer_to_correct():
+    def make():
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 0), nn.ReLU(), nn.Linear(0, 2))
+
+    spec = PermutationSpec([
+        PermutationGroup("h0", [out_axis("0.weight"), out_axis("0.bias"), in_axis("2.weight")], activations=["1"]),
+        PermutationGroup("h1", [out_axis("2.weight"), out_axis("2.bias"), in_axis("4.weight")], activations=["3"])])
+    torch.manual_seed(0)
+    a, b = make(), make()
+    calib = [torch.randn(32, 4), torch.randn(16, 4)]
+    result = mudsc_merge(a, b, spec, calib, progress=False, return_result=True, repair=False)
+    out = repair(None, a, b, result, calib)
+    assert repair_producers(a, spec) == [Producer("0", "h0"), Producer("2", "h1")]
+    # h0's producer corrected to its targets; the 0-channel one left alone
+    h = torch.cat([out[0](x) for x in calib])
+    ends = torch.cat([torch.cat([m[0](x) for x in calib]) for m in (a, b)], 1)
+    mm = result.merge_matrix("h0")
+    torch.testing.assert_close(h.mean(0), mm @ ends.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(h.std(0, unbiased=False), mm @ ends.std(0, unbiased=False), rtol=1e-4, atol=1e-5)
+    assert torch.equal(out[2].weight, result.model[2].weight) and out[2].weight.shape == (0, 8)

@@ -40,7 +40,11 @@ are merged unit by unit:
    point (a sweep that changes nothing), after ``patience`` sweeps whose total
    gain is below the tolerance (rare: an accepted change always gains), or
    after ``max_sweeps``. A unit none of whose B tensors
-   changed since its last solve is not solved again (it would give the same answer).
+   changed since its last solve is not solved again (it would give the same answer); nor, after a kept
+   change, is a unit whose own permutation only reorders B's units in its similarity (re-solving gives the
+   identity). A unit with two axes of one parameter -- a residual block ``h + f(W h)`` whose stream group
+   holds both W's rows and its columns -- moves entries within its own unit vectors too: it is solved again
+   in the next sweep.
 5. **Rewrite.** θ = α θ_A + (1 - α) P θ_B for permuted parameters, and
    Σ_m M_m θ_m U_m for zipped ones (m over the two models).
 6. **BatchNorm reset** (``reset_bn``): running statistics re-estimated on the
@@ -210,7 +214,8 @@ def _op_backends(backend) -> dict:
     return {f: backend.get(f) for f in families}
 
 
-def _reiterable(calibration):
+def _batches(calibration):
+    """The calibration batches as an iterable: a tensor is one batch; None stays None."""
     if calibration is None:
         return None
     if isinstance(calibration, torch.Tensor):
@@ -218,7 +223,12 @@ def _reiterable(calibration):
     if not isinstance(calibration, Iterable):
         raise TypeError(f"calibration must be a tensor or an iterable of input batches (e.g. a DataLoader), got "
                         f"{type(calibration).__name__}")
-    if iter(calibration) is calibration:  # a one-shot iterator: keep its batches for the second pass
+    return calibration
+
+
+def _reiterable(calibration):
+    calibration = _batches(calibration)
+    if calibration is not None and iter(calibration) is calibration:  # one-shot: keep its batches for a 2nd pass
         return list(calibration)
     return calibration
 
@@ -227,6 +237,14 @@ def _device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating tensor (for the hint on a batch of another dtype)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
 
 
 # --------------------------------------------------------------------------- small helpers (plain torch)
@@ -244,8 +262,9 @@ def _weight_axes(group):
 def _part(state, a: Axis, n: int) -> torch.Tensor:
     """(n, d): each unit's entries of one parameter along one axis."""
     t = state[a.param]
-    t = t.movedim(a.dim % t.dim(), 0).reshape(a.outer, n, a.inner, -1)
-    return t.permute(1, 0, 2, 3).reshape(n, -1).float()
+    t = t.movedim(a.dim % t.dim(), 0)
+    t = t.reshape(a.outer, n, a.inner, t.shape[1:].numel())  # not -1: ambiguous for a tensor of 0 entries
+    return t.permute(1, 0, 2, 3).reshape(n, a.outer * a.inner * t.shape[3]).float()
 
 
 def _unit_vectors(state, group, n: int) -> torch.Tensor:
@@ -301,39 +320,60 @@ def reset_batchnorm(model: nn.Module, calibration: Iterable) -> bool:
     """Re-estimate every BatchNorm's running statistics on the calibration batches (cumulative average).
 
     Mutates ``model`` (as its name does not say: it is the point); returns whether
-    it had any BatchNorm. Only the BatchNorm layers run in train mode (Dropout and
-    the like stay in eval mode, so they do not skew the statistics); every
-    module's mode is restored. The statistics are replaced only after a full pass.
+    it had any BatchNorm. ``calibration``: an iterable of input batches (tensors, or tuples
+    whose first entry is the input), e.g. a DataLoader; a single tensor is one batch (as in
+    :func:`mudsc_merge`, :func:`average_merge` and ``repair``). Only the BatchNorm layers run in
+    train mode (Dropout and the like stay in eval mode, so they do not skew the statistics); every
+    module's mode is restored. On an error the model is left as it was: every BatchNorm buffer
+    (running statistics and ``num_batches_tracked``) and momentum are put back.
 
     Raises:
-        ValueError: ``calibration`` yielded no batch (the statistics would be wiped).
+        TypeError: ``model`` not an ``nn.Module``; ``calibration`` neither a tensor nor an iterable, or a
+            batch that is neither a tensor nor an (input, ...) tuple.
+        ValueError: ``calibration`` None or yielding no batch (the statistics would be wiped); a batch that
+            holds NaN/Inf or does not run through the model (naming it); statistics that come out non-finite.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if calibration is None:
+        raise ValueError("calibration is None: re-estimating the BatchNorm statistics needs input batches")
+    calibration = _batches(calibration)
+    bns = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return False
-    saved = [(copy.deepcopy(bn.running_mean), copy.deepcopy(bn.running_var), bn.momentum) for bn in bns]
+    # every buffer (num_batches_tracked too: reset_running_stats zeroes it, each batch counts) and the momentum
+    saved = [({k: v.clone() for k, v in bn.named_buffers(recurse=False)}, bn.momentum) for _, bn in bns]
+    device, dtype = _device(model), _float_dtype(model)
     count = 0
     try:
-        with evaluating(model), torch.no_grad():
-            for bn in bns:
+        with evaluating(model), torch.no_grad():  # evaluating gives every module its mode back
+            for _, bn in bns:
                 bn.reset_running_stats()
                 bn.momentum = None  # a cumulative average over the calibration batches
                 bn.train()
-            for batch in calibration:
-                model(_batch_input(batch).to(_device(model)))
+            for index, batch in enumerate(calibration):
+                x = _batch_input(batch).to(device)
+                if (x.is_floating_point() or x.is_complex()) and not bool(torch.isfinite(x).all()):
+                    raise ValueError(f"calibration batch {index} holds NaN or Inf values: the BatchNorm statistics "
+                                     f"would not be finite")
+                with _forward_errors(index, x, "the model", dtype=dtype):
+                    model(x)
                 count += 1
         if count == 0:
             raise ValueError("calibration yielded no batch: cannot re-estimate the BatchNorm statistics")
+        for name, bn in bns:
+            stats = [t for t in (bn.running_mean, bn.running_var) if t is not None]
+            if stats and not all(bool(torch.isfinite(t).all()) for t in stats):
+                raise ValueError(f"BatchNorm {name!r}: its statistics on the calibration data are not finite "
+                                 f"(the model overflows on it)")
     except BaseException:
-        for bn, (mean, var, _) in zip(bns, saved):  # leave the model as it was
-            if mean is not None:
-                bn.running_mean.copy_(mean)
-                bn.running_var.copy_(var)
+        with torch.no_grad():
+            for (_, bn), (buffers, _) in zip(bns, saved):  # leave the model as it was
+                for key, value in buffers.items():
+                    getattr(bn, key).copy_(value)
         raise
     finally:
-        for bn, (_, _, momentum) in zip(bns, saved):
+        for (_, bn), (_, momentum) in zip(bns, saved):
             bn.momentum = momentum
     return True
 
@@ -373,6 +413,14 @@ class _Alignment:
         self.perm_version = {g.name: 0 for g in spec}
         self._part_cache: dict = {}
         self.neigh = {g.name: spec.neighbours(g.name) for g in spec}
+        # units with two axes of one parameter (a residual block's fc.weight, rows and columns in the stream):
+        # their own permutation also moves entries within their unit vectors, so after a kept change their
+        # similarity is not just the old one with B's units reordered, and a re-solve may find more
+        self.self_coupled = set()
+        for unit in spec.matching_units():
+            params = [a.param for n in unit for a in spec[n].axes]
+            if len(params) != len(set(params)):
+                self.self_coupled.add(unit)
         self.obj: dict[str, float] = {}
         self.version: dict[str, int] = {}  # param -> stamp of its last change (restored on a revert)
         self._clock = 0
@@ -515,15 +563,35 @@ def _first(sd):
     return next(iter(sd.values()))
 
 
-def _calibration_error(exc: RuntimeError, index: int, spec: PermutationSpec) -> ValueError:
-    """A model's complaint about calibration batch ``index``, said in terms of the merge."""
-    if "fired twice" not in str(exc):
-        return ValueError(f"calibration batch {index} does not run through the models: {exc}")
+def _calibration_error(exc: Exception, index: int, spec: PermutationSpec | None = None, *, batch=None,
+                       what: str = "the models", dtype: torch.dtype | None = None) -> ValueError:
+    """A model's complaint about calibration batch ``index``, said in terms of the merge (``what``: who ran it;
+    ``batch``, ``dtype``: the input and the models' dtype, for a hint; ``spec``: to name the hooked modules)."""
+    if spec is None or "fired twice" not in str(exc):
+        hint = ""
+        if isinstance(batch, torch.Tensor) and not (batch.is_floating_point() or batch.is_complex()):
+            hint = (f" (the batch is a {batch.dtype} tensor: if it holds labels, the calibration given was one "
+                    f"(inputs, labels) pair; pass an iterable of batches, e.g. [(x, y)])")
+        elif isinstance(batch, torch.Tensor) and dtype is not None and batch.dtype != dtype:
+            hint = f" (the batch is {batch.dtype}, the weights {dtype}: cast the calibration data)"
+        return ValueError(f"calibration batch {index} does not run through {what}: {exc}{hint}")
     hooked = sorted({p.module for g in spec for p in g.activations})
     return ValueError(f"an activation point runs more than once per forward pass (one of {hooked[:8]}): "
                       "a module shared between layers, such as one nn.ReLU used twice, cannot tell its "
                       "calls apart; hook the consuming layer instead (ActivationPoint(..., input=True)) "
                       "or give each use its own module")
+
+
+@contextlib.contextmanager
+def _forward_errors(index: int, batch, what: str = "the models", spec: PermutationSpec | None = None,
+                    dtype: torch.dtype | None = None):
+    """A model's forward pass on calibration batch ``index``: its errors as :func:`_calibration_error` says them."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise  # callers retry with smaller batches; keep its type
+    except (RuntimeError, IndexError) as exc:  # IndexError: a 1-d batch (labels) where the model flattens dim 1
+        raise _calibration_error(exc, index, spec, batch=batch, what=what, dtype=dtype) from exc
 
 
 class _PointStats(ActivationStats):
@@ -547,7 +615,7 @@ def _collect_statistics(model_a, model_b, spec, batches, backend, timer, progres
     from tqdm.auto import tqdm
 
     mods_a, mods_b = dict(model_a.named_modules()), dict(model_b.named_modules())
-    device = _device(model_a)
+    device, dtype = _device(model_a), _float_dtype(model_a)
     stats: dict[str, list[_PointStats]] = {}
     nonempty_batches = 0  # batches with any entries (numel, not the first dim: inputs may be sequence-first)
     with timer("statistics"), contextlib.ExitStack() as stack:
@@ -566,15 +634,14 @@ def _collect_statistics(model_a, model_b, spec, batches, backend, timer, progres
                                                leave=False)):
                 x = _batch_input(batch).to(device)
                 nonempty_batches += x.numel() > 0
-                try:
-                    model_a(x)
-                    model_b(x)
-                except torch.cuda.OutOfMemoryError:
-                    raise  # callers retry with smaller batches; keep its type
-                except RuntimeError as exc:
-                    raise _calibration_error(exc, index, spec) from exc
-                except (ValueError, TypeError) as exc:  # the statistics' own checks (they name the point)
-                    raise type(exc)(f"calibration batch {index}: {exc}") from exc
+                with _forward_errors(index, x, spec=spec, dtype=dtype):
+                    try:
+                        model_a(x)
+                        model_b(x)
+                    except (ValueError, TypeError) as exc:  # the statistics' own checks (they name the point)
+                        if isinstance(exc, RuntimeError):
+                            raise  # also a RuntimeError (a model's input check): _forward_errors names the batch
+                        raise type(exc)(f"calibration batch {index}: {exc}") from exc
     with timer("similarity"):
         out = {}
         some_recorded = any(st.count for sts in stats.values() for st in sts)
@@ -636,7 +703,8 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
 
     Args:
         model_a, model_b: the two models (not modified).
-        spec: their :class:`PermutationSpec` (default: :func:`spec_for` of a reference model).
+        spec: their :class:`PermutationSpec` (default: :func:`spec_for` of a reference model). A group of
+            0 units has nothing to match: its permutation is empty and its (empty) parameters are averaged.
         calibration: an iterable of input batches, e.g. a DataLoader: each batch a tensor, or a tuple /
             list whose first entry is the input tensor (``(x, y)``: the labels are ignored); a single
             tensor counts as one batch, and a one-shot iterator is read once and kept. Each input is
@@ -755,7 +823,7 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
              if needs_acts else None)
 
     state = _Alignment(spec, sd_a, sd_b, s_act, float(w), backends)
-    units = spec.matching_units()
+    units = [u for u in spec.matching_units() if spec[u[0]].size]  # a group of 0 units has nothing to match
     if init == "activation":
         for unit in units:
             sigma = state.solve(unit, 0.0, timer)
@@ -795,7 +863,9 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
                 if gain > 1e-7 * max(1.0, abs(before)):
                     state.obj.update(new_terms)
                     changed = True
-                    last_solved[unit] = state.signature(unit)  # re-solving now gives the identity
+                    if unit not in state.self_coupled:  # re-solving now gives the identity
+                        last_solved[unit] = state.signature(unit)
+                    # else the signature kept is the one before the change: solved again next sweep
                 else:  # revert
                     state.restore(snap)
             total = sum(state.obj.values())
@@ -811,8 +881,8 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
     zips = {}
     if mode == "zip":
         for g in spec:
-            if (g.residual and not zip_residual) or g.group_size is not None:
-                continue
+            if (g.residual and not zip_residual) or g.group_size is not None or not g.size:
+                continue  # (0 units: nothing to zip; its empty parameters are averaged)
             with timer("similarity"):
                 sim = state.similarity(g.name, float(w), full=True)
             with timer("assignment"):

@@ -81,7 +81,7 @@ from .._modes import evaluating
 from .._progress import tqdm_disable
 from .._validation import check_bool, check_real
 from ..permutation_spec import PermutationSpec
-from .mudsc import MuDSCResult, _batch_input, reset_batchnorm
+from .mudsc import MuDSCResult, _batch_input, _float_dtype, _forward_errors, _reiterable, reset_batchnorm
 
 __all__ = ["Producer", "repair", "repair_producers"]
 
@@ -238,12 +238,14 @@ def _endpoint_statistics(model_a, model_b, producers, batches, device):
                 stack.callback(mod.register_forward_hook(make_hook(m, p.module, _channel_dim(mod))).remove)
         # model_b may be model_a itself (then one forward feeds both models' hooks)
         models = (model_a,) if model_b is model_a else (model_a, model_b)
+        dtype = _float_dtype(model_a)
         count = 0
-        for batch in batches:
+        for index, batch in enumerate(batches):
             x = _batch_input(batch).to(device)
             for m, model in enumerate(models):
                 fired.clear()
-                model(x)
+                with _forward_errors(index, x, ("model_a", "model_b")[m], dtype=dtype):
+                    model(x)
                 record[0] = False
                 missing = [p.module for p in producers if (m, p.module) not in fired]
                 if missing:
@@ -289,13 +291,16 @@ def _merged_statistics(merged, stage: list[str], batches, device) -> dict[str, _
                 raise _StageDone
         return hook
 
+    dtype = _float_dtype(merged)
     with contextlib.ExitStack() as stack:
         for name in stage:
             stack.callback(mods[name].register_forward_hook(make_hook(name, _channel_dim(mods[name]))).remove)
-        for batch in batches:
+        for index, batch in enumerate(batches):
             fired.clear()
+            x = _batch_input(batch).to(device)
             try:
-                merged(_batch_input(batch).to(device))
+                with _forward_errors(index, x, "merged", dtype=dtype):
+                    merged(x)
             except _StageDone:
                 pass
             else:
@@ -373,6 +378,7 @@ def _check_models(merged, model_a, model_b, spec, producers) -> torch.device:
             raise ValueError(f"module {p.module!r} is {types[1].__name__} in model_a but {types[0].__name__} in "
                              f"merged and {types[2].__name__} in model_b")
     device = None
+    dtypes: dict[str, tuple] = {}  # name -> (dtype, where first seen): the three models run the same batches
     for label, model in (("model_a", model_a), ("model_b", model_b), ("merged", merged)):
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if not t.is_floating_point():
@@ -382,6 +388,10 @@ def _check_models(merged, model_a, model_b, spec, producers) -> torch.device:
             elif t.device != device:
                 raise ValueError(f"{label}.{name} is on {t.device} but {first} on {device}: move the three "
                                  f"models to one device")
+            ref, where = dtypes.setdefault(name, (t.dtype, f"{label}.{name}"))
+            if t.dtype != ref:
+                raise ValueError(f"{label}.{name} is {t.dtype} but {where} is {ref}: cast the three models to one "
+                                 f"dtype")
     return device or torch.device("cpu")
 
 
@@ -431,12 +441,13 @@ def repair(merged: nn.Module | None, model_a: nn.Module, model_b: nn.Module, mer
         passes run in eval mode, under ``torch.no_grad``).
 
     Raises:
-        TypeError: ``merge`` of the wrong kind, models that are not modules, calibration batches that are
-            not tensors.
+        TypeError: ``merge`` of the wrong kind, models that are not modules, ``calibration`` that is not an
+            iterable, calibration batches that are not tensors.
         ValueError: a group not in the spec, models that do not match the spec or each other (naming the
-            parameter or module), models on different devices, missing/empty calibration, a merge matrix
-            of the wrong shape, a producer that runs twice per forward pass or not at all, NaN/Inf
-            activations.
+            parameter or module), models on different devices or of different dtypes, missing/empty
+            calibration, a calibration batch that does not run through a model (naming the batch and the
+            model, like ``mudsc_merge``), a merge matrix of the wrong shape, a producer that runs twice per
+            forward pass or not at all, NaN/Inf activations.
     """
     from tqdm.auto import tqdm
 
@@ -454,15 +465,13 @@ def repair(merged: nn.Module | None, model_a: nn.Module, model_b: nn.Module, mer
     tqdm_disable(progress)  # checks it
     if calibration is None:
         raise ValueError("calibration is None: REPAIR needs calibration data (an iterable of input batches)")
-    if isinstance(calibration, torch.Tensor):
-        calibration = [calibration]
-    elif iter(calibration) is calibration:  # one-shot iterator: kept for the later passes
-        calibration = list(calibration)
+    calibration = _reiterable(calibration)  # a tensor is one batch; a one-shot iterator is kept for later passes
     if inplace and (merged is model_a or merged is model_b):
         raise ValueError("inplace=True with merged being model_a or model_b would modify an endpoint")
     names = _group_names(spec, groups, residual)
     producers = repair_producers(model_a, spec, names)
     device = _check_models(merged, model_a, model_b, spec, producers)
+    producers = [p for p in producers if spec[p.group].size]  # 0 output channels: nothing to correct
     matrices = _merge_matrices(merge, names, spec, device)
 
     mods_m = dict(merged.named_modules())
