@@ -319,6 +319,8 @@ class PerSampleConv2d(nn.Module):
         self.coefficients, self.name = coefficients, name
         self.strategy = None if strategy is None else check_choice(strategy, "strategy", CONV_STRATEGIES)
         self.stride, self.padding, self.dilation, self.groups = base.stride, base.padding, base.dilation, base.groups
+        # nn.Conv2d's shape attributes, for code that reads them from the layer it replaces
+        self.in_channels, self.out_channels, self.kernel_size = base.in_channels, base.out_channels, base.kernel_size
         k = coefficients.num_tasks
         self.register_buffer("packed_weight", _packed(base.weight, task_weights, "task_weights", label, k))
         self.register_buffer("packed_bias", _packed(base.bias, task_biases, "task_biases", label, k))

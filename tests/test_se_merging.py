@@ -9,6 +9,7 @@ from torch import nn
 
 from merging_kernels import task_arithmetic, ties_merging
 from merging_kernels.methods.se_merging import coefficients_from_scores, expert_scores, se_merge
+from merging_kernels.models import MLP, ResNet20, ViT
 
 
 class TinyNet(nn.Module):
@@ -415,6 +416,28 @@ def test_static_and_routing_coefficients_are_float32_below_float64(dtype):
     assert model.static_alpha(2).dtype == model.probe_table.dtype == torch.float32
     torch.testing.assert_close(model.static_alpha(2)[1], torch.tensor([0.1, 0.2, 0.3]))
     assert model.route(torch.randn(2, 3, 12).to(dtype)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("make", [lambda: MLP(64, [32, 32], 10), lambda: ResNet20(0.5, 10, 1),
+                                  lambda: ViT(8, 2, 16, 1, 2, 32, 10)], ids=["mlp", "resnet20", "vit"])
+def test_the_shipped_models_merge_per_sample(make):
+    # their forward reads layer attributes (in_features, in_channels) of the layers se_merge replaces
+    torch.manual_seed(0)
+    base = make().eval()
+    experts = []
+    for _ in range(2):
+        expert = copy.deepcopy(base)
+        with torch.no_grad():
+            for m in expert.modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d)):  # BatchNorm statistics stay the base's
+                    for p in m.parameters():
+                        p.add_(0.05 * torch.randn_like(p))
+        experts.append(expert)
+    model = se_merge(base, experts, lam=0.5)
+    x = torch.randn(3, 8, 8)
+    static = _load(base, task_arithmetic(base.state_dict(), [e.state_dict() for e in experts], 0.5))
+    torch.testing.assert_close(model(x, alpha=model.static_alpha(3)), static(x), rtol=1e-4, atol=1e-4)
+    assert model(x).shape == (3, 10)
 
 
 def test_runs_under_autocast():
