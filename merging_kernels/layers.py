@@ -280,7 +280,7 @@ class PerSampleLayerNorm(nn.Module):
         """The layer of ``base`` and K ``experts`` of the same shape (τ_k = θk − θ0)."""
         label = _label(name, cls)
         return cls(base, _deltas(base, experts, "weight", label)[1], _deltas(base, experts, "bias", label)[1],
-                   coefficients, name, strategy)
+                   coefficients, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.coefficients.rows_for(x, self.name or "PerSampleLayerNorm")
@@ -345,7 +345,7 @@ class PerSampleConv2d(nn.Module):
         x = _match_dtype(x, self.packed_weight.dtype)
         return per_sample_conv2d(x, alpha, self.packed_weight, self.packed_bias, stride=self.stride,
                                  padding=self.padding, dilation=self.dilation, groups=self.groups,
-                                 strategy=self.strategy)
+                                 strategy=getattr(self, "strategy", None))  # a layer pickled before it had one
 
 
 __all__ = ["Coefficients", "PerSampleConv2d", "PerSampleLayerNorm", "PerSampleLinear"]
