@@ -283,9 +283,11 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def _check_result_fits(name: str, result: torch.Tensor, base: torch.Tensor) -> None:
-    """A merge finite in float32 but beyond the output dtype's range is written as inf: refuse it (entries the
-    base holds as ±inf, such as masks, are kept as they are)."""
-    if result.dtype in (torch.float16, torch.bfloat16) and bool((torch.isinf(result) & torch.isfinite(base)).any()):
+    """A merge finite in float32 but beyond the output dtype's range is written as inf: refuse it. Entries that are
+    ±inf in the base as that dtype holds it (its own infinities, or a -1e9 mask that --dtype float16 makes
+    -inf, where nothing was merged) are the conversion the user asked for, not the merge's."""
+    if result.dtype in (torch.float16, torch.bfloat16) and bool(
+            (torch.isinf(result) & torch.isfinite(base.to(result.dtype))).any()):
         raise CLIError(f"tensor {name!r}: the merge overflows {str(result.dtype).replace('torch.', '')} (|value| > "
                        f"{torch.finfo(result.dtype).max:.4g}); write a wider --dtype or use smaller --weights/--scale")
 

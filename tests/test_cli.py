@@ -358,6 +358,12 @@ def test_refuses_paths_that_name_no_file_and_merges_that_overflow_the_output_dty
     assert run_cli(half_base, [half_expert], out, "--method", "ta", "--weights", "0.5") == cli.EXIT_OK
     merged = load_file(out)  # the mask's -inf is the base's own: kept
     assert torch.equal(merged["mask"], torch.tensor([0.0, -math.inf]).half())
+    # a float32 -1e9 mask no expert changed: --dtype float16 makes it -inf, which is the conversion, not the merge
+    wide_base, wide_expert = tmp_path / "b32.safetensors", tmp_path / "e32.safetensors"
+    save_file({"w": torch.ones(3), "mask": torch.tensor([0.0, -1e9])}, wide_base)
+    save_file({"w": torch.full((3,), 2.0), "mask": torch.tensor([0.0, -1e9])}, wide_expert)
+    assert run_cli(wide_base, [wide_expert], out, "--method", "ta", "--dtype", "float16") == cli.EXIT_OK
+    assert torch.equal(load_file(out)["mask"], torch.tensor([0.0, -math.inf]).half())
 
 
 def test_refusal_keeps_existing_output(checkpoints, tmp_path, capsys):
