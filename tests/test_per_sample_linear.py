@@ -397,7 +397,7 @@ def test_conv_strategies_agree_and_auto_follows_the_rule():
     banks, stacked = (per_sample_conv2d(x, alpha, pw, pb, padding=1, strategy=s) for s in ("banks", "stacked"))
     torch.testing.assert_close(stacked, banks, rtol=1e-5, atol=1e-5)
     # measured here (benchmarks/results/cpu-per-sample-conv2d-2026-12-04.txt, K = 3, B = 16/128): 64 channels at
-    # 2x2 run 2.3x/7.5x faster stacked, 128 channels at 8x8 1.4x/1.6x; 16 at 8x8 and 64 at 16x16 faster as banks
+    # 2x2 run 2.3x/8.9x faster stacked, 128 channels at 8x8 1.5x/1.7x; 16 at 8x8 and 64 at 16x16 faster as banks
     assert choose_conv_strategy(1, 3, 64, 64, 4) == choose_conv_strategy(1, 3, 128, 128, 64) == "stacked"
     assert choose_conv_strategy(1, 3, 16, 16, 64) == choose_conv_strategy(1, 3, 64, 64, 256) == "banks"
     assert choose_conv_strategy(1, 8, 128, 128, 64) == "banks"  # 9 plain convs cost more than the slowdown

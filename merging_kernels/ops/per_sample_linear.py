@@ -737,8 +737,8 @@ def choose_conv_strategy(samples_per_row: int, num_tasks: int, in_per_group: int
     grouped conv runs below a plain conv's rate by a factor that grows with the filter's size over the pixels
     it serves, ~1 + 0.45·sqrt(C_in/groups · C_out / (samples per row · H'·W')), fitted on 2 cores to 3x3 convs
     of 16-128 channels at 2x2-16x16, B = 16/128 (benchmarks/results/cpu-per-sample-conv2d-2026-12-04.txt:
-    banks / plain conv at B = 128 is 1.9x at 16 channels 8x8, 6.1x at 128 channels 8x8, 18x at 64 channels
-    2x2). ``stacked`` costs K+1 plain convs. CUDA keeps ``banks`` until measured there.
+    banks / plain conv at B = 128 is 1.8-1.9x at 16 channels 8x8, 5.0-6.5x at 128 channels 8x8, ~21x at 64
+    channels 2x2). ``stacked`` costs K+1 plain convs. CUDA keeps ``banks`` until measured there.
     """
     if device_type != "cpu" or out_pixels <= 0:
         return "banks"
