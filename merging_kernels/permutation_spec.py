@@ -412,7 +412,15 @@ def permute_axis(t: torch.Tensor, axis: Axis, index: torch.Tensor) -> torch.Tens
                          f"multiple of outer*inner = {axis.outer * axis.inner}")
     n = shape[dim] // (axis.outer * axis.inner)
     # a repeated index would copy one unit over another; the check is cheap next to the copy (one sort of n)
-    index = _check_permutation(index, n, "index")
+    return permute_units(t, axis, _check_permutation(index, n, "index"))
+
+
+def permute_units(t: torch.Tensor, axis: Axis, index: torch.Tensor) -> torch.Tensor:
+    """:func:`permute_axis` without its checks, for callers whose index is a permutation by construction (an
+    assignment's solution inside a merge): on CUDA the check would read the index back, a sync per axis."""
+    shape = t.shape
+    dim = axis.dim % len(shape)
+    n = shape[dim] // (axis.outer * axis.inner)
     view = t.reshape(*shape[:dim], axis.outer, n, axis.inner, *shape[dim + 1:])
     return _select_units(view, dim + 1, index).reshape(shape)
 

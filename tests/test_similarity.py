@@ -676,6 +676,46 @@ def test_activation_stats_extreme_magnitudes(backend, device, dtype, peak, eps, 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow warnings from the Triton interpreter: intended
 @pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("kind", ["flat", "conv", "tokens"])
+@pytest.mark.parametrize("gram_dtype", [torch.float32, torch.float64], ids=str)
+def test_activation_stats_cross_blocks_equal_those_of_all_blocks(backend, device, kind, gram_dtype):
+    # what a one-to-one matching needs: the model-0 x model-1 block, each unit's variance from the squares
+    if backend == "triton" and gram_dtype == torch.float64:
+        pytest.skip("gram_dtype=float64 is a torch-path option")
+    g = torch.Generator().manual_seed(41)
+    n = 60
+    shapes = {"flat": ((n, 7), (n, 12)), "conv": ((n, 6, 2, 2), (n, 9, 2, 2)), "tokens": ((n, 3, 7), (n, 3, 5))}[kind]
+    fa, fb = (torch.randn(*sh, generator=g) for sh in shapes)
+    unit = 1 if kind == "conv" else -1  # the channel dim
+    fb = fb + 0.7 * fa.narrow(unit, 0, 1)  # correlated units
+    fa = fa * 30 + 1e3  # a large mean and spread: the shift and the scale apply to the squares too
+    fa.select(unit, 2).fill_(5.0)  # a dead unit: 0 with every unit of the other model
+    fa, fb = fa.to(device), fb.to(device)
+    batches = _split([fa, fb], [7, 1, 13, 2, 9, 5, 11, 3, 4, 5])  # > the torch path's flush interval
+    full = _stream(ActivationStats([fa.shape[unit], fb.shape[unit]], backend=backend, gram_dtype=gram_dtype),
+                   batches)
+    cross = _stream(ActivationStats(full.num_features, backend=backend, gram_dtype=gram_dtype, blocks="cross"),
+                    batches)
+    a = full.num_features[0]
+    expected = full.correlation()[:a, a:]
+    got = cross.correlation()
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)  # the squares are summed apart from BLAS'
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
+    torch.testing.assert_close(cross.covariance(torch.float64), full.covariance(torch.float64)[:a, a:],
+                               rtol=1e-6, atol=1e-6 * float(full.covariance(torch.float64).abs().max()))
+    torch.testing.assert_close(cross.mean(torch.float64), full.mean(torch.float64), rtol=0, atol=0)
+
+
+def test_activation_stats_cross_blocks_need_two_models():
+    for num_features in (12, [3], [3, 4, 5]):
+        with pytest.raises(ValueError, match="^blocks='cross' needs num_features of two models"):
+            ActivationStats(num_features, blocks="cross")
+    with pytest.raises(ValueError, match="^blocks must be one of"):
+        ActivationStats([3, 4], blocks="upper")
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
 def test_activation_stats_moments_that_overflow_raise(backend, device):
     """The first batch sets the scale; a later batch ~1e25 times as spread overflows the fp32 products all the same:
     correlation() and covariance() raise ValueError (never NaN, never a wrong matrix)."""

@@ -86,7 +86,7 @@ from .._progress import tqdm_disable
 from .._validation import check_bool, check_has_data, check_int, check_real
 from ..ops.linear_assignment import LINEAR_ASSIGNMENT, linear_sum_assignment
 from ..ops.zip_matching import greedy_zip
-from ..permutation_spec import Axis, PermutationSpec, permute_axis, spec_for
+from ..permutation_spec import Axis, PermutationSpec, permute_units, spec_for
 
 from ..ops.similarity import (SIMILARITY, ActivationStats, activation_stats_hooks, correlation_matrix,
                               dual_similarity, group_similarity)
@@ -299,7 +299,7 @@ def _project(t: torch.Tensor, name: str, model: int, spec: PermutationSpec, perm
             raise ValueError(f"parameter {name!r} is on the output side of group {g!r}; only parameters whose "
                              f"outputs are not merged (e.g. heads) can be projected")
         if model == 1:
-            x = permute_axis(x, a, perms[g])
+            x = permute_units(x, a, perms[g])
         if g in zips:
             n = spec[g].size
             cluster = zips[g][1].argmax(1)[model * n:(model + 1) * n]
@@ -384,12 +384,17 @@ def reset_batchnorm(model: nn.Module, calibration: Iterable) -> bool:
 class _Alignment:
     """Current alignment of B to A: per-group permutations, B's state in that order, objective terms."""
 
-    def __init__(self, spec: PermutationSpec, sd_a, sd_b, s_act_full, w: float, backends: dict):
+    def __init__(self, spec: PermutationSpec, sd_a, sd_b, s_act, w: float, backends: dict, cross_only: bool = False):
+        """``s_act``: per group the activation correlation, (2n, 2n), or its (n, n) cross block with ``cross_only``
+        (then no within-model similarity can be asked for: zip needs it, permute does not); None: w = 1."""
         self.spec, self.w = spec, w
         self.sim_backend, self.lsa_backend = backends[SIMILARITY.name], backends[LINEAR_ASSIGNMENT.name]
         self.sd_b = dict(sd_b)  # aligned B (entries replaced, never mutated in place)
-        self.s_act_full = s_act_full
-        self.s_act = {g: s[: spec[g].size, spec[g].size:] for g, s in s_act_full.items()} if s_act_full else {}
+        self.s_act_full = None if cross_only else s_act
+        if cross_only or not s_act:
+            self.s_act = dict(s_act or {})
+        else:
+            self.s_act = {g: s[: spec[g].size, spec[g].size:] for g, s in s_act.items()}
         self.perms = {g.name: torch.arange(g.size, device=_first(sd_a).device) for g in spec}
         self.sd_a = sd_a
         self.sd_b0 = dict(sd_b)  # B as given
@@ -511,7 +516,7 @@ class _Alignment:
     def apply(self, name: str, sigma: torch.Tensor):
         """New aligned unit k = old aligned unit sigma[k] (B's parameters and the permutation)."""
         for a in self.spec[name].axes:
-            self.sd_b[a.param] = permute_axis(self.sd_b[a.param], a, sigma)
+            self.sd_b[a.param] = permute_units(self.sd_b[a.param], a, sigma)
             self._clock += 1
             self.version[a.param] = self._clock
         self.perms[name] = self.perms[name][sigma]
@@ -569,7 +574,8 @@ def _calibration_error(exc: Exception, index: int, spec: PermutationSpec | None 
     ``batch``, ``dtype``: the input and the models' dtype, for a hint; ``spec``: to name the hooked modules)."""
     if spec is None or "fired twice" not in str(exc):
         hint = ""
-        if isinstance(batch, torch.Tensor) and not (batch.is_floating_point() or batch.is_complex()):
+        if isinstance(batch, torch.Tensor) and batch.dim() == 1 and not (batch.is_floating_point()
+                                                                        or batch.is_complex()):  # labels, likely
             hint = (f" (the batch is a {batch.dtype} tensor: if it holds labels, the calibration given was one "
                     f"(inputs, labels) pair; pass an iterable of batches, e.g. [(x, y)])")
         elif isinstance(batch, torch.Tensor) and dtype is not None and batch.dtype != dtype:
@@ -611,7 +617,10 @@ class _PointStats(ActivationStats):
             raise type(exc)(f"{self.label}: {message}") from exc
 
 
-def _collect_statistics(model_a, model_b, spec, batches, backend, timer, progress):
+def _collect_statistics(model_a, model_b, spec, batches, backend, timer, progress, cross_only=False):
+    """Per group, the activation correlation averaged over its points: the full (2n, 2n) matrix of [A, B]'s units,
+    or with ``cross_only`` (permute mode: a one-to-one matching reads no within-model pair) the (n, n) block of
+    A's units against B's, for a third to a half of the products."""
     from tqdm.auto import tqdm
 
     mods_a, mods_b = dict(model_a.named_modules()), dict(model_b.named_modules())
@@ -625,7 +634,8 @@ def _collect_statistics(model_a, model_b, spec, batches, backend, timer, progres
             stats[g.name] = []
             for p in g.activations:
                 st = _PointStats(f"group {g.name!r}, activation point {p.module!r}"
-                                 f"{' (input)' if p.input else ''}", [g.size, g.size], device=device, backend=backend)
+                                 f"{' (input)' if p.input else ''}", [g.size, g.size], device=device, backend=backend,
+                                 blocks="cross" if cross_only else "all")
                 stack.enter_context(activation_stats_hooks((mods_a[p.module], mods_b[p.module]), st, input=p.input,
                                                            channel_dim=p.channel_dim, label=st.label))
                 stats[g.name].append(st)
@@ -819,10 +829,10 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
         if k not in exclude and (k not in sd_b or sd_a[k].shape != sd_b[k].shape):
             raise ValueError(f"parameter {k!r} is missing from model_b or has another shape (pass it in exclude= "
                              f"if it is a per-task head)")
-    s_act = (_collect_statistics(model_a, model_b, spec, batches, backends[SIMILARITY.name], timer, progress)
-             if needs_acts else None)
+    s_act = (_collect_statistics(model_a, model_b, spec, batches, backends[SIMILARITY.name], timer, progress,
+                                 cross_only=mode == "permute") if needs_acts else None)
 
-    state = _Alignment(spec, sd_a, sd_b, s_act, float(w), backends)
+    state = _Alignment(spec, sd_a, sd_b, s_act, float(w), backends, cross_only=mode == "permute")
     units = [u for u in spec.matching_units() if spec[u[0]].size]  # a group of 0 units has nothing to match
     if init == "activation":
         for unit in units:
