@@ -16,10 +16,15 @@ def evaluating(*models: nn.Module) -> Iterator[None]:
     mode with a frozen, eval-mode part (a backbone, a BatchNorm) would come back all in train mode.
     """
     modes = [(m, m.training) for model in models for m in model.modules()]
+    roots = [(model, model.training) for model in models]
     try:
         for model in models:
             model.eval()
         yield
     finally:
+        # each model's own train() first, so that an override undoes what its eval() did beyond the flags (e.g.
+        # requires_grad it switched off); then every module's exact flag
+        for model, training in roots:
+            model.train(training)
         for m, training in modes:  # not m.train(): it sets the children too, and a shared module is listed
             m.training = training  # once, so a later parent would overwrite the mode given back to it

@@ -832,6 +832,26 @@ def test_evaluating_gives_a_shared_submodule_its_own_mode_back():
     assert {name: m.training for name, m in root.named_modules(remove_duplicate=False)} == before
 
 
+def test_evaluating_calls_a_models_own_train_override_on_the_way_out():
+    from merging_kernels._modes import evaluating
+
+    class FreezesInEval(torch.nn.Module):  # a model whose train() does more than set flags
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+
+        def train(self, mode=True):
+            super().train(mode)
+            self.body.requires_grad_(mode)
+            return self
+
+    model = FreezesInEval().train()
+    model.head.eval()  # its own mode comes back too
+    with evaluating(model):
+        assert not model.body.weight.requires_grad and not model.training
+    assert model.body.weight.requires_grad and model.training and not model.head.training
+
+
 def test_an_inf_mask_held_as_a_frozen_parameter_is_copied_unless_a_group_permutes_it():
     class FrozenMask(MLP):
         def __init__(self):
