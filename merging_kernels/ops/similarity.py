@@ -185,10 +185,7 @@ def correlation_from_moments_torch(mean: torch.Tensor, second_moment: torch.Tens
     """
     mu = mean.to(torch.float64)
     cov = second_moment.to(torch.float64) / count - torch.outer(mu, mu)
-    var = cov.diagonal().clamp(min=0)
-    sigma = var.sqrt()
-    alive = sigma > eps
-    inv = torch.where(alive, 1.0 / torch.where(alive, sigma, 1.0), 0.0)
+    inv = _inverse_sigma(cov.diagonal(), eps)
     corr = (cov * inv[:, None] * inv[None, :]).clamp_(-1.0, 1.0)
     corr.fill_diagonal_(1.0)
     return corr
@@ -200,10 +197,15 @@ def _cross_correlation_from_moments(mean: torch.Tensor, cross: torch.Tensor, dia
     and their diagonal (D,): the same formula, dead units alike (0 with others)."""
     mu = mean.to(torch.float64)
     cov = cross / count - torch.outer(mu[:split], mu[split:])
-    sigma = (diag / count - mu * mu).clamp(min=0).sqrt()
-    alive = sigma > eps
-    inv = torch.where(alive, 1.0 / torch.where(alive, sigma, 1.0), 0.0)
+    inv = _inverse_sigma(diag / count - mu * mu, eps)
     return (cov * inv[:split, None] * inv[None, split:]).clamp_(-1.0, 1.0)
+
+
+def _inverse_sigma(var: torch.Tensor, eps) -> torch.Tensor:
+    """1/σ per unit from its variance, 0 for a dead unit (σ ≤ eps, eps a float or per unit)."""
+    sigma = var.clamp(min=0).sqrt()
+    alive = sigma > eps
+    return torch.where(alive, 1.0 / torch.where(alive, sigma, 1.0), 0.0)
 
 
 def activation_moments_torch(*features: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
