@@ -128,3 +128,11 @@ def may_overlap(tensor: torch.Tensor) -> bool:
             return True
         extent += stride * (size - 1)
     return False
+
+
+def check_float32_range(values: torch.Tensor, name: str, why: str) -> None:
+    """ValueError naming ``name`` when a value (finite in float64) would be ±inf in float32, where ``why``."""
+    largest = float(values.abs().max()) if values.numel() else 0.0
+    if largest > torch.finfo(torch.float32).max:
+        raise ValueError(f"{name} must lie within float32's range (|{name}| <= {torch.finfo(torch.float32).max:.4g}), "
+                         f"{why}; got {largest:.4g}")

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from .._dispatch import compiling
-from .._validation import check_bool, check_choice, check_int, check_real, real_numbers
+from .._validation import check_bool, check_choice, check_float32_range, check_int, check_real, real_numbers
 from ..layers import Coefficients, PerSampleConv2d, PerSampleLayerNorm, PerSampleLinear
 from ..ops.task_vectors import magnitude_thresholds, task_vector_torch
 
@@ -404,8 +404,8 @@ def se_merge(
     # λ in the layers' mixing dtype (float32 unless the model is float64): the static and routing passes
     # then hand every layer coefficients it uses as they are, without a cast per layer per call
     wide = any(p.dtype == torch.float64 for p in base_sd.values())
-    if not wide and float(lam_t.abs().max()) > torch.finfo(torch.float32).max:
-        raise ValueError(f"lam must lie within float32's range, the precision the layers mix in; got {lam_t.tolist()}")
+    if not wide:
+        check_float32_range(lam_t, "lam", "the precision the layers mix in")
     device = next(iter(base_sd.values())).device if base_sd else torch.device("cpu")
     lam_dev = lam_t.to(device=device, dtype=torch.float64 if wide else torch.float32)
     return SEMergedModel(model, coefficients, lam_dev, probe=probe, score=score, temperature=temperature,

@@ -39,6 +39,7 @@ from .._dispatch import OpBackends, resolve_backend
 from .._validation import (
     check_bool,
     check_choice,
+    check_float32_range,
     check_float_dtype,
     check_float_tensor,
     check_has_data,
@@ -761,8 +762,9 @@ def merge_task_vectors(
     chosen = _choose_backend(backend, device, bases, out_dtypes)
     narrow = [t for t, b in enumerate(bases) if b.dtype != torch.float64]  # combined in float32: beyond its
     if narrow:  # range a coefficient is ±inf (float64 tensors combine in float64)
-        _check_float32_range(w[narrow], "weights")
-        _check_float32_range(torch.tensor(spec.scale, dtype=torch.float64), "scale")
+        why = "the precision the merge combines in for these tensors"
+        check_float32_range(w[narrow], "weights", why)
+        check_float32_range(torch.tensor(spec.scale, dtype=torch.float64), "scale", why)
     seg_of, seg_numel = segments_of([b.numel() for b in bases], spec.trim_scope)
     if thresholds is not None:
         if spec.density is None:
@@ -775,15 +777,6 @@ def merge_task_vectors(
     with torch.no_grad():
         return _merge_checked(bases, experts, w, spec, keys, names, out, out_dtypes, chosen, device, seg_of,
                               seg_numel, thresholds, check_finite)
-
-
-_FLOAT32_MAX = torch.finfo(torch.float32).max
-
-
-def _check_float32_range(values: torch.Tensor, name: str) -> None:
-    if values.numel() and float(values.abs().max()) > _FLOAT32_MAX:
-        raise ValueError(f"{name} must lie within float32's range (|{name}| <= {_FLOAT32_MAX:.4g}), the precision "
-                         f"the merge combines in for these tensors; got {float(values.abs().max()):.4g}")
 
 
 def _merge_checked(bases, experts, w, spec, keys, names, out, out_dtypes, chosen, device, seg_of, seg_numel,
