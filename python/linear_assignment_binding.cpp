@@ -40,6 +40,7 @@ py::dict stats_dict(const lsa::Stats& stats) {
   info["free_after_init"] = stats.free_after_init;
   info["row_scans"] = stats.row_scans;
   info["arr_steps"] = stats.arr_steps;
+  info["warm_started"] = stats.warm_started;
   return info;
 }
 
@@ -53,8 +54,9 @@ void register_linear_assignment(py::module_& m) {
         name,
         [solver](std::uintptr_t cost, int dtype, int64_t batch, int64_t nr, int64_t nc, bool maximize,
                  bool compute_float32, int num_threads, int method, std::uintptr_t rows, std::uintptr_t cols,
-                 std::uintptr_t u, std::uintptr_t v, std::uintptr_t status) {
-          const lsa::Options opt = make_options(maximize, compute_float32, num_threads, method);
+                 std::uintptr_t u, std::uintptr_t v, std::uintptr_t status, std::uintptr_t col_duals_init) {
+          lsa::Options opt = make_options(maximize, compute_float32, num_threads, method);
+          opt.col_duals_init = reinterpret_cast<const void*>(col_duals_init);
           lsa::Stats stats;
           {
             py::gil_scoped_release release;
@@ -66,7 +68,7 @@ void register_linear_assignment(py::module_& m) {
         },
         doc, py::arg("cost"), py::arg("dtype"), py::arg("batch"), py::arg("nr"), py::arg("nc"), py::arg("maximize"),
         py::arg("compute_float32"), py::arg("num_threads"), py::arg("method"), py::arg("rows"), py::arg("cols"),
-        py::arg("u"), py::arg("v"), py::arg("status"));
+        py::arg("u"), py::arg("v"), py::arg("status"), py::arg("col_duals_init") = 0);
   };
   bind_cpu("lsa_solve_cpu", &lsa::solve_batch,
            "Solve `batch` nr x nc assignment problems (dtype 0=float32, 1=float64) from contiguous memory; "

@@ -764,6 +764,180 @@ def test_sparse_path_is_used_and_exact_on_large_problems():
     assert_optimal(cost, rows[0].numpy(), cols[0].numpy(), u[0].numpy(), v[0].numpy())
 
 
+# --------------------------------------------------------------------------- warm start (column potentials)
+
+
+def _cold_duals(cost, maximize=False):
+    return mk.linear_sum_assignment(torch.as_tensor(cost), maximize, return_duals=True)[3]
+
+
+def warm_potentials(kind, cost, maximize=False, seed=0):
+    """Column potentials of several qualities for a square cost: the optimal ones, those of a nearby problem,
+    unrelated noise, zeros, and a spread no dual of these costs can have (the solver starts cold then)."""
+    rng = np.random.default_rng(seed)
+    m = cost.shape[-1]
+    finite = np.abs(cost[np.isfinite(cost)])
+    scale = float(finite.max(initial=0.0)) or 1.0
+    if kind == "own":
+        return _cold_duals(cost, maximize).numpy()
+    if kind == "nearby":
+        noisy = np.where(np.isfinite(cost), cost + 0.05 * scale * rng.standard_normal(cost.shape), cost)
+        return _cold_duals(noisy, maximize).numpy()
+    if kind == "noise":
+        return scale * rng.standard_normal(m)
+    if kind == "zeros":
+        return np.zeros(m)
+    if kind == "wide":
+        return np.where(np.arange(m) % 2 == 0, 1.0, -1.0) * (4 * m + 4) * scale
+    raise AssertionError(kind)
+
+
+WARM_KINDS = ["own", "nearby", "noise", "zeros", "wide"]
+
+
+@pytest.mark.skipif(not NATIVE_CPU, reason="needs the native CPU backend")
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
+@pytest.mark.parametrize("warm", WARM_KINDS)
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 256])
+@pytest.mark.parametrize("kind", KINDS)
+def test_warm_start_is_optimal_whatever_the_potentials(kind, n, warm, maximize):
+    cost = make_cost(kind, n, n, seed=n)
+    if maximize:
+        cost = np.where(np.isinf(cost), -np.inf, cost)
+    v0 = warm_potentials(warm, cost, maximize, seed=n)
+    rows, cols, u, v = mk.linear_sum_assignment(cost, maximize, return_duals=True, warm_start=v0)
+    assert isinstance(cols, np.ndarray)
+    assert_optimal(cost, rows, cols, u, v, maximize=maximize)
+
+
+def _warm_stats(cost, v0, maximize=False, compute_dtype=torch.float64):
+    t3 = torch.as_tensor(cost)[None].contiguous()
+    warm = torch.as_tensor(v0, dtype=compute_dtype)[None].contiguous()
+    rows, cols, u, v, status, stats = la._solve_native_cpu(t3, maximize, compute_dtype, True, warm_start=warm)
+    assert int(status[0]) == 0
+    return rows[0].numpy(), cols[0].numpy(), u[0].numpy(), v[0].numpy(), stats
+
+
+@pytest.mark.skipif(not NATIVE_CPU, reason="needs the native CPU backend")
+@pytest.mark.parametrize("kind", ["uniform", "correlated"])
+def test_warm_start_from_the_optimal_duals_needs_no_search(kind):
+    cost = make_cost(kind, 300, 300, seed=4)
+    *sol, stats = _warm_stats(cost, _cold_duals(cost))
+    cold = la._solve_native_cpu(torch.from_numpy(cost)[None], False, torch.float64, False, method=la.METHOD_DENSE)
+    cold = cold[-1]
+    assert stats["warm_started"] == 1 and cold["warm_started"] == 0
+    # nearly every row takes its tight column at once (the duals have a few more tight entries, where rows
+    # may collide); the cold start leaves a third of them to search
+    assert stats["free_after_init"] * 10 < cold["free_after_init"]
+    assert stats["row_scans"] * 4 < cold["row_scans"]
+    assert_optimal(cost, *sol)
+
+
+@pytest.mark.skipif(not NATIVE_CPU, reason="needs the native CPU backend")
+def test_warm_start_from_a_nearby_problem_is_shorter():
+    """The MuDSC case: the next sweep's costs are the last ones, slightly changed."""
+    rng = np.random.default_rng(5)
+    cost = make_cost("correlated", 400, 400, seed=5)
+    nearby = cost + 1e-3 * rng.standard_normal(cost.shape)
+    *sol, warm = _warm_stats(nearby, _cold_duals(cost))
+    cold = la._solve_native_cpu(torch.from_numpy(nearby)[None], False, torch.float64, False)[-1]
+    assert warm["warm_started"] == 1
+    assert warm["free_after_init"] * 4 < cold["free_after_init"]
+    assert_optimal(nearby, *sol)
+
+
+@pytest.mark.skipif(not NATIVE_CPU, reason="needs the native CPU backend")
+@pytest.mark.parametrize("case", ["spread", "nan", "poor"])
+def test_unusable_or_poor_potentials_fall_back_to_the_cold_start(case):
+    cost = make_cost("uniform", 200, 200, seed=6)
+    if case == "spread":  # beyond n times the largest cost: rounding would swamp the costs
+        v0 = np.where(np.arange(200) % 2 == 0, 1e6, -1e6)
+    elif case == "nan":  # the Python API refuses it; the solver itself must not take it either
+        v0 = np.full(200, np.nan)
+    else:  # unrelated potentials of a larger spread than the costs': a third of the rows stay free
+        v0 = np.random.default_rng(0).standard_normal(200)
+    *sol, stats = _warm_stats(cost, v0)
+    assert stats["warm_started"] == 0
+    assert_optimal(cost, *sol)
+
+
+@pytest.mark.skipif(not NATIVE_CPU, reason="needs the native CPU backend")
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
+def test_warm_start_in_a_batch_is_per_problem(maximize):
+    costs = np.stack([make_cost(k, 60, 60, seed=i) for i, k in enumerate(["uniform", "int_ties", "correlated",
+                                                                          "forbidden"])])
+    if maximize:
+        costs = np.where(np.isinf(costs), -np.inf, costs)
+    v0 = np.stack([_cold_duals(c, maximize).numpy() for c in costs])
+    v0[1] = 0.0  # one problem with a poor start among good ones
+    rows, cols, u, v = mk.linear_sum_assignment(torch.from_numpy(costs), maximize, return_duals=True,
+                                                warm_start=torch.from_numpy(v0))
+    for b in range(len(costs)):
+        assert_optimal(costs[b], rows[b].numpy(), cols[b].numpy(), u[b].numpy(), v[b].numpy(), maximize=maximize)
+        one = mk.linear_sum_assignment(costs[b], maximize, warm_start=v0[b])
+        np.testing.assert_array_equal(one[1], cols[b].numpy())
+
+
+@pytest.mark.skipif(not NATIVE_CPU, reason="needs the native CPU backend")
+@pytest.mark.parametrize("case", ["huge", "tiny-f32", "f32", "int"])
+def test_warm_start_with_rescaled_or_float32_solves(case):
+    if case == "huge":  # beyond the safe magnitude: solved scaled down by a power of two, potentials too
+        cost, dtype = make_cost("uniform", 50, 50, seed=8) * 1e305, torch.float64
+    elif case == "tiny-f32":  # float64 costs scaled up for a float32 solve (no float32 duals can certify them)
+        cost = make_cost("uniform", 50, 50, seed=8) * 1e-100
+        v0 = _cold_duals(cost).numpy()
+        rows, cols = mk.linear_sum_assignment(cost, warm_start=v0, compute_dtype=torch.float32)
+        assert total(cost, rows, cols) == pytest.approx(total(cost, *scipy_lsa(cost)), rel=1e-5)
+        return
+    elif case == "f32":
+        cost, dtype = make_cost("correlated", 50, 50, seed=8), torch.float32
+    else:
+        cost, dtype = make_cost("int_ties", 50, 50, seed=8).astype(np.int64), torch.float64
+    v0 = _cold_duals(cost).numpy() * (1 + 1e-3)
+    rows, cols, u, v = mk.linear_sum_assignment(cost, return_duals=True, warm_start=v0, compute_dtype=dtype)
+    assert_optimal(cost, rows, cols, u, v, rtol=1e-9 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.skipif(not NATIVE_CPU, reason="needs the native CPU backend")
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("shape", [(5, 9), (9, 5), (17, 17)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_warm_start_is_ignored_where_it_is_not_used(backend, shape):
+    """Rectangular problems (their duals' zero on unassigned columns would not survive arbitrary starting
+    potentials) and the torch reference solve as if no warm start were given."""
+    if backend == "native" and shape[0] == shape[1]:
+        pytest.skip("square native solves use it")
+    cost = make_cost("uniform", *shape, seed=9)
+    v0 = np.random.default_rng(9).standard_normal(shape[1])
+    cold = mk.linear_sum_assignment(cost, return_duals=True, backend=backend)
+    warm = mk.linear_sum_assignment(cost, return_duals=True, backend=backend, warm_start=v0)
+    for a, b in zip(cold, warm):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not NATIVE_CPU, reason="needs the native CPU backend")
+def test_warm_start_errors_and_infeasible_problems():
+    cost = make_cost("uniform", 4, 4)
+    with pytest.raises(ValueError, match=r"warm_start must have shape \(4,\)"):
+        mk.linear_sum_assignment(cost, warm_start=np.zeros(5))
+    with pytest.raises(ValueError, match=r"warm_start must have shape \(2, 4\)"):
+        mk.linear_sum_assignment(np.stack([cost, cost]), warm_start=np.zeros(4))
+    with pytest.raises(ValueError, match="warm_start must be finite"):
+        mk.linear_sum_assignment(cost, warm_start=np.array([0.0, np.nan, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="warm_start must be finite"):
+        mk.linear_sum_assignment(torch.from_numpy(cost), warm_start=torch.tensor([0.0, np.inf, 0.0, 0.0]))
+    with pytest.raises(TypeError, match="warm_start"):
+        mk.linear_sum_assignment(cost, warm_start=np.ones(4, dtype=bool))
+    with pytest.raises(TypeError, match="warm_start"):
+        mk.linear_sum_assignment(cost, warm_start=torch.zeros(4, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="warm_start"):
+        mk.linear_sum_assignment(cost, warm_start="zeros")
+    infeasible = np.array([[1.0, np.inf], [2.0, np.inf]])
+    with pytest.raises(ValueError, match="infeasible"):
+        mk.linear_sum_assignment(infeasible, warm_start=np.zeros(2))
+    with pytest.raises(ValueError, match="NaN"):
+        mk.linear_sum_assignment(np.array([[1.0, np.nan], [2.0, 3.0]]), warm_start=np.zeros(2))
+
+
 # --------------------------------------------------------------------------- the team algorithm on CPU threads
 
 

@@ -145,6 +145,20 @@ inline bool all_usable_generic(const T* c, int64_t count) {  // no entry team::u
   return bad == 0;
 }
 
+// The largest |entry| other than +inf, in the same pass as all_usable's check: -1 when an entry is refused.
+template <class T>
+inline T finite_magnitude_generic(const T* c, int64_t count) {
+  int bad = 0;
+  T big = T(0);
+  for (int64_t k = 0; k < count; ++k) {
+    const T x = c[k];
+    bad |= team::unusable(x);
+    const T a = x < kInf<T> ? std::abs(x) : T(0);
+    big = a > big ? a : big;
+  }
+  return bad == 0 ? big : T(-1);
+}
+
 #ifdef MK_LSA_X86
 bool detect_avx() {
   __builtin_cpu_init();
@@ -364,6 +378,21 @@ __attribute__((target("avx"))) bool all_usable_avx(const double* c, int64_t coun
   for (; k + 4 <= count; k += 4) ok = _mm256_andnot_pd(unusable_pd(_mm256_loadu_pd(c + k)), ok);
   return _mm256_movemask_pd(ok) == 0xF && all_usable_generic(c + k, count - k);
 }
+__attribute__((target("avx"))) double finite_magnitude_avx(const double* c, int64_t count) {
+  __m256d ok = _mm256_castsi256_pd(_mm256_set1_epi64x(-1)), big = _mm256_setzero_pd();
+  const __m256d sign = _mm256_set1_pd(-0.0), inf = _mm256_set1_pd(kInf<double>);
+  int64_t k = 0;
+  for (; k + 4 <= count; k += 4) {
+    const __m256d x = _mm256_loadu_pd(c + k);
+    ok = _mm256_andnot_pd(unusable_pd(x), ok);
+    big = _mm256_max_pd(big, _mm256_and_pd(_mm256_cmp_pd(x, inf, _CMP_NEQ_OQ), _mm256_andnot_pd(sign, x)));
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, big);
+  const double tail = finite_magnitude_generic(c + k, count - k);
+  if (_mm256_movemask_pd(ok) != 0xF || tail < 0) return -1.0;
+  return std::max(std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3])), tail);
+}
 #endif  // MK_LSA_X86
 
 // Dispatch: float64 uses AVX where the CPU has it.
@@ -408,6 +437,14 @@ inline T relax(const T* c, const T* v, T* d, T* pred, T h, T row, int m, int* ar
   return relax_generic(c, v, d, pred, h, row, m, arg);
 }
 template <class T>
+inline T finite_magnitude(const T* c, int64_t count) {
+#ifdef MK_LSA_X86
+  if constexpr (std::is_same_v<T, double>)
+    if (cpu_has_avx()) return finite_magnitude_avx(c, count);
+#endif
+  return finite_magnitude_generic(c, count);
+}
+template <class T>
 inline bool all_usable(const T* c, int64_t count) {
 #ifdef MK_LSA_X86
   if constexpr (std::is_same_v<T, double>)
@@ -426,6 +463,7 @@ struct Work {
 };
 
 constexpr int kDenseArrMinM = 1024;  // the dense solver runs augmenting row reduction above this width
+constexpr int32_t kColdStart = -2;   // a warm start gave up before deciding anything: solve from scratch
 
 template <class T>
 class DenseSolver {
@@ -452,6 +490,40 @@ class DenseSolver {
     int32_t st = augmenting_row_reduction(m_ > kDenseArrMinM ? 2 : 0);
     if (st != kOk) return st;
     free_after_init = static_cast<int64_t>(w.freelist.size());
+    return augment_all();
+  }
+
+  // From given column potentials (square problems): every row free, one pass of augmenting row
+  // reduction, then augmentation. Any potentials keep the invariant (no row is assigned yet, and each
+  // row's implied u_i = min_j c_ij - v_j is feasible); ones near the optimum leave few rows free and
+  // short paths. Returns kColdStart (nothing decided) when they are unusable (not finite, or a spread
+  // beyond what the costs' own duals can have, where rounding would swamp the costs) or poor (a quarter
+  // of the rows still free: the cold start's reductions do better).
+  int32_t solve_from(const T* v0) {
+    Work<T>& w = w_;
+    const int64_t count = static_cast<int64_t>(n_) * m_;
+    const T big = finite_magnitude(c_, count);
+    if (big < T(0)) return team::classify(c_, count);
+    T top = -kInf<T>, low = kInf<T>;
+    for (int j = 0; j < m_; ++j) {
+      if (!std::isfinite(v0[j])) return kColdStart;  // (std::max and std::min would pass NaN over)
+      top = std::max(top, v0[j]);
+      low = std::min(low, v0[j]);
+    }
+    // optimal duals differ by at most n times the costs' range; beyond that start cold
+    if (!(top - low <= T(2) * static_cast<T>(n_) * big)) return kColdStart;
+    w.v.resize(m_);
+    for (int j = 0; j < m_; ++j) w.v[j] = v0[j] - top;  // a common shift changes nothing; keeps v <= 0
+    w.x.assign(n_, -1);
+    w.y.assign(m_, -1);
+    w.d.resize(m_);
+    w.pred.resize(m_);
+    w.freelist.resize(n_);
+    std::iota(w.freelist.begin(), w.freelist.end(), 0);
+    const int32_t st = augmenting_row_reduction(1);
+    if (st != kOk) return st;
+    free_after_init = static_cast<int64_t>(w.freelist.size());
+    if (free_after_init * 4 > n_) return kColdStart;
     return augment_all();
   }
 
@@ -1166,7 +1238,8 @@ constexpr int kSparseMinN = 768;  // kAuto: square problems from this size take 
 
 template <class T>
 int32_t solve_one(const void* cost, int dtype, int64_t nr, int64_t nc, const Options& opt, int64_t* rows,
-                  int64_t* cols, T* u_out, T* v_out, Work<T>& w, SparseWork<T>& sw, Stats* stats) {
+                  int64_t* cols, T* u_out, T* v_out, Work<T>& w, SparseWork<T>& sw, Stats* stats,
+                  const T* v_init) {
   const bool transpose = nr > nc;
   const int n = static_cast<int>(transpose ? nc : nr);
   const int m = static_cast<int>(transpose ? nr : nc);
@@ -1191,6 +1264,25 @@ int32_t solve_one(const void* cost, int dtype, int64_t nr, int64_t nc, const Opt
   // x (row -> column of the n x m problem), v, and u_i = c[i, x_i] - v[x_i]
   const int* x = nullptr;
   const T* v = nullptr;
+  if (v_init != nullptr && n == m) {  // square: no transpose, the caller's columns are the solver's
+    std::vector<T>& v0 = w.tmp;
+    v0.resize(m);
+    for (int j = 0; j < m; ++j) v0[j] = opt.maximize ? -v_init[j] : v_init[j];
+    DenseSolver<T> solver(c, n, m, w);
+    const int32_t st = solver.solve_from(v0.data());
+    if (stats) {
+      stats->warm_started = st == kColdStart ? 0 : 1;
+      stats->free_after_init = solver.free_after_init;
+      stats->row_scans = solver.row_scans;
+      stats->arr_steps = solver.arr_steps;
+    }
+    if (st != kColdStart) {
+      if (st != kOk) return st;
+      write_outputs(c, n, m, transpose, opt.maximize, w.x.data(), w.v.data(), rows, cols, u_out, v_out, w.matches);
+      return kOk;
+    }
+    if (stats) *stats = Stats{};  // what follows is a cold solve
+  }
   const bool sparse = n == m && (opt.method == kSparse || (opt.method == kAuto && n >= kSparseMinN));
   bool solved = false;
   if (sparse) {
@@ -1223,6 +1315,7 @@ int32_t solve_one(const void* cost, int dtype, int64_t nr, int64_t nc, const Opt
     DenseSolver<T> solver(c, n, m, w);
     const int32_t st = solver.solve();
     if (stats) {
+      stats->warm_started = 0;
       stats->free_after_init = solver.free_after_init;
       stats->row_scans = solver.row_scans;
       stats->arr_steps = solver.arr_steps;
@@ -1291,7 +1384,8 @@ void solve_batch_t(const void* cost, int dtype, int64_t batch, int64_t nr, int64
     }
     status[b] = solve_one<T>(static_cast<const char*>(cost) + b * pstride, dtype, nr, nc, opt, rows + b * k,
                              cols + b * k, u ? u + b * nr : nullptr, v ? v + b * nc : nullptr, w, sw,
-                             batch == 1 ? stats : nullptr);
+                             batch == 1 ? stats : nullptr,
+                             opt.col_duals_init ? static_cast<const T*>(opt.col_duals_init) + b * nc : nullptr);
   };
 #ifdef MK_WITH_OPENMP
   const int threads = opt.num_threads > 0 ? opt.num_threads : omp_get_max_threads();

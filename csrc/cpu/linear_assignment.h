@@ -30,6 +30,12 @@ struct Options {
   bool compute_float32 = false;  // compute (and return duals) in float32 instead of float64
   int num_threads = 0;           // 0: OpenMP default
   int32_t method = kAuto;
+  // Column potentials to start from (batch x nc, in the compute dtype and the caller's sign convention: the v
+  // of an earlier solve of a similar problem), or null. Used for square problems by solve_batch (the team
+  // solvers ignore it): any values give an optimal result; ones near the problem's duals shorten the solve.
+  // Values that are unusable (not finite, spread beyond n times the costs' largest magnitude) or poor (a
+  // quarter of the rows left free by the first reduction) fall back to the cold start.
+  const void* col_duals_init = nullptr;
 };
 
 struct Stats {  // what the last single-problem solve did (for tests and benchmarks)
@@ -40,6 +46,7 @@ struct Stats {  // what the last single-problem solve did (for tests and benchma
   int64_t free_after_init = 0;  // rows left free by the reductions (dense path)
   int64_t row_scans = 0;        // Dijkstra row scans (dense path)
   int64_t arr_steps = 0;        // augmenting-row-reduction steps (dense path)
+  int32_t warm_started = 0;     // the solve ran from Options::col_duals_init (not given up for a cold start)
 };
 
 // Solves `batch` independent problems of nr x nc costs, stored contiguously (row-major, problem

@@ -166,14 +166,15 @@ def _ptr(t: torch.Tensor | None) -> int:
 
 
 def _solve_native_cpu(cost3: torch.Tensor, maximize: bool, compute_dtype: torch.dtype, want_duals: bool,
-                      method: int = METHOD_AUTO, num_threads: int = 0):
-    """Runs _C.lsa_solve_cpu; returns (rows, cols, u, v, status, stats of a single solve)."""
+                      method: int = METHOD_AUTO, num_threads: int = 0, warm_start: torch.Tensor | None = None):
+    """Runs _C.lsa_solve_cpu; returns (rows, cols, u, v, status, stats of a single solve). ``warm_start``: (B, m)
+    contiguous column potentials in ``compute_dtype`` on the CPU, or None."""
     rows, cols, u, v, status = _outputs(cost3, compute_dtype, want_duals)
     b, n, m = cost3.shape
     stats = native_module("cpu").lsa_solve_cpu(
         cost3.data_ptr(), 1 if cost3.dtype == torch.float64 else 0, b, n, m, bool(maximize),
         compute_dtype == torch.float32, int(num_threads), int(method), rows.data_ptr(), cols.data_ptr(), _ptr(u),
-        _ptr(v), status.data_ptr())
+        _ptr(v), status.data_ptr(), _ptr(warm_start))
     return rows, cols, u, v, status, stats
 
 
@@ -405,7 +406,7 @@ def _cost_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = False, backend: str | None = None,
-                          compute_dtype: torch.dtype | None = None):
+                          compute_dtype: torch.dtype | None = None, warm_start=None):
     """Solve the linear sum assignment problem exactly, like :func:`scipy.optimize.linear_sum_assignment`.
 
     Args:
@@ -423,6 +424,15 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
             rounded to float32 for a float32 solve: problems of tiny costs
             are scaled by a power of two first (exact), so that they keep
             their precision.
+        warm_start: column potentials to start from, shape (m,) or (B, m) like
+            the ``v`` that ``return_duals`` gives (same ``maximize``
+            convention): those of an earlier solve of a similar problem, e.g.
+            the previous sweep of an alignment. A hint: the result is an
+            optimal assignment whatever the values (among several optima it
+            may pick another one than a cold solve); potentials near this
+            problem's duals make the solve several times faster, poor ones
+            cost one extra pass. The native CPU solver uses it for square
+            problems; other backends and shapes ignore it.
 
     Returns:
         ``(row_ind, col_ind)`` as scipy: k = min(n, m) pairs, rows ascending,
@@ -437,7 +447,8 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
             problem (no assignment of finite cost), with its index in a batch;
             with compute_dtype=torch.float32, float64 costs beyond float32's
             range, and (with return_duals) duals that would fall below its
-            normal range (largest |cost| below about 2**-135).
+            normal range (largest |cost| below about 2**-135); a warm_start
+            of the wrong shape, or with NaN/inf entries where it is used.
         TypeError: a non-real cost (complex included), a sparse tensor, or bad argument types.
     """
     tensor_in = isinstance(cost, torch.Tensor)
@@ -455,10 +466,12 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
         compute_dtype = torch.float64
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
+    if warm_start is not None:
+        warm_start = _check_warm_start(warm_start, shape)
     # small problems: the fixed cost of the general path (torch allocations) would outweigh the solve
     viewable = not tensor_in or (cost.device.type == "cpu" and cost.layout == torch.strided
                                  and cost.dtype in _NUMPY_VIEWABLE)
-    if viewable and resolve_backend(LINEAR_ASSIGNMENT, backend, "cpu") == "native":
+    if viewable and warm_start is None and resolve_backend(LINEAR_ASSIGNMENT, backend, "cpu") == "native":
         out = _solve_numpy_fast(_numpy_view(cost) if tensor_in else array, maximize, compute_dtype, return_duals)
         if out is not None:
             return tuple(torch.from_numpy(x) for x in out) if tensor_in else out
@@ -486,7 +499,11 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
         elif costs.device.type == "cuda":
             rows, cols, u, v, status = _solve_native_cuda(costs.contiguous(), maximize, compute_dtype, return_duals)
         else:
-            rows, cols, u, v, status, _ = _solve_native_cpu(costs.contiguous(), maximize, compute_dtype, return_duals)
+            warm = None
+            if warm_start is not None and n == m:  # square problems only (see the docstring)
+                warm = _warm_potentials(warm_start, b, exponents, compute_dtype)
+            rows, cols, u, v, status, _ = _solve_native_cpu(costs.contiguous(), maximize, compute_dtype, return_duals,
+                                                            warm_start=warm)
         if exponents is not None and return_duals:
             u, v = _unscale_duals(costs, exponents, u, v, compute_dtype, batched)
         return rows, cols, u, v, status
@@ -517,6 +534,34 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
     if not tensor_in:
         out = tuple(x.numpy() for x in out)
     return out
+
+
+def _check_warm_start(warm_start, shape: tuple) -> torch.Tensor:
+    """``warm_start`` as a tensor of shape (m,) for a 2-D ``shape``, (B, m) for a 3-D one; ValueError / TypeError
+    naming it otherwise. Its values are checked where they are used (:func:`_warm_potentials`)."""
+    if isinstance(warm_start, torch.Tensor):
+        _check_dense(check_has_data(warm_start, "warm_start"), "warm_start")
+        t = warm_start
+    else:
+        t = _as_tensor(warm_start, "warm_start")[0]
+    if t.dtype == torch.bool:
+        raise TypeError("warm_start must hold numbers (potentials), got bool")
+    want = shape[:-2] + shape[-1:]
+    if tuple(t.shape) != want:
+        raise ValueError(f"warm_start must have shape {want} (one potential per column of cost {shape}), "
+                         f"got {tuple(t.shape)}")
+    return t.detach()
+
+
+def _warm_potentials(warm_start: torch.Tensor, b: int, exponents: torch.Tensor | None,
+                     compute_dtype: torch.dtype) -> torch.Tensor:
+    """(B, m) contiguous CPU potentials for the native solver, scaled like the costs; ValueError on NaN/±inf."""
+    warm = warm_start.to("cpu", torch.float64).reshape(b, -1)
+    if not bool(torch.isfinite(warm).all()):
+        raise ValueError("warm_start must be finite (NaN or ±inf found)")
+    if exponents is not None:
+        warm = torch.ldexp(warm, exponents[:, None].cpu())
+    return warm.to(compute_dtype).contiguous()
 
 
 def check_assignment(cost, rows, cols, u, v, maximize: bool = False, *, tol: float | None = None) -> bool:
