@@ -1107,3 +1107,51 @@ def test_a_group_of_zero_units_is_merged_trivially(mode, w):
     c, d = (torch.nn.Sequential(torch.nn.Linear(4, 0), torch.nn.ReLU(), torch.nn.Linear(0, 2)) for _ in range(2))
     merged = mudsc_merge(c, d, only, None if w == 1 else cal, mode=mode, w=w)
     torch.testing.assert_close(merged(x), (c(x) + d(x)) / 2)
+
+
+def test_incremental_part_products_equal_the_whole_product():
+    from merging_kernels.methods.mudsc import _MAX_INCREMENTAL_UPDATES, _updated_product
+
+    g = torch.Generator().manual_seed(0)
+    a_hat, b_old = torch.randn(48, 200, generator=g), torch.randn(48, 200, generator=g)
+    hit = ("key", a_hat @ b_old.T, b_old, 0)
+    b_new = b_old.clone()
+    b_new[:, [3, 50, 199]] = b_old[:, [50, 199, 3]]  # a neighbour moved three entries of every unit
+    gram, updates = _updated_product(hit, a_hat, b_new)
+    assert updates == 1
+    torch.testing.assert_close(gram, a_hat @ b_new.T, rtol=1e-5, atol=1e-4)
+    same, updates = _updated_product(hit, a_hat, b_old.clone())  # nothing moved: the cached product
+    assert updates == 1 and torch.equal(same, hit[1])
+    assert _updated_product(hit, a_hat, torch.randn(48, 200, generator=g)) == (None, 0)  # all moved: recompute
+    assert _updated_product(("key", hit[1], b_old, _MAX_INCREMENTAL_UPDATES), a_hat, b_new) == (None, 0)
+
+
+def test_warm_starts_and_incremental_products_do_not_change_the_merge(monkeypatch):
+    """The sweeps' two shortcuts (assignments warm-started from the last duals of the group, part products
+    updated where a neighbour moved few entries) give the merge the plain computation gives."""
+    import merging_kernels.methods.mudsc as mudsc_module
+
+    torch.manual_seed(3)
+    a = MLP(64, [48, 48, 48], 10).eval()
+    torch.manual_seed(4)
+    b = MLP(64, [48, 48, 48], 10).eval()  # unrelated: several sweeps that move units
+    calib = _calib(n=3, batch=64)
+    warm_calls, updates = [], []
+    real_lsa, real_update = mudsc_module.linear_sum_assignment, mudsc_module._updated_product
+    monkeypatch.setattr(mudsc_module, "linear_sum_assignment",
+                        lambda *args, **kw: warm_calls.append(kw.get("warm_start") is not None) or real_lsa(*args, **kw))
+    monkeypatch.setattr(mudsc_module, "_updated_product",
+                        lambda *args: updates.append(1) or real_update(*args))
+    fast = mudsc_merge(a, b, spec_for(a), calib, w=0.5, return_result=True, progress=False)
+    assert sum(warm_calls) > 0 and updates, "the shortcuts were not taken"
+    assert fast.sweeps >= 2
+    monkeypatch.setattr(mudsc_module, "linear_sum_assignment",
+                        lambda *args, warm_start=None, **kw: real_lsa(*args, **kw))
+    monkeypatch.setattr(mudsc_module, "_updated_product", lambda *args: (None, 0))
+    plain = mudsc_merge(a, b, spec_for(a), calib, w=0.5, return_result=True, progress=False)
+    assert fast.sweeps == plain.sweeps
+    for g in plain.perms:
+        assert torch.equal(fast.perms[g], plain.perms[g]), g
+    np.testing.assert_allclose(fast.objective_history, plain.objective_history, rtol=1e-6)
+    for k, t in plain.model.state_dict().items():
+        torch.testing.assert_close(fast.model.state_dict()[k], t, rtol=1e-6, atol=1e-6)

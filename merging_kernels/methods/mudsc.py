@@ -426,6 +426,7 @@ class _Alignment:
             params = [a.param for n in unit for a in spec[n].axes]
             if len(params) != len(set(params)):
                 self.self_coupled.add(unit)
+        self._duals: dict[str, torch.Tensor] = {}  # group -> column potentials of its last assignment solve
         self.obj: dict[str, float] = {}
         self.version: dict[str, int] = {}  # param -> stamp of its last change (restored on a revert)
         self._clock = 0
@@ -434,8 +435,10 @@ class _Alignment:
     def similarity(self, name: str, w: float, full: bool = False) -> torch.Tensor:
         g = self.spec[name]
         s_w = s_a = None
+        if not full:
+            return self.similarity_given(name, w)[:, self.perms[name]]
         if w > 0:
-            s_w = self._weight_cross(name)
+            s_w = self._weight_cross_given(name)[:, self.perms[name]]
             if full:
                 # the within-model blocks do not depend on the alignment (neighbours permute the entries of
                 # every unit vector alike; the group's own permutation only reorders B's units)
@@ -459,8 +462,21 @@ class _Alignment:
             return s_w
         return dual_similarity(s_w, s_a, w)
 
-    def _weight_cross(self, name: str) -> torch.Tensor:
-        """(n, n) Pearson correlation of A's unit vectors with B's aligned ones, from cached per-part products."""
+    def similarity_given(self, name: str, w: float) -> torch.Tensor:
+        """(n, n) cross similarity with B's units (columns) in B's given order, the neighbours' alignment applied
+        (the aligned similarity is its columns gathered by the group's permutation)."""
+        if w == 0:
+            return self.s_act[name]
+        s_w = self._weight_cross_given(name)
+        return s_w if w == 1 else dual_similarity(s_w, self.s_act[name], w)
+
+    def _weight_cross_given(self, name: str) -> torch.Tensor:
+        """(n, n) Pearson correlation of A's unit vectors (rows) with B's (columns, in B's given unit order, with
+        the neighbours' current alignment applied), from cached per-part products.
+
+        The parts are kept in B's given order, so that a move of the group's own permutation changes none of
+        them; a part changes when a group permuting its parameter's other axes moves.
+        """
         g = self.spec[name]
         n = g.size
         mean_b, norm_b = self.row_stats[name][2:4]
@@ -469,18 +485,16 @@ class _Alignment:
         for a, a_hat in self.a_hat[name]:
             key = tuple(self.perm_version[h] for h, other in self.pax[a.param] if other is not a)
             hit = self._part_cache.get((name, a))
-            if hit is not None and hit[0] == key:
-                gram, perm_then = hit[1], hit[2]
-                if not torch.equal(perm_then, perm):  # only this group's own order moved: reorder columns
-                    pos = torch.empty_like(perm_then)
-                    pos[perm_then] = torch.arange(n, device=perm.device)
-                    gram = gram[:, pos[perm]]
-                    self._part_cache[(name, a)] = (key, gram, perm)
-            else:
-                b_hat = (_part(self.sd_b, a, n) - mean_b[perm, None]) / (norm_b[perm, None] + _EPS)
-                gram = a_hat @ b_hat.T
-                self._part_cache[(name, a)] = (key, gram, perm)
-            total = gram if total is None else total + gram
+            if hit is None or hit[0] != key:
+                # _part of aligned B has B's unit perm[k] in row k: back to the given order
+                b_hat = _part(self.sd_b, a, n).index_select(0, _inverse(perm))
+                b_hat = (b_hat - mean_b[:, None]) / (norm_b[:, None] + _EPS)
+                gram, updates = _updated_product(hit, a_hat, b_hat) if hit is not None else (None, 0)
+                if gram is None:
+                    gram, updates = a_hat @ b_hat.T, 0
+                hit = (key, gram, b_hat, updates)
+                self._part_cache[(name, a)] = hit
+            total = hit[1].clone() if total is None else total.add_(hit[1])
         return total
 
     def objective(self, name: str) -> float:
@@ -542,13 +556,23 @@ class _Alignment:
 
     def solve(self, unit: tuple[str, ...], w: float, timer: _Timer) -> dict[str, torch.Tensor]:
         """The best relative permutation(s) sigma for a matching unit given the neighbours' alignment."""
+        group = self.spec[unit[0]]
+        if group.group_size is None:
+            # solved in B's given order (no gather of the n x n matrix): B's unit j_i matches A's unit i, and the
+            # relative permutation is the aligned position of j_i
+            (name,) = unit
+            with timer("similarity"):
+                sim = self.similarity_given(name, w)
+            with timer("assignment"):
+                # each sweep re-solves a problem close to the last one: its duals (indexed by B's given units,
+                # like the columns) are a warm start that leaves few rows to augment (CPU; ignored on CUDA)
+                warm = self._duals.get(name) if sim.device.type == "cpu" else None
+                _, matched, _, self._duals[name] = linear_sum_assignment(
+                    sim, maximize=True, return_duals=True, backend=self.lsa_backend, warm_start=warm)
+                return {name: _inverse(self.perms[name])[matched]}
         with timer("similarity"):
             sims = {name: self.similarity(name, w) for name in unit}
-        group = self.spec[unit[0]]
         with timer("assignment"):
-            if group.group_size is None:
-                (name,) = unit
-                return {name: linear_sum_assignment(sims[name], maximize=True, backend=self.lsa_backend)[1]}
             s = group.group_size
             total, within = None, {}
             for name in unit:
@@ -562,6 +586,34 @@ class _Alignment:
                 inner = within[name][torch.arange(g, device=heads.device), heads]  # (g, s)
                 out[name] = (heads[:, None] * s + inner).reshape(-1)
             return out
+
+
+# A part's product is updated (not recomputed) when a neighbour moved few of its entries: late sweeps move a
+# few units, and each moved entry costs n·n multiply-adds instead of the n·n·d of the whole product. CPU only:
+# finding the moved entries reads a count back to the host, which costs a GPU more than the product.
+_MAX_INCREMENTAL_UPDATES = 8  # then the product is recomputed, so that rounding cannot drift
+_INCREMENTAL_FRACTION = 0.25  # moved fraction of a part's entries above which the whole product is cheaper
+
+
+def _updated_product(hit, a_hat: torch.Tensor, b_hat: torch.Tensor):
+    """(Â·B̂ᵀ, updates) from a cached (key, Â·B̂oldᵀ, B̂old, updates) whose B̂old differs from ``b_hat`` in few
+    entry columns (a neighbour's permutation moved them), or (None, 0) where recomputing is cheaper or due."""
+    _, gram, b_old, updates = hit
+    if b_hat.device.type != "cpu" or updates >= _MAX_INCREMENTAL_UPDATES:
+        return None, 0
+    diff = b_hat - b_old
+    moved = (diff != 0).any(0).nonzero().squeeze(1)
+    if moved.numel() > _INCREMENTAL_FRACTION * b_hat.shape[1]:
+        return None, 0
+    if moved.numel():
+        gram = torch.addmm(gram, a_hat[:, moved], diff[:, moved].T)
+    return gram, updates + 1
+
+
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv
 
 
 def _first(sd):
