@@ -9,16 +9,18 @@ Sections:
      by a shared low-rank signal, no unit-to-unit correspondence) and "corr-perm" (the second set a
      noisy permutation of the first: units do correspond); and "mlp-digits" (-corr of the hidden
      units of two MLPs of width n trained from different seeds on sklearn's digits: MuDSC's workload).
-  2. CPU, batches: 1000 x 64x64 and 64 x 256x256 uniform problems, native (OpenMP over problems, and
+  2. CPU, a problem solved again after a small change (cost + delta * std * noise), as MuDSC's sweeps do:
+     scipy, native from scratch, and native warm-started from the first problem's duals (warm_start=).
+  3. CPU, batches: 1000 x 64x64 and 64 x 256x256 uniform problems, native (OpenMP over problems, and
      one thread) vs a Python loop over each peer.
-  3. GPU (--device cuda): 4096 x 64x64 and 256 x 256x256 batches, and one 4096 x 4096 problem, vs
+  4. GPU (--device cuda): 4096 x 64x64 and 256 x 256x256 batches, and one 4096 x 4096 problem, vs
      the scipy loop / scipy on this machine's CPU.
 The torch reference (``linear_sum_assignment(..., backend="torch")``: the tests' oracle, shortest
 augmenting paths written as a Python loop over torch ops, on one torch thread) is timed in sections 1
-and 2 where it finishes in seconds: single problems with n <= --ref-max-n (default 1024; 0 turns it
+and 3 where it finishes in seconds: single problems with n <= --ref-max-n (default 1024; 0 turns it
 off), each batch in full (its first, checked call plus one more: about 15 s and 7 s a call). Its
-column "x ref" is torch reference time / native time. Not in section 3 (on a GPU the reference would
-synchronize on every step of every path).
+column "x ref" is torch reference time / native time. Not in section 2 (it has no warm start)
+nor 4 (on a GPU the reference would synchronize on every step of every path).
 Every time is a median of repeats after a warm-up call (wall clock; the native single-problem solve
 is single-threaded like the peers). Each solver's total cost is checked against scipy's. Ratios are
 peer time / native time from the same run; PASS/FAIL lines restate the targets.
@@ -273,6 +275,37 @@ def cpu_small_calls(quick):
     return table(header, rows)
 
 
+def cpu_warm_resolves(sizes, kinds, quick):
+    """A problem solved again after a small change (MuDSC's sweeps re-solve each group's similarity after its
+    neighbours moved): cost C' = C + delta * std(C) * noise, solved by scipy, by the native solver from scratch,
+    and by the native solver warm-started from C's column duals (``warm_start=v``). One thread, CPU time."""
+    header = ["kind", "n", "delta", "scipy cpu ms", "cold cpu ms", "warm cpu ms", "cold/warm", "scipy/warm", "check"]
+    rows = []
+    for kind in kinds:
+        for n in sizes:
+            rng = np.random.default_rng(n + 7)
+            c = KINDS[kind](n, np.random.default_rng(n))
+            v = mk.linear_sum_assignment(c, return_duals=True)[3]
+            for delta in (1e-3, 1e-2, 1e-1):
+                c2 = np.ascontiguousarray(c + delta * c.std() * rng.standard_normal(c.shape))
+                want = float(c2[scipy_lsa(c2)].sum())
+                solvers = {"scipy": lambda: scipy_lsa(c2)[1], "cold": lambda: mk.linear_sum_assignment(c2)[1],
+                           "warm": lambda: mk.linear_sum_assignment(c2, warm_start=v)[1]}
+                times, bad = {}, []
+                for name, fn in solvers.items():
+                    got = float(c2[np.arange(n), fn()].sum())
+                    if abs(got - want) > 1e-9 * max(1.0, abs(want)):
+                        bad.append(name)
+                    times[name] = timed(fn, quick)
+                rows.append([kind, str(n), f"{delta:g}", fmt_ms(times["scipy"].cpu), fmt_ms(times["cold"].cpu),
+                             fmt_ms(times["warm"].cpu), fmt_x(times["cold"].cpu / times["warm"].cpu),
+                             fmt_x(times["scipy"].cpu / times["warm"].cpu),
+                             "totals = scipy" if not bad else "DIFFERS: " + ",".join(bad)])
+                print(f"  warm {kind:<12} n={n:<5} delta={delta:g}: " + ", ".join(
+                    f"{k} cpu {fmt_ms(t.cpu)} ms" for k, t in times.items()), flush=True)
+    return table(header, rows)
+
+
 def cpu_batches(quick, targets, with_ref):
     """Batches: native with its OpenMP threads (wall clock) and with one thread (CPU time), vs the torch reference
     (with_ref; a loop over the problems, one torch thread) and Python loops over each peer (single-threaded: CPU
@@ -409,6 +442,13 @@ def main(argv=None) -> int:
                          cpu_single(sizes, kinds, args.quick, targets, args.ref_max_n)))
         sections.append(("CPU, small single problems (float64, uniform): CPU time per call in a loop of calls",
                          cpu_small_calls(args.quick)))
+        print("\n== CPU, re-solves of a changed problem (warm start) ==", flush=True)
+        sections.append(("CPU, C' = C + delta * std(C) * N(0, 1) solved again (float64): scipy, native from scratch, "
+                         "native with warm_start = C's column duals",
+                         cpu_warm_resolves([n for n in sizes if n >= 1024][:2] or sizes[:1],
+                                           [k for k in kinds if k in ("uniform", "corr-latent", "mlp-digits")]
+                                           or kinds[:1],
+                                           args.quick)))
         print("\n== CPU, batches ==", flush=True)
         sections.append(("CPU, batches of uniform problems (float64); x ref = torch reference (one thread, CPU time) / "
                          "the better native time", cpu_batches(args.quick, targets, args.ref_max_n > 0)))

@@ -810,10 +810,31 @@ def test_warm_start_is_optimal_whatever_the_potentials(kind, n, warm, maximize):
     assert_optimal(cost, rows, cols, u, v, maximize=maximize)
 
 
-def _warm_stats(cost, v0, maximize=False, compute_dtype=torch.float64):
+@pytest.mark.skipif(not NATIVE_CPU, reason="needs the native CPU backend")
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
+@pytest.mark.parametrize("warm", WARM_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", [la.METHOD_DENSE, la.METHOD_SPARSE], ids=["dense", "sparse"])
+def test_warm_start_of_each_native_path_is_optimal(method, kind, warm, maximize):
+    """Both starts: the dense one (one augmenting-row-reduction pass from the potentials) and the sparse one
+    (each row's best column where free, candidate lists for the rest, certified against the dense rows)."""
+    cost = make_cost(kind, 120, 120, seed=11)
+    if maximize:
+        cost = np.where(np.isinf(cost), -np.inf, cost)
+    rows, cols, u, v, stats = _warm_stats(cost, warm_potentials(warm, cost, maximize, seed=11), maximize,
+                                          method=method)
+    assert_optimal(cost, rows, cols, u, v, maximize=maximize)
+    if warm == "own" and kind not in ("all_equal", "rank1", "int_ties"):  # (ties: rows collide, a cold start)
+        assert stats["warm_started"] == 1
+    if warm == "wide":
+        assert stats["warm_started"] == 0
+
+
+def _warm_stats(cost, v0, maximize=False, compute_dtype=torch.float64, method=la.METHOD_AUTO):
     t3 = torch.as_tensor(cost)[None].contiguous()
     warm = torch.as_tensor(v0, dtype=compute_dtype)[None].contiguous()
-    rows, cols, u, v, status, stats = la._solve_native_cpu(t3, maximize, compute_dtype, True, warm_start=warm)
+    rows, cols, u, v, status, stats = la._solve_native_cpu(t3, maximize, compute_dtype, True, warm_start=warm,
+                                                           method=method)
     assert int(status[0]) == 0
     return rows[0].numpy(), cols[0].numpy(), u[0].numpy(), v[0].numpy(), stats
 
@@ -822,7 +843,7 @@ def _warm_stats(cost, v0, maximize=False, compute_dtype=torch.float64):
 @pytest.mark.parametrize("kind", ["uniform", "correlated"])
 def test_warm_start_from_the_optimal_duals_needs_no_search(kind):
     cost = make_cost(kind, 300, 300, seed=4)
-    *sol, stats = _warm_stats(cost, _cold_duals(cost))
+    *sol, stats = _warm_stats(cost, _cold_duals(cost), method=la.METHOD_DENSE)
     cold = la._solve_native_cpu(torch.from_numpy(cost)[None], False, torch.float64, False, method=la.METHOD_DENSE)
     cold = cold[-1]
     assert stats["warm_started"] == 1 and cold["warm_started"] == 0
@@ -839,16 +860,21 @@ def test_warm_start_from_a_nearby_problem_is_shorter():
     rng = np.random.default_rng(5)
     cost = make_cost("correlated", 400, 400, seed=5)
     nearby = cost + 1e-3 * rng.standard_normal(cost.shape)
-    *sol, warm = _warm_stats(nearby, _cold_duals(cost))
-    cold = la._solve_native_cpu(torch.from_numpy(nearby)[None], False, torch.float64, False)[-1]
+    *sol, warm = _warm_stats(nearby, _cold_duals(cost), method=la.METHOD_DENSE)
+    cold = la._solve_native_cpu(torch.from_numpy(nearby)[None], False, torch.float64, False,
+                                method=la.METHOD_DENSE)[-1]
     assert warm["warm_started"] == 1
     assert warm["free_after_init"] * 4 < cold["free_after_init"]
+    assert_optimal(nearby, *sol)
+    *sol, warm = _warm_stats(nearby, _cold_duals(cost), method=la.METHOD_SPARSE)
+    assert warm["warm_started"] == 1 and warm["used_sparse"] == 1
     assert_optimal(nearby, *sol)
 
 
 @pytest.mark.skipif(not NATIVE_CPU, reason="needs the native CPU backend")
+@pytest.mark.parametrize("method", [la.METHOD_DENSE, la.METHOD_SPARSE], ids=["dense", "sparse"])
 @pytest.mark.parametrize("case", ["spread", "nan", "poor"])
-def test_unusable_or_poor_potentials_fall_back_to_the_cold_start(case):
+def test_unusable_or_poor_potentials_fall_back_to_the_cold_start(case, method):
     cost = make_cost("uniform", 200, 200, seed=6)
     if case == "spread":  # beyond n times the largest cost: rounding would swamp the costs
         v0 = np.where(np.arange(200) % 2 == 0, 1e6, -1e6)
@@ -856,7 +882,7 @@ def test_unusable_or_poor_potentials_fall_back_to_the_cold_start(case):
         v0 = np.full(200, np.nan)
     else:  # unrelated potentials of a larger spread than the costs': a third of the rows stay free
         v0 = np.random.default_rng(0).standard_normal(200)
-    *sol, stats = _warm_stats(cost, v0)
+    *sol, stats = _warm_stats(cost, v0, method=method)
     assert stats["warm_started"] == 0
     assert_optimal(cost, *sol)
 

@@ -493,27 +493,14 @@ class DenseSolver {
     return augment_all();
   }
 
-  // From given column potentials (square problems): every row free, one pass of augmenting row
-  // reduction, then augmentation. Any potentials keep the invariant (no row is assigned yet, and each
-  // row's implied u_i = min_j c_ij - v_j is feasible); ones near the optimum leave few rows free and
-  // short paths. Returns kColdStart (nothing decided) when they are unusable (not finite, or a spread
-  // beyond what the costs' own duals can have, where rounding would swamp the costs) or poor (a quarter
-  // of the rows still free: the cold start's reductions do better).
+  // From given column potentials (square problems, checked by warm_potentials): every row free, one
+  // pass of augmenting row reduction, then augmentation. Any potentials keep the invariant (no row is
+  // assigned yet, and each row's implied u_i = min_j c_ij - v_j is feasible); ones near the optimum
+  // leave few rows free and short paths. kColdStart (nothing decided) when a quarter of the rows are
+  // still free after the reduction: poor potentials, where the cold start's reductions do better.
   int32_t solve_from(const T* v0) {
     Work<T>& w = w_;
-    const int64_t count = static_cast<int64_t>(n_) * m_;
-    const T big = finite_magnitude(c_, count);
-    if (big < T(0)) return team::classify(c_, count);
-    T top = -kInf<T>, low = kInf<T>;
-    for (int j = 0; j < m_; ++j) {
-      if (!std::isfinite(v0[j])) return kColdStart;  // (std::max and std::min would pass NaN over)
-      top = std::max(top, v0[j]);
-      low = std::min(low, v0[j]);
-    }
-    // optimal duals differ by at most n times the costs' range; beyond that start cold
-    if (!(top - low <= T(2) * static_cast<T>(n_) * big)) return kColdStart;
-    w.v.resize(m_);
-    for (int j = 0; j < m_; ++j) w.v[j] = v0[j] - top;  // a common shift changes nothing; keeps v <= 0
+    w.v.assign(v0, v0 + m_);
     w.x.assign(n_, -1);
     w.y.assign(m_, -1);
     w.d.resize(m_);
@@ -740,6 +727,42 @@ class SparseSolver {
     column_reduction();
     st = row_reduction(2);
     if (st != kOk) return st;
+    return finish(stats);
+  }
+
+  // From given column potentials (checked by warm_potentials) instead of the column reduction: one dense
+  // pass gives each row its best column under them where that column is still free (such a row is dual
+  // feasible against its dense row, as the column reduction's are, and needs no candidates); the other
+  // rows go through one pass of row reduction on their candidate lists, then as solve(). kColdStart when
+  // a quarter of the rows are still free after it (poor potentials).
+  int32_t solve_from(const T* v0, Stats* stats) {
+    SparseWork<T>& w = w_;
+    int32_t st = initial_pass();  // validity, feasibility and the workspace (its column minima go unused)
+    if (st != kOk) return st;
+    std::copy(v0, v0 + n_, w.v.begin());
+    w.freelist.clear();
+    for (int i = 0; i < n_; ++i) {
+      T u1, u2;
+      int j1, j2;
+      umins(row(i), w.v.data(), n_, u1, j1, u2, j2);
+      if (!(u1 < kInf<T>)) return kInfeasible;  // a row with no allowed column
+      if (w.y[j1] < 0) {
+        w.x[i] = j1;
+        w.y[j1] = i;
+        w.xval[i] = row(i)[j1];
+      } else {
+        w.freelist.push_back(i);
+      }
+    }
+    st = row_reduction(1);
+    if (st != kOk) return st;
+    if (static_cast<int64_t>(w_.freelist.size()) * 4 > n_) return kColdStart;
+    return finish(stats);
+  }
+
+  // After the reductions: augmentation on the candidate lists and certification rounds (or kSwitch).
+  int32_t finish(Stats* stats) {
+    int32_t st;
     // Many rows still free: the augmentations will be many and short, where dense scans beat a heap.
     if (static_cast<int64_t>(w_.freelist.size()) * 32 > n_) return kSwitch;
     st = augment_free();
@@ -1234,7 +1257,33 @@ void write_outputs(const T* c, int n, int m, bool transpose, bool maximize, cons
   }
 }
 
+// The caller's column potentials (maximize: negated) for a warm start of the n x n costs c, shifted to max 0,
+// into v0: kOk; kColdStart where they are unusable: not finite, or spread beyond 2n times the costs' largest
+// finite magnitude (optimal duals differ by at most n times the costs' range; beyond it rounding would swamp
+// the costs); or the status of a cost entry that no solve takes (checked in the same pass).
+template <class T>
+int32_t warm_potentials(const T* c, int n, const T* v_init, bool maximize, std::vector<T>& v0) {
+  const int64_t count = static_cast<int64_t>(n) * n;
+  const T big = finite_magnitude(c, count);
+  if (big < T(0)) return team::classify(c, count);
+  T top = -kInf<T>, low = kInf<T>;
+  for (int j = 0; j < n; ++j) {
+    const T x = maximize ? -v_init[j] : v_init[j];
+    if (!std::isfinite(x)) return kColdStart;  // (std::max and std::min would pass NaN over)
+    top = std::max(top, x);
+    low = std::min(low, x);
+  }
+  if (!(top - low <= T(2) * static_cast<T>(n) * big)) return kColdStart;
+  v0.resize(n);
+  for (int j = 0; j < n; ++j) v0[j] = (maximize ? -v_init[j] : v_init[j]) - top;  // a common shift changes nothing
+  return kOk;
+}
+
 constexpr int kSparseMinN = 768;  // kAuto: square problems from this size take the sparse path
+// kAuto with a warm start: the sparse path from this size (measured on MuDSC's 1024^2 re-solves, where the
+// dense start's one reduction pass leaves no row free and beats the candidate lists' selections 2x, and on
+// 2048^2 correlation and uniform re-solves, where the sparse start is 1.2-2.5x the dense one)
+constexpr int kWarmSparseMinN = 1536;
 
 template <class T>
 int32_t solve_one(const void* cost, int dtype, int64_t nr, int64_t nc, const Options& opt, int64_t* rows,
@@ -1264,30 +1313,42 @@ int32_t solve_one(const void* cost, int dtype, int64_t nr, int64_t nc, const Opt
   // x (row -> column of the n x m problem), v, and u_i = c[i, x_i] - v[x_i]
   const int* x = nullptr;
   const T* v = nullptr;
-  if (v_init != nullptr && n == m) {  // square: no transpose, the caller's columns are the solver's
-    std::vector<T>& v0 = w.tmp;
-    v0.resize(m);
-    for (int j = 0; j < m; ++j) v0[j] = opt.maximize ? -v_init[j] : v_init[j];
+  const bool sparse = n == m && (opt.method == kSparse || (opt.method == kAuto && n >= kSparseMinN));
+  // square: no transpose, the caller's columns are the solver's
+  const T* v0 = nullptr;
+  if (v_init != nullptr && n == m) {
+    const int32_t st = warm_potentials(c, n, v_init, opt.maximize, w.tmp);
+    if (st != kOk && st != kColdStart) return st;
+    if (st == kOk) v0 = w.tmp.data();
+    checked = true;
+  }
+  const bool warm_sparse = opt.method == kSparse || (opt.method == kAuto && n >= kWarmSparseMinN);
+  if (v0 != nullptr && !warm_sparse) {
     DenseSolver<T> solver(c, n, m, w);
-    const int32_t st = solver.solve_from(v0.data());
+    const int32_t st = solver.solve_from(v0);
     if (stats) {
-      stats->warm_started = st == kColdStart ? 0 : 1;
       stats->free_after_init = solver.free_after_init;
       stats->row_scans = solver.row_scans;
       stats->arr_steps = solver.arr_steps;
     }
     if (st != kColdStart) {
       if (st != kOk) return st;
+      if (stats) stats->warm_started = 1;
       write_outputs(c, n, m, transpose, opt.maximize, w.x.data(), w.v.data(), rows, cols, u_out, v_out, w.matches);
       return kOk;
     }
     if (stats) *stats = Stats{};  // what follows is a cold solve
   }
-  const bool sparse = n == m && (opt.method == kSparse || (opt.method == kAuto && n >= kSparseMinN));
   bool solved = false;
   if (sparse) {
     SparseSolver<T> solver(c, n, sw);
-    const int32_t st = solver.solve(stats);
+    int32_t st = kColdStart;
+    if (v0 != nullptr && warm_sparse) {
+      st = solver.solve_from(v0, stats);
+      if (stats && st == kColdStart) *stats = Stats{};  // what follows is a cold solve
+      if (stats && st != kColdStart) stats->warm_started = 1;
+    }
+    if (st == kColdStart) st = solver.solve(stats);
     if (st == kInvalid || st == kInfeasible || st == kOutOfRange) return st;
     if (stats) stats->used_sparse = 1;
     if (st == kOk) {
