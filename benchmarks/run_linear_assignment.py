@@ -411,6 +411,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="sizes 256,1024, fewer repeats")
     parser.add_argument("--sizes", default=None, help="comma-separated n for the single-problem section")
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated cost kinds")
+    parser.add_argument("--sections", default="single,small,warm,batches",
+                        help="CPU sections to run (comma-separated): single, small, warm, batches")
     parser.add_argument("--ref-max-n", type=int, default=1024,
                         help="time the torch reference on single problems up to this n (default 1024; seconds per "
                              "call there), and on the batches unless 0")
@@ -436,12 +438,18 @@ def main(argv=None) -> int:
               "call is the warm-up (and counts as a repeat at 1 s or more), 2-3 repeats")
     targets: list[tuple[str, bool, str]] = []
     sections = []
+    chosen = set(args.sections.split(","))
+    if args.device == "cpu" and chosen - {"single", "small", "warm", "batches"}:
+        parser.error(f"--sections: unknown {sorted(chosen - {'single', 'small', 'warm', 'batches'})}")
     if args.device == "cpu":
-        print("\n== CPU, one problem ==", flush=True)
-        sections.append(("CPU, one n x n problem (float64); x ref = torch reference / native (CPU time)",
-                         cpu_single(sizes, kinds, args.quick, targets, args.ref_max_n)))
-        sections.append(("CPU, small single problems (float64, uniform): CPU time per call in a loop of calls",
-                         cpu_small_calls(args.quick)))
+        if "single" in chosen:
+            print("\n== CPU, one problem ==", flush=True)
+            sections.append(("CPU, one n x n problem (float64); x ref = torch reference / native (CPU time)",
+                             cpu_single(sizes, kinds, args.quick, targets, args.ref_max_n)))
+        if "small" in chosen:
+            sections.append(("CPU, small single problems (float64, uniform): CPU time per call in a loop of calls",
+                             cpu_small_calls(args.quick)))
+    if args.device == "cpu" and "warm" in chosen:
         print("\n== CPU, re-solves of a changed problem (warm start) ==", flush=True)
         sections.append(("CPU, C' = C + delta * std(C) * N(0, 1) solved again (float64): scipy, native from scratch, "
                          "native with warm_start = C's column duals",
@@ -449,10 +457,11 @@ def main(argv=None) -> int:
                                            [k for k in kinds if k in ("uniform", "corr-latent", "mlp-digits")]
                                            or kinds[:1],
                                            args.quick)))
+    if args.device == "cpu" and "batches" in chosen:
         print("\n== CPU, batches ==", flush=True)
         sections.append(("CPU, batches of uniform problems (float64); x ref = torch reference (one thread, CPU time) / "
                          "the better native time", cpu_batches(args.quick, targets, args.ref_max_n > 0)))
-    else:
+    if args.device != "cpu":
         if not torch.cuda.is_available() or not info.get("cuda"):
             print("no CUDA device, or _C built without CUDA kernels")
             return 1

@@ -507,7 +507,9 @@ class DenseSolver {
     w.pred.resize(m_);
     w.freelist.resize(n_);
     std::iota(w.freelist.begin(), w.freelist.end(), 0);
-    const int32_t st = augmenting_row_reduction(1);
+    // immediate retries of displaced rows capped at 2n steps (not the cold start's 8n): from poor potentials
+    // the chains run long, and the searches that follow finish the job for less
+    const int32_t st = augmenting_row_reduction(1, 2 * static_cast<int64_t>(n_) + 64);
     if (st != kOk) return st;
     free_after_init = static_cast<int64_t>(w.freelist.size());
     if (free_after_init * 4 > n_) return kColdStart;
@@ -582,13 +584,13 @@ class DenseSolver {
   // Jonker–Volgenant augmenting row reduction: each free row takes its best column, lowering that
   // column's potential by its slack to the second best; a displaced row is retried at once when the
   // potential dropped (else at the next pass). Bounded: displacements per pass are capped.
-  int32_t augmenting_row_reduction(int passes) {
+  int32_t augmenting_row_reduction(int passes, int64_t cap = -1) {
     Work<T>& w = w_;
     T* v = w.v.data();
     int* x = w.x.data();
     int* y = w.y.data();
     std::vector<int>& fl = w.freelist;
-    const int64_t cap = 8 * static_cast<int64_t>(n_) + 64;
+    if (cap < 0) cap = 8 * static_cast<int64_t>(n_) + 64;
     for (int pass = 0; pass < passes && !fl.empty(); ++pass) {
       const int prev = static_cast<int>(fl.size());
       int k = 0, nfree = 0;

@@ -5,7 +5,9 @@
 // vectorised scans of contiguous cost rows. Large square problems first try a sparse
 // candidate-graph solve whose optimality is certified row by row against the dense matrix (and
 // fall back to the dense solver when the certificate cannot be completed); the result is exact
-// either way. Batches run one problem per OpenMP thread. No Python or torch here.
+// either way. Square problems may start from given column potentials (a warm start: Options::
+// col_duals_init) instead of the reductions. Batches run one problem per OpenMP thread. No Python or
+// torch here.
 #pragma once
 #include <cstdint>
 

@@ -429,10 +429,15 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
             convention): those of an earlier solve of a similar problem, e.g.
             the previous sweep of an alignment. A hint: the result is an
             optimal assignment whatever the values (among several optima it
-            may pick another one than a cold solve); potentials near this
-            problem's duals make the solve several times faster, poor ones
-            cost one extra pass. The native CPU solver uses it for square
-            problems; other backends and shapes ignore it.
+            may pick another one than a cold solve). Near this problem's
+            duals, it saves most of the work where the cold solve has much to
+            do (MuDSC's similarity matrices: 3-10x); on problems the cold
+            solve finds easy (uniform random costs) it can be a little slower
+            (see ``benchmarks/run_linear_assignment.py``). Unusable values
+            (beyond any dual's spread) and poor ones (a quarter of the rows
+            left free by the first pass) fall back to the cold solve. The
+            native CPU solver uses it for square problems; other backends
+            and shapes ignore it.
 
     Returns:
         ``(row_ind, col_ind)`` as scipy: k = min(n, m) pairs, rows ascending,
