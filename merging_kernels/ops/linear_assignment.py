@@ -238,7 +238,8 @@ def _raise_on_status(status: torch.Tensor, batched: bool) -> None:
 
 def _largest_finite(t3: torch.Tensor) -> torch.Tensor:
     """(B,) the largest finite |cost| of each problem (0 where none is finite)."""
-    return torch.where(torch.isfinite(t3), t3.abs(), 0).amax(dim=(1, 2))
+    # two passes on a fresh tensor: 19x an isfinite mask and a where (8.4 vs 0.44 ms at 1024^2 float64, 1 thread)
+    return t3.abs().nan_to_num_(nan=0.0, posinf=0.0).amax(dim=(1, 2))
 
 
 def _range_exponents(big: torch.Tensor, compute_dtype: torch.dtype, narrowed: bool) -> torch.Tensor | None:
@@ -423,7 +424,10 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
             solver; the duals come back in this dtype. float64 costs are
             rounded to float32 for a float32 solve: problems of tiny costs
             are scaled by a power of two first (exact), so that they keep
-            their precision.
+            their precision. On CPU float32 is no faster: only the float64
+            row scans are vectorised (the dense float32 solver takes up to 4x
+            the float64 time, e.g. 26 vs 7.7 ms at 1024^2 uniform); it is
+            there for the GPU solver and for matching it.
         warm_start: column potentials to start from, shape (m,) or (B, m) like
             the ``v`` that ``return_duals`` gives (same ``maximize``
             convention): those of an earlier solve of a similar problem, e.g.
