@@ -214,6 +214,27 @@ def test_float32_compute(backend, device, method):
     assert np.isfinite(total(forbidden, rows, cols))
 
 
+@pytest.mark.skipif(not NATIVE_CPU, reason="needs the native CPU backend")
+@pytest.mark.parametrize("shape", [(1, 1), (3, 3), (15, 15), (16, 16), (17, 17), (31, 33), (33, 31), (100, 100),
+                                   (257, 257)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("kind", ["uniform", "int_ties", "correlated", "forbidden", "mixed_sign", "rank1"])
+@pytest.mark.parametrize("method", [la.METHOD_DENSE, la.METHOD_SPARSE], ids=["dense", "sparse"])
+def test_float32_solves_match_scipy(method, kind, shape):
+    """The float32 scans (vectorised where the CPU has AVX: sixteen columns a step, the rest in scalar code) on
+    widths around the vector width, ties, forbidden pairs and signs; maximize too."""
+    cost = make_cost(kind, *shape, seed=shape[1]).astype(np.float32).astype(np.float64)  # exact in float32
+    for maximize in (False, True):
+        c = np.where(np.isinf(cost), -np.inf, cost) if maximize else cost
+        rows, cols, u, v = solve(c.astype(np.float32), "native", "cpu", method, maximize=maximize,
+                                 compute_dtype=torch.float32)
+        r0, c0 = scipy_lsa(c, maximize=maximize)
+        finite = np.isfinite(c)
+        scale = float(np.abs(c[finite]).max(initial=1.0)) * max(len(rows), 1)
+        assert abs(total(c, rows, cols) - total(c, r0, c0)) <= 1e-5 * scale
+        assert len(set(cols.tolist())) == len(cols)
+        assert mk.check_assignment(c, rows, cols, u, v, maximize=maximize)
+
+
 # --------------------------------------------------------------------------- near the float maximum
 
 # Costs near float64's maximum: reduced costs c - u - v overflow into +inf (read as forbidden pairs), which

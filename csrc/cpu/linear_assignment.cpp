@@ -173,6 +173,10 @@ __attribute__((target("avx"))) inline __m256d select_pd(__m256d a, __m256d b, __
   return _mm256_or_pd(_mm256_and_pd(mask, b), _mm256_andnot_pd(mask, a));
 }
 
+__attribute__((target("avx"))) inline __m256 select_ps(__m256 a, __m256 b, __m256 mask) {
+  return _mm256_or_ps(_mm256_and_ps(mask, b), _mm256_andnot_ps(mask, a));
+}
+
 // team::unusable on four entries: all-ones lanes for NaN, -inf and finite |x| > safe magnitude.
 __attribute__((target("avx"))) inline __m256d unusable_pd(__m256d x) {
   const __m256d magnitude = _mm256_andnot_pd(_mm256_set1_pd(-0.0), x);
@@ -274,8 +278,9 @@ __attribute__((target("avx"))) inline __m256d swap_halves(__m256d x) { return _m
 __attribute__((target("avx"))) inline __m256d swap_pairs(__m256d x) { return _mm256_permute_pd(x, 0x5); }
 
 // Merges scalar top-2 lists: (u1, j1, u2, j2) <- the two smallest of both.
-inline void merge_top2_scalar(double& u1, int& j1, double& u2, int& j2, double t1, int q1, double t2, int q2) {
-  auto less = [](double a, int ia, double b, int ib) { return ib < 0 || (ia >= 0 && (a < b || (a == b && ia < ib))); };
+template <class T>
+inline void merge_top2_scalar(T& u1, int& j1, T& u2, int& j2, T t1, int q1, T t2, int q2) {
+  auto less = [](T a, int ia, T b, int ib) { return ib < 0 || (ia >= 0 && (a < b || (a == b && ia < ib))); };
   if (less(t1, q1, u1, j1)) {
     if (less(u1, j1, t2, q2)) {
       u2 = u1, j2 = j1;
@@ -372,6 +377,107 @@ __attribute__((target("avx"))) double relax_avx(const double* c, const double* v
   return best;
 }
 
+// float32 versions of the two scans of the dense solver (Dijkstra steps, augmenting row reduction): eight
+// lanes in two accumulator sets, column indices carried as floats (exact below 2^24 columns, which the
+// dispatch checks), lanes merged in scalar code under the (value, index) order.
+constexpr int kF32LaneIndexLimit = 1 << 24;
+
+__attribute__((target("avx"))) float relax_avx_f32(const float* c, const float* v, float* d, float* pred, float h,
+                                                   float row, int m, int* arg) {
+  const __m256 vh = _mm256_set1_ps(h), vr = _mm256_set1_ps(row), sixteen = _mm256_set1_ps(16.0f);
+  __m256 m0 = _mm256_set1_ps(kInf<float>), m1 = m0;
+  __m256 i0 = _mm256_set1_ps(-1.0f), i1 = i0;
+  __m256 j0 = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), j1 = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
+  int j = 0;
+  for (; j + 16 <= m; j += 16) {
+    const __m256 n0 = _mm256_add_ps(_mm256_sub_ps(_mm256_loadu_ps(c + j), _mm256_loadu_ps(v + j)), vh);
+    const __m256 n1 = _mm256_add_ps(_mm256_sub_ps(_mm256_loadu_ps(c + j + 8), _mm256_loadu_ps(v + j + 8)), vh);
+    __m256 d0 = _mm256_loadu_ps(d + j), d1 = _mm256_loadu_ps(d + j + 8);
+    const __m256 l0 = _mm256_cmp_ps(n0, d0, _CMP_LT_OQ), l1 = _mm256_cmp_ps(n1, d1, _CMP_LT_OQ);
+    d0 = _mm256_min_ps(n0, d0);
+    d1 = _mm256_min_ps(n1, d1);
+    _mm256_storeu_ps(d + j, d0);
+    _mm256_storeu_ps(d + j + 8, d1);
+    _mm256_storeu_ps(pred + j, select_ps(_mm256_loadu_ps(pred + j), vr, l0));
+    _mm256_storeu_ps(pred + j + 8, select_ps(_mm256_loadu_ps(pred + j + 8), vr, l1));
+    const __m256 b0 = _mm256_cmp_ps(d0, m0, _CMP_LT_OQ), b1 = _mm256_cmp_ps(d1, m1, _CMP_LT_OQ);
+    m0 = _mm256_min_ps(d0, m0);
+    m1 = _mm256_min_ps(d1, m1);
+    i0 = select_ps(i0, j0, b0);
+    i1 = select_ps(i1, j1, b1);
+    j0 = _mm256_add_ps(j0, sixteen);
+    j1 = _mm256_add_ps(j1, sixteen);
+  }
+  alignas(32) float vals[16], idx[16];
+  _mm256_store_ps(vals, m0);
+  _mm256_store_ps(vals + 8, m1);
+  _mm256_store_ps(idx, i0);
+  _mm256_store_ps(idx + 8, i1);
+  float best = kInf<float>;
+  int bj = -1;
+  for (int l = 0; l < 16; ++l) {
+    const int q = static_cast<int>(idx[l]);
+    if (q >= 0 && (bj < 0 || vals[l] < best || (vals[l] == best && q < bj))) {
+      best = vals[l];
+      bj = q;
+    }
+  }
+  if (j < m) {
+    int tj;
+    const float tail = relax_generic(c + j, v + j, d + j, pred + j, h, row, m - j, &tj);
+    if (tj >= 0 && (tail < best || bj < 0)) {  // tail indices are larger: ties stay with bj
+      best = tail;
+      bj = tj + j;
+    }
+  }
+  *arg = bj;
+  return best;
+}
+
+__attribute__((target("avx"))) void umins_avx_f32(const float* c, const float* v, int m, float& u1, int& j1,
+                                                  float& u2, int& j2) {
+  __m256 a1 = _mm256_set1_ps(kInf<float>), a2 = a1, b1 = a1, b2 = a1;
+  __m256 i1 = _mm256_set1_ps(-1.0f), i2 = i1, k1 = i1, k2 = i1;
+  __m256 ja = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), jb = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
+  const __m256 sixteen = _mm256_set1_ps(16.0f);
+  int j = 0;
+  for (; j + 16 <= m; j += 16) {
+    const __m256 r = _mm256_sub_ps(_mm256_loadu_ps(c + j), _mm256_loadu_ps(v + j));
+    const __m256 q = _mm256_sub_ps(_mm256_loadu_ps(c + j + 8), _mm256_loadu_ps(v + j + 8));
+    const __m256 lt1 = _mm256_cmp_ps(r, a1, _CMP_LT_OQ), lt2 = _mm256_cmp_ps(r, a2, _CMP_LT_OQ);
+    const __m256 mt1 = _mm256_cmp_ps(q, b1, _CMP_LT_OQ), mt2 = _mm256_cmp_ps(q, b2, _CMP_LT_OQ);
+    i2 = select_ps(i2, select_ps(ja, i1, lt1), lt2);
+    k2 = select_ps(k2, select_ps(jb, k1, mt1), mt2);
+    i1 = select_ps(i1, ja, lt1);
+    k1 = select_ps(k1, jb, mt1);
+    a2 = _mm256_min_ps(a2, _mm256_max_ps(a1, r));
+    b2 = _mm256_min_ps(b2, _mm256_max_ps(b1, q));
+    a1 = _mm256_min_ps(a1, r);
+    b1 = _mm256_min_ps(b1, q);
+    ja = _mm256_add_ps(ja, sixteen);
+    jb = _mm256_add_ps(jb, sixteen);
+  }
+  alignas(32) float x1[16], x2[16], y1[16], y2[16];
+  _mm256_store_ps(x1, a1);
+  _mm256_store_ps(x1 + 8, b1);
+  _mm256_store_ps(x2, a2);
+  _mm256_store_ps(x2 + 8, b2);
+  _mm256_store_ps(y1, i1);
+  _mm256_store_ps(y1 + 8, k1);
+  _mm256_store_ps(y2, i2);
+  _mm256_store_ps(y2 + 8, k2);
+  u1 = u2 = kInf<float>;
+  j1 = j2 = -1;
+  for (int l = 0; l < 16; ++l)
+    merge_top2_scalar(u1, j1, u2, j2, x1[l], static_cast<int>(y1[l]), x2[l], static_cast<int>(y2[l]));
+  if (j < m) {  // the tail's own top two
+    float t1, t2;
+    int q1, q2;
+    umins_generic(c + j, v + j, m - j, t1, q1, t2, q2);
+    merge_top2_scalar(u1, j1, u2, j2, t1, q1 < 0 ? -1 : q1 + j, t2, q2 < 0 ? -1 : q2 + j);
+  }
+}
+
 __attribute__((target("avx"))) bool all_usable_avx(const double* c, int64_t count) {
   __m256d ok = _mm256_castsi256_pd(_mm256_set1_epi64x(-1));
   int64_t k = 0;
@@ -395,7 +501,7 @@ __attribute__((target("avx"))) double finite_magnitude_avx(const double* c, int6
 }
 #endif  // MK_LSA_X86
 
-// Dispatch: float64 uses AVX where the CPU has it.
+// Dispatch: float64 uses AVX where the CPU has it; float32 too for the dense solver's two scans.
 template <class T>
 inline bool colmin_update(const T* c, T* vmin, T* imin, T row, int m, T* cmin, int chunk) {
 #ifdef MK_LSA_X86
@@ -425,6 +531,8 @@ inline void umins(const T* c, const T* v, int m, T& u1, int& j1, T& u2, int& j2)
 #ifdef MK_LSA_X86
   if constexpr (std::is_same_v<T, double>)
     if (cpu_has_avx()) return umins_avx(c, v, m, u1, j1, u2, j2);
+  if constexpr (std::is_same_v<T, float>)
+    if (cpu_has_avx() && m < kF32LaneIndexLimit) return umins_avx_f32(c, v, m, u1, j1, u2, j2);
 #endif
   umins_generic(c, v, m, u1, j1, u2, j2);
 }
@@ -433,6 +541,8 @@ inline T relax(const T* c, const T* v, T* d, T* pred, T h, T row, int m, int* ar
 #ifdef MK_LSA_X86
   if constexpr (std::is_same_v<T, double>)
     if (cpu_has_avx()) return relax_avx(c, v, d, pred, h, row, m, arg);
+  if constexpr (std::is_same_v<T, float>)
+    if (cpu_has_avx() && m < kF32LaneIndexLimit) return relax_avx_f32(c, v, d, pred, h, row, m, arg);
 #endif
   return relax_generic(c, v, d, pred, h, row, m, arg);
 }

@@ -424,10 +424,10 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
             solver; the duals come back in this dtype. float64 costs are
             rounded to float32 for a float32 solve: problems of tiny costs
             are scaled by a power of two first (exact), so that they keep
-            their precision. On CPU float32 is no faster: only the float64
-            row scans are vectorised (the dense float32 solver takes up to 4x
-            the float64 time, e.g. 26 vs 7.7 ms at 1024^2 uniform); it is
-            there for the GPU solver and for matching it.
+            their precision. On CPU float32 is not reliably faster: the dense
+            solver's scans are vectorised in both dtypes, the large problems'
+            sparse path and the column minima only in float64 (float32 took
+            0.5-1.9x the float64 time at n = 256-2048 on our 2-core machine).
         warm_start: column potentials to start from, shape (m,) or (B, m) like
             the ``v`` that ``return_duals`` gives (same ``maximize``
             convention): those of an earlier solve of a similar problem, e.g.
