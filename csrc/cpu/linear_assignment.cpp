@@ -145,20 +145,6 @@ inline bool all_usable_generic(const T* c, int64_t count) {  // no entry team::u
   return bad == 0;
 }
 
-// The largest |entry| other than +inf, in the same pass as all_usable's check: -1 when an entry is refused.
-template <class T>
-inline T finite_magnitude_generic(const T* c, int64_t count) {
-  int bad = 0;
-  T big = T(0);
-  for (int64_t k = 0; k < count; ++k) {
-    const T x = c[k];
-    bad |= team::unusable(x);
-    const T a = x < kInf<T> ? std::abs(x) : T(0);
-    big = a > big ? a : big;
-  }
-  return bad == 0 ? big : T(-1);
-}
-
 #ifdef MK_LSA_X86
 bool detect_avx() {
   __builtin_cpu_init();
@@ -484,21 +470,6 @@ __attribute__((target("avx"))) bool all_usable_avx(const double* c, int64_t coun
   for (; k + 4 <= count; k += 4) ok = _mm256_andnot_pd(unusable_pd(_mm256_loadu_pd(c + k)), ok);
   return _mm256_movemask_pd(ok) == 0xF && all_usable_generic(c + k, count - k);
 }
-__attribute__((target("avx"))) double finite_magnitude_avx(const double* c, int64_t count) {
-  __m256d ok = _mm256_castsi256_pd(_mm256_set1_epi64x(-1)), big = _mm256_setzero_pd();
-  const __m256d sign = _mm256_set1_pd(-0.0), inf = _mm256_set1_pd(kInf<double>);
-  int64_t k = 0;
-  for (; k + 4 <= count; k += 4) {
-    const __m256d x = _mm256_loadu_pd(c + k);
-    ok = _mm256_andnot_pd(unusable_pd(x), ok);
-    big = _mm256_max_pd(big, _mm256_and_pd(_mm256_cmp_pd(x, inf, _CMP_NEQ_OQ), _mm256_andnot_pd(sign, x)));
-  }
-  alignas(32) double lanes[4];
-  _mm256_store_pd(lanes, big);
-  const double tail = finite_magnitude_generic(c + k, count - k);
-  if (_mm256_movemask_pd(ok) != 0xF || tail < 0) return -1.0;
-  return std::max(std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3])), tail);
-}
 #endif  // MK_LSA_X86
 
 // Dispatch: float64 uses AVX where the CPU has it; float32 too for the dense solver's two scans.
@@ -547,14 +518,6 @@ inline T relax(const T* c, const T* v, T* d, T* pred, T h, T row, int m, int* ar
   return relax_generic(c, v, d, pred, h, row, m, arg);
 }
 template <class T>
-inline T finite_magnitude(const T* c, int64_t count) {
-#ifdef MK_LSA_X86
-  if constexpr (std::is_same_v<T, double>)
-    if (cpu_has_avx()) return finite_magnitude_avx(c, count);
-#endif
-  return finite_magnitude_generic(c, count);
-}
-template <class T>
 inline bool all_usable(const T* c, int64_t count) {
 #ifdef MK_LSA_X86
   if constexpr (std::is_same_v<T, double>)
@@ -573,7 +536,10 @@ struct Work {
 };
 
 constexpr int kDenseArrMinM = 1024;  // the dense solver runs augmenting row reduction above this width
-constexpr int32_t kColdStart = -2;   // a warm start gave up before deciding anything: solve from scratch
+constexpr int32_t kColdStart = -2;   // a warm start gave up: solve from scratch
+// Dijkstra row scans a warm start may spend, per row of the problem (MuDSC's 1024^2 re-solves from good
+// potentials take up to 16; their cold solves 35-115)
+constexpr int64_t kWarmScanBudget = 32;
 
 template <class T>
 class DenseSolver {
@@ -623,6 +589,7 @@ class DenseSolver {
     if (st != kOk) return st;
     free_after_init = static_cast<int64_t>(w.freelist.size());
     if (free_after_init * 4 > n_) return kColdStart;
+    scan_budget = kWarmScanBudget * static_cast<int64_t>(n_);
     return augment_all();
   }
 
@@ -641,9 +608,15 @@ class DenseSolver {
     for (int f : todo) {
       const int32_t st = augment(f);
       if (st != kOk) return st;
+      if (scan_budget >= 0 && row_scans > scan_budget) return kColdStart;
     }
     return kOk;
   }
+
+  // Row scans after which augment_all gives up (kColdStart), or -1: a warm start's searches are bounded so
+  // that potentials that pass the checks but lead to long paths cost at most about that many scans more
+  // than the cold solve.
+  int64_t scan_budget = -1;
 
  private:
   const T* row(int i) const { return c_ + static_cast<size_t>(i) * static_cast<size_t>(m_); }
@@ -1033,6 +1006,7 @@ class SparseSolver {
   int32_t initial_pass() {
     SparseWork<T>& w = w_;
     const int n = n_;
+    selections_ = 0;  // (a cold solve after a warm start that gave up starts its budget afresh)
     w.v.assign(n, kInf<T>);
     w.imin.assign(n, T(-1));
     bool valid = true;
@@ -1369,25 +1343,39 @@ void write_outputs(const T* c, int n, int m, bool transpose, bool maximize, cons
   }
 }
 
-// The caller's column potentials (maximize: negated) for a warm start of the n x n costs c, shifted to max 0,
-// into v0: kOk; kColdStart where they are unusable: not finite, or spread beyond 2n times the costs' largest
-// finite magnitude (optimal duals differ by at most n times the costs' range; beyond it rounding would swamp
-// the costs); or the status of a cost entry that no solve takes (checked in the same pass).
+// The caller's column potentials (maximize: negated) for a warm start of the n x n costs c, in v0: kOk;
+// kColdStart where they are unusable: not finite, or too far from the costs' own scale. In one pass over
+// the matrix (which also checks every entry: else the status of the first one no solve takes) it takes the
+// column and row minima: v0 is shifted to lie at or below the column minima (the cold start's potentials),
+// touching them somewhere, and refused when some v0_j lies further below than 4 times the spread of the
+// column minima plus that of the row minima. Optimal duals lie within 0.6 times that spread (measured on
+// uniform, correlated, rank-1, forbidden-pair, mixed-sign and MuDSC costs); potentials far beyond it, while
+// still exact in their dtype, would carry rounding far above the costs' own and give wrong answers.
 template <class T>
 int32_t warm_potentials(const T* c, int n, const T* v_init, bool maximize, std::vector<T>& v0) {
-  const int64_t count = static_cast<int64_t>(n) * n;
-  const T big = finite_magnitude(c, count);
-  if (big < T(0)) return team::classify(c, count);
-  T top = -kInf<T>, low = kInf<T>;
+  std::vector<T> colmin(n, kInf<T>), first(n), rowmin(n);
+  bool valid = true;
+  for (int i = 0; i < n; ++i)
+    valid &= colmin_update(c + static_cast<size_t>(i) * n, colmin.data(), first.data(), static_cast<T>(i), n,
+                           rowmin.data() + i, n);
+  if (!valid) return team::classify(c, static_cast<int64_t>(n) * n);
+  T clo = kInf<T>, chi = -kInf<T>, rlo = kInf<T>, rhi = -kInf<T>, shift = -kInf<T>;
   for (int j = 0; j < n; ++j) {
+    if (!(colmin[j] < kInf<T>) || !(rowmin[j] < kInf<T>)) return kColdStart;  // (the cold solve reports it)
+    clo = std::min(clo, colmin[j]);
+    chi = std::max(chi, colmin[j]);
+    rlo = std::min(rlo, rowmin[j]);
+    rhi = std::max(rhi, rowmin[j]);
     const T x = maximize ? -v_init[j] : v_init[j];
-    if (!std::isfinite(x)) return kColdStart;  // (std::max and std::min would pass NaN over)
-    top = std::max(top, x);
-    low = std::min(low, x);
+    if (!std::isfinite(x)) return kColdStart;
+    shift = std::max(shift, x - colmin[j]);
   }
-  if (!(top - low <= T(2) * static_cast<T>(n) * big)) return kColdStart;
+  const T allowed = T(4) * ((chi - clo) + (rhi - rlo));
   v0.resize(n);
-  for (int j = 0; j < n; ++j) v0[j] = (maximize ? -v_init[j] : v_init[j]) - top;  // a common shift changes nothing
+  for (int j = 0; j < n; ++j) {
+    v0[j] = ((maximize ? -v_init[j] : v_init[j]) - shift);
+    if (!(colmin[j] - v0[j] <= allowed)) return kColdStart;
+  }
   return kOk;
 }
 
@@ -1455,10 +1443,12 @@ int32_t solve_one(const void* cost, int dtype, int64_t nr, int64_t nc, const Opt
   if (sparse) {
     SparseSolver<T> solver(c, n, sw);
     int32_t st = kColdStart;
+    bool warm_ran = false;
     if (v0 != nullptr && warm_sparse) {
       st = solver.solve_from(v0, stats);
-      if (stats && st == kColdStart) *stats = Stats{};  // what follows is a cold solve
-      if (stats && st != kColdStart) stats->warm_started = 1;
+      warm_ran = st != kColdStart;
+      if (stats && !warm_ran) *stats = Stats{};  // what follows is a cold solve
+      if (stats && warm_ran) stats->warm_started = 1;
     }
     if (st == kColdStart) st = solver.solve(stats);
     if (st == kInvalid || st == kInfeasible || st == kOutOfRange) return st;
@@ -1470,7 +1460,30 @@ int32_t solve_one(const void* cost, int dtype, int64_t nr, int64_t nc, const Opt
       if (stats) stats->sparse_fallback = 1;
       solver.to_dense(w);
       DenseSolver<T> dense(c, n, m, w);
-      const int32_t dst = dense.resume();
+      if (warm_ran) dense.scan_budget = kWarmScanBudget * static_cast<int64_t>(n);
+      int32_t dst = dense.resume();
+      if (dst == kColdStart) {  // the warm start's searches ran over budget: the cold solve, from scratch
+        if (stats) *stats = Stats{};
+        st = solver.solve(stats);
+        if (st == kInvalid || st == kInfeasible || st == kOutOfRange) return st;
+        if (stats) stats->used_sparse = 1;
+        if (st == kOk) {
+          write_outputs(c, n, m, transpose, opt.maximize, solver.x().data(), solver.v().data(), rows, cols, u_out,
+                        v_out, w.matches);
+          return kOk;
+        }
+        if (stats) stats->sparse_fallback = 1;
+        solver.to_dense(w);
+        DenseSolver<T> cold(c, n, m, w);
+        dst = cold.resume();
+        if (stats) {
+          stats->free_after_init = cold.free_after_init;
+          stats->row_scans += cold.row_scans;
+        }
+        if (dst != kOk) return dst;
+        write_outputs(c, n, m, transpose, opt.maximize, w.x.data(), w.v.data(), rows, cols, u_out, v_out, w.matches);
+        return kOk;
+      }
       if (stats) {
         stats->free_after_init = dense.free_after_init;
         stats->row_scans += dense.row_scans;

@@ -35,8 +35,9 @@ struct Options {
   // Column potentials to start from (batch x nc, in the compute dtype and the caller's sign convention: the v
   // of an earlier solve of a similar problem), or null. Used for square problems by solve_batch (the team
   // solvers ignore it): any values give an optimal result; ones near the problem's duals shorten the solve.
-  // Values that are unusable (not finite, spread beyond n times the costs' largest magnitude) or poor (a
-  // quarter of the rows left free by the first reduction) fall back to the cold start.
+  // Values that are unusable (not finite; further below the column minima than 4 times the spread of the
+  // row and column minima), poor (a quarter of the rows left free by the first reduction) or costly (over
+  // 32 row scans per row of searching) fall back to the cold start.
   const void* col_duals_init = nullptr;
 };
 

@@ -437,11 +437,14 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
             duals, it saves most of the work where the cold solve has much to
             do (MuDSC-like similarity matrices: 1.7-9x); on problems the cold
             solve finds easy (uniform random costs) it can be a little slower
-            (see ``benchmarks/run_linear_assignment.py``). Unusable values
-            (beyond any dual's spread) and poor ones (a quarter of the rows
-            left free by the first pass) fall back to the cold solve. The
-            native CPU solver uses it for square problems; other backends
-            and shapes ignore it.
+            (see ``benchmarks/run_linear_assignment.py``). The cold solve runs
+            instead where the values are unusable (further below the column
+            minima than 4 times the spread of the row and column minima:
+            optimal duals lie within 0.6 times it, and far larger values
+            would round off the costs), poor (a quarter of the rows left free
+            by the first pass), or lead to long searches (32 row scans per
+            row). The native CPU solver uses it for square problems; other
+            backends and shapes ignore it.
 
     Returns:
         ``(row_ind, col_ind)`` as scipy: k = min(n, m) pairs, rows ascending,
