@@ -1385,6 +1385,41 @@ constexpr int kSparseMinN = 768;  // kAuto: square problems from this size take 
 // 2048^2 correlation and uniform re-solves, where the sparse start is 1.2-2.5x the dense one)
 constexpr int kWarmSparseMinN = 1536;
 
+// The sparse path of a square problem, cold or from potentials v0 (a warm start), finished with dense scans
+// where it hands over: x and v point at the result (in w or sw). kColdStart: the warm start gave up (its
+// first pass left too many rows free, or its searches ran over budget); nothing is decided.
+template <class T>
+int32_t solve_sparse(const T* c, int n, const T* v0, Work<T>& w, SparseWork<T>& sw, Stats* stats, const int*& x,
+                     const T*& v) {
+  SparseSolver<T> solver(c, n, sw);
+  const int32_t st = v0 != nullptr ? solver.solve_from(v0, stats) : solver.solve(stats);
+  if (st == kColdStart || st == kInvalid || st == kInfeasible || st == kOutOfRange) return st;
+  if (stats) {
+    stats->used_sparse = 1;
+    stats->warm_started = v0 != nullptr;
+  }
+  if (st == kOk) {
+    x = solver.x().data();
+    v = solver.v().data();
+    return kOk;
+  }
+  // kSwitch: finish with dense scans from where the sparse path stopped
+  if (stats) stats->sparse_fallback = 1;
+  solver.to_dense(w);
+  DenseSolver<T> dense(c, n, n, w);
+  if (v0 != nullptr) dense.scan_budget = kWarmScanBudget * static_cast<int64_t>(n);
+  const int32_t dst = dense.resume();
+  if (dst == kColdStart) return kColdStart;
+  if (stats) {
+    stats->free_after_init = dense.free_after_init;
+    stats->row_scans += dense.row_scans;
+  }
+  if (dst != kOk) return dst;
+  x = w.x.data();
+  v = w.v.data();
+  return kOk;
+}
+
 template <class T>
 int32_t solve_one(const void* cost, int dtype, int64_t nr, int64_t nc, const Options& opt, int64_t* rows,
                   int64_t* cols, T* u_out, T* v_out, Work<T>& w, SparseWork<T>& sw, Stats* stats,
@@ -1441,57 +1476,13 @@ int32_t solve_one(const void* cost, int dtype, int64_t nr, int64_t nc, const Opt
   }
   bool solved = false;
   if (sparse) {
-    SparseSolver<T> solver(c, n, sw);
     int32_t st = kColdStart;
-    bool warm_ran = false;
     if (v0 != nullptr && warm_sparse) {
-      st = solver.solve_from(v0, stats);
-      warm_ran = st != kColdStart;
-      if (stats && !warm_ran) *stats = Stats{};  // what follows is a cold solve
-      if (stats && warm_ran) stats->warm_started = 1;
+      st = solve_sparse(c, n, v0, w, sw, stats, x, v);
+      if (stats && st == kColdStart) *stats = Stats{};  // what follows is a cold solve
     }
-    if (st == kColdStart) st = solver.solve(stats);
-    if (st == kInvalid || st == kInfeasible || st == kOutOfRange) return st;
-    if (stats) stats->used_sparse = 1;
-    if (st == kOk) {
-      x = solver.x().data();
-      v = solver.v().data();
-    } else {  // kSwitch: finish with dense scans from where the sparse path stopped
-      if (stats) stats->sparse_fallback = 1;
-      solver.to_dense(w);
-      DenseSolver<T> dense(c, n, m, w);
-      if (warm_ran) dense.scan_budget = kWarmScanBudget * static_cast<int64_t>(n);
-      int32_t dst = dense.resume();
-      if (dst == kColdStart) {  // the warm start's searches ran over budget: the cold solve, from scratch
-        if (stats) *stats = Stats{};
-        st = solver.solve(stats);
-        if (st == kInvalid || st == kInfeasible || st == kOutOfRange) return st;
-        if (stats) stats->used_sparse = 1;
-        if (st == kOk) {
-          write_outputs(c, n, m, transpose, opt.maximize, solver.x().data(), solver.v().data(), rows, cols, u_out,
-                        v_out, w.matches);
-          return kOk;
-        }
-        if (stats) stats->sparse_fallback = 1;
-        solver.to_dense(w);
-        DenseSolver<T> cold(c, n, m, w);
-        dst = cold.resume();
-        if (stats) {
-          stats->free_after_init = cold.free_after_init;
-          stats->row_scans += cold.row_scans;
-        }
-        if (dst != kOk) return dst;
-        write_outputs(c, n, m, transpose, opt.maximize, w.x.data(), w.v.data(), rows, cols, u_out, v_out, w.matches);
-        return kOk;
-      }
-      if (stats) {
-        stats->free_after_init = dense.free_after_init;
-        stats->row_scans += dense.row_scans;
-      }
-      if (dst != kOk) return dst;
-      x = w.x.data();
-      v = w.v.data();
-    }
+    if (st == kColdStart) st = solve_sparse(c, n, static_cast<const T*>(nullptr), w, sw, stats, x, v);
+    if (st != kOk) return st;
     solved = true;
     checked = true;  // the sparse path's first pass checked every entry
   }
