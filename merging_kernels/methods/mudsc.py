@@ -433,29 +433,25 @@ class _Alignment:
 
     # similarity of one group, in aligned coordinates (rows: A's units, columns: B's aligned units)
     def similarity(self, name: str, w: float, full: bool = False) -> torch.Tensor:
-        g = self.spec[name]
-        s_w = s_a = None
+        """The cross block, or with ``full`` the whole (2n, 2n) matrix of both models' units."""
         if not full:
             return self.similarity_given(name, w)[:, self.perms[name]]
+        g = self.spec[name]
+        perm = self.perms[name]
+        s_w = s_a = None
         if w > 0:
-            s_w = self._weight_cross_given(name)[:, self.perms[name]]
-            if full:
-                # the within-model blocks do not depend on the alignment (neighbours permute the entries of
-                # every unit vector alike; the group's own permutation only reorders B's units)
-                if name not in self._within:
-                    vb0 = _unit_vectors(self.sd_b0, g, g.size)
-                    self._within[name] = (correlation_matrix(self.vec_a[name], None, backend=self.sim_backend),
-                                          correlation_matrix(vb0, None, backend=self.sim_backend))
-                s_aa, s_bb0 = self._within[name]
-                perm = self.perms[name]
-                s_w = torch.cat([torch.cat([s_aa, s_w], 1), torch.cat([s_w.T, s_bb0[perm][:, perm]], 1)], 0)
+            s_w = self._weight_cross_given(name)[:, perm]
+            # the within-model blocks do not depend on the alignment (neighbours permute the entries of every
+            # unit vector alike; the group's own permutation only reorders B's units)
+            if name not in self._within:
+                vb0 = _unit_vectors(self.sd_b0, g, g.size)
+                self._within[name] = (correlation_matrix(self.vec_a[name], None, backend=self.sim_backend),
+                                      correlation_matrix(vb0, None, backend=self.sim_backend))
+            s_aa, s_bb0 = self._within[name]
+            s_w = torch.cat([torch.cat([s_aa, s_w], 1), torch.cat([s_w.T, s_bb0[perm][:, perm]], 1)], 0)
         if w < 1:
-            perm = self.perms[name]
-            if full:
-                idx = torch.cat([torch.arange(g.size, device=perm.device), g.size + perm])
-                s_a = self.s_act_full[name][idx][:, idx]
-            else:
-                s_a = self.s_act[name][:, perm]
+            idx = torch.cat([torch.arange(g.size, device=perm.device), g.size + perm])
+            s_a = self.s_act_full[name][idx][:, idx]
         if s_w is None:
             return s_a
         if s_a is None:
@@ -566,9 +562,12 @@ class _Alignment:
             with timer("assignment"):
                 # each sweep re-solves a problem close to the last one: its duals (indexed by B's given units,
                 # like the columns) are a warm start that leaves few rows to augment (CPU; ignored on CUDA)
-                warm = self._duals.get(name) if sim.device.type == "cpu" else None
-                _, matched, _, self._duals[name] = linear_sum_assignment(
-                    sim, maximize=True, return_duals=True, backend=self.lsa_backend, warm_start=warm)
+                if sim.device.type == "cpu":
+                    _, matched, _, self._duals[name] = linear_sum_assignment(
+                        sim, maximize=True, return_duals=True, backend=self.lsa_backend,
+                        warm_start=self._duals.get(name))
+                else:
+                    matched = linear_sum_assignment(sim, maximize=True, backend=self.lsa_backend)[1]
                 return {name: _inverse(self.perms[name])[matched]}
         with timer("similarity"):
             sims = {name: self.similarity(name, w) for name in unit}

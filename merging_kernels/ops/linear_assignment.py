@@ -435,7 +435,7 @@ def linear_sum_assignment(cost, maximize: bool = False, *, return_duals: bool = 
             optimal assignment whatever the values (among several optima it
             may pick another one than a cold solve). Near this problem's
             duals, it saves most of the work where the cold solve has much to
-            do (MuDSC-like similarity matrices: 1.7-9x); on problems the cold
+            do (MuDSC-like similarity matrices: 2.2-10.7x); on problems the cold
             solve finds easy (uniform random costs) it can be a little slower
             (see ``benchmarks/run_linear_assignment.py``). The cold solve runs
             instead where the values are unusable (further below the column
