@@ -2,7 +2,7 @@
 
 from ._dispatch import BACKENDS, available_backends
 from ._native import build_info, native_error
-from .errors import BackendUnavailableError, NativeBuildWarning
+from .errors import BackendUnavailableError, MergeOverflowError, NativeBuildWarning
 from .methods import dare_merging, mudsc_merge, se_merge, task_arithmetic, ties_merging
 from .ops.linear_assignment import check_assignment, linear_sum_assignment
 from .ops.per_sample_linear import pack_weights, per_sample_linear
@@ -15,6 +15,7 @@ __all__ = [
     "ActivationStats",
     "BACKENDS",
     "BackendUnavailableError",
+    "MergeOverflowError",
     "NativeBuildWarning",
     "available_backends",
     "build_info",

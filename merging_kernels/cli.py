@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, MergeOverflowError
 from .ops.philox import tensor_key
 from .ops.task_vectors import merge_task_vectors, streamed_magnitude_thresholds, task_vector_torch
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
@@ -282,16 +282,6 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _check_result_fits(name: str, result: torch.Tensor, base: torch.Tensor) -> None:
-    """A merge finite in float32 but beyond the output dtype's range is written as inf: refuse it. Entries that are
-    ±inf in the base as that dtype holds it (its own infinities, or a -1e9 mask that --dtype float16 makes
-    -inf, where nothing was merged) are the conversion the user asked for, not the merge's."""
-    if result.dtype in (torch.float16, torch.bfloat16) and bool(
-            (torch.isinf(result) & torch.isfinite(base.to(result.dtype))).any()):
-        raise CLIError(f"tensor {name!r}: the merge overflows {str(result.dtype).replace('torch.', '')} (|value| > "
-                       f"{torch.finfo(result.dtype).max:.4g}); write a wider --dtype or use smaller --weights/--scale")
-
-
 def _check_output(out: str, inputs: Sequence[str]) -> None:
     if not out or not os.path.basename(out):  # "" or "dir/": no file name to write
         raise CLIError(f"--out {out!r} names no file; give a file name")
@@ -378,13 +368,17 @@ def merge_command(args: argparse.Namespace) -> int:
                             (result,) = merge_task_vectors(
                                 [base_tensor], [[e] for e in expert_tensors], weights,
                                 tensor_keys=[tensor_key(name)], names=[name], thresholds=thresholds, **options)
+                        except MergeOverflowError:  # finite in float32, beyond the output dtype: written as inf
+                            out_dtype = settings.out_dtype or base_tensor.dtype
+                            raise CLIError(f"tensor {name!r}: the merge overflows {_dtype_name(out_dtype)} (|value| > "
+                                           f"{torch.finfo(out_dtype).max:.4g}); write a wider --dtype or use smaller "
+                                           "--weights/--scale") from None
                         except (ValueError, TypeError) as exc:
                             bad = _nonfinite_experts(base_tensor, expert_tensors, [e.path for e in experts])
                             if bad:
                                 raise CLIError(f"tensor {name!r}: NaN or inf in expert - base for expert(s) "
                                                f"{', '.join(bad)}") from None
                             raise CLIError(f"cannot merge tensor {name!r}: {exc}") from None
-                        _check_result_fits(name, result, base_tensor)
                         del expert_tensors
                     else:
                         result = base_tensor  # integer buffers, masks: the base's

@@ -5,5 +5,10 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for that cannot run here (not built, no GPU, no triton)."""
 
 
+class MergeOverflowError(ValueError):
+    """A merge's result is NaN or ±inf in the output dtype where the base is finite: the combination overflowed
+    float32, or the merged values lie beyond a 16-bit output's range (``check_finite=False`` keeps them)."""
+
+
 class NativeBuildWarning(UserWarning):
     """Installing could not compile all of ``_C``; filter this category to silence the import warning."""

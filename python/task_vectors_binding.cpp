@@ -92,7 +92,7 @@ void register_task_vectors(py::module_& m) {
          const std::vector<int64_t>& in_dtypes, const std::vector<int64_t>& out_dtypes,
          const std::vector<int64_t>& tensor_keys, const std::vector<int64_t>& segment_ids, int64_t num_tasks,
          uintptr_t weights_ptr, double scale, uintptr_t thresholds_ptr, bool elect_sign, bool normalize,
-         int64_t drop_threshold, double drop_scale, uint64_t seed, uintptr_t nonfinite_ptr) {
+         int64_t drop_threshold, double drop_scale, uint64_t seed, uintptr_t counts_ptr) {
         const cpu::TaskTensors tensors =
             make_tensors(base_ptrs, expert_ptrs, numels, in_dtypes, tensor_keys, segment_ids, num_tasks);
         const cpu::Dare dare = make_dare(drop_threshold, drop_scale, seed);
@@ -102,15 +102,16 @@ void register_task_vectors(py::module_& m) {
         py::gil_scoped_release release;
         cpu::task_vectors_apply(tensors, outs, out_dtypes, as_pointer<const float>(weights_ptr),
                                 static_cast<float>(scale), as_pointer<const float>(thresholds_ptr), elect_sign,
-                                normalize, dare, as_pointer<int64_t>(nonfinite_ptr));
+                                normalize, dare, as_pointer<int64_t>(counts_ptr));
       },
       py::arg("base_ptrs"), py::arg("expert_ptrs"), py::arg("out_ptrs"), py::arg("numels"), py::arg("in_dtypes"),
       py::arg("out_dtypes"), py::arg("tensor_keys"), py::arg("segment_ids"), py::arg("num_tasks"),
       py::arg("weights_ptr"), py::arg("scale"), py::arg("thresholds_ptr"), py::arg("elect_sign"),
       py::arg("normalize"), py::arg("drop_threshold"), py::arg("drop_scale"), py::arg("seed"),
-      py::arg("nonfinite_ptr"),
+      py::arg("counts_ptr"),
       "Fused apply pass: out = base + scale * combine(kept task vectors), written in the out dtype; adds per "
-      "tensor the count of non-finite expert - base into nonfinite (int64, T). thresholds_ptr 0: no trim.");
+      "tensor t into counts (int64, T x 2) the number of non-finite expert - base [2t] and of outputs not finite "
+      "in the out dtype where the base is [2t+1]. thresholds_ptr 0: no trim.");
 
   m.def(
       "philox4x32_10",

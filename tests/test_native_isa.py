@@ -28,6 +28,18 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for o, r in zip(out, ref):
             tol = 1e-6 if o.dtype == torch.float32 else torch.finfo(o.dtype).eps
             torch.testing.assert_close(o.float(), r.float(), rtol=tol, atol=tol)
+# outputs beyond a 16-bit dtype's range, counted in the apply pass: on the limit counts, just below does not
+for out_dtype, bits in ((torch.float16, 0x477FF000), (torch.bfloat16, 0x7F7F8000)):  # 65520; bf16's halfway
+    limit = torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+    below = torch.nextafter(limit, torch.zeros(()))
+    base, expert = torch.zeros(37), torch.zeros(37)
+    expert[[0, 17, 36]], expert[[5, 30]] = limit, below
+    base[8] = expert[8] = -1e9  # a mask float16 turns into -inf: not the merge's
+    try:
+        mk.merge_task_vectors([base], [[expert]], [1.0], out_dtype=out_dtype, backend="native")
+        raise AssertionError("no MergeOverflowError")
+    except mk.MergeOverflowError as exc:
+        assert "(3 entries" in str(exc), exc
 print(native_module().task_vectors_isa())
 """
 

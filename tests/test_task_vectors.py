@@ -457,6 +457,107 @@ def test_overflowing_task_vector_is_refused_on_every_backend(backend, device):
         mk.merge_task_vectors([base], [[expert]], [0.1], backend=backend)
 
 
+def overflow_case(out_dtype, n, positions):
+    """(base, expert, expected count) on n float32 entries, with the entries at ``positions`` (indices in
+    [0, n)) set so that base + (expert - base) lands exactly on, just below or beyond the magnitude that
+    rounds to inf in ``out_dtype``; the rest are ordinary values. Also a -1e9 mask and an inf the expert
+    keeps (unchanged: never counted)."""
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g)
+    expert = base + 0.1 * torch.randn(n, generator=g)
+    limit = {torch.float16: 65520.0, torch.bfloat16: float(np.frombuffer(np.uint32(0x7F7F8000).tobytes(),
+                                                                          np.float32)[0])}.get(out_dtype)
+    cases = []
+    if limit is not None:
+        below = float(np.nextafter(np.float32(limit), np.float32(0)))
+        cases = [(1.0, limit, 1), (-1.0, -limit, 1), (1.0, below, 0), (below, limit, 1), (-1e9, -1e9, 0)]
+    cases += [(float("inf"), float("inf"), 0), (3e38, 3e38, 0)]
+    expected = 0
+    for i, pos in enumerate(positions):
+        b, e, counted = cases[i % len(cases)]
+        base[pos], expert[pos] = b, e
+        expected += counted
+    return base, expert, expected
+
+
+@pytest.mark.parametrize("backend,device", EVERY)
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 37, 5000])
+def test_merge_beyond_a_16_bit_output_is_refused_with_the_count(backend, device, out_dtype, n):
+    # used to be written as inf without a word (the CLI checked, the library did not); the count is exact on
+    # every backend: entries at the start, in a full tile and in the last partial tile
+    positions = sorted({0, n // 2, n - 1, min(n - 1, 19), max(0, n - 3)})[:n]
+    base, expert, expected = overflow_case(out_dtype, n, positions)
+    merge = dict(backend=backend, out_dtype=out_dtype)
+    if expected:
+        with pytest.raises(mk.MergeOverflowError, match=rf"overflows {str(out_dtype)[6:]} in tensor\(s\) "
+                                                           rf"'bases\[0\]' \({expected} entries"):
+            mk.merge_task_vectors([base.to(device)], [[expert.to(device)]], [1.0], **merge)
+    else:
+        mk.merge_task_vectors([base.to(device)], [[expert.to(device)]], [1.0], **merge)
+    # check_finite=False writes the infinities, as the reference does
+    (kept,) = mk.merge_task_vectors([base.to(device)], [[expert.to(device)]], [1.0], check_finite=False, **merge)
+    (reference,) = mk.merge_task_vectors([base], [[expert]], [1.0], check_finite=False, backend="torch",
+                                         out_dtype=out_dtype)
+    assert torch.isinf(reference).sum() >= expected
+    torch.testing.assert_close(kept.cpu(), reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", EVERY)
+@pytest.mark.parametrize("mode", ["sum", "ties", "ties-unnormalized", "trim", "dare"])
+def test_combination_that_overflows_float32_is_refused(backend, device, mode):
+    # two task vectors of 2e38 sum to inf in float32 (the disjoint mean would be 2e38): refused in every mode
+    # of the fused pass (DARE's scaled task vectors go through its own branch of the kernels)
+    n = 300
+    base = torch.zeros(n)
+    experts = [base.clone(), base.clone()]
+    experts[0][[0, 150, 299]] = 2e38
+    experts[1][[0, 150, 299]] = 2e38
+    experts[0][1:150] = torch.linspace(-1, 1, 149)
+    kwargs = {"sum": {}, "ties": dict(elect_sign=True), "ties-unnormalized": dict(elect_sign=True, normalize=False),
+              "trim": dict(density=0.5), "dare": dict(drop_rate=0.1, seed=3)}[mode]
+    (reference,) = mk.merge_task_vectors([base], [[e] for e in experts], [1.0, 1.0], check_finite=False,
+                                         backend="torch", **kwargs)
+    expected = int(torch.isinf(reference).sum())
+    assert expected >= 1  # DARE may drop some of the three, never all with this seed
+    with pytest.raises(mk.MergeOverflowError, match=rf"float32 in tensor\(s\) 'bases\[0\]' \({expected} entries"):
+        mk.merge_task_vectors([base.to(device)], [[e.to(device)] for e in experts], [1.0, 1.0], backend=backend,
+                              **kwargs)
+    assert issubclass(mk.MergeOverflowError, ValueError)
+
+
+@pytest.mark.parametrize("backend,device", EVERY)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_model_merged_beyond_its_range_is_refused(backend, device, dtype):
+    # a 16-bit checkpoint merged in its own dtype: weights 3 on task vectors of a third of the range
+    top = torch.finfo(dtype).max
+    base = torch.tensor([0.0, top / 2, -top / 2, 1.0] * 9, dtype=dtype)
+    expert = torch.tensor([1.0, top / 2 + top / 3, -top / 2 - top / 3, 1.0] * 9, dtype=dtype)
+    with pytest.raises(mk.MergeOverflowError, match=r"\(18 entries"):
+        mk.task_arithmetic(base.to(device), [expert.to(device)], 3.0, backend=backend)
+    merged = mk.task_arithmetic(base.to(device), [expert.to(device)], 3.0, check_finite=False, backend=backend)
+    assert torch.isinf(merged).sum() == 18 and merged.dtype == dtype
+
+
+@pytest.mark.parametrize("backend,device", EVERY)
+def test_base_infinities_and_masks_a_float16_output_turns_into_inf_are_kept(backend, device):
+    # a -1e9 attention mask and an inf the experts kept: the conversion the user asked for, not an overflow
+    base = torch.tensor([-1e9, float("inf"), float("-inf"), 1.0, 2.0])
+    expert = torch.tensor([-1e9, float("inf"), float("-inf"), 1.5, 2.0])
+    (merged,) = mk.merge_task_vectors([base.to(device)], [[expert.to(device)]], [1.0], out_dtype=torch.float16,
+                                      backend=backend)
+    assert merged.cpu().tolist() == [float("-inf"), float("inf"), float("-inf"), 1.5, 2.0]
+
+
+@pytest.mark.parametrize("backend,device", EVERY)
+def test_non_finite_task_vectors_are_reported_before_the_overflow_they_cause(backend, device):
+    base = torch.tensor([3e38, 1.0])
+    expert = torch.tensor([-3e38, 70000.0])  # entry 0: a non-finite difference; entry 1: beyond float16
+    with pytest.raises(ValueError, match="non-finite task vectors"):
+        mk.merge_task_vectors([base.to(device)], [[expert.to(device)]], [1.0], out_dtype=torch.float16,
+                              backend=backend)
+
+
 @pytest.mark.parametrize("backend,device", EVERY)
 def test_in_place_merge_of_tied_weights(backend, device):
     # a state dict whose embedding and head are one tensor, merged in place: every backend equals the

@@ -204,7 +204,11 @@ struct CompactLanes {
 };
 constexpr CompactLanes kCompactLanes{};
 
-using ApplyFn = int64_t (*)(const ApplyParams&, const ApplyJob&, const Scratch&);
+// per piece of a tensor: non-finite task vectors, outputs not finite in their dtype where the base is
+struct ApplyCounts {
+  int64_t nonfinite = 0, overflow = 0;
+};
+using ApplyFn = ApplyCounts (*)(const ApplyParams&, const ApplyJob&, const Scratch&);
 using HistFn = void (*)(const HistParams&, const HistJob&, const Scratch&, uint32_t*, int64_t*, bool);
 
 }  // namespace
@@ -588,7 +592,7 @@ void task_vectors_histogram(const TaskTensors& tensors, int64_t num_segments, in
 void task_vectors_apply(const TaskTensors& tensors, const std::vector<void*>& outs,
                         const std::vector<int64_t>& out_dtypes, const float* weights, float scale,
                         const float* thresholds, bool elect_sign, bool normalize, const Dare& dare,
-                        int64_t* nonfinite) {
+                        int64_t* counts) {
   const std::vector<int64_t> offsets = check_tensors(tensors, "task_vectors_apply");
   const size_t T = tensors.bases.size();
   if (outs.size() != T)
@@ -608,7 +612,7 @@ void task_vectors_apply(const TaskTensors& tensors, const std::vector<void*>& ou
   const int64_t total = offsets[T];
   if (total == 0) return;
   if (K > 0 && weights == nullptr) fail("task_vectors_apply: null weights pointer");
-  if (nonfinite == nullptr) fail("task_vectors_apply: null nonfinite pointer");
+  if (counts == nullptr) fail("task_vectors_apply: null counts pointer");
 
   ApplyParams params{};
   params.num_tasks = K;
@@ -640,12 +644,18 @@ void task_vectors_apply(const TaskTensors& tensors, const std::vector<void*>& ou
       job.weights = weights + t * K;
       job.thresholds = trim ? thresholds + tensors.segment_ids[t] * K : nullptr;
       job.tensor_key = tensors.tensor_keys[t];
-      const int64_t bad = kernels[t](params, job, ts.view);
-      if (bad != 0) {
+      const ApplyCounts bad = kernels[t](params, job, ts.view);
+      if (bad.nonfinite != 0) {
 #ifdef MK_WITH_OPENMP
 #pragma omp atomic
 #endif
-        nonfinite[t] += bad;
+        counts[2 * t] += bad.nonfinite;
+      }
+      if (bad.overflow != 0) {
+#ifdef MK_WITH_OPENMP
+#pragma omp atomic
+#endif
+        counts[2 * t + 1] += bad.overflow;
       }
     });
   };

@@ -47,13 +47,14 @@ void task_vectors_histogram(const TaskTensors& tensors, int64_t num_segments, in
 // (TIES) combination of the kept task vectors, converted to out_dtypes[t].
 // weights: T * K float32; thresholds: S * K float32 (S > every segment id) or
 // nullptr (no trim).
-// nonfinite (T int64) gets the number of (element, task) pairs whose
-// expert - base (float32, before DARE; 0 where the two are equal) is NaN or infinite
-// added.
+// counts (T x 2 int64, row-major) gets added, per tensor: [0] the number of
+// (element, task) pairs whose expert - base (float32, before DARE; 0 where the two
+// are equal) is NaN or infinite; [1] the number of output entries that are NaN or
+// infinite in the output dtype where the base entry, rounded to that dtype, is finite.
 void task_vectors_apply(const TaskTensors& tensors, const std::vector<void*>& outs,
                         const std::vector<int64_t>& out_dtypes, const float* weights, float scale,
                         const float* thresholds, bool elect_sign, bool normalize,
-                        const Dare& dare, int64_t* nonfinite);
+                        const Dare& dare, int64_t* counts);
 
 // Which instruction-set variant the kernels run ("avx2" or "generic"); the
 // environment variable MERGING_KERNELS_CPU_ISA=generic forces the portable one.

@@ -280,6 +280,19 @@ MK_TV_INLINE void store_float(float v, float* o) { *o = v; }
 MK_TV_INLINE void store_float(float v, BF16* o) { o->bits = float_to_bf16(v); }
 MK_TV_INLINE void store_float(float v, Half* o) { o->bits = float_to_half(v); }
 
+// The smallest float magnitude that rounds to inf in OutT (round to nearest even): an output lane
+// with |v| >= it is stored as inf, and |v| < it is false for NaN too, so one comparison finds both.
+MK_TV_INLINE float inf_threshold(const float*) { return std::numeric_limits<float>::infinity(); }
+MK_TV_INLINE float inf_threshold(const Half*) { return 65520.0f; }  // halfway from 65504 up to 2^16
+MK_TV_INLINE float inf_threshold(const BF16*) { return bits_float(0x7F7F8000u); }  // halfway from bf16's max
+
+// What a block's apply pass saw: non-finite task vectors, and output entries that are not finite
+// in the output type although the base entry is (the combination overflowed, or went beyond a
+// 16-bit output's range); as in combine_tile, lanes count with negative numbers.
+struct BlockCounts {
+  uint32_t nonfinite = 0, overflow = 0;
+};
+
 // One tile: returns m (the combined task vector) for the lanes at rows[k] + off
 // (RowT elements). FROM_D: the rows hold the task vectors d (after DARE);
 // otherwise they hold the experts and d = task_delta(x, b) is formed here, and every lane
@@ -323,19 +336,23 @@ MK_TV_INLINE vf combine_tile(vf b, const void* const* rows, int off, int K, cons
 
 // dst[j] = b[j] + scale * m[j] for the n (<= kBlock) elements of a block, read and
 // written in their storage types (BaseT, RowT, OutT); returns the number of
-// non-finite task vectors (always 0 with FROM_D, where the caller counts). Each tile is
-// read completely before it is written: dst may be the base (an in-place merge).
+// non-finite task vectors (always 0 with FROM_D, where the caller counts) and of
+// overflowing outputs (see BlockCounts). Each tile is read completely before it is
+// written: dst may be the base (an in-place merge).
 template <bool ELECT, bool TRIM, bool FROM_D, class BaseT, class RowT, class OutT>
-MK_TV_INLINE uint32_t combine_block(const BaseT* b, const void* const* rows, int n, int K, const float* weights,
-                                    const float* thresholds, bool normalize, float scale, OutT* dst,
-                                    const Scratch& s) {
-  vi nonfinite = (vi)splat(0.0f);
+MK_TV_INLINE BlockCounts combine_block(const BaseT* b, const void* const* rows, int n, int K, const float* weights,
+                                       const float* thresholds, bool normalize, float scale, OutT* dst,
+                                       const Scratch& s) {
+  vi nonfinite = (vi)splat(0.0f), overflow = nonfinite;
   const vf vscale = splat(scale);
+  const vf limit = splat(inf_threshold(static_cast<const OutT*>(nullptr)));
   int j = 0;
   for (; j + kLanes <= n; j += kLanes) {
     const vf bj = vload_in(b + j);
     const vf m = combine_tile<ELECT, TRIM, FROM_D, RowT>(bj, rows, j, K, weights, thresholds, normalize, nonfinite);
-    vstore_out(dst + j, bj + vscale * m);
+    const vf v = bj + vscale * m;
+    overflow += ~(vabs(v) < limit) & (vabs(bj) < limit);  // in registers: 2 comparisons a tile
+    vstore_out(dst + j, v);
   }
   if (j < n) {  // the last partial tile, through zero-padded float copies (d = 0 there: finite, never kept)
     const int rem = n - j;
@@ -352,22 +369,27 @@ MK_TV_INLINE uint32_t combine_block(const BaseT* b, const void* const* rows, int
     const vf bj = vload(tile);
     const vf m =
         combine_tile<ELECT, TRIM, FROM_D, float>(bj, tile_rows, 0, K, weights, thresholds, normalize, nonfinite);
-    vstore(tile + kLanes, bj + vscale * m);
+    const vf v = bj + vscale * m;
+    overflow += ~(vabs(v) < limit) & (vabs(bj) < limit);  // padding lanes: b = v = 0, never counted
+    vstore(tile + kLanes, v);
     for (int i = 0; i < rem; ++i) store_float(tile[kLanes + i], dst + j + i);
   }
-  uint32_t count = 0;
-  for (int l = 0; l < kLanes; ++l) count -= static_cast<uint32_t>(nonfinite[l]);
-  return count;
+  BlockCounts counts;
+  for (int l = 0; l < kLanes; ++l) {
+    counts.nonfinite -= static_cast<uint32_t>(nonfinite[l]);
+    counts.overflow -= static_cast<uint32_t>(overflow[l]);
+  }
+  return counts;
 }
 
 template <class InT, class OutT, bool ELECT, bool TRIM>
-int64_t apply_piece(const ApplyParams& p, const ApplyJob& job, const Scratch& s) {
+ApplyCounts apply_piece(const ApplyParams& p, const ApplyJob& job, const Scratch& s) {
   const InT* base = static_cast<const InT*>(job.base);
   OutT* out = static_cast<OutT*>(job.out);
   const int K = p.num_tasks;
   const bool dare = p.dare.threshold != 0;
   const void** rows = s.rows + K;  // K row pointers per block (s.rows[0, K) are the tail tile's)
-  int64_t nonfinite = 0;
+  ApplyCounts counts;
   for (int64_t e0 = job.begin; e0 < job.end; e0 += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, job.end - e0));
     if (ELECT || dare) {
@@ -382,19 +404,22 @@ int64_t apply_piece(const ApplyParams& p, const ApplyJob& job, const Scratch& s)
       for (int k = 0; k < K; ++k) {
         float* d = s.d + static_cast<int64_t>(k) * kBlock;
         const float* x = load_block(static_cast<const InT*>(job.experts[k]) + e0, s.x, n);
-        nonfinite += delta_block(x, b, d, n);
+        counts.nonfinite += delta_block(x, b, d, n);
         dare_block(d, n, e0, job.tensor_key, static_cast<uint32_t>(k), p.dare);
         rows[k] = d;
       }
-      combine_block<ELECT, TRIM, true, float, float>(b, rows, n, K, job.weights, job.thresholds, p.normalize,
-                                                     p.scale, out + e0, s);
+      counts.overflow += combine_block<ELECT, TRIM, true, float, float>(b, rows, n, K, job.weights, job.thresholds,
+                                                                        p.normalize, p.scale, out + e0, s)
+                             .overflow;
     } else {
       for (int k = 0; k < K; ++k) rows[k] = static_cast<const InT*>(job.experts[k]) + e0;
-      nonfinite += combine_block<ELECT, TRIM, false, InT, InT>(base + e0, rows, n, K, job.weights, job.thresholds,
-                                                               p.normalize, p.scale, out + e0, s);
+      const BlockCounts block = combine_block<ELECT, TRIM, false, InT, InT>(
+          base + e0, rows, n, K, job.weights, job.thresholds, p.normalize, p.scale, out + e0, s);
+      counts.nonfinite += block.nonfinite;
+      counts.overflow += block.overflow;
     }
   }
-  return nonfinite;
+  return counts;
 }
 
 template <class InT, class OutT>

@@ -56,7 +56,9 @@ def task_arithmetic(base, experts, weights=1.0, *, drop_rate: float = 0.0, seed:
             it is returned as given); out_dtype: dtype of new outputs (with ``out``, only its
             tensors' own dtype is accepted).
         check_finite: raise ValueError naming the tensor if any θk − θ0 is NaN/inf (an entry equal in θk
-            and θ0 has θk − θ0 = 0, so a -inf mask every expert kept is merged, not refused). The fast backends
+            and θ0 has θk − θ0 = 0, so a -inf mask every expert kept is merged, not refused), and
+            :class:`~merging_kernels.MergeOverflowError` if a merged entry overflows its output dtype where
+            the base is finite (e.g. beyond float16's ±65504; see :func:`merge_task_vectors`). The fast backends
             find them while writing, so an ``out`` given with it may be partly written when this raises
             (a checking pass first would read every expert twice).
         backend: "torch", "triton", "native" or None (fastest available).

@@ -28,6 +28,7 @@ Triton kernels, the native call, then the public functions.
 from __future__ import annotations
 
 import itertools
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ import torch
 
 from .._cuda import host_to_device, launch_device
 from .._dispatch import OpBackends, resolve_backend
+from ..errors import MergeOverflowError
 from .._validation import (
     check_bool,
     check_choice,
@@ -97,6 +99,12 @@ def segments_of(numels: Sequence[int], trim_scope: str) -> tuple[list[int], list
 # --------------------------------------------------------------------------- reference
 
 
+# the smallest float32 magnitude that rounds to inf in each output dtype of the fast kernels (round to
+# nearest even: halfway from the largest finite value up to the next power of two); see _output_overflow
+_INF_THRESHOLD = {torch.float32: float("inf"), torch.float16: 65520.0,
+                  torch.bfloat16: struct.unpack("<f", struct.pack("<I", 0x7F7F8000))[0]}
+
+
 def _acc_dtype(base: torch.Tensor) -> torch.dtype:
     return torch.float64 if base.dtype == torch.float64 else torch.float32
 
@@ -134,15 +142,16 @@ def merge_task_vectors_torch(
     """The reference: plain torch, one tensor at a time, selection by ``kthvalue``.
 
     ``experts[k][t]``; ``weights`` is (T, K); ``thresholds`` (S, K), if given,
-    replaces the selection (streamed merges compute it beforehand). Returns the merged tensors and,
-    per tensor, the number of (element, task) pairs whose θk − θ0 is not finite.
+    replaces the selection (streamed merges compute it beforehand). Returns the merged tensors and
+    (T, 2) int64 counts per tensor: [t, 0] the (element, task) pairs whose θk − θ0 is not finite, [t, 1]
+    the merged entries that are not finite in the output dtype where the base entry is (see
+    :func:`_output_overflow`).
     """
     num_tasks = len(experts)
     # counted on the task vectors as computed (float32, or float64 for float64 inputs), so a
     # difference that overflows counts too; the counts stay on the device (read back once by the caller)
     counts = [sum((~torch.isfinite(task_vector_torch(experts[k][t], b))).sum() for k in range(num_tasks))
               for t, b in enumerate(bases)]
-    nonfinite = torch.stack(counts) if counts else torch.zeros(0, dtype=torch.int64)
     deltas = [_deltas_torch(b, [experts[k][t] for k in range(num_tasks)], spec, tensor_keys[t])
               for t, b in enumerate(bases)]
     kept = [d != 0 for d in deltas]
@@ -174,9 +183,21 @@ def merge_task_vectors_torch(
                 merged = numerator
         else:
             merged = contribution.sum(0)
-        result = base.reshape(-1).to(d.dtype) + spec.scale * merged
-        outs.append(result.reshape(base.shape).to(out_dtypes[t]))
+        b = base.reshape(-1).to(d.dtype)
+        result = (b + spec.scale * merged).to(out_dtypes[t])
+        overflow = _output_overflow(b, result)
+        counts[t] = torch.stack([torch.as_tensor(counts[t], device=overflow.device), overflow])
+        outs.append(result.reshape(base.shape))
+    nonfinite = torch.stack(counts) if counts else torch.zeros((0, 2), dtype=torch.int64)
     return outs, nonfinite
+
+
+def _output_overflow(base: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """How many merged entries are NaN/±inf in ``result``'s dtype where the base entry, rounded to that dtype,
+    is finite: the combination overflowed, or the merge is beyond a 16-bit output's range. The base's own
+    infinities (and a -1e9 mask that a float16 output makes -inf, where nothing was merged) are not counted.
+    The fast kernels count the same with one comparison per value, against the magnitude that rounds to inf."""
+    return (~torch.isfinite(result) & torch.isfinite(base.to(result.dtype))).sum()
 
 
 def _kth_thresholds_torch(deltas: Sequence[torch.Tensor], spec: MergeSpec, num_tasks: int) -> torch.Tensor:
@@ -425,9 +446,9 @@ if triton is not None:
     @triton.jit
     def _tv_apply_block(meta, row, numel, start, expert_table_ptr, weights_ptr, thresholds_ptr, nonfinite_ptr,
                         num_tasks, scale, drop_threshold, drop_scale, seed_lo, seed_hi, IN_DTYPE: tl.constexpr,
-                        OUT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, HAS_DARE: tl.constexpr,
-                        HAS_TRIM: tl.constexpr, ELECT_SIGN: tl.constexpr, NORMALIZE: tl.constexpr,
-                        BLOCK: tl.constexpr, EVEN: tl.constexpr):
+                        OUT_DTYPE: tl.constexpr, OUT_LIMIT: tl.constexpr, ALIGNED: tl.constexpr,
+                        HAS_DARE: tl.constexpr, HAS_TRIM: tl.constexpr, ELECT_SIGN: tl.constexpr,
+                        NORMALIZE: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr):
         idx = tl.arange(0, BLOCK)
         inb = idx < numel - start
         b = _tv_load(tl.load(meta + _K_BASE), start, idx, inb, IN_DTYPE, ALIGNED, EVEN, "evict_first")
@@ -470,6 +491,9 @@ if triton is not None:
         else:
             merged = total
         result = b + scale * merged
+        # not finite in the output dtype where the base is (OUT_LIMIT: the magnitude that rounds to inf there;
+        # |x| < OUT_LIMIT is false for NaN); masked lanes load b = 0 and give 0
+        overflow = (~(tl.abs(result) < OUT_LIMIT)) & (tl.abs(b) < OUT_LIMIT)
         if OUT_DTYPE == tl.bfloat16:
             result = _tv_to_bfloat16(result)
         else:
@@ -483,24 +507,26 @@ if triton is not None:
         else:
             tl.store(out + idx, result, mask=inb, eviction_policy="evict_first")
         num_bad = tl.sum(bad, axis=0)
-        tl.atomic_add(nonfinite_ptr + tensor, num_bad.to(tl.int64), mask=num_bad > 0, sem="relaxed")
+        tl.atomic_add(nonfinite_ptr + 2 * tensor, num_bad.to(tl.int64), mask=num_bad > 0, sem="relaxed")
+        num_over = tl.sum(overflow.to(tl.int32), axis=0)
+        tl.atomic_add(nonfinite_ptr + 2 * tensor + 1, num_over.to(tl.int64), mask=num_over > 0, sem="relaxed")
 
     @triton.jit(do_not_specialize=["num_tasks", "drop_threshold", "seed_lo", "seed_hi"])
     def _tv_apply_kernel(block_row_ptr, table_ptr, expert_table_ptr, weights_ptr, thresholds_ptr, nonfinite_ptr,
                          num_tasks, scale, drop_threshold, drop_scale, seed_lo, seed_hi, IN_DTYPE: tl.constexpr,
-                         OUT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, HAS_DARE: tl.constexpr,
-                         HAS_TRIM: tl.constexpr, ELECT_SIGN: tl.constexpr, NORMALIZE: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         OUT_DTYPE: tl.constexpr, OUT_LIMIT: tl.constexpr, ALIGNED: tl.constexpr,
+                         HAS_DARE: tl.constexpr, HAS_TRIM: tl.constexpr, ELECT_SIGN: tl.constexpr,
+                         NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
         """out = θ0 + scale · combine_k(w d_k) for one block of one tensor (see merge_task_vectors_torch)."""
         row, meta, numel, start = _tv_locate(block_row_ptr, table_ptr, BLOCK)
         if start + BLOCK <= numel:
             _tv_apply_block(meta, row, numel, start, expert_table_ptr, weights_ptr, thresholds_ptr, nonfinite_ptr,
                             num_tasks, scale, drop_threshold, drop_scale, seed_lo, seed_hi, IN_DTYPE, OUT_DTYPE,
-                            ALIGNED, HAS_DARE, HAS_TRIM, ELECT_SIGN, NORMALIZE, BLOCK, True)
+                            OUT_LIMIT, ALIGNED, HAS_DARE, HAS_TRIM, ELECT_SIGN, NORMALIZE, BLOCK, True)
         else:
             _tv_apply_block(meta, row, numel, start, expert_table_ptr, weights_ptr, thresholds_ptr, nonfinite_ptr,
                             num_tasks, scale, drop_threshold, drop_scale, seed_lo, seed_hi, IN_DTYPE, OUT_DTYPE,
-                            ALIGNED, HAS_DARE, HAS_TRIM, ELECT_SIGN, NORMALIZE, BLOCK, False)
+                            OUT_LIMIT, ALIGNED, HAS_DARE, HAS_TRIM, ELECT_SIGN, NORMALIZE, BLOCK, False)
 
 
 def _triton_groups(bases, experts, outs):
@@ -559,7 +585,7 @@ def _magnitude_histogram_triton(bases, experts, spec, tensor_keys, segment_ids, 
 def _merge_apply_triton(bases, experts, outs, weights, spec, tensor_keys, segment_ids, thresholds):
     num_tasks = len(experts)
     device = weights.device
-    nonfinite = torch.zeros(len(bases), dtype=torch.int64, device=device)
+    nonfinite = torch.zeros((len(bases), 2), dtype=torch.int64, device=device)
     weights = weights.to(torch.float32).contiguous()
     has_trim = thresholds is not None
     thresholds = thresholds.to(torch.float32).contiguous() if has_trim else weights  # placeholder when unused
@@ -571,7 +597,8 @@ def _merge_apply_triton(bases, experts, outs, weights, spec, tensor_keys, segmen
             _tv_apply_kernel[(num_blocks,)](
                 block_row, table, expert_table, weights, thresholds, nonfinite, num_tasks, float(spec.scale),
                 drop_threshold, drop_scale, seed_lo, seed_hi, IN_DTYPE=_TL_DTYPES[in_dtype],
-                OUT_DTYPE=_TL_DTYPES[out_dtype], ALIGNED=aligned, HAS_DARE=drop_threshold > 0, HAS_TRIM=has_trim,
+                OUT_DTYPE=_TL_DTYPES[out_dtype], OUT_LIMIT=_INF_THRESHOLD[out_dtype], ALIGNED=aligned,
+                HAS_DARE=drop_threshold > 0, HAS_TRIM=has_trim,
                 ELECT_SIGN=spec.elect_sign, NORMALIZE=spec.normalize, BLOCK=_APPLY_BLOCK, num_warps=_APPLY_WARPS,
                 enable_fp_fusion=False)  # no FMA contraction: round like the torch reference
     return nonfinite
@@ -611,7 +638,7 @@ def _merge_apply_native(bases, experts, outs, weights, spec, tensor_keys, segmen
     from .._native import native_module
 
     base_ptrs, expert_ptrs, numels, dtypes = _native_tensor_lists(bases, experts)
-    nonfinite = torch.zeros(len(bases), dtype=torch.int64)
+    nonfinite = torch.zeros((len(bases), 2), dtype=torch.int64)
     weights = weights.contiguous()
     thresholds = thresholds.contiguous() if thresholds is not None else None
     native_module("cpu").task_vectors_apply(
@@ -739,11 +766,13 @@ def merge_task_vectors(
             equal the out tensors' dtype.
         check_finite: raise ValueError naming the tensor when any θk − θ0, as computed in
             float32 (float64 for float64 inputs; 0 where θk equals θ0, the same ±inf included),
-            is NaN/±inf — overflow included. Not checked:
-            the combination, which sums w_k·d_k in that dtype before any division (the disjoint
-            mean divides by Σ w_k last), so task vectors within ~2× of float32's maximum (|d|
-            ≳ 1.7e38) can sum to ±inf where the mean itself would be finite; every backend does
-            the same.
+            is NaN/±inf — overflow included; and :class:`~merging_kernels.MergeOverflowError` (a
+            ValueError) when a merged entry is NaN/±inf in its output dtype where the base entry,
+            rounded to that dtype, is finite: values beyond a 16-bit output's range, or a
+            combination that overflowed (it sums w_k·d_k before any division, so task vectors
+            within ~2× of float32's maximum can sum to ±inf where the disjoint mean would be
+            finite). The base's own infinities, and a -1e9 mask that a float16 output turns into
+            -inf where nothing changed, are kept. Every backend counts both in its one pass.
         backend: ``"torch"``, ``"triton"``, ``"native"`` or None (fastest available).
 
     Returns:
@@ -797,7 +826,7 @@ def _merge_checked(bases, experts, w, spec, keys, names, out, out_dtypes, chosen
         nonfinite = _APPLY[chosen](bases_c, experts_c, results, host_to_device(w, torch.float32, device), spec,
                                    keys, seg_of, thresholds)
     if check_finite:
-        _raise_on_nonfinite(nonfinite, names)
+        _raise_on_nonfinite(nonfinite, names, [r.dtype for r in results])
     if out is None:
         return results
     for dst, src in zip(out, results):
@@ -964,12 +993,25 @@ def _check_thresholds(thresholds, num_segments, num_tasks, device, dtype) -> tor
     return thresholds
 
 
-def _raise_on_nonfinite(nonfinite: torch.Tensor, names: Sequence[str]) -> None:
-    bad = torch.nonzero(nonfinite.cpu()).flatten().tolist()
+def _raise_on_nonfinite(counts: torch.Tensor, names: Sequence[str], out_dtypes: Sequence[torch.dtype]) -> None:
+    """Raise on the (T, 2) counts of the apply pass: non-finite task vectors first (an overflowing output
+    follows from them), then outputs that overflowed their dtype. One device-to-host read."""
+    counts = counts.cpu()
+
+    def listed(ts):
+        return ", ".join(repr(names[t]) for t in ts[:5]) + (" ..." if len(ts) > 5 else "")
+
+    bad = torch.nonzero(counts[:, 0]).flatten().tolist()
     if bad:
-        listed = ", ".join(repr(names[t]) for t in bad[:5]) + (" ..." if len(bad) > 5 else "")
-        raise ValueError(f"non-finite task vectors (NaN or inf in θk − θ0) in tensor(s) {listed}; "
+        raise ValueError(f"non-finite task vectors (NaN or inf in θk − θ0) in tensor(s) {listed(bad)}; "
                          "pass check_finite=False to merge them anyway")
+    over = torch.nonzero(counts[:, 1]).flatten().tolist()
+    if over:
+        dtypes = sorted({str(out_dtypes[t]).removeprefix("torch.") for t in over})
+        raise MergeOverflowError(
+            f"the merge overflows {'/'.join(dtypes)} in tensor(s) {listed(over)} ({int(counts[over, 1].sum())} "
+            "entries are NaN or inf where the base is finite); use a wider out_dtype or smaller weights/scale, "
+            "or pass check_finite=False to keep them")
 
 
 def streamed_magnitude_thresholds(
