@@ -77,3 +77,19 @@ def test_group_similarity(benchmark, provider):
     benchmark.group = "group similarity 12 heads x 64"
     fn = (lambda: mk.group_similarity(s_cross, s)[0].numpy()) if provider == "ours" else scipy_loop
     np.testing.assert_allclose(benchmark(fn), scipy_loop(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("provider", ["ours", "numpy-path", "zipit-style"])
+def test_greedy_zip(benchmark, provider):
+    from mudsc_reference import reference_greedy_zip
+    from run_similarity import zip_numpy_path
+
+    from merging_kernels.ops import zip_matching as zm
+
+    if provider == "ours" and not mk.build_info()["available"]:
+        pytest.skip("_C not built")
+    s = torch.corrcoef(weight_rows(512, 256, seed=512))
+    benchmark.group = "greedy zip 2n=512"
+    fn = {"ours": lambda: zm.greedy_zip(s, backend="native"), "numpy-path": lambda: zip_numpy_path(s),
+          "zipit-style": lambda: reference_greedy_zip(s)}[provider]
+    assert torch.equal(benchmark(fn)[1], zm.greedy_zip_torch(s)[1])  # the same pairs as the reference

@@ -15,6 +15,9 @@ Sections:
      shape is listed as the limit (its GFLOP/s is the machine's GEMM throughput).
   3. group_similarity, 12 heads of 64 (144 assignment problems 64×64 in one batched solve) vs a
      scipy loop over the 144 blocks.
+  4. greedy_zip (MuDSC's and ZipIt's zip of 2n units into n) on the correlation of 2n units: ours
+     (native C++, row maxima kept up to date) and the numpy version of the same algorithm (the default
+     where _C is not built) vs the ZipIt-style loop (a full argmax of the matrix per merge, in torch).
 Every case also times the torch reference the tests use as the oracle ("torch (reference)": float64
 throughout): activation_correlation_torch on all rows at once (one-shot, not streaming),
 correlation_matrix_torch, and group_similarity_torch (one torch-reference assignment solve per block);
@@ -49,9 +52,11 @@ except ImportError:  # not installed: run from a source checkout
 
 from common import commit_line, machine_line, measure_cpu, package_version, print_targets  # noqa: E402
 from common import measure as measure_wall  # noqa: E402
+from mudsc_reference import reference_greedy_zip  # noqa: E402
 from peers import group_similarity_scipy_loop  # noqa: E402
 
 from merging_kernels.ops import similarity as sim  # noqa: E402
+from merging_kernels.ops import zip_matching as zm  # noqa: E402
 
 # --------------------------------------------------------------------------- data
 
@@ -281,6 +286,27 @@ def section_groups(quick, rows, targets, budget):
         add_rows(rows, "group similarity", f"{g} heads x {s} ({g * g} problems)", results, 0, ["scipy loop"], targets)
 
 
+def zip_numpy_path(s):
+    """greedy_zip as it runs without _C: the checks, the numpy pairs, the matrices."""
+    zm._check(s, 0.5, 0.5)
+    return zm._matrices(zm._greedy_zip_numpy(s, 0.5), s.shape[0], 0.5, s.device)
+
+
+def section_zip(quick, rows, targets, budget):
+    for m in ([512] if quick else [512, 2048]):
+        s = torch.corrcoef(weight_rows(m, 256, seed=m))  # float32, symmetric, 1 on the diagonal
+        # each provider returns its unmerge matrix (0/1): any difference in the pairs shows as an error of 1
+        providers = [("ours (native)", lambda: zm.greedy_zip(s, backend="native")[1]),
+                     ("ours, numpy path (no _C)", lambda: zip_numpy_path(s)[1]),
+                     (REF, lambda: zm.greedy_zip_torch(s)[1]),
+                     ("zipit-style torch", lambda: reference_greedy_zip(s)[1])]
+        if not mk.build_info()["available"]:
+            providers = providers[1:]
+        results = run_providers(providers, zm.greedy_zip_torch(s)[1], quick, budget)
+        add_rows(rows, "greedy zip", f"2n={m}", results, 0, ["zipit-style torch", "ours, numpy path (no _C)"],
+                 targets)
+
+
 def section_gpu(quick, targets, device="cuda", backend="triton"):
     """GPU: ours (Triton) vs the float64 torch reference on the GPU and the same work in plain fp32 torch, read
     against the fp32 GEMM of the same shape (the matmul limit: the Gram products are the whole of the work).
@@ -335,7 +361,7 @@ def section_gpu(quick, targets, device="cuda", backend="triton"):
 # --------------------------------------------------------------------------- main
 
 
-SIMILARITY_SOURCES = ["merging_kernels/ops/similarity.py"]  # uncommitted changes to it mark the commit line
+SIMILARITY_SOURCES = ["merging_kernels/ops/similarity.py", "merging_kernels/ops/zip_matching.py"]  # uncommitted changes to it mark the commit line
 
 
 def main(argv=None) -> int:
@@ -378,9 +404,12 @@ def main(argv=None) -> int:
     section_weights(args.quick, rows, targets, budget)
     print("\n== group similarity ==", flush=True)
     section_groups(args.quick, rows, targets, budget)
+    print("\n== greedy zip ==", flush=True)
+    section_zip(args.quick, rows, targets, budget)
     print("\n## results (x ref: the float64 torch reference's time / this row's; peer1/peer2: the ratio of each")
     print("## peer's time to ours; for activation corr peer1 = zipit-style,")
-    print("## peer2 = numpy; weight corr: peer1 = torch naive, peer2 = numpy; groups: peer1 = scipy loop)")
+    print("## peer2 = numpy; weight corr: peer1 = torch naive, peer2 = numpy; groups: peer1 = scipy loop;")
+    print("## greedy zip: peer1 = zipit-style, peer2 = our numpy path)")
     print(table(HEADER, rows))
     print_targets(targets, args.device)
     return 0

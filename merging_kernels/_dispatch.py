@@ -157,8 +157,9 @@ def _declared_ops() -> dict[str, OpBackends]:
     from .ops.per_sample_linear import PER_SAMPLE_LINEAR
     from .ops.similarity import SIMILARITY
     from .ops.task_vectors import TASK_VECTORS
+    from .ops.zip_matching import ZIP_MATCHING
 
-    return {op.name: op for op in (LINEAR_ASSIGNMENT, PER_SAMPLE_LINEAR, SIMILARITY, TASK_VECTORS)}
+    return {op.name: op for op in (LINEAR_ASSIGNMENT, PER_SAMPLE_LINEAR, SIMILARITY, TASK_VECTORS, ZIP_MATCHING)}
 
 
 def available_backends(op: OpBackends | str, device: torch.device | str) -> list[str]:

@@ -5,4 +5,5 @@
 namespace merging_kernels {
 void register_task_vectors(pybind11::module_& m);
 void register_linear_assignment(pybind11::module_& m);
+void register_zip_matching(pybind11::module_& m);
 }  // namespace merging_kernels

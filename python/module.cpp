@@ -28,4 +28,5 @@ PYBIND11_MODULE(_C, m) {
   });
   merging_kernels::register_task_vectors(m);
   merging_kernels::register_linear_assignment(m);
+  merging_kernels::register_zip_matching(m);
 }

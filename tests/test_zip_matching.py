@@ -1,10 +1,26 @@
-"""The greedy zip op: the fast path against the O(n³) reference, ties included."""
+"""The greedy zip op: the fast paths (native, and numpy where _C is missing) against the O(n³) reference,
+ties included."""
 
 import numpy as np
 import pytest
 import torch
 
+import merging_kernels as mk
+from merging_kernels.ops import zip_matching
 from merging_kernels.ops.zip_matching import greedy_zip, greedy_zip_torch
+
+NATIVE = mk.build_info()["available"]
+
+
+@pytest.fixture(autouse=True, params=["native", "numpy"])
+def fast_path(request, monkeypatch):
+    """Every test runs with each fast path as greedy_zip's default (numpy is the default without _C)."""
+    if request.param == "native" and not NATIVE:
+        pytest.skip("_C not built")
+    choose = zip_matching._zip_backend
+    monkeypatch.setattr(zip_matching, "_zip_backend", lambda backend: request.param if backend is None
+                        else choose(backend))
+    return request.param
 
 
 @pytest.mark.parametrize("kind", ["uniform", "integer ties", "all equal", "correlation"])
@@ -227,3 +243,43 @@ def test_cuda_input_gives_cuda_results_equal_to_cpu():
         assert merge.device.type == unmerge.device.type == "cuda"
         cpu = zip_fn(s)
         assert torch.equal(merge.cpu(), cpu[0]) and torch.equal(unmerge.cpu(), cpu[1])
+
+
+@pytest.mark.parametrize("n", [100, 300])
+@pytest.mark.parametrize("kind", ["correlation", "ties"])
+def test_larger_problems_fast_path_equals_reference(n, kind):
+    # many steps: rows go stale, merged units merge again, columns are rewritten many times
+    g = torch.Generator().manual_seed(n)
+    if kind == "correlation":
+        s = torch.corrcoef(torch.randn(2 * n, 3 * n, generator=g))
+    else:
+        s = torch.randint(-3, 4, (2 * n, 2 * n), generator=g).float()
+        s = torch.maximum(s, s.T)
+    for factor in (0.5, 1.0):
+        _pairs_agree(s, 0.5, factor)
+        _pairs_agree(s.double(), 0.5, factor)
+
+
+def test_backend_argument():
+    s = torch.corrcoef(torch.randn(12, 30, generator=torch.Generator().manual_seed(1)))
+    expected = greedy_zip_torch(s)
+    for backend in ("torch",) + (("native",) if NATIVE else ()):
+        got = greedy_zip(s, backend=backend)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    with pytest.raises(mk.BackendUnavailableError, match="zip_matching has no 'triton'"):
+        greedy_zip(s, backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        greedy_zip(s, backend="numpy")  # the fallback is not a backend one can ask for
+    assert mk.available_backends("zip_matching", "cpu") == (["native", "torch"] if NATIVE else ["torch"])
+
+
+@pytest.mark.skipif(not NATIVE, reason="_C not built")
+def test_native_kernel_checks_its_sizes():
+    from merging_kernels._native import native_module
+
+    s = torch.zeros(3, 3)
+    pairs = torch.empty(2, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="m must be even and positive"):
+        native_module().greedy_zip(s.data_ptr(), 3, False, 0.5, pairs.data_ptr())
+    with pytest.raises(ValueError, match="null pointer"):
+        native_module().greedy_zip(0, 2, False, 0.5, pairs.data_ptr())

@@ -85,7 +85,7 @@ from .._modes import evaluating
 from .._progress import tqdm_disable
 from .._validation import check_bool, check_has_data, check_int, check_real
 from ..ops.linear_assignment import LINEAR_ASSIGNMENT, linear_sum_assignment
-from ..ops.zip_matching import greedy_zip
+from ..ops.zip_matching import ZIP_MATCHING, greedy_zip
 from ..permutation_spec import Axis, PermutationSpec, permute_units, spec_for
 
 from ..ops.similarity import (SIMILARITY, ActivationStats, activation_stats_hooks, correlation_matrix,
@@ -202,7 +202,7 @@ def _batch_input(batch):
 
 def _op_backends(backend) -> dict:
     """{op family name: backend or None} of the ops a merge calls, from one name or a mapping of them."""
-    families = (SIMILARITY.name, LINEAR_ASSIGNMENT.name)
+    families = (SIMILARITY.name, LINEAR_ASSIGNMENT.name, ZIP_MATCHING.name)
     if backend is None or isinstance(backend, str):
         return dict.fromkeys(families, backend)
     if not isinstance(backend, Mapping):
@@ -798,9 +798,10 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
             BatchNorm (``repair=True``), and ``reset_bn``, its statistics are re-estimated after each stage.
         progress: tqdm bars for the statistics pass, the sweeps and REPAIR's stages; None (default): only
             when stderr is a terminal.
-        backend: the ops' backend: one name for both op families (``"torch"``, or one that both have), or a
-            mapping ``{"similarity": ..., "linear_assignment": ...}`` (e.g. ``{"linear_assignment":
-            "native"}`` on CPU, where similarity's fast path is torch); a family left out, or None: its default.
+        backend: the ops' backend: one name for every op family (``"torch"``, or one that all have), or a
+            mapping ``{"similarity": ..., "linear_assignment": ..., "zip_matching": ...}`` (e.g.
+            ``{"linear_assignment": "native"}`` on CPU, where similarity's fast path is torch); a family left
+            out, or None: its default. The zip always runs on the CPU (``"native"`` or ``"torch"``).
         seed: order of the groups in the sweeps.
         return_result: return a :class:`MuDSCResult` (model, matchings, objective history, timings).
 
@@ -947,7 +948,7 @@ def mudsc_merge(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | 
             with timer("similarity"):
                 sim = state.similarity(g.name, float(w), full=True)
             with timer("assignment"):
-                zips[g.name] = greedy_zip(sim, alpha, zip_factor)
+                zips[g.name] = greedy_zip(sim, alpha, zip_factor, backend=backends[ZIP_MATCHING.name])
     with timer("rewrite"):
         merged_sd = _rewrite(sd_a, state.sd_b, spec, zips, float(alpha), skip=exclude + constants)
         for name in exclude:  # A's head reads the merged units
