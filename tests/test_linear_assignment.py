@@ -235,6 +235,65 @@ def test_float32_solves_match_scipy(method, kind, shape):
         assert mk.check_assignment(c, rows, cols, u, v, maximize=maximize)
 
 
+# The AVX row scans against the generic ones (MERGING_KERNELS_CPU_ISA=generic), on costs exact in float32.
+
+
+def f32_exact(cost):
+    return cost.astype(np.float32).astype(np.float64)
+
+
+def f32_cost(kind, n, m, seed, maximize):
+    c = f32_exact(make_cost(kind, n, m, seed=seed))
+    return np.where(np.isinf(c), -np.inf, c) if maximize else c
+
+
+AVX_VS_GENERIC = r"""
+import hashlib, sys
+import numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+import test_linear_assignment as t
+from merging_kernels.ops import linear_assignment as la
+for kind in ("uniform", "int_ties", "forbidden", "mixed_sign", "correlated"):
+    shapes = [(m, m) for m in range(1, 41)] + [(9, 40), (40, 9)]
+    if kind != "correlated":  # (slow to make)
+        shapes += [(1025, 1025), (1000, 1031), (769, 769), (1537, 1537)]
+    for n, m in shapes:
+        for maximize in (False, True):
+            c = t.f32_cost(kind, n, m, seed=n * m, maximize=maximize)
+            v0 = t.warm_potentials("nearby", c, maximize, seed=n) if n == m else None
+            for dtype in (torch.float32, torch.float64):
+                cin = torch.from_numpy(c).to(dtype)[None].contiguous()  # (exact in float32)
+                for method in (la.METHOD_DENSE, la.METHOD_SPARSE) if n == m and n < 200 else (la.METHOD_AUTO,):
+                    for w in (None, v0) if n == m else (None,):
+                        w = None if w is None else torch.as_tensor(w, dtype=dtype)[None].contiguous()
+                        out = la._solve_native_cpu(cin, maximize, dtype, True, method=method, warm_start=w)
+                        h = hashlib.sha1(b"".join(x.numpy().tobytes() for x in out[:5])).hexdigest()
+                        print(kind, n, m, maximize, dtype, method, w is not None, h)
+"""
+
+
+@pytest.mark.skipif(not NATIVE_CPU, reason="needs the native CPU backend")
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT", reason="no AVX: only the generic scans")
+def test_avx_scans_give_the_generic_scans_results_bit_for_bit():
+    """float32 and float64 solves (every width up to 40, the thresholds' sizes, each path, warm starts) with the
+    AVX scans and with MERGING_KERNELS_CPU_ISA=generic: the same assignments, duals and status bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    runs = {}
+    for isa in ("", "generic"):
+        env = dict(os.environ, MERGING_KERNELS_CPU_ISA=isa, OMP_NUM_THREADS="1")
+        done = subprocess.run([sys.executable, "-c", AVX_VS_GENERIC, here], env=env, capture_output=True, text=True,
+                              timeout=600, cwd=here)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[isa] = done.stdout.splitlines()
+    assert len(runs[""]) == len(runs["generic"]) > 1000
+    differ = [a for a, b in zip(runs[""], runs["generic"]) if a != b]
+    assert not differ, differ[:5]
+
+
 # --------------------------------------------------------------------------- near the float maximum
 
 # Costs near float64's maximum: reduced costs c - u - v overflow into +inf (read as forbidden pairs), which

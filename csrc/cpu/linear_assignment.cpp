@@ -1,6 +1,6 @@
 // Exact linear assignment on CPU: see linear_assignment.h for the contract.
 //
-// Layout: row-scan kernels (portable + AVX for float64) -> the dense LAPJV solver -> the sparse
+// Layout: row-scan kernels (portable + AVX) -> the dense LAPJV solver -> the sparse
 // candidate solver with its dense certificate -> input preparation and the batch driver.
 //
 // Conventions inside the solvers: the problem is n x m with n <= m (wider problems are transposed
@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -45,8 +46,9 @@ static_assert(kOk == team::kOk && kInfeasible == team::kInfeasible && kInvalid =
               "csrc/cpu/linear_assignment.h and csrc/common/lsa_team.h must agree on the status codes");
 
 // =============================================================================== row-scan kernels
-// Portable versions (the compiler vectorises what it can), and AVX versions for float64 chosen at
-// run time. Ties are broken towards the smallest column index in both, so results are the same.
+// Portable versions (the compiler vectorises what it can), and AVX versions (one template for float64
+// and float32) chosen at run time. Ties are broken towards the smallest column index in both, so results
+// are the same.
 
 // Column minima (and their first rows) updated by one row; the row's minimum over each `chunk`
 // columns into cmin (when given); returns false when the row holds an entry that team::unusable
@@ -146,67 +148,152 @@ inline bool all_usable_generic(const T* c, int64_t count) {  // no entry team::u
 }
 
 #ifdef MK_LSA_X86
+// MERGING_KERNELS_CPU_ISA=generic forces the portable scans here too (the tests compare them bit for bit).
 bool detect_avx() {
+  const char* cap = std::getenv("MERGING_KERNELS_CPU_ISA");
+  if (cap != nullptr && std::strcmp(cap, "generic") == 0) return false;
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx");
 }
 const bool g_has_avx = detect_avx();  // once, at load time (no guard on the hot paths)
 inline bool cpu_has_avx() { return g_has_avx; }
 
-// blend(a, b, mask) = mask ? b : a with a mask from _mm256_cmp_pd, in AVX1 bitwise operations (GCC lowers
-// _mm256_blendv_pd on a comparison result to scalar code when AVX2 is absent).
-__attribute__((target("avx"))) inline __m256d select_pd(__m256d a, __m256d b, __m256d mask) {
-  return _mm256_or_pd(_mm256_and_pd(mask, b), _mm256_andnot_pd(mask, a));
+#define MK_AVX __attribute__((target("avx")))
+
+// One AVX register of T for the scan templates below: AVX1 operations only (cpu_has_avx is all we ask).
+// select(a, b, mask) = mask ? b : a in bitwise operations: GCC lowers _mm256_blendv_* on a comparison
+// result to scalar code when AVX2 is absent. swap<W>: lane l <- lane l ^ W.
+struct AvxF64 {
+  using T = double;
+  using V = __m256d;
+  static constexpr int kLanes = 4;
+  static constexpr int kAllLanes = 0xF;  // movemask of an all-true mask
+  MK_AVX static V load(const T* p) { return _mm256_loadu_pd(p); }
+  MK_AVX static void store(T* p, V x) { _mm256_storeu_pd(p, x); }
+  MK_AVX static V set1(T x) { return _mm256_set1_pd(x); }
+  MK_AVX static V iota() { return _mm256_setr_pd(0, 1, 2, 3); }
+  MK_AVX static V all_true() { return _mm256_castsi256_pd(_mm256_set1_epi64x(-1)); }
+  MK_AVX static V add(V a, V b) { return _mm256_add_pd(a, b); }
+  MK_AVX static V sub(V a, V b) { return _mm256_sub_pd(a, b); }
+  MK_AVX static V min(V a, V b) { return _mm256_min_pd(a, b); }  // a < b ? a : b
+  MK_AVX static V max(V a, V b) { return _mm256_max_pd(a, b); }  // a > b ? a : b
+  MK_AVX static V and_(V a, V b) { return _mm256_and_pd(a, b); }
+  MK_AVX static V or_(V a, V b) { return _mm256_or_pd(a, b); }
+  MK_AVX static V andnot(V a, V b) { return _mm256_andnot_pd(a, b); }  // ~a & b
+  MK_AVX static V select(V a, V b, V mask) { return _mm256_or_pd(_mm256_and_pd(mask, b), _mm256_andnot_pd(mask, a)); }
+  MK_AVX static V lt(V a, V b) { return _mm256_cmp_pd(a, b, _CMP_LT_OQ); }
+  MK_AVX static V le(V a, V b) { return _mm256_cmp_pd(a, b, _CMP_LE_OQ); }
+  MK_AVX static V eq(V a, V b) { return _mm256_cmp_pd(a, b, _CMP_EQ_OQ); }
+  MK_AVX static V not_le(V a, V b) { return _mm256_cmp_pd(a, b, _CMP_NLE_UQ); }  // true for NaN
+  MK_AVX static V neq(V a, V b) { return _mm256_cmp_pd(a, b, _CMP_NEQ_UQ); }     // true for NaN
+  MK_AVX static int movemask(V x) { return _mm256_movemask_pd(x); }
+  MK_AVX static T lane0(V x) { return _mm256_cvtsd_f64(x); }
+  template <int W>
+  MK_AVX static V swap(V x) {
+    if constexpr (W == 2) return _mm256_permute2f128_pd(x, x, 1);
+    else return _mm256_permute_pd(x, 0x5);
+  }
+};
+
+struct AvxF32 {
+  using T = float;
+  using V = __m256;
+  static constexpr int kLanes = 8;
+  static constexpr int kAllLanes = 0xFF;
+  MK_AVX static V load(const T* p) { return _mm256_loadu_ps(p); }
+  MK_AVX static void store(T* p, V x) { _mm256_storeu_ps(p, x); }
+  MK_AVX static V set1(T x) { return _mm256_set1_ps(x); }
+  MK_AVX static V iota() { return _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7); }
+  MK_AVX static V all_true() { return _mm256_castsi256_ps(_mm256_set1_epi32(-1)); }
+  MK_AVX static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  MK_AVX static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  MK_AVX static V min(V a, V b) { return _mm256_min_ps(a, b); }
+  MK_AVX static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  MK_AVX static V and_(V a, V b) { return _mm256_and_ps(a, b); }
+  MK_AVX static V or_(V a, V b) { return _mm256_or_ps(a, b); }
+  MK_AVX static V andnot(V a, V b) { return _mm256_andnot_ps(a, b); }
+  MK_AVX static V select(V a, V b, V mask) { return _mm256_or_ps(_mm256_and_ps(mask, b), _mm256_andnot_ps(mask, a)); }
+  MK_AVX static V lt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  MK_AVX static V le(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LE_OQ); }
+  MK_AVX static V eq(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
+  MK_AVX static V not_le(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_NLE_UQ); }
+  MK_AVX static V neq(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_NEQ_UQ); }
+  MK_AVX static int movemask(V x) { return _mm256_movemask_ps(x); }
+  MK_AVX static T lane0(V x) { return _mm256_cvtss_f32(x); }
+  template <int W>
+  MK_AVX static V swap(V x) {
+    if constexpr (W == 4) return _mm256_permute2f128_ps(x, x, 1);
+    else if constexpr (W == 2) return _mm256_permute_ps(x, 0x4E);
+    else return _mm256_permute_ps(x, 0xB1);
+  }
+};
+
+template <class T>
+using Avx = std::conditional_t<std::is_same_v<T, double>, AvxF64, AvxF32>;
+
+// The scans that carry column indices in T lanes (umins, relax) need them exact: float holds every integer
+// below 2^24, so float32 problems that wide take the generic scans.
+constexpr int kF32LaneIndexLimit = 1 << 24;
+template <class T>
+inline bool lane_indices_exact(int m) {
+  return std::is_same_v<T, double> || m < kF32LaneIndexLimit;
 }
 
-__attribute__((target("avx"))) inline __m256 select_ps(__m256 a, __m256 b, __m256 mask) {
-  return _mm256_or_ps(_mm256_and_ps(mask, b), _mm256_andnot_ps(mask, a));
+// team::unusable per lane: all-true for NaN, -inf and finite |x| > safe magnitude.
+template <class A>
+MK_AVX inline typename A::V unusable_lanes(typename A::V x) {
+  using T = typename A::T;
+  const typename A::V magnitude = A::andnot(A::set1(T(-0.0)), x);
+  return A::and_(A::not_le(magnitude, A::set1(team::safe_magnitude<T>())), A::neq(x, A::set1(kInf<T>)));
 }
 
-// team::unusable on four entries: all-ones lanes for NaN, -inf and finite |x| > safe magnitude.
-__attribute__((target("avx"))) inline __m256d unusable_pd(__m256d x) {
-  const __m256d magnitude = _mm256_andnot_pd(_mm256_set1_pd(-0.0), x);
-  return _mm256_and_pd(_mm256_cmp_pd(magnitude, _mm256_set1_pd(team::safe_magnitude<double>()), _CMP_NLE_UQ),
-                       _mm256_cmp_pd(x, _mm256_set1_pd(kInf<double>), _CMP_NEQ_UQ));
+// The smallest lane: the scalar loop's value, though a zero may carry another lane's sign.
+template <class A>
+MK_AVX inline typename A::T lanes_min(typename A::V x) {
+  typename A::T lanes[A::kLanes];
+  A::store(lanes, x);
+  typename A::T best = lanes[0];
+  for (int l = 1; l < A::kLanes; ++l) best = std::min(best, lanes[l]);
+  return best;
 }
 
-__attribute__((target("avx"))) bool colmin_update_avx(const double* c, double* vmin, double* imin, double row,
-                                                       int m, double* cmin, int chunk) {
-  const __m256d vr = _mm256_set1_pd(row);
-  __m256d ok = _mm256_castsi256_pd(_mm256_set1_epi64x(-1));
+template <class A, class T = typename A::T>
+MK_AVX bool colmin_update_avx(const T* c, T* vmin, T* imin, T row, int m, T* cmin, int chunk) {
+  using V = typename A::V;
+  constexpr int L = A::kLanes;
+  const V vr = A::set1(row);
+  V ok = A::all_true();
   bool tail_ok = true;
   for (int s = 0, k = 0; s < m; s += chunk, ++k) {
     const int e = std::min(m, s + chunk);
-    __m256d best = _mm256_set1_pd(kInf<double>);
+    V best = A::set1(kInf<T>);
     int j = s;
-    for (; j + 4 <= e; j += 4) {
-      const __m256d x = _mm256_loadu_pd(c + j);
-      const __m256d cur = _mm256_loadu_pd(vmin + j);
-      const __m256d lt = _mm256_cmp_pd(x, cur, _CMP_LT_OQ);
-      ok = _mm256_andnot_pd(unusable_pd(x), ok);
-      _mm256_storeu_pd(vmin + j, select_pd(cur, x, lt));
-      _mm256_storeu_pd(imin + j, select_pd(_mm256_loadu_pd(imin + j), vr, lt));
-      best = _mm256_min_pd(x, best);
+    for (; j + L <= e; j += L) {
+      const V x = A::load(c + j);
+      const V cur = A::load(vmin + j);
+      const V lt = A::lt(x, cur);
+      ok = A::andnot(unusable_lanes<A>(x), ok);
+      A::store(vmin + j, A::select(cur, x, lt));
+      A::store(imin + j, A::select(A::load(imin + j), vr, lt));
+      best = A::min(x, best);
     }
-    double tmin = kInf<double>;
+    T tmin = kInf<T>;
     if (j < e) tail_ok &= colmin_update_generic(c + j, vmin + j, imin + j, row, e - j, &tmin, e - j);
-    if (cmin) {
-      alignas(32) double lanes[4];
-      _mm256_store_pd(lanes, best);
-      cmin[k] = std::min(std::min(std::min(lanes[0], lanes[1]), std::min(lanes[2], lanes[3])), tmin);
-    }
+    if (cmin) cmin[k] = std::min(lanes_min<A>(best), tmin);
   }
-  return tail_ok && _mm256_movemask_pd(ok) == 0xF;
+  return tail_ok && A::movemask(ok) == A::kAllLanes;
 }
 
-__attribute__((target("avx"))) int collect_avx(const double* c, const double* v, int s, int e, double tau, int* cols,
-                                               double* vals, int cnt, int cap) {
-  const __m256d vt = _mm256_set1_pd(tau);
+template <class A, class T = typename A::T>
+MK_AVX int collect_avx(const T* c, const T* v, int s, int e, T tau, int* cols, T* vals, int cnt, int cap) {
+  using V = typename A::V;
+  constexpr int L = A::kLanes;
+  const V vt = A::set1(tau);
   int j = s;
-  for (; j + 4 <= e && cnt < cap; j += 4) {
-    __m256d r = _mm256_loadu_pd(c + j);
-    if (v) r = _mm256_sub_pd(r, _mm256_loadu_pd(v + j));
-    int mask = _mm256_movemask_pd(_mm256_cmp_pd(r, vt, _CMP_LE_OQ));
+  for (; j + L <= e && cnt < cap; j += L) {
+    V r = A::load(c + j);
+    if (v) r = A::sub(r, A::load(v + j));
+    int mask = A::movemask(A::le(r, vt));
     while (mask && cnt < cap) {
       const int l = __builtin_ctz(mask);
       mask &= mask - 1;
@@ -218,50 +305,61 @@ __attribute__((target("avx"))) int collect_avx(const double* c, const double* v,
   return collect_generic(c, v, j, e, tau, cols, vals, cnt, cap);
 }
 
-__attribute__((target("avx"))) double reduced_min_avx(const double* c, const double* v, int m) {
-  __m256d b0 = _mm256_set1_pd(kInf<double>), b1 = b0;
+template <class A, class T = typename A::T>
+MK_AVX T reduced_min_avx(const T* c, const T* v, int m) {
+  using V = typename A::V;
+  constexpr int L = A::kLanes;
+  V b0 = A::set1(kInf<T>), b1 = b0;
   int j = 0;
-  for (; j + 8 <= m; j += 8) {
-    b0 = _mm256_min_pd(_mm256_sub_pd(_mm256_loadu_pd(c + j), _mm256_loadu_pd(v + j)), b0);
-    b1 = _mm256_min_pd(_mm256_sub_pd(_mm256_loadu_pd(c + j + 4), _mm256_loadu_pd(v + j + 4)), b1);
+  for (; j + 2 * L <= m; j += 2 * L) {
+    b0 = A::min(A::sub(A::load(c + j), A::load(v + j)), b0);
+    b1 = A::min(A::sub(A::load(c + j + L), A::load(v + j + L)), b1);
   }
-  alignas(32) double lanes[4];
-  _mm256_store_pd(lanes, _mm256_min_pd(b0, b1));
-  double best = std::min(std::min(lanes[0], lanes[1]), std::min(lanes[2], lanes[3]));
-  return std::min(best, reduced_min_generic(c + j, v + j, m - j));
+  return std::min(lanes_min<A>(A::min(b0, b1)), reduced_min_generic(c + j, v + j, m - j));
 }
 
 // Lane-wise merges under the (value, index) order; an empty entry is (+inf, -1) and real entries are
 // finite, so empties always sort last.
-__attribute__((target("avx"))) inline __m256d lex_less(__m256d x, __m256d ix, __m256d y, __m256d iy) {
-  return _mm256_or_pd(_mm256_cmp_pd(x, y, _CMP_LT_OQ),
-                      _mm256_and_pd(_mm256_cmp_pd(x, y, _CMP_EQ_OQ), _mm256_cmp_pd(ix, iy, _CMP_LT_OQ)));
+template <class A, class V = typename A::V>
+MK_AVX inline V lex_less(V x, V ix, V y, V iy) {
+  return A::or_(A::lt(x, y), A::and_(A::eq(x, y), A::lt(ix, iy)));
 }
 
 // (x, ix) <- the smaller of (x, ix) and (y, iy), per lane.
-__attribute__((target("avx"))) inline void merge_min(__m256d& x, __m256d& ix, __m256d y, __m256d iy) {
-  const __m256d keep = lex_less(x, ix, y, iy);
-  x = select_pd(y, x, keep);
-  ix = select_pd(iy, ix, keep);
+template <class A, class V = typename A::V>
+MK_AVX inline void merge_min(V& x, V& ix, V y, V iy) {
+  const V keep = lex_less<A>(x, ix, y, iy);
+  x = A::select(y, x, keep);
+  ix = A::select(iy, ix, keep);
 }
 
 // Per lane, (x1 <= x2) <- the two smallest of the sorted pairs (x1, x2) and (y1, y2).
-__attribute__((target("avx"))) inline void merge_top2(__m256d& x1, __m256d& ix1, __m256d& x2, __m256d& ix2,
-                                                      __m256d y1, __m256d iy1, __m256d y2, __m256d iy2) {
-  const __m256d xfirst = lex_less(x1, ix1, y1, iy1);
-  const __m256d f = select_pd(y1, x1, xfirst), fi = select_pd(iy1, ix1, xfirst);
-  const __m256d l = select_pd(x1, y1, xfirst), li = select_pd(ix1, iy1, xfirst);   // the other first
-  const __m256d w = select_pd(y2, x2, xfirst), wi = select_pd(iy2, ix2, xfirst);   // the winner's second
-  const __m256d lfirst = lex_less(l, li, w, wi);
-  x2 = select_pd(w, l, lfirst);
-  ix2 = select_pd(wi, li, lfirst);
+template <class A, class V = typename A::V>
+MK_AVX inline void merge_top2(V& x1, V& ix1, V& x2, V& ix2, V y1, V iy1, V y2, V iy2) {
+  const V xfirst = lex_less<A>(x1, ix1, y1, iy1);
+  const V f = A::select(y1, x1, xfirst), fi = A::select(iy1, ix1, xfirst);
+  const V l = A::select(x1, y1, xfirst), li = A::select(ix1, iy1, xfirst);  // the other first
+  const V w = A::select(y2, x2, xfirst), wi = A::select(iy2, ix2, xfirst);  // the winner's second
+  const V lfirst = lex_less<A>(l, li, w, wi);
+  x2 = A::select(w, l, lfirst);
+  ix2 = A::select(wi, li, lfirst);
   x1 = f;
   ix1 = fi;
 }
 
-// Lane l <- lane l ^ 2 (swap 128-bit halves), then lane l ^ 1.
-__attribute__((target("avx"))) inline __m256d swap_halves(__m256d x) { return _mm256_permute2f128_pd(x, x, 1); }
-__attribute__((target("avx"))) inline __m256d swap_pairs(__m256d x) { return _mm256_permute_pd(x, 0x5); }
+// Every lane <- the (value, index)-smallest of all lanes: log2(kLanes) butterfly steps.
+template <class A, int W = A::kLanes / 2, class V = typename A::V>
+MK_AVX inline void all_lanes_min(V& x, V& ix) {
+  merge_min<A>(x, ix, A::template swap<W>(x), A::template swap<W>(ix));
+  if constexpr (W > 1) all_lanes_min<A, W / 2>(x, ix);
+}
+
+template <class A, int W = A::kLanes / 2, class V = typename A::V>
+MK_AVX inline void all_lanes_top2(V& x1, V& ix1, V& x2, V& ix2) {
+  merge_top2<A>(x1, ix1, x2, ix2, A::template swap<W>(x1), A::template swap<W>(ix1), A::template swap<W>(x2),
+                A::template swap<W>(ix2));
+  if constexpr (W > 1) all_lanes_top2<A, W / 2>(x1, ix1, x2, ix2);
+}
 
 // Merges scalar top-2 lists: (u1, j1, u2, j2) <- the two smallest of both.
 template <class T>
@@ -279,81 +377,83 @@ inline void merge_top2_scalar(T& u1, int& j1, T& u2, int& j2, T t1, int q1, T t2
   }
 }
 
-// Two independent accumulator sets (columns j..j+3 and j+4..j+7) hide the latency of the chains.
-// Values: a1 = min(a1, r), a2 = min(a2, max(a1_old, r)) (no NaN here); indices follow the comparisons.
-__attribute__((target("avx"))) void umins_avx(const double* c, const double* v, int m, double& u1, int& j1,
-                                               double& u2, int& j2) {
-  __m256d a1 = _mm256_set1_pd(kInf<double>), a2 = a1, b1 = a1, b2 = a1;
-  __m256d i1 = _mm256_set1_pd(-1.0), i2 = i1, k1 = i1, k2 = i1;
-  __m256d ja = _mm256_setr_pd(0, 1, 2, 3), jb = _mm256_setr_pd(4, 5, 6, 7);
-  const __m256d eight = _mm256_set1_pd(8.0);
+// Two independent accumulator sets (columns j.. and j + kLanes..) hide the latency of the chains; column
+// indices ride in T lanes (lane_indices_exact). Values: a1 = min(a1, r), a2 = min(a2, max(a1_old, r)) (no
+// NaN here); indices follow the comparisons.
+template <class A, class T = typename A::T>
+MK_AVX void umins_avx(const T* c, const T* v, int m, T& u1, int& j1, T& u2, int& j2) {
+  using V = typename A::V;
+  constexpr int L = A::kLanes;
+  V a1 = A::set1(kInf<T>), a2 = a1, b1 = a1, b2 = a1;
+  V i1 = A::set1(T(-1)), i2 = i1, k1 = i1, k2 = i1;
+  V ja = A::iota(), jb = A::add(ja, A::set1(T(L)));
+  const V step = A::set1(T(2 * L));
   int j = 0;
-  for (; j + 8 <= m; j += 8) {
-    const __m256d r = _mm256_sub_pd(_mm256_loadu_pd(c + j), _mm256_loadu_pd(v + j));
-    const __m256d s = _mm256_sub_pd(_mm256_loadu_pd(c + j + 4), _mm256_loadu_pd(v + j + 4));
-    const __m256d lt1 = _mm256_cmp_pd(r, a1, _CMP_LT_OQ), lt2 = _mm256_cmp_pd(r, a2, _CMP_LT_OQ);
-    const __m256d mt1 = _mm256_cmp_pd(s, b1, _CMP_LT_OQ), mt2 = _mm256_cmp_pd(s, b2, _CMP_LT_OQ);
-    i2 = select_pd(i2, select_pd(ja, i1, lt1), lt2);
-    k2 = select_pd(k2, select_pd(jb, k1, mt1), mt2);
-    i1 = select_pd(i1, ja, lt1);
-    k1 = select_pd(k1, jb, mt1);
-    a2 = _mm256_min_pd(a2, _mm256_max_pd(a1, r));
-    b2 = _mm256_min_pd(b2, _mm256_max_pd(b1, s));
-    a1 = _mm256_min_pd(a1, r);
-    b1 = _mm256_min_pd(b1, s);
-    ja = _mm256_add_pd(ja, eight);
-    jb = _mm256_add_pd(jb, eight);
+  for (; j + 2 * L <= m; j += 2 * L) {
+    const V r = A::sub(A::load(c + j), A::load(v + j));
+    const V s = A::sub(A::load(c + j + L), A::load(v + j + L));
+    const V lt1 = A::lt(r, a1), lt2 = A::lt(r, a2);
+    const V mt1 = A::lt(s, b1), mt2 = A::lt(s, b2);
+    i2 = A::select(i2, A::select(ja, i1, lt1), lt2);
+    k2 = A::select(k2, A::select(jb, k1, mt1), mt2);
+    i1 = A::select(i1, ja, lt1);
+    k1 = A::select(k1, jb, mt1);
+    a2 = A::min(a2, A::max(a1, r));
+    b2 = A::min(b2, A::max(b1, s));
+    a1 = A::min(a1, r);
+    b1 = A::min(b1, s);
+    ja = A::add(ja, step);
+    jb = A::add(jb, step);
   }
-  merge_top2(a1, i1, a2, i2, b1, k1, b2, k2);
-  merge_top2(a1, i1, a2, i2, swap_halves(a1), swap_halves(i1), swap_halves(a2), swap_halves(i2));
-  merge_top2(a1, i1, a2, i2, swap_pairs(a1), swap_pairs(i1), swap_pairs(a2), swap_pairs(i2));
-  u1 = _mm256_cvtsd_f64(a1);
-  u2 = _mm256_cvtsd_f64(a2);
-  const double x1 = _mm256_cvtsd_f64(i1), x2 = _mm256_cvtsd_f64(i2);
-  j1 = static_cast<int>(x1);
-  j2 = static_cast<int>(x2);
+  merge_top2<A>(a1, i1, a2, i2, b1, k1, b2, k2);
+  all_lanes_top2<A>(a1, i1, a2, i2);
+  u1 = A::lane0(a1);
+  u2 = A::lane0(a2);
+  j1 = static_cast<int>(A::lane0(i1));
+  j2 = static_cast<int>(A::lane0(i2));
   if (j < m) {  // the tail's own top two
-    double t1, t2;
+    T t1, t2;
     int q1, q2;
     umins_generic(c + j, v + j, m - j, t1, q1, t2, q2);
     merge_top2_scalar(u1, j1, u2, j2, t1, q1 < 0 ? -1 : q1 + j, t2, q2 < 0 ? -1 : q2 + j);
   }
 }
 
-__attribute__((target("avx"))) double relax_avx(const double* c, const double* v, double* d, double* pred,
-                                                double h, double row, int m, int* arg) {
-  const __m256d vh = _mm256_set1_pd(h), vr = _mm256_set1_pd(row), eight = _mm256_set1_pd(8.0);
-  __m256d m0 = _mm256_set1_pd(kInf<double>), m1 = m0;
-  __m256d i0 = _mm256_set1_pd(-1.0), i1 = i0;
-  __m256d j0 = _mm256_setr_pd(0, 1, 2, 3), j1 = _mm256_setr_pd(4, 5, 6, 7);
+template <class A, class T = typename A::T>
+MK_AVX T relax_avx(const T* c, const T* v, T* d, T* pred, T h, T row, int m, int* arg) {
+  using V = typename A::V;
+  constexpr int L = A::kLanes;
+  const V vh = A::set1(h), vr = A::set1(row), step = A::set1(T(2 * L));
+  V m0 = A::set1(kInf<T>), m1 = m0;
+  V i0 = A::set1(T(-1)), i1 = i0;
+  V j0 = A::iota(), j1 = A::add(j0, A::set1(T(L)));
   int j = 0;
-  for (; j + 8 <= m; j += 8) {
-    const __m256d n0 = _mm256_add_pd(_mm256_sub_pd(_mm256_loadu_pd(c + j), _mm256_loadu_pd(v + j)), vh);
-    const __m256d n1 = _mm256_add_pd(_mm256_sub_pd(_mm256_loadu_pd(c + j + 4), _mm256_loadu_pd(v + j + 4)), vh);
-    __m256d d0 = _mm256_loadu_pd(d + j), d1 = _mm256_loadu_pd(d + j + 4);
-    const __m256d l0 = _mm256_cmp_pd(n0, d0, _CMP_LT_OQ), l1 = _mm256_cmp_pd(n1, d1, _CMP_LT_OQ);
-    d0 = _mm256_min_pd(n0, d0);
-    d1 = _mm256_min_pd(n1, d1);
-    _mm256_storeu_pd(d + j, d0);
-    _mm256_storeu_pd(d + j + 4, d1);
-    _mm256_storeu_pd(pred + j, select_pd(_mm256_loadu_pd(pred + j), vr, l0));
-    _mm256_storeu_pd(pred + j + 4, select_pd(_mm256_loadu_pd(pred + j + 4), vr, l1));
-    const __m256d b0 = _mm256_cmp_pd(d0, m0, _CMP_LT_OQ), b1 = _mm256_cmp_pd(d1, m1, _CMP_LT_OQ);
-    m0 = _mm256_min_pd(d0, m0);
-    m1 = _mm256_min_pd(d1, m1);
-    i0 = select_pd(i0, j0, b0);
-    i1 = select_pd(i1, j1, b1);
-    j0 = _mm256_add_pd(j0, eight);
-    j1 = _mm256_add_pd(j1, eight);
+  for (; j + 2 * L <= m; j += 2 * L) {
+    const V n0 = A::add(A::sub(A::load(c + j), A::load(v + j)), vh);
+    const V n1 = A::add(A::sub(A::load(c + j + L), A::load(v + j + L)), vh);
+    V d0 = A::load(d + j), d1 = A::load(d + j + L);
+    const V l0 = A::lt(n0, d0), l1 = A::lt(n1, d1);
+    d0 = A::min(n0, d0);
+    d1 = A::min(n1, d1);
+    A::store(d + j, d0);
+    A::store(d + j + L, d1);
+    A::store(pred + j, A::select(A::load(pred + j), vr, l0));
+    A::store(pred + j + L, A::select(A::load(pred + j + L), vr, l1));
+    const V b0 = A::lt(d0, m0), b1 = A::lt(d1, m1);
+    m0 = A::min(d0, m0);
+    m1 = A::min(d1, m1);
+    i0 = A::select(i0, j0, b0);
+    i1 = A::select(i1, j1, b1);
+    j0 = A::add(j0, step);
+    j1 = A::add(j1, step);
   }
-  merge_min(m0, i0, m1, i1);
-  merge_min(m0, i0, swap_halves(m0), swap_halves(i0));
-  merge_min(m0, i0, swap_pairs(m0), swap_pairs(i0));
-  double best = _mm256_cvtsd_f64(m0);
-  int bj = static_cast<int>(_mm256_cvtsd_f64(i0));
+  merge_min<A>(m0, i0, m1, i1);
+  all_lanes_min<A>(m0, i0);
+  T best = A::lane0(m0);
+  int bj = static_cast<int>(A::lane0(i0));
   if (j < m) {
     int tj;
-    const double tail = relax_generic(c + j, v + j, d + j, pred + j, h, row, m - j, &tj);
+    const T tail = relax_generic(c + j, v + j, d + j, pred + j, h, row, m - j, &tj);
     if (tj >= 0 && (tail < best || bj < 0)) {  // tail indices are larger: ties stay with bj
       best = tail;
       bj = tj + j;
@@ -363,121 +463,23 @@ __attribute__((target("avx"))) double relax_avx(const double* c, const double* v
   return best;
 }
 
-// float32 versions of the two scans of the dense solver (Dijkstra steps, augmenting row reduction): eight
-// lanes in two accumulator sets, column indices carried as floats (exact below 2^24 columns, which the
-// dispatch checks), lanes merged in scalar code under the (value, index) order.
-constexpr int kF32LaneIndexLimit = 1 << 24;
-
-__attribute__((target("avx"))) float relax_avx_f32(const float* c, const float* v, float* d, float* pred, float h,
-                                                   float row, int m, int* arg) {
-  const __m256 vh = _mm256_set1_ps(h), vr = _mm256_set1_ps(row), sixteen = _mm256_set1_ps(16.0f);
-  __m256 m0 = _mm256_set1_ps(kInf<float>), m1 = m0;
-  __m256 i0 = _mm256_set1_ps(-1.0f), i1 = i0;
-  __m256 j0 = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), j1 = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
-  int j = 0;
-  for (; j + 16 <= m; j += 16) {
-    const __m256 n0 = _mm256_add_ps(_mm256_sub_ps(_mm256_loadu_ps(c + j), _mm256_loadu_ps(v + j)), vh);
-    const __m256 n1 = _mm256_add_ps(_mm256_sub_ps(_mm256_loadu_ps(c + j + 8), _mm256_loadu_ps(v + j + 8)), vh);
-    __m256 d0 = _mm256_loadu_ps(d + j), d1 = _mm256_loadu_ps(d + j + 8);
-    const __m256 l0 = _mm256_cmp_ps(n0, d0, _CMP_LT_OQ), l1 = _mm256_cmp_ps(n1, d1, _CMP_LT_OQ);
-    d0 = _mm256_min_ps(n0, d0);
-    d1 = _mm256_min_ps(n1, d1);
-    _mm256_storeu_ps(d + j, d0);
-    _mm256_storeu_ps(d + j + 8, d1);
-    _mm256_storeu_ps(pred + j, select_ps(_mm256_loadu_ps(pred + j), vr, l0));
-    _mm256_storeu_ps(pred + j + 8, select_ps(_mm256_loadu_ps(pred + j + 8), vr, l1));
-    const __m256 b0 = _mm256_cmp_ps(d0, m0, _CMP_LT_OQ), b1 = _mm256_cmp_ps(d1, m1, _CMP_LT_OQ);
-    m0 = _mm256_min_ps(d0, m0);
-    m1 = _mm256_min_ps(d1, m1);
-    i0 = select_ps(i0, j0, b0);
-    i1 = select_ps(i1, j1, b1);
-    j0 = _mm256_add_ps(j0, sixteen);
-    j1 = _mm256_add_ps(j1, sixteen);
-  }
-  alignas(32) float vals[16], idx[16];
-  _mm256_store_ps(vals, m0);
-  _mm256_store_ps(vals + 8, m1);
-  _mm256_store_ps(idx, i0);
-  _mm256_store_ps(idx + 8, i1);
-  float best = kInf<float>;
-  int bj = -1;
-  for (int l = 0; l < 16; ++l) {
-    const int q = static_cast<int>(idx[l]);
-    if (q >= 0 && (bj < 0 || vals[l] < best || (vals[l] == best && q < bj))) {
-      best = vals[l];
-      bj = q;
-    }
-  }
-  if (j < m) {
-    int tj;
-    const float tail = relax_generic(c + j, v + j, d + j, pred + j, h, row, m - j, &tj);
-    if (tj >= 0 && (tail < best || bj < 0)) {  // tail indices are larger: ties stay with bj
-      best = tail;
-      bj = tj + j;
-    }
-  }
-  *arg = bj;
-  return best;
-}
-
-__attribute__((target("avx"))) void umins_avx_f32(const float* c, const float* v, int m, float& u1, int& j1,
-                                                  float& u2, int& j2) {
-  __m256 a1 = _mm256_set1_ps(kInf<float>), a2 = a1, b1 = a1, b2 = a1;
-  __m256 i1 = _mm256_set1_ps(-1.0f), i2 = i1, k1 = i1, k2 = i1;
-  __m256 ja = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), jb = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
-  const __m256 sixteen = _mm256_set1_ps(16.0f);
-  int j = 0;
-  for (; j + 16 <= m; j += 16) {
-    const __m256 r = _mm256_sub_ps(_mm256_loadu_ps(c + j), _mm256_loadu_ps(v + j));
-    const __m256 q = _mm256_sub_ps(_mm256_loadu_ps(c + j + 8), _mm256_loadu_ps(v + j + 8));
-    const __m256 lt1 = _mm256_cmp_ps(r, a1, _CMP_LT_OQ), lt2 = _mm256_cmp_ps(r, a2, _CMP_LT_OQ);
-    const __m256 mt1 = _mm256_cmp_ps(q, b1, _CMP_LT_OQ), mt2 = _mm256_cmp_ps(q, b2, _CMP_LT_OQ);
-    i2 = select_ps(i2, select_ps(ja, i1, lt1), lt2);
-    k2 = select_ps(k2, select_ps(jb, k1, mt1), mt2);
-    i1 = select_ps(i1, ja, lt1);
-    k1 = select_ps(k1, jb, mt1);
-    a2 = _mm256_min_ps(a2, _mm256_max_ps(a1, r));
-    b2 = _mm256_min_ps(b2, _mm256_max_ps(b1, q));
-    a1 = _mm256_min_ps(a1, r);
-    b1 = _mm256_min_ps(b1, q);
-    ja = _mm256_add_ps(ja, sixteen);
-    jb = _mm256_add_ps(jb, sixteen);
-  }
-  alignas(32) float x1[16], x2[16], y1[16], y2[16];
-  _mm256_store_ps(x1, a1);
-  _mm256_store_ps(x1 + 8, b1);
-  _mm256_store_ps(x2, a2);
-  _mm256_store_ps(x2 + 8, b2);
-  _mm256_store_ps(y1, i1);
-  _mm256_store_ps(y1 + 8, k1);
-  _mm256_store_ps(y2, i2);
-  _mm256_store_ps(y2 + 8, k2);
-  u1 = u2 = kInf<float>;
-  j1 = j2 = -1;
-  for (int l = 0; l < 16; ++l)
-    merge_top2_scalar(u1, j1, u2, j2, x1[l], static_cast<int>(y1[l]), x2[l], static_cast<int>(y2[l]));
-  if (j < m) {  // the tail's own top two
-    float t1, t2;
-    int q1, q2;
-    umins_generic(c + j, v + j, m - j, t1, q1, t2, q2);
-    merge_top2_scalar(u1, j1, u2, j2, t1, q1 < 0 ? -1 : q1 + j, t2, q2 < 0 ? -1 : q2 + j);
-  }
-}
-
-__attribute__((target("avx"))) bool all_usable_avx(const double* c, int64_t count) {
-  __m256d ok = _mm256_castsi256_pd(_mm256_set1_epi64x(-1));
+template <class A, class T = typename A::T>
+MK_AVX bool all_usable_avx(const T* c, int64_t count) {
+  typename A::V ok = A::all_true();
   int64_t k = 0;
-  for (; k + 4 <= count; k += 4) ok = _mm256_andnot_pd(unusable_pd(_mm256_loadu_pd(c + k)), ok);
-  return _mm256_movemask_pd(ok) == 0xF && all_usable_generic(c + k, count - k);
+  for (; k + A::kLanes <= count; k += A::kLanes) ok = A::andnot(unusable_lanes<A>(A::load(c + k)), ok);
+  return A::movemask(ok) == A::kAllLanes && all_usable_generic(c + k, count - k);
 }
+#undef MK_AVX
 #endif  // MK_LSA_X86
 
-// Dispatch: float64 uses AVX where the CPU has it; float32 too for the dense solver's two scans.
+// Dispatch: float64 uses AVX where the CPU has it; float32 too for the dense solver's two scans (where
+// lane_indices_exact: they carry column indices in lanes).
 template <class T>
 inline bool colmin_update(const T* c, T* vmin, T* imin, T row, int m, T* cmin, int chunk) {
 #ifdef MK_LSA_X86
   if constexpr (std::is_same_v<T, double>)
-    if (cpu_has_avx()) return colmin_update_avx(c, vmin, imin, row, m, cmin, chunk);
+    if (cpu_has_avx()) return colmin_update_avx<Avx<T>>(c, vmin, imin, row, m, cmin, chunk);
 #endif
   return colmin_update_generic(c, vmin, imin, row, m, cmin, chunk);
 }
@@ -485,7 +487,7 @@ template <class T>
 inline int collect(const T* c, const T* v, int s, int e, T tau, int* cols, T* vals, int cnt, int cap) {
 #ifdef MK_LSA_X86
   if constexpr (std::is_same_v<T, double>)
-    if (cpu_has_avx()) return collect_avx(c, v, s, e, tau, cols, vals, cnt, cap);
+    if (cpu_has_avx()) return collect_avx<Avx<T>>(c, v, s, e, tau, cols, vals, cnt, cap);
 #endif
   return collect_generic(c, v, s, e, tau, cols, vals, cnt, cap);
 }
@@ -493,27 +495,21 @@ template <class T>
 inline T reduced_min(const T* c, const T* v, int m) {
 #ifdef MK_LSA_X86
   if constexpr (std::is_same_v<T, double>)
-    if (cpu_has_avx()) return reduced_min_avx(c, v, m);
+    if (cpu_has_avx()) return reduced_min_avx<Avx<T>>(c, v, m);
 #endif
   return reduced_min_generic(c, v, m);
 }
 template <class T>
 inline void umins(const T* c, const T* v, int m, T& u1, int& j1, T& u2, int& j2) {
 #ifdef MK_LSA_X86
-  if constexpr (std::is_same_v<T, double>)
-    if (cpu_has_avx()) return umins_avx(c, v, m, u1, j1, u2, j2);
-  if constexpr (std::is_same_v<T, float>)
-    if (cpu_has_avx() && m < kF32LaneIndexLimit) return umins_avx_f32(c, v, m, u1, j1, u2, j2);
+  if (cpu_has_avx() && lane_indices_exact<T>(m)) return umins_avx<Avx<T>>(c, v, m, u1, j1, u2, j2);
 #endif
   umins_generic(c, v, m, u1, j1, u2, j2);
 }
 template <class T>
 inline T relax(const T* c, const T* v, T* d, T* pred, T h, T row, int m, int* arg) {
 #ifdef MK_LSA_X86
-  if constexpr (std::is_same_v<T, double>)
-    if (cpu_has_avx()) return relax_avx(c, v, d, pred, h, row, m, arg);
-  if constexpr (std::is_same_v<T, float>)
-    if (cpu_has_avx() && m < kF32LaneIndexLimit) return relax_avx_f32(c, v, d, pred, h, row, m, arg);
+  if (cpu_has_avx() && lane_indices_exact<T>(m)) return relax_avx<Avx<T>>(c, v, d, pred, h, row, m, arg);
 #endif
   return relax_generic(c, v, d, pred, h, row, m, arg);
 }
@@ -521,11 +517,10 @@ template <class T>
 inline bool all_usable(const T* c, int64_t count) {
 #ifdef MK_LSA_X86
   if constexpr (std::is_same_v<T, double>)
-    if (cpu_has_avx()) return all_usable_avx(c, count);
+    if (cpu_has_avx()) return all_usable_avx<Avx<T>>(c, count);
 #endif
   return all_usable_generic(c, count);
 }
-
 // =============================================================================== dense LAPJV
 
 template <class T>

@@ -6,7 +6,9 @@
 // candidate-graph solve whose optimality is certified row by row against the dense matrix (and
 // fall back to the dense solver when the certificate cannot be completed); the result is exact
 // either way. Square problems may start from given column potentials (a warm start: Options::
-// col_duals_init) instead of the reductions. Batches run one problem per OpenMP thread. No Python or
+// col_duals_init) instead of the reductions. Batches run one problem per OpenMP thread. The row scans
+// use AVX where the CPU has it; MERGING_KERNELS_CPU_ISA=generic forces the portable ones: the same
+// assignments, and duals bit for bit (but for the sign of a zero, where costs hold -0.0). No Python or
 // torch here.
 #pragma once
 #include <cstdint>
