@@ -235,16 +235,139 @@ def test_float32_solves_match_scipy(method, kind, shape):
         assert mk.check_assignment(c, rows, cols, u, v, maximize=maximize)
 
 
-# The AVX row scans against the generic ones (MERGING_KERNELS_CPU_ISA=generic), on costs exact in float32.
+# The float32 AVX scans (eight lanes, two accumulators: sixteen columns a step in umins and relax, eight in the
+# others) where a defect would show: every width up to 40 (lane tails), the sizes around the solver's own
+# thresholds, ties, forbidden pairs, refusals and the magnitude limit at every lane. Which scan runs where:
+# colmin_update in the square solvers' first pass and the warm start's check; all_usable for wide float32 costs
+# solved in place; reduced_min in the reduction transfer and the sparse path's selections, collect there too;
+# umins in augmenting row reduction (cold: only above kDenseArrMinM = 1024 columns; every warm start); relax in
+# every Dijkstra step.
+SPARSE_MIN_N, WARM_SPARSE_MIN_N = 768, 1536  # kSparseMinN, kWarmSparseMinN in csrc/cpu/linear_assignment.cpp
 
 
 def f32_exact(cost):
     return cost.astype(np.float32).astype(np.float64)
 
 
+def assert_f32_optimal(c, rows, cols, u, v, maximize=False):
+    """scipy's total to float32 rounding (1e-5 of max|c| * n: far below the gap of these costs' second-best
+    assignments), a matching of the smaller side, and duals that certify it."""
+    r0, c0 = scipy_lsa(c, maximize=maximize)
+    finite = np.isfinite(c)
+    scale = float(np.abs(c[finite]).max(initial=1.0)) * max(len(rows), 1)
+    assert abs(total(c, rows, cols) - total(c, r0, c0)) <= 1e-5 * scale
+    assert len(set(cols.tolist())) == len(cols) == min(c.shape)
+    assert mk.check_assignment(c, rows, cols, u, v, maximize=maximize)
+
+
 def f32_cost(kind, n, m, seed, maximize):
     c = f32_exact(make_cost(kind, n, m, seed=seed))
     return np.where(np.isinf(c), -np.inf, c) if maximize else c
+
+
+@pytest.mark.skipif(not NATIVE_CPU, reason="needs the native CPU backend")
+@pytest.mark.parametrize("kind", ["uniform", "int_ties", "forbidden", "mixed_sign"])
+@pytest.mark.parametrize("method", [None, la.METHOD_DENSE, la.METHOD_SPARSE], ids=["auto", "dense", "sparse"])
+def test_float32_scans_at_every_width_up_to_40(method, kind):
+    """Square and rectangular both ways, float32 costs and float64 ones (exact in float32) solved in float32,
+    minimize and maximize, cold and (square) warm-started from a nearby problem's float64 duals."""
+    for m in range(1, 41):
+        for n, mm in ((m, m), (m // 2 + 1, m), (m, m // 2 + 1)):
+            for maximize in (False, True):
+                c = f32_cost(kind, n, mm, seed=100 * m + n, maximize=maximize)
+                for cin in (c.astype(np.float32), c):
+                    out = solve(cin, "native", "cpu", method, maximize=maximize, compute_dtype=torch.float32)
+                    assert out[2].dtype == np.float32
+                    assert_f32_optimal(c, *out, maximize=maximize)
+                if n == mm:
+                    v0 = warm_potentials("nearby", c, maximize, seed=m)
+                    rows, cols, u, v, stats = _warm_stats(c.astype(np.float32), v0, maximize, torch.float32,
+                                                          la.METHOD_AUTO if method is None else method)
+                    assert_f32_optimal(c, rows, cols, u, v, maximize=maximize)
+
+
+@pytest.mark.skipif(not NATIVE_CPU, reason="needs the native CPU backend")
+@pytest.mark.parametrize("kind", ["uniform", "int_ties", "forbidden"])
+@pytest.mark.parametrize("shape", [(1023, 1023), (1025, 1025), (1000, 1031), (1031, 1000),
+                                   (767, 767), (768, 768), (769, 769), (1535, 1535), (1536, 1536), (1537, 1537)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_float32_solves_around_the_solver_thresholds(shape, kind):
+    """Augmenting row reduction's width (cold dense solves above 1024 columns), the sparse path's size
+    (cold from 768) and its warm start's (from 1536): float32 as float64, cold and warm, the path checked."""
+    n, m = shape
+    maximize = n % 2 == 1
+    c = f32_cost(kind, n, m, seed=n + m, maximize=maximize)
+    t3 = torch.from_numpy(c.astype(np.float32))[None].contiguous()
+    rows, cols, u, v, status, stats = la._solve_native_cpu(t3, maximize, torch.float32, True)
+    assert int(status[0]) == 0
+    assert stats["used_sparse"] == int(n == m and n >= SPARSE_MIN_N)
+    assert_f32_optimal(c, rows[0].numpy(), cols[0].numpy(), u[0].numpy(), v[0].numpy(), maximize)
+    for warm in ("own", "nearby") if n == m else ():  # (nearby: poor for float32 here, a cold start)
+        v0 = warm_potentials(warm, c, maximize, seed=n)
+        rows, cols, u, v, stats = _warm_stats(c.astype(np.float32), v0, maximize, torch.float32)
+        if warm == "own" and kind != "int_ties":  # (ties: rows collide, a cold start)
+            assert stats["warm_started"] == 1
+        if stats["warm_started"]:
+            assert stats["used_sparse"] == int(n >= WARM_SPARSE_MIN_N)
+        assert_f32_optimal(c, rows, cols, u, v, maximize)
+
+
+F32_LANE_WIDTHS = [7, 8, 9, 15, 16, 17, 23, 24, 31, 32, 33, 40]
+
+
+def _f32_status(cost, method):
+    t3 = torch.from_numpy(np.ascontiguousarray(cost, dtype=np.float32))[None]
+    return int(la._solve_native_cpu(t3, False, torch.float32, False, method=method)[4][0])
+
+
+@pytest.mark.skipif(not NATIVE_CPU, reason="needs the native CPU backend")
+@pytest.mark.parametrize("bad", [np.nan, -np.inf], ids=["nan", "-inf"])
+def test_float32_refusals_at_every_lane(bad):
+    """NaN and -inf at every column of a row (so at every lane and in the tails) in each first scan: square
+    costs in place (dense and sparse column minima: colmin_update), wide ones in place (all_usable)."""
+    for m in F32_LANE_WIDTHS:
+        for n, method in ((m, la.METHOD_DENSE), (m, la.METHOD_SPARSE), (max(1, m - 3), la.METHOD_DENSE)):
+            for j in range(m):
+                c = make_cost("uniform", n, m, seed=m).astype(np.float32)
+                c[n // 2, j] = bad
+                assert _f32_status(c, method) == 2, (m, n, j)
+            with pytest.raises(ValueError, match="invalid numeric entries"):
+                mk.linear_sum_assignment(c, compute_dtype=torch.float32)
+
+
+@pytest.mark.skipif(not NATIVE_CPU, reason="needs the native CPU backend")
+def test_float32_magnitude_limit_at_every_lane():
+    """team::unusable's float32 limit: |cost| up to 2**100 is solved as it is, the next float32 above it is out
+    of range (status 3: linear_sum_assignment rescales by a power of two and solves again), at every lane of
+    every first scan. A scan that let it through would solve with reduced costs near float32's overflow."""
+    limit = np.float32(2.0 ** 100)
+    beyond = np.nextafter(limit, np.float32(np.inf))
+    for m in F32_LANE_WIDTHS:
+        for n, method in ((m, la.METHOD_DENSE), (m, la.METHOD_SPARSE), (max(1, m - 3), la.METHOD_DENSE)):
+            for j in range(m):
+                for sign in (1, -1):
+                    c = make_cost("uniform", n, m, seed=j).astype(np.float32)
+                    c[n - 1, j] = sign * limit
+                    assert _f32_status(c, method) == 0, (m, n, j, sign)
+                    c[n - 1, j] = sign * beyond
+                    assert _f32_status(c, method) == la.STATUS_OUT_OF_RANGE, (m, n, j, sign)
+            rows, cols, u, v = mk.linear_sum_assignment(c, compute_dtype=torch.float32, return_duals=True)
+            r0, c0 = scipy_lsa(c.astype(np.float64))
+            assert total(c, rows, cols) == total(c, r0, c0)  # -beyond is taken (or avoided) by both
+            assert mk.check_assignment(c, rows, cols, u, v)
+
+
+@pytest.mark.skipif(not NATIVE_CPU, reason="needs the native CPU backend")
+def test_float32_lane_indices_stop_at_2_to_the_24_columns():
+    """umins and relax carry column indices in float32 lanes, exact below 2**24: wider problems take the
+    generic scans. One row, its unique minimum at an odd column beyond 2**24 (which float32 cannot hold) and
+    before the last sixteen (which the generic tail would scan anyway)."""
+    m, best = 2 ** 24 + 64, 2 ** 24 + 17
+    c = torch.ones((1, m), dtype=torch.float32)
+    c[0, best] = 0.5
+    c[0, 2 ** 24 - 1] = 0.75
+    rows, cols, u, v = mk.linear_sum_assignment(c, compute_dtype=torch.float32, return_duals=True)
+    assert cols.tolist() == [best] and float(u[0] + v[best]) == 0.5
 
 
 AVX_VS_GENERIC = r"""

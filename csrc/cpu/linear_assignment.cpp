@@ -473,29 +473,26 @@ MK_AVX bool all_usable_avx(const T* c, int64_t count) {
 #undef MK_AVX
 #endif  // MK_LSA_X86
 
-// Dispatch: float64 uses AVX where the CPU has it; float32 too for the dense solver's two scans (where
-// lane_indices_exact: they carry column indices in lanes).
+// Dispatch: the AVX scans where the CPU has them (float32 as float64; lane_indices_exact for the two that
+// carry column indices in lanes), else the generic ones.
 template <class T>
 inline bool colmin_update(const T* c, T* vmin, T* imin, T row, int m, T* cmin, int chunk) {
 #ifdef MK_LSA_X86
-  if constexpr (std::is_same_v<T, double>)
-    if (cpu_has_avx()) return colmin_update_avx<Avx<T>>(c, vmin, imin, row, m, cmin, chunk);
+  if (cpu_has_avx()) return colmin_update_avx<Avx<T>>(c, vmin, imin, row, m, cmin, chunk);
 #endif
   return colmin_update_generic(c, vmin, imin, row, m, cmin, chunk);
 }
 template <class T>
 inline int collect(const T* c, const T* v, int s, int e, T tau, int* cols, T* vals, int cnt, int cap) {
 #ifdef MK_LSA_X86
-  if constexpr (std::is_same_v<T, double>)
-    if (cpu_has_avx()) return collect_avx<Avx<T>>(c, v, s, e, tau, cols, vals, cnt, cap);
+  if (cpu_has_avx()) return collect_avx<Avx<T>>(c, v, s, e, tau, cols, vals, cnt, cap);
 #endif
   return collect_generic(c, v, s, e, tau, cols, vals, cnt, cap);
 }
 template <class T>
 inline T reduced_min(const T* c, const T* v, int m) {
 #ifdef MK_LSA_X86
-  if constexpr (std::is_same_v<T, double>)
-    if (cpu_has_avx()) return reduced_min_avx<Avx<T>>(c, v, m);
+  if (cpu_has_avx()) return reduced_min_avx<Avx<T>>(c, v, m);
 #endif
   return reduced_min_generic(c, v, m);
 }
@@ -516,8 +513,7 @@ inline T relax(const T* c, const T* v, T* d, T* pred, T h, T row, int m, int* ar
 template <class T>
 inline bool all_usable(const T* c, int64_t count) {
 #ifdef MK_LSA_X86
-  if constexpr (std::is_same_v<T, double>)
-    if (cpu_has_avx()) return all_usable_avx<Avx<T>>(c, count);
+  if (cpu_has_avx()) return all_usable_avx<Avx<T>>(c, count);
 #endif
   return all_usable_generic(c, count);
 }
