@@ -41,8 +41,8 @@ template <class T>
 constexpr T kInf = std::numeric_limits<T>::infinity();
 
 // The CPU solver and the team algorithm (CUDA kernels) report through one set of status codes.
-static_assert(kOk == team::kOk && kInfeasible == team::kInfeasible && kInvalid == team::kInvalid &&
-                  kOutOfRange == team::kOutOfRange,
+static_assert(int{kOk} == team::kOk && int{kInfeasible} == team::kInfeasible && int{kInvalid} == team::kInvalid &&
+                  int{kOutOfRange} == team::kOutOfRange,
               "csrc/cpu/linear_assignment.h and csrc/common/lsa_team.h must agree on the status codes");
 
 // =============================================================================== row-scan kernels
