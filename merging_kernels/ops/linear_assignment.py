@@ -238,7 +238,14 @@ def _raise_on_status(status: torch.Tensor, batched: bool) -> None:
 
 def _largest_finite(t3: torch.Tensor) -> torch.Tensor:
     """(B,) the largest finite |cost| of each problem (0 where none is finite)."""
-    # two passes on a fresh tensor: 19x an isfinite mask and a where (8.4 vs 0.44 ms at 1024^2 float64, 1 thread)
+    if t3.numel() == 0:
+        return t3.new_zeros(t3.shape[0])
+    # usually every cost is finite: the max of the column extremes, two reads and no copy (14.8 ms at 4096^2
+    # float64, 1 thread, against 98 ms for the copy below, whose 128 MB allocation costs most of it)
+    big = torch.maximum(t3.amax(dim=(1, 2)), -t3.amin(dim=(1, 2)))
+    if bool(torch.isfinite(big).all()):
+        return big
+    # forbidden pairs (inf) or NaN: on a fresh copy, 19x an isfinite mask and a where (8.4 vs 0.44 ms at 1024^2)
     return t3.abs().nan_to_num_(nan=0.0, posinf=0.0).amax(dim=(1, 2))
 
 
