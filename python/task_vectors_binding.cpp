@@ -111,7 +111,8 @@ void register_task_vectors(py::module_& m) {
       py::arg("counts_ptr"),
       "Fused apply pass: out = base + scale * combine(kept task vectors), written in the out dtype; adds per "
       "tensor t into counts (int64, T x 2) the number of non-finite expert - base [2t] and of outputs not finite "
-      "in the out dtype where the base is [2t+1]. thresholds_ptr 0: no trim.");
+      "in the out dtype where the base is not that value there [2t+1] (see cpu/task_vectors.h). thresholds_ptr 0: "
+      "no trim.");
 
   m.def(
       "philox4x32_10",

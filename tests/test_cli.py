@@ -364,6 +364,12 @@ def test_refuses_paths_that_name_no_file_and_merges_that_overflow_the_output_dty
     save_file({"w": torch.full((3,), 2.0), "mask": torch.tensor([0.0, -1e9])}, wide_expert)
     assert run_cli(wide_base, [wide_expert], out, "--method", "ta", "--dtype", "float16") == cli.EXIT_OK
     assert torch.equal(load_file(out)["mask"], torch.tensor([0.0, -math.inf]).half())
+    # the same mask merged to +1e9: +inf is the merge's, not the conversion of the base's -inf (was exit 0)
+    out.unlink()
+    save_file({"w": torch.full((3,), 2.0), "mask": torch.tensor([0.0, 1e9])}, wide_expert)
+    code = run_cli(wide_base, [wide_expert], out, "--method", "ta", "--dtype", "float16")
+    assert_refused(capsys, tmp_path, code, out, "'mask': the merge overflows float16",
+                   keep={wide_base.name, wide_expert.name, half_base.name, half_expert.name})
 
 
 def test_refusal_keeps_existing_output(checkpoints, tmp_path, capsys):

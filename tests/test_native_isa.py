@@ -40,6 +40,17 @@ for out_dtype, bits in ((torch.float16, 0x477FF000), (torch.bfloat16, 0x7F7F8000
         raise AssertionError("no MergeOverflowError")
     except mk.MergeOverflowError as exc:
         assert "(3 entries" in str(exc), exc
+# where the base rounds to -inf in float16 (a -1e9 mask), a merge to +inf (or NaN) is counted, the same -inf is
+# not; in full tiles and in the last partial one
+base = torch.full((37,), -1e9)
+expert = base.clone()
+expert[[0, 20, 36]] = 1e9  # -> +inf
+expert[[3, 33]] = -2e9  # -> -inf, as the base
+try:
+    mk.merge_task_vectors([base], [[expert]], [1.0], out_dtype=torch.float16, backend="native")
+    raise AssertionError("no MergeOverflowError")
+except mk.MergeOverflowError as exc:
+    assert "(3 entries" in str(exc), exc
 print(native_module().task_vectors_isa())
 """
 

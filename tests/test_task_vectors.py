@@ -550,6 +550,29 @@ def test_base_infinities_and_masks_a_float16_output_turns_into_inf_are_kept(back
 
 
 @pytest.mark.parametrize("backend,device", EVERY)
+@pytest.mark.parametrize("mode", ["sum", "ties"])
+def test_merge_that_flips_or_nans_an_entry_a_float16_output_makes_inf_is_refused(backend, device, mode):
+    # the exemption is for the base's conversion (the same infinity the base becomes in float16), not for any
+    # entry whose base is out of range: a -1e9 mask the merge moves to +1e9 (+inf, the opposite infinity), or
+    # an overflowed combination that is NaN there, used to be written without a word
+    base = torch.tensor([-1e9, -1e9, 1e5, -1e9, 1.0, -1e9, float("-inf")])
+    experts = [torch.tensor([1e9, -1e9, 1.2e5, 3e38, 1.5, -2e9, float("-inf")]),
+               torch.tensor([-1e9, -1e9, 1e5, -3e38, 1.5, -1e9, float("-inf")])]
+    # entry 0: -inf -> +inf; 3: 2 * 3e38 - 2 * 3e38 = NaN; the rest stay the base's conversion or are finite
+    kwargs = dict(elect_sign=True, normalize=False) if mode == "ties" else {}
+    merge = lambda **kw: mk.merge_task_vectors([base.to(device)], [[e.to(device)] for e in experts],  # noqa: E731
+                                               [2.0, 2.0], out_dtype=torch.float16, backend=backend, **kwargs, **kw)
+    (kept,) = merge(check_finite=False)
+    (reference,) = mk.merge_task_vectors([base], [[e] for e in experts], [2.0, 2.0], out_dtype=torch.float16,
+                                         check_finite=False, backend="torch", **kwargs)
+    torch.testing.assert_close(kept.cpu(), reference, rtol=0, atol=0, equal_nan=True)
+    expected = 1 + int(torch.isnan(reference[3]))  # TIES elects one sign at entry 3: -inf, kept
+    assert reference[0] == float("inf") and reference[[1, 2, 5, 6]].isinf().all()
+    with pytest.raises(mk.MergeOverflowError, match=rf"\({expected} entries"):
+        merge()
+
+
+@pytest.mark.parametrize("backend,device", EVERY)
 def test_non_finite_task_vectors_are_reported_before_the_overflow_they_cause(backend, device):
     base = torch.tensor([3e38, 1.0])
     expert = torch.tensor([-3e38, 70000.0])  # entry 0: a non-finite difference; entry 1: beyond float16

@@ -204,7 +204,7 @@ struct CompactLanes {
 };
 constexpr CompactLanes kCompactLanes{};
 
-// per piece of a tensor: non-finite task vectors, outputs not finite in their dtype where the base is
+// per piece of a tensor: non-finite task vectors, outputs not finite in their dtype where the base is not that value
 struct ApplyCounts {
   int64_t nonfinite = 0, overflow = 0;
 };

@@ -50,7 +50,8 @@ void task_vectors_histogram(const TaskTensors& tensors, int64_t num_segments, in
 // counts (T x 2 int64, row-major) gets added, per tensor: [0] the number of
 // (element, task) pairs whose expert - base (float32, before DARE; 0 where the two
 // are equal) is NaN or infinite; [1] the number of output entries that are NaN or
-// infinite in the output dtype where the base entry, rounded to that dtype, is finite.
+// infinite in the output dtype where the base entry, rounded to that dtype, is finite, or
+// is ±inf while the output is NaN or the other infinity.
 void task_vectors_apply(const TaskTensors& tensors, const std::vector<void*>& outs,
                         const std::vector<int64_t>& out_dtypes, const float* weights, float scale,
                         const float* thresholds, bool elect_sign, bool normalize,

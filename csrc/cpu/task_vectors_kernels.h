@@ -287,11 +287,21 @@ MK_TV_INLINE float inf_threshold(const Half*) { return 65520.0f; }  // halfway f
 MK_TV_INLINE float inf_threshold(const BF16*) { return bits_float(0x7F7F8000u); }  // halfway from bf16's max
 
 // What a block's apply pass saw: non-finite task vectors, and output entries that are not finite
-// in the output type although the base entry is (the combination overflowed, or went beyond a
-// 16-bit output's range); as in combine_tile, lanes count with negative numbers.
+// in the output type and are not the base entry as that type holds it (the combination overflowed,
+// or went beyond a 16-bit output's range); as in combine_tile, lanes count with negative numbers.
 struct BlockCounts {
   uint32_t nonfinite = 0, overflow = 0;
 };
+
+// Lane mask of the outputs v (floats, before conversion) to count, for bases b: v is NaN or ±inf in
+// the output type (|v| >= limit, or NaN), unless b is out of that range too with v's sign and v is
+// not NaN: the same infinity as the base there (a -1e9 mask a float16 output makes -inf). A NaN base
+// gives a NaN v: counted (its task vectors are NaN too, reported first). See _output_overflow in
+// merging_kernels/ops/task_vectors.py.
+MK_TV_INLINE vi overflow_lanes(vf v, vf b, vf limit) {
+  const vi other = ((vi)v ^ (vi)b) | (v != v);  // negative: v has the other sign, or is NaN
+  return ~(vabs(v) < limit) & ((vabs(b) < limit) | (other < 0));
+}
 
 // One tile: returns m (the combined task vector) for the lanes at rows[k] + off
 // (RowT elements). FROM_D: the rows hold the task vectors d (after DARE);
@@ -351,7 +361,7 @@ MK_TV_INLINE BlockCounts combine_block(const BaseT* b, const void* const* rows, 
     const vf bj = vload_in(b + j);
     const vf m = combine_tile<ELECT, TRIM, FROM_D, RowT>(bj, rows, j, K, weights, thresholds, normalize, nonfinite);
     const vf v = bj + vscale * m;
-    overflow += ~(vabs(v) < limit) & (vabs(bj) < limit);  // in registers: 2 comparisons a tile
+    overflow += overflow_lanes(v, bj, limit);  // in registers
     vstore_out(dst + j, v);
   }
   if (j < n) {  // the last partial tile, through zero-padded float copies (d = 0 there: finite, never kept)
@@ -370,7 +380,7 @@ MK_TV_INLINE BlockCounts combine_block(const BaseT* b, const void* const* rows, 
     const vf m =
         combine_tile<ELECT, TRIM, FROM_D, float>(bj, tile_rows, 0, K, weights, thresholds, normalize, nonfinite);
     const vf v = bj + vscale * m;
-    overflow += ~(vabs(v) < limit) & (vabs(bj) < limit);  // padding lanes: b = v = 0, never counted
+    overflow += overflow_lanes(v, bj, limit);  // padding lanes: b = v = 0, never counted
     vstore(tile + kLanes, v);
     for (int i = 0; i < rem; ++i) store_float(tile[kLanes + i], dst + j + i);
   }

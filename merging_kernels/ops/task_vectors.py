@@ -193,11 +193,15 @@ def merge_task_vectors_torch(
 
 
 def _output_overflow(base: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """How many merged entries are NaN/±inf in ``result``'s dtype where the base entry, rounded to that dtype,
-    is finite: the combination overflowed, or the merge is beyond a 16-bit output's range. The base's own
-    infinities (and a -1e9 mask that a float16 output makes -inf, where nothing was merged) are not counted.
-    The fast kernels count the same with one comparison per value, against the magnitude that rounds to inf."""
-    return (~torch.isfinite(result) & torch.isfinite(base.to(result.dtype))).sum()
+    """How many merged entries are NaN/±inf in ``result``'s dtype and are not the same infinity as the base
+    entry rounded to that dtype: the combination overflowed, or the merge is beyond a 16-bit output's range.
+    Not counted: the base's own infinities, and an entry whose base that dtype holds as the same infinity (a
+    -1e9 mask that a float16 output makes -inf). Counted: NaN, or the opposite infinity, where the base rounds
+    to ±inf (a mask the merge moved to +1e9, a combination that overflowed to NaN there), and a NaN base's
+    NaN (its task vectors are NaN too, reported first). The fast kernels count the same with comparisons
+    against the magnitude that rounds to inf."""
+    converted = base.to(result.dtype)
+    return (~torch.isfinite(result) & ~(torch.isinf(converted) & (result == converted))).sum()
 
 
 def _kth_thresholds_torch(deltas: Sequence[torch.Tensor], spec: MergeSpec, num_tasks: int) -> torch.Tensor:
@@ -491,9 +495,11 @@ if triton is not None:
         else:
             merged = total
         result = b + scale * merged
-        # not finite in the output dtype where the base is (OUT_LIMIT: the magnitude that rounds to inf there;
-        # |x| < OUT_LIMIT is false for NaN); masked lanes load b = 0 and give 0
-        overflow = (~(tl.abs(result) < OUT_LIMIT)) & (tl.abs(b) < OUT_LIMIT)
+        # not finite in the output dtype (OUT_LIMIT: the magnitude that rounds to inf there; |x| < OUT_LIMIT is
+        # false for NaN) and not the same infinity as the base there: the base is finite there, or the result is
+        # NaN or has the other sign (see _output_overflow); masked lanes load b = 0 and give 0
+        other = (result != result) | ((result < 0.0) != (b < 0.0))
+        overflow = (~(tl.abs(result) < OUT_LIMIT)) & ((tl.abs(b) < OUT_LIMIT) | other)
         if OUT_DTYPE == tl.bfloat16:
             result = _tv_to_bfloat16(result)
         else:
@@ -771,8 +777,10 @@ def merge_task_vectors(
             rounded to that dtype, is finite: values beyond a 16-bit output's range, or a
             combination that overflowed (it sums w_k·d_k before any division, so task vectors
             within ~2× of float32's maximum can sum to ±inf where the disjoint mean would be
-            finite). The base's own infinities, and a -1e9 mask that a float16 output turns into
-            -inf where nothing changed, are kept. Every backend counts both in its one pass.
+            finite). The base's own infinities, and a -1e9 mask that a float16 output
+            turns into -inf, are kept where the merge gives that same infinity; NaN or the other
+            infinity there is refused (a mask moved to +1e9). Every backend counts both in its
+            one pass.
         backend: ``"torch"``, ``"triton"``, ``"native"`` or None (fastest available).
 
     Returns:
@@ -1010,8 +1018,8 @@ def _raise_on_nonfinite(counts: torch.Tensor, names: Sequence[str], out_dtypes: 
         dtypes = sorted({str(out_dtypes[t]).removeprefix("torch.") for t in over})
         raise MergeOverflowError(
             f"the merge overflows {'/'.join(dtypes)} in tensor(s) {listed(over)} ({int(counts[over, 1].sum())} "
-            "entries are NaN or inf where the base is finite); use a wider out_dtype or smaller weights/scale, "
-            "or pass check_finite=False to keep them")
+            "entries are NaN or inf where the base, in that dtype, is finite or the other infinity); use a wider "
+            "out_dtype or smaller weights/scale, or pass check_finite=False to keep them")
 
 
 def streamed_magnitude_thresholds(
