@@ -10,6 +10,7 @@ from merging_kernels.ops import zip_matching
 from merging_kernels.ops.zip_matching import greedy_zip, greedy_zip_torch
 
 NATIVE = mk.build_info()["available"]
+_ZIP_BACKEND = zip_matching._zip_backend  # the real one (the fixture below replaces it)
 
 
 @pytest.fixture(autouse=True, params=["native", "numpy"])
@@ -283,3 +284,21 @@ def test_native_kernel_checks_its_sizes():
         native_module().greedy_zip(s.data_ptr(), 3, False, 0.5, pairs.data_ptr())
     with pytest.raises(ValueError, match="null pointer"):
         native_module().greedy_zip(0, 2, False, 0.5, pairs.data_ptr())
+
+
+@pytest.mark.parametrize("env", ["", "triton"])
+def test_default_without_native_is_the_numpy_path_when_the_environment_names_no_zip_backend(env, monkeypatch):
+    # MERGING_KERNELS_BACKEND=triton (set for the GPU ops) is ignored by ops without triton: the default stays
+    # the numpy path (it used to drop to the O(n^3) reference, with a warning); torch is still honoured, and a
+    # name that is no backend still refused
+    from merging_kernels import _dispatch
+
+    monkeypatch.setattr(zip_matching, "native_available", lambda device_type="cpu": False)
+    monkeypatch.setattr(_dispatch, "native_available", lambda device_type="cpu": False)
+    monkeypatch.setenv(_dispatch.ENV_VAR, env)
+    assert _ZIP_BACKEND(None) == "numpy"
+    monkeypatch.setenv(_dispatch.ENV_VAR, "torch")
+    assert _ZIP_BACKEND(None) == "torch"
+    monkeypatch.setenv(_dispatch.ENV_VAR, "gpu")
+    with pytest.raises(ValueError, match=_dispatch.ENV_VAR):
+        _ZIP_BACKEND(None)

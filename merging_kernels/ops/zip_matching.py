@@ -25,7 +25,7 @@ import os
 import numpy as np
 import torch
 
-from .._dispatch import ENV_VAR, OpBackends, resolve_backend
+from .._dispatch import BACKENDS, ENV_VAR, OpBackends, resolve_backend
 from .._native import native_available, native_module
 from .._validation import check_float_tensor, check_has_data, check_real
 
@@ -157,8 +157,11 @@ def _greedy_zip_numpy(sim: torch.Tensor, factor: float) -> list[tuple[int, int]]
 
 def _zip_backend(backend) -> str:
     """``backend`` resolved for the CPU, where the zip runs; without ``_C`` the default is the numpy path
-    (the same O(n²) algorithm; the O(n³) reference would be ~40x slower at 2n = 2048)."""
-    if backend is None and not os.environ.get(ENV_VAR, "").strip() and not native_available("cpu"):
+    (the same O(n²) algorithm; the O(n³) reference would be ~40x slower at 2n = 2048). The default includes
+    an environment variable naming a backend the zip does not implement (``triton``): ignored, as for every op."""
+    env = os.environ.get(ENV_VAR, "").strip()
+    if (backend is None and (not env or (env in BACKENDS and env not in ZIP_MATCHING.implemented("cpu")))
+            and not native_available("cpu")):
         return "numpy"
     return resolve_backend(ZIP_MATCHING, backend, "cpu")
 
