@@ -302,7 +302,8 @@ def select_thresholds(histogram, keep: torch.Tensor, num_tasks: int, levels=RADI
 #   _magnitude_histogram_triton(bases, experts, spec, tensor_keys, segment_ids, num_segments, shift, bits, prefix)
 #       -> (S, K, 2**bits) int64 counts on the device (same meaning as magnitude_histogram_torch)
 #   _merge_apply_triton(bases, experts, outs, weights, spec, tensor_keys, segment_ids, thresholds)
-#       writes outs; returns (T,) int64 counts of (element, task) pairs with non-finite θk − θ0
+#       writes outs; returns (T, 2) int64 counts: [t, 0] (element, task) pairs with non-finite θk − θ0,
+#       [t, 1] outputs not finite in their dtype that are not the base's own infinity (see _output_overflow)
 # Inputs are contiguous, of FAST_DTYPES, on one device; weights (T, K) float32 on the device;
 # thresholds (S, K) float32 on the device or None (no trim).
 #
